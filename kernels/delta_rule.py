@@ -1,0 +1,163 @@
+"""Public entry points: parallel-flow DeltaNet (DESIGN.md §3) with input checks and dispatch.
+
+    S_t = (I − Σ_i β_{t,i} k_{t,i} k_{t,i}ᵀ) S_{t−1} + Σ_i β_{t,i} k_{t,i} v_{t,i}ᵀ,   o_t = scale · S_tᵀ q_t
+
+Shapes: q [B,T,H,K], k [B,T,H,R,K], v [B,T,H,R,V], beta [B,T,H,R]; for R = 1 also k [B,T,H,K],
+v [B,T,H,V], beta [B,T,H]. Returns o [B,T,H,V] in the input dtype and the final state [N,H,K,V]
+in float32 (float64 for float64 inputs), or None unless output_final_state.
+"""
+
+import math
+import os
+from numbers import Real
+
+import torch
+
+from .naive import naive_recurrence
+from .reference import reference_chunked
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_RANK = 4
+MAX_DIM = 256
+
+__all__ = ["delta_rule", "delta_rule_reference", "delta_rule_naive"]
+
+
+def _check_tensor(name, x, dims):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in dims:
+        allowed = " or ".join(str(d) for d in dims)
+        raise ValueError(f"{name} must have {allowed} dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _check_shape(name, x, expected):
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} to match q, got {tuple(x.shape)}")
+
+
+def _check_cu_seqlens(cu_seqlens, batch, total, device):
+    """Validate cu_seqlens and return it as an int64 tensor on `device` and as a Python list."""
+    if isinstance(cu_seqlens, (list, tuple)):
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens):
+            raise ValueError("cu_seqlens must hold integers")
+        cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.long)
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor or None, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got dtype {cu_seqlens.dtype} and shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must hold at least two offsets [0, ..., T]")
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the batch size B must be 1 (documents packed along T), got B={batch}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
+    if any(b <= a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError("cu_seqlens must be strictly increasing (every document at least one token)")
+    if offsets[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the total length T={total}, got {offsets[-1]}")
+    return cu_seqlens.to(device=device, dtype=torch.long), offsets
+
+
+def _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
+    """Check every argument before any work; return canonical (rank-axis) tensors and metadata."""
+    _check_tensor("q", q, (4,))
+    _check_tensor("k", k, (4, 5))
+    rank_axis = k.dim() == 5
+    _check_tensor("v", v, (5,) if rank_axis else (4,))
+    _check_tensor("beta", beta, (4,) if rank_axis else (3,))
+    B, T, H, K = q.shape
+    R = k.shape[3] if rank_axis else 1
+    V = v.shape[-1]
+    if T < 1:
+        raise ValueError(f"q must hold at least one token (T >= 1), got T={T}")
+    if not 1 <= R <= MAX_RANK:
+        raise ValueError(f"k: the rank R (dimension 3) must be between 1 and {MAX_RANK}, got {R}")
+    if not 1 <= K <= MAX_DIM:
+        raise ValueError(f"q: the key dimension K must be between 1 and {MAX_DIM}, got {K}")
+    if not 1 <= V <= MAX_DIM:
+        raise ValueError(f"v: the value dimension V must be between 1 and {MAX_DIM}, got {V}")
+    if H < 1 or B < 1:
+        raise ValueError(f"q must have B >= 1 and H >= 1, got shape {tuple(q.shape)}")
+    _check_shape("k", k, (B, T, H, R, K) if rank_axis else (B, T, H, K))
+    _check_shape("v", v, (B, T, H, R, V) if rank_axis else (B, T, H, V))
+    _check_shape("beta", beta, (B, T, H, R) if rank_axis else (B, T, H))
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+    for name, x in (("k", k), ("v", v), ("beta", beta)):
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    if scale is None:
+        scale = K**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
+    if not isinstance(output_final_state, bool):
+        raise ValueError(f"output_final_state must be a bool, got {output_final_state!r}")
+    offsets = None
+    if cu_seqlens is not None:
+        cu_seqlens, offsets = _check_cu_seqlens(cu_seqlens, B, T, q.device)
+    N = B if offsets is None else len(offsets) - 1
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor) or initial_state.dtype not in FLOAT_DTYPES:
+            raise ValueError("initial_state must be a floating-point tensor [N,H,K,V] or None")
+        _check_shape("initial_state", initial_state, (N, H, K, V))
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state must be on q's device {q.device}, got {initial_state.device}")
+    if not rank_axis:
+        k, v, beta = k.unsqueeze(3), v.unsqueeze(3), beta.unsqueeze(3)
+    return q, k, v, beta, float(scale), initial_state, cu_seqlens, offsets
+
+
+def _per_document(fn, q, k, v, beta, scale, initial_state, output_final_state, offsets):
+    """Run a canonical-shape implementation once per packed document and join the results."""
+    if offsets is None:
+        return fn(q, k, v, beta, scale, initial_state, output_final_state)
+    outs, states = [], []
+    for n, (bos, eos) in enumerate(zip(offsets, offsets[1:])):
+        init = None if initial_state is None else initial_state[n : n + 1]
+        o, s = fn(q[:, bos:eos], k[:, bos:eos], v[:, bos:eos], beta[:, bos:eos], scale, init, output_final_state)
+        outs.append(o)
+        states.append(s)
+    return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
+
+
+def _finish(q, o, state):
+    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return o.to(q.dtype), (None if state is None else state.to(state_dtype))
+
+
+def delta_rule_naive(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Step-by-step recurrence, one token at a time: the ground truth (run it in float64 in tests)."""
+    q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    o, state = _per_document(naive_recurrence, q, k, v, beta, scale, init, output_final_state, offsets)
+    return _finish(q, o, state)
+
+
+def delta_rule_reference(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Chunked flows (UT transform per chunk, sequential state pass) in plain PyTorch.
+
+    Any device and dtype; differentiable by autograd in q, k, v, beta and initial_state.
+    """
+    q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
+    return _finish(q, o, state)
+
+
+def triton_enabled(device: torch.device) -> bool:
+    """Whether the Triton kernels run: on CUDA, or anywhere under TRITON_INTERPRET=1."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Parallel-flow DeltaNet; the fast path for training, prefill and decoding.
+
+    Differentiable in q, k, v, beta and initial_state. On CPU tensors it runs the PyTorch
+    reference, except under TRITON_INTERPRET=1 where the Triton kernels run in the interpreter.
+    """
+    q, k, v, beta, scale, init, cu, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
+    return _finish(q, o, state)
