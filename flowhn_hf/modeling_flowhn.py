@@ -1,0 +1,617 @@
+"""FlowHN: a parallel hybrid causal LM. Every layer runs an attention branch and a parallel-flow DeltaNet branch side
+by side on the same input and fuses their outputs (Moradi et al. 2025; Salvi & Muca Cirone 2025).
+
+Tokens can be split between the branches. A token's branch is a function of its absolute position, its layer and the
+config alone; each branch runs causally on the subsequence of tokens routed to it (gather, run, merge back), so the
+model stays causal, padding-invariant, and incremental decoding reproduces a full forward pass.
+"""
+
+import inspect
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+
+from .configuration_flowhn import FlowHNConfig
+
+try:  # a Hub checkpoint carries the kernel modules flat beside this file
+    from .delta_rule import delta_rule
+except ImportError:  # the installed package
+    from flowhn_kernels import delta_rule
+
+
+class FlowHNRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class FlowHNRotaryEmbedding(nn.Module):
+    """RoPE on absolute positions: cos and sin of shape (B, T, head_dim)."""
+
+    def __init__(self, config: FlowHNConfig):
+        super().__init__()
+        dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """Rotate q and k of shape (B, heads, T, head_dim) by cos and sin of shape (B, T, head_dim)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, kv_heads, T, D) -> (B, kv_heads * n_rep, T, D)."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, length, dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, length, dim)
+    return hidden_states.reshape(batch, kv_heads * n_rep, length, dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class FlowHNMLP(nn.Module):
+    """SwiGLU."""
+
+    def __init__(self, config: FlowHNConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class BranchTokens:
+    """The tokens one branch of a layer takes, as a causal subsequence of the layer's input.
+
+    `index` (B, n) holds their places in the input, in order (None: every token, in place); `valid` (B, n) is False
+    at fillers: padding, or the places a row leaves empty because it routes fewer tokens here than another row
+    (None: every entry is a real token).
+    """
+
+    index: torch.Tensor | None
+    valid: torch.Tensor | None
+
+    @property
+    def size(self) -> int | None:
+        return None if self.index is None else self.index.shape[1]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Select this branch's entries of x (B, T, ...) along the token axis."""
+        if self.index is None:
+            return x
+        index = self.index.reshape(*self.index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        return x.gather(1, index)
+
+
+@dataclass
+class LayerRoute:
+    """How one layer splits its tokens: the two branches' subsequences, and where each token's output comes from
+    in the concatenation of the attention outputs and the DeltaNet outputs (None when every token goes to both)."""
+
+    attention: BranchTokens
+    deltanet: BranchTokens
+    merge_index: torch.Tensor | None
+
+
+def route_to_attention(positions: torch.Tensor, layer_idx: int, config: FlowHNConfig) -> torch.Tensor:
+    """True where the token at absolute position `positions` goes to the attention branch of layer `layer_idx`."""
+    period = config.split_period
+    phase = positions % period
+    if config.split_mode == "none":
+        return torch.ones_like(positions, dtype=torch.bool)
+    if config.split_mode == "alternating":
+        first_half = phase < period // 2
+        return first_half if layer_idx % 2 == 0 else ~first_half
+    window = attention_window(config)
+    offset = 0 if config.split_mode == "flop_aware" else (layer_idx * window) % period
+    return (phase - offset) % period < window
+
+
+def attention_window(config: FlowHNConfig) -> int:
+    """Tokens of each period that the FLOP-aware modes route to attention."""
+    period = config.split_period
+    return min(period - 1, max(1, round(config.resolved_attention_ratio * period)))
+
+
+def _compact(selected: torch.Tensor) -> BranchTokens:
+    """The selected places of each row, in order, then fillers up to the longest row."""
+    count = selected.sum(1)
+    size = int(count.max()) if selected.numel() else 0
+    index = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :size]
+    valid = torch.arange(size, device=selected.device)[None, :] < count[:, None]
+    return BranchTokens(index, valid)
+
+
+def plan_route(
+    layer_idx: int, config: FlowHNConfig, positions: torch.Tensor, real: torch.Tensor | None, start: int | None
+) -> LayerRoute:
+    """Split a layer's tokens between the branches.
+
+    `positions` (B, T) are absolute positions, `real` (B, T) False at padding (None: no padding). When every row has
+    the positions `start, start + 1, ...` and no padding, the split is worked out on the host, with no device sync.
+    """
+    if config.split_mode == "none":
+        everything = BranchTokens(None, real)
+        return LayerRoute(everything, everything, None)
+    batch, length = positions.shape
+    if start is not None:
+        to_attention = route_to_attention(torch.arange(start, start + length), layer_idx, config)
+        attention, deltanet = (
+            BranchTokens(selected.nonzero().squeeze(1).to(positions.device).expand(batch, -1), None)
+            for selected in (to_attention, ~to_attention)
+        )
+        real = torch.ones_like(to_attention)
+    else:
+        to_attention = route_to_attention(positions, layer_idx, config)
+        real = torch.ones_like(to_attention) if real is None else real
+        attention, deltanet = _compact(to_attention & real), _compact(~to_attention & real)
+    rank_attention = (to_attention & real).cumsum(-1) - 1
+    rank_deltanet = (~to_attention & real).cumsum(-1) - 1 + attention.size
+    merge = torch.where(to_attention, rank_attention, rank_deltanet).clamp(min=0)
+    return LayerRoute(attention, deltanet, merge.to(positions.device).expand(batch, -1))
+
+
+class FlowHNAttention(nn.Module):
+    """GQA attention over the tokens routed to it. Its KV cache holds only those tokens; `key_mask` records which
+    cached entries are fillers."""
+
+    is_causal = True
+
+    def __init__(self, config: FlowHNConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        valid: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, *position_embeddings)
+
+        key_mask = valid
+        past_length = 0
+        if past_key_values is not None:
+            layer = past_key_values.layers[self.layer_idx]
+            past_mask = getattr(layer, "key_mask", None)
+            if past_mask is not None:
+                past_length = past_mask.shape[1]
+                current = torch.ones(input_shape, dtype=torch.bool, device=past_mask.device) if valid is None else valid
+                key_mask = torch.cat([past_mask, current], dim=1)
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+            layer.key_mask = (
+                torch.ones(input_shape, dtype=torch.bool, device=hidden_states.device) if key_mask is None else key_mask
+            )
+
+        attention_mask = None
+        if key_mask is not None or past_length or self.config._attn_implementation != "sdpa":
+            attention_mask = _causal_mask(key_mask, input_shape, past_length, query_states)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+
+
+def _causal_mask(key_mask, input_shape, past_length, query_states) -> torch.Tensor:
+    """Additive (B, 1, n, past + n) mask: causal within the branch's subsequence, fillers never attended."""
+    batch, length = input_shape
+    device = query_states.device
+    keys = torch.arange(past_length + length, device=device)
+    allowed = keys[None, :] <= (past_length + torch.arange(length, device=device))[:, None]
+    allowed = allowed[None].expand(batch, -1, -1)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=query_states.dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(query_states.dtype).min)[:, None]
+
+
+def _linear_states(layer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(conv window, recurrent state) held by a hybrid cache layer, None before its first update."""
+    conv, recurrent = layer.conv_states, layer.recurrent_states
+    if isinstance(conv, dict):  # transformers >= 5.14 keeps several numbered states per layer
+        conv, recurrent = conv[0], recurrent[0]
+    return conv, recurrent
+
+
+class FlowHNDeltaNet(nn.Module):
+    """Parallel-flow DeltaNet with rank-R corrections: short causal conv, L2-normalised q and k, bounded β, and a
+    gated RMSNorm on the output. Padding and fillers get β = 0 and zero input, so they never change the state."""
+
+    def __init__(self, config: FlowHNConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.delta_num_heads
+        self.key_dim = config.delta_head_dim
+        self.value_dim = config.delta_value_head_dim
+        self.rank = config.delta_rank
+        self.conv_size = config.delta_conv_size
+        self.beta_max = config.delta_beta_max
+        h, k, v, r = self.num_heads, self.key_dim, self.value_dim, self.rank
+        self.split_sizes = (h * k, h * r * k, h * r * v)
+        channels = sum(self.split_sizes)
+        self.qkv_proj = nn.Linear(config.hidden_size, channels, bias=False)
+        self.conv1d = nn.Conv1d(channels, channels, self.conv_size, groups=channels, bias=False)
+        self.b_proj = nn.Linear(config.hidden_size, h * r, bias=False)
+        self.g_proj = nn.Linear(config.hidden_size, h * v, bias=False)
+        self.o_norm = FlowHNRMSNorm(v, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(h * v, config.hidden_size, bias=False)
+
+    def forward(
+        self, hidden_states: torch.Tensor, tokens: BranchTokens, past_key_values: Cache | None = None, **kwargs
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        if tokens.valid is not None:
+            hidden_states = hidden_states * tokens.valid[..., None].to(hidden_states.dtype)
+        layer = None if past_key_values is None else past_key_values.layers[self.layer_idx]
+        conv_window, state = (None, None) if layer is None else _linear_states(layer)
+
+        x = self.qkv_proj(hidden_states).transpose(1, 2)
+        if conv_window is None:
+            conv_window = x.new_zeros(batch, x.shape[1], self.conv_size - 1)
+        x = torch.cat([conv_window.to(x.dtype), x], dim=2)
+        qkv = F.silu(F.conv1d(x, self.conv1d.weight, groups=x.shape[1])).transpose(1, 2)
+        q, k, v = qkv.split(self.split_sizes, dim=-1)
+        q = F.normalize(q.view(batch, length, self.num_heads, self.key_dim), dim=-1)
+        k = F.normalize(k.view(batch, length, self.num_heads, self.rank, self.key_dim), dim=-1)
+        v = v.reshape(batch, length, self.num_heads, self.rank, self.value_dim)
+        beta = self.b_proj(hidden_states).sigmoid().view(batch, length, self.num_heads, self.rank)
+        beta = beta * (self.beta_max / self.rank)
+        if tokens.valid is not None:
+            beta = beta * tokens.valid[..., None, None].to(beta.dtype)
+
+        o, final_state = delta_rule(q, k, v, beta, initial_state=state, output_final_state=layer is not None)
+        if layer is not None:
+            layer.update_conv_state(self._last_inputs(x, tokens.valid))
+            layer.update_recurrent_state(final_state)
+
+        gate = F.silu(self.g_proj(hidden_states)).view(batch, length, self.num_heads, self.value_dim)
+        o = self.o_norm(o) * gate
+        return self.o_proj(o.reshape(batch, length, -1))
+
+    def _last_inputs(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """The conv inputs of each row's last `conv_size - 1` real tokens (x starts with the previous window): the
+        window the next token's conv needs."""
+        width = self.conv_size - 1
+        if valid is None:
+            return x[:, :, x.shape[2] - width :].contiguous()
+        real = torch.cat([valid.new_ones(valid.shape[0], width), valid], dim=1)
+        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+        index = order.gather(1, real.sum(1, keepdim=True) - width + torch.arange(width, device=x.device))
+        return x.gather(2, index[:, None, :].expand(-1, x.shape[1], -1))
+
+
+class FlowHNAttentionBranch(nn.Module):
+    """Pre-norm attention then a SwiGLU MLP, each with its residual."""
+
+    def __init__(self, config: FlowHNConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = FlowHNAttention(config, layer_idx)
+        self.post_attention_layernorm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = FlowHNMLP(config)
+
+    def forward(self, hidden_states, tokens: BranchTokens, position_embeddings, past_key_values=None, **kwargs):
+        hidden_states = tokens.gather(hidden_states)
+        position_embeddings = tuple(tokens.gather(e) for e in position_embeddings)
+        h = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, tokens.valid, past_key_values, **kwargs
+        )
+        hidden_states = hidden_states + h
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class FlowHNDeltaNetBranch(nn.Module):
+    """Pre-norm DeltaNet then a SwiGLU MLP, each with its residual."""
+
+    def __init__(self, config: FlowHNConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.deltanet = FlowHNDeltaNet(config, layer_idx)
+        self.post_attention_layernorm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = FlowHNMLP(config)
+
+    def forward(self, hidden_states, tokens: BranchTokens, past_key_values=None, **kwargs):
+        hidden_states = tokens.gather(hidden_states)
+        hidden_states = hidden_states + self.deltanet(self.input_layernorm(hidden_states), tokens, past_key_values)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class FlowHNFusion(nn.Module):
+    """Merge the branch outputs m back into the residual stream: u = x + W_b m, y = u + W_f RMSNorm(u).
+
+    `linear`: m is the concatenation of both branch outputs when every token goes to both (W_b is 2d -> d), else the
+    token's one branch output. `normalized_mean`: m is the mean of the token's RMS-normalised, per-channel scaled
+    branch outputs (W_b is d -> d either way).
+    """
+
+    def __init__(self, config: FlowHNConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.normalized = config.fusion == "normalized_mean"
+        both = config.split_mode == "none" and not self.normalized
+        if self.normalized:
+            self.attention_norm = FlowHNRMSNorm(d, eps=config.rms_norm_eps)
+            self.deltanet_norm = FlowHNRMSNorm(d, eps=config.rms_norm_eps)
+        self.branch_proj = nn.Linear(2 * d if both else d, d, bias=False)
+        self.fusion_norm = FlowHNRMSNorm(d, eps=config.rms_norm_eps)
+        self.fusion_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, attention_out: torch.Tensor, deltanet_out: torch.Tensor, route: LayerRoute):
+        if self.normalized:
+            attention_out, deltanet_out = self.attention_norm(attention_out), self.deltanet_norm(deltanet_out)
+        if route.merge_index is None:
+            m = (attention_out + deltanet_out) / 2 if self.normalized else torch.cat([attention_out, deltanet_out], -1)
+        else:
+            both = torch.cat([attention_out, deltanet_out], dim=1)
+            if both.shape[1] == 0:  # nothing but padding
+                both = x.new_zeros(x.shape[0], 1, x.shape[2])
+            m = both.gather(1, route.merge_index[..., None].expand(-1, -1, x.shape[2]))
+        u = x + self.branch_proj(m)
+        return u + self.fusion_proj(self.fusion_norm(u))
+
+
+class FlowHNDecoderLayer(GradientCheckpointingLayer):
+    """Both branches on the same input, then the fusion. A branch that gets no token is skipped."""
+
+    def __init__(self, config: FlowHNConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.attention_branch = FlowHNAttentionBranch(config, layer_idx)
+        self.deltanet_branch = FlowHNDeltaNetBranch(config, layer_idx)
+        self.fusion = FlowHNFusion(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        route: LayerRoute,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        empty = hidden_states[:, :0]
+        attention_out = empty
+        if route.attention.size != 0:
+            attention_out = self.attention_branch(
+                hidden_states, route.attention, position_embeddings, past_key_values, **kwargs
+            )
+        deltanet_out = empty
+        if route.deltanet.size != 0:
+            deltanet_out = self.deltanet_branch(hidden_states, route.deltanet, past_key_values)
+        return self.fusion(hidden_states, attention_out, deltanet_out, route)
+
+
+class FlowHNPreTrainedModel(PreTrainedModel):
+    config_class = FlowHNConfig
+    config: FlowHNConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FlowHNDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _is_stateful = True  # the DeltaNet state can't be rolled back: no assisted decoding
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual, plus the modeling code flat beside the weights (this file, the configuration and the
+        kernel modules), so the folder loads with `trust_remote_code=True` where flowhn is not installed."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for source in code_files():
+                shutil.copy(source, Path(save_directory) / source.name)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, FlowHNRotaryEmbedding):
+            dim = self.config.head_dim
+            inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            module.inv_freq.copy_(inv_freq)
+
+
+def code_files() -> list[Path]:
+    """The files a checkpoint needs to run this model without the package: they import each other relatively."""
+    kernel_dir = Path(inspect.getfile(delta_rule)).parent
+    kernels = [path for path in sorted(kernel_dir.glob("*.py")) if path.name != "__init__.py"]
+    here = [Path(__file__), Path(inspect.getfile(FlowHNConfig))]
+    return list(dict.fromkeys(here + kernels))
+
+
+class FlowHNModel(FlowHNPreTrainedModel):
+    def __init__(self, config: FlowHNConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(FlowHNDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = FlowHNRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+
+        if past_key_values is not None and len(past_key_values.layers) != self.config.num_hidden_layers:
+            raise ValueError(
+                "`past_key_values` must hold one hybrid layer per decoder layer: pass `DynamicCache(config=model.config)`"
+            )
+        positions, real, start = self._positions(inputs_embeds, attention_mask, position_ids, past_key_values)
+        position_embeddings = self.rotary_emb(inputs_embeds, positions)
+        hidden_states = inputs_embeds
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            route = plan_route(layer_idx, self.config, positions, real, start)
+            hidden_states = decoder_layer(
+                hidden_states,
+                route=route,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        if past_key_values is not None:
+            past_key_values.flowhn_seen_tokens = getattr(past_key_values, "flowhn_seen_tokens", 0) + positions.shape[1]
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+    def _positions(self, inputs_embeds, attention_mask, position_ids, past_key_values):
+        """Absolute positions (B, T) of the input tokens, the real-token mask (None: no padding), and `start` when
+        every row has the positions start, start + 1, ... and no padding (else None)."""
+        batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"`attention_mask` must be 2D (batch, past + new tokens), got {attention_mask.dim()}D")
+        real = None
+        if attention_mask is not None:
+            real = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            else:
+                seen = getattr(past_key_values, "flowhn_seen_tokens", 0) if past_key_values is not None else 0
+                position_ids = torch.arange(seen, seen + length, device=device)[None]
+        positions = position_ids.to(device).expand(batch, -1)
+        steps = positions[:, :1] + torch.arange(length, device=device)
+        uniform = (positions == steps).all() & (positions[:, :1] == positions[:1, :1]).all()
+        if real is not None:
+            uniform = uniform & real.all()
+        uniform, start = torch.stack([uniform.long(), positions[0, 0]]).tolist()  # the one device sync of a forward
+        return positions, None if uniform else real, start if uniform else None
+
+
+class FlowHNForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: FlowHNConfig):
+        super().__init__(config)
+        self.model = FlowHNModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, refusing beam search: reordering beams would have to reorder the record of
+        which cached keys are fillers, which the cache does not carry."""
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        if (kwargs.get("num_beams") or generation_config.num_beams or 1) > 1:
+            raise ValueError("FlowHN does not support beam search: use `num_beams=1` (greedy or sampling)")
+        return super().generate(*args, **kwargs)
+
+
+__all__ = ["FlowHNForCausalLM", "FlowHNModel", "FlowHNPreTrainedModel"]

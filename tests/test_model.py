@@ -1,0 +1,237 @@
+"""The FlowHN model: routing semantics, causality, padding, cache decoding, gradients, configs, presets."""
+
+import pytest
+import torch
+
+from flowhn_hf import FlowHNConfig, FlowHNForCausalLM, count_parameters, preset_config
+from flowhn_hf.modeling_flowhn import route_to_attention
+from transformers import DynamicCache
+
+MODES = ["none", "alternating", "flop_aware", "flop_aware_circulating"]
+TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+def tiny_model(seed=0, **overrides) -> FlowHNForCausalLM:
+    torch.manual_seed(seed)
+    fields = dict(split_period=8, max_position_embeddings=256, delta_conv_size=3)
+    return FlowHNForCausalLM(preset_config("tiny", **{**fields, **overrides})).eval()
+
+
+def tokens(batch, length, seed=1, vocab=1024):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_routing_depends_on_position_layer_and_config_only(mode):
+    config = preset_config("tiny", split_mode=mode, split_period=8, attention_ratio=0.25)
+    positions = torch.arange(64)
+    routes = torch.stack([route_to_attention(positions, layer, config) for layer in range(4)])
+    assert torch.equal(routes[:, :8].repeat(1, 8), routes), "periodic in the position"
+    if mode == "none":
+        assert routes.all()
+    elif mode == "alternating":
+        assert torch.equal(routes[0, :8], torch.tensor([True] * 4 + [False] * 4))
+        assert torch.equal(routes[1], ~routes[0]) and torch.equal(routes[2], routes[0])
+    elif mode == "flop_aware":
+        assert routes[:, :8].sum(1).tolist() == [2] * 4 and (routes == routes[0]).all()
+        assert routes[0, :2].all()
+    else:
+        assert routes[:, :8].sum(1).tolist() == [2] * 4
+        assert routes[:, :8].any(0).all(), "over the layers attention sees every position of a period"
+
+
+def test_single_period_reproduces_the_papers_split():
+    """With one period spanning the sequence, FA_Split gives attention the first ρT tokens, the rest to DeltaNet."""
+    config = preset_config("tiny", split_mode="flop_aware", split_period=100, attention_ratio=0.3)
+    route = route_to_attention(torch.arange(100), 5, config)
+    assert route[:30].all() and not route[30:].any()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_causal(mode):
+    model = tiny_model(split_mode=mode)
+    x = tokens(2, 40)
+    y = x.clone()
+    y[:, 23:] = tokens(2, 17, seed=7)
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :23], b[:, :23], **TOL)
+    assert not torch.allclose(a[:, 23:], b[:, 23:])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_right_padding_changes_nothing(mode):
+    model = tiny_model(split_mode=mode)
+    x = tokens(2, 30)
+    mask = torch.ones_like(x)
+    mask[1, 19:] = 0
+    with torch.no_grad():
+        batched = model(x, attention_mask=mask).logits
+        alone = model(x[1:, :19]).logits
+    torch.testing.assert_close(batched[1, :19], alone[0], **TOL)
+    torch.testing.assert_close(batched[0], model(x[:1]).logits[0], **TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_left_padded_batch_matches_each_row_alone(mode):
+    model = tiny_model(split_mode=mode)
+    long, short = tokens(1, 27, seed=2), tokens(1, 16, seed=3)
+    x = torch.cat([long, torch.cat([torch.zeros(1, 11, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(x)
+    mask[1, :11] = 0
+    with torch.no_grad():
+        batched = model(x, attention_mask=mask).logits
+        torch.testing.assert_close(batched[0], model(long).logits[0], **TOL)
+        torch.testing.assert_close(batched[1, 11:], model(short).logits[0], **TOL)
+    generated = model.generate(x, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    for row, prompt in ((0, long), (1, short)):
+        alone = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(generated[row, -12:], alone[0, -12:])
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("mode", MODES)
+def test_cached_decoding_matches_one_forward(mode, rank):
+    model = tiny_model(split_mode=mode, delta_rank=rank, delta_beta_max=2.0)
+    x = tokens(2, 37)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(x[:, :9], past_key_values=cache, use_cache=True).logits]
+        steps.append(model(x[:, 9:14], past_key_values=cache, use_cache=True).logits)  # a few tokens at once
+        for t in range(14, 37):
+            steps.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, **TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_left_padded_cached_decoding_matches_one_forward(mode):
+    model = tiny_model(split_mode=mode)
+    x = tokens(3, 30)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    mask[2, :13] = 0
+    with torch.no_grad():
+        full = model(x, attention_mask=mask).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(x[:, :17], attention_mask=mask[:, :17], past_key_values=cache, use_cache=True).logits]
+        for t in range(17, 30):
+            step = model(x[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(step.logits)
+    torch.testing.assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], **TOL)
+
+
+def test_greedy_generate_matches_argmax_of_forward():
+    model = tiny_model()
+    prompt = tokens(1, 10)
+    generated = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    with torch.no_grad():
+        logits = model(generated).logits
+    assert torch.equal(logits[0, 9:-1].argmax(-1), generated[0, 10:])
+
+
+def test_sampling_and_beam_search():
+    model = tiny_model()
+    prompt = tokens(2, 6)
+    torch.manual_seed(0)
+    sampled = model.generate(prompt, max_new_tokens=5, do_sample=True, top_k=50, num_return_sequences=2)
+    assert sampled.shape == (4, 11)
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(prompt, max_new_tokens=5, num_beams=2)
+
+
+@pytest.mark.parametrize("fusion", ["linear", "normalized_mean"])
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_reach_every_parameter(mode, fusion):
+    model = tiny_model(split_mode=mode, fusion=fusion, delta_rank=2).train()
+    x = tokens(2, 40)
+    model(x, labels=x).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_loss_counts_items_like_transformers():
+    model = tiny_model()
+    x = tokens(2, 20)
+    labels = x.clone()
+    labels[0, :5] = -100
+    summed = model(x, labels=labels, num_items_in_batch=torch.tensor(10)).loss
+    mean = model(x, labels=labels).loss
+    torch.testing.assert_close(summed * 10, mean * (labels[:, 1:] != -100).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_logits_to_keep_and_gradient_checkpointing():
+    model = tiny_model().train()
+    x = tokens(2, 20)
+    assert model(x, logits_to_keep=1).logits.shape == (2, 1, 1024)
+    reference = model(x, labels=x).loss
+    model.gradient_checkpointing_enable()
+    loss = model(x, labels=x).loss
+    loss.backward()
+    torch.testing.assert_close(loss, reference)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_eager_attention_matches_sdpa():
+    model = tiny_model(split_mode="flop_aware_circulating")
+    x = tokens(2, 33)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        sdpa = model(x, attention_mask=mask).logits
+        model.config._attn_implementation = "eager"
+        eager = model(x, attention_mask=mask).logits
+        unpadded = model(x).logits
+        model.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(eager, sdpa, **TOL)
+    torch.testing.assert_close(unpadded, model(x).logits, **TOL)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("split_mode", "halves"),
+        ("split_period", 1),
+        ("attention_ratio", 1.0),
+        ("attention_ratio", "half"),
+        ("delta_rank", 5),
+        ("delta_head_dim", 512),
+        ("delta_beta_max", 2.5),
+        ("delta_conv_size", 1),
+        ("fusion", "sum"),
+        ("num_key_value_heads", 3),
+        ("hidden_size", 0),
+        ("layer_types", ["full_attention", "hybrid"]),
+    ],
+)
+def test_bad_config_raises_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        preset_config("tiny", **{field: value})
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="preset"):
+        preset_config("7b")
+
+
+@pytest.mark.parametrize("name, target", [("135m", 135e6), ("350m", 350e6), ("1b", 1.0e9)])
+@pytest.mark.parametrize("mode", ["none", "flop_aware_circulating"])
+def test_preset_sizes(name, target, mode):
+    config = preset_config(name, split_mode=mode)
+    assert config.vocab_size == 49152 and config.tie_word_embeddings
+    assert abs(count_parameters(config) / target - 1) < 0.03
+
+
+def test_auto_ratio_balances_the_cost_model():
+    config = preset_config("135m", split_mode="flop_aware")
+    rho, seq_len = config.resolved_attention_ratio, config.max_position_embeddings
+    attention = rho * seq_len * config.attention_flops_per_token(rho * seq_len / 2)
+    deltanet = (1 - rho) * seq_len * config.deltanet_flops_per_token()
+    assert 0 < rho < 1 and abs(attention / deltanet - 1) < 1e-6
+
+
+def test_config_round_trip():
+    config = preset_config("tiny", split_mode="alternating", delta_rank=3)
+    again = FlowHNConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    assert config.auto_map["AutoModelForCausalLM"] == "modeling_flowhn.FlowHNForCausalLM"
