@@ -13,12 +13,16 @@ from numbers import Real
 
 import torch
 
+from .chunk import Plan, chunk_bwd, chunk_fwd
 from .naive import naive_recurrence
+from .recurrent import recurrent_fwd
 from .reference import reference_chunked
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_RANK = 4
 MAX_DIM = 256
+# without gradients, sequences up to this long run the recurrent kernel (decoding, short prefill)
+RECURRENT_MAX_LEN = 16
 
 __all__ = ["delta_rule", "delta_rule_reference", "delta_rule_naive"]
 
@@ -152,12 +156,79 @@ def triton_enabled(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+class ChunkDeltaRule(torch.autograd.Function):
+    """Chunked Triton forward; backward recomputes the chunk states instead of saving them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, initial_state, scale, plan, output_final_state):
+        B, T, H, R, K = k.shape
+        V = v.shape[-1]
+        packed = (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, R, K).contiguous(),
+                  v.reshape(B * T, H, R, V).contiguous(), beta.reshape(B * T, H, R).contiguous())
+        init = None if initial_state is None else initial_state.contiguous()
+        o, final, tinv = chunk_fwd(*packed, scale, init, plan, output_final_state)
+        ctx.save_for_backward(*packed, init, tinv)
+        ctx.scale, ctx.plan, ctx.shapes = scale, plan, (q.shape, k.shape, v.shape, beta.shape)
+        return o.view(B, T, H, V), final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, beta, init, tinv = ctx.saved_tensors
+        need_dinit = init is not None and ctx.needs_input_grad[4]
+        dfinal = None if dfinal is None else dfinal.contiguous()
+        dq, dk, dv, dbeta, dinit = chunk_bwd(q, k, v, beta, ctx.scale, init, tinv, do.reshape(q.shape[0], *do.shape[2:]),
+                                             dfinal, ctx.plan, need_dinit)
+        grads = (g.view(s) for g, s in zip((dq, dk, dv, dbeta), ctx.shapes))
+        return (*grads, None if dinit is None else dinit.to(init.dtype), None, None, None)
+
+
+def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
+    q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    if q.dtype == torch.float64 or not triton_enabled(q.device):
+        raise ValueError(f"q: the Triton kernels need float16/bfloat16/float32 tensors on CUDA (or TRITON_INTERPRET=1), got {q.dtype} on {q.device}")
+    plan = Plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)
+    return q, k, v, beta, scale, init, plan
+
+
+def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """The chunked Triton path (training, prefill), whatever the length."""
+    q, k, v, beta, scale, init, plan = _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    o, state = ChunkDeltaRule.apply(q, k, v, beta, init, scale, plan, output_final_state)
+    return _finish(q, o, state)
+
+
+def recurrent_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """The recurrent Triton path (decoding); forward only."""
+    q, k, v, beta, scale, init, plan = _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    B, T, H, R, K = k.shape
+    packed = (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, R, K).contiguous(),
+              v.reshape(B * T, H, R, -1).contiguous(), beta.reshape(B * T, H, R).contiguous())
+    init = None if init is None else init.contiguous()
+    o, state = recurrent_fwd(*packed, scale, init, plan.cu, plan.n, output_final_state)
+    return _finish(q, o.view(B, T, H, -1), state)
+
+
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Parallel-flow DeltaNet; the fast path for training, prefill and decoding.
 
-    Differentiable in q, k, v, beta and initial_state. On CPU tensors it runs the PyTorch
-    reference, except under TRITON_INTERPRET=1 where the Triton kernels run in the interpreter.
+    Differentiable in q, k, v, beta and initial_state. On CPU tensors (and for float64) it runs the
+    PyTorch reference, except under TRITON_INTERPRET=1 where the Triton kernels run in the
+    interpreter. Without gradients, sequences of at most RECURRENT_MAX_LEN tokens take the
+    recurrent kernel, everything else the chunked one.
     """
-    q, k, v, beta, scale, init, cu, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
+    args = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    q, k, v, beta, scale, init, _, offsets = args
+    if q.dtype == torch.float64 or not triton_enabled(q.device):
+        o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
+        return _finish(q, o, state)
+    plan = Plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)
+    tensors = (q, k, v, beta) if init is None else (q, k, v, beta, init)
+    if plan.max_len <= RECURRENT_MAX_LEN and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
+        B, T, H, R, K = k.shape
+        packed = (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, R, K).contiguous(),
+                  v.reshape(B * T, H, R, -1).contiguous(), beta.reshape(B * T, H, R).contiguous())
+        o, state = recurrent_fwd(*packed, scale, None if init is None else init.contiguous(), plan.cu, plan.n,
+                                 output_final_state)
+        return _finish(q, o.view(B, T, H, -1), state)
+    o, state = ChunkDeltaRule.apply(q, k, v, beta, init, scale, plan, output_final_state)
     return _finish(q, o, state)

@@ -1,0 +1,42 @@
+"""Helpers shared by the Triton modules: interpreter-aware kernel launching and block sizes."""
+
+import os
+
+import triton
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels should run in the interpreter (TRITON_INTERPRET=1, read at launch)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class kernel:
+    """A Triton kernel that picks the compiled or the interpreted form when it is launched.
+
+    triton.jit decides at decoration (import) time from TRITON_INTERPRET; deciding per launch
+    keeps CPU tests valid whatever order pytest imports modules in. Kernels built this way must
+    not call other jitted functions.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._forms = {}
+
+    def _form(self):
+        interp = interpreting()
+        if interp not in self._forms:
+            if interp:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                self._forms[interp] = InterpretedFunction(self.fn)
+            else:
+                self._forms[interp] = triton.runtime.jit.JITFunction(self.fn)
+        return self._forms[interp]
+
+    def __getitem__(self, grid):
+        return self._form()[grid]
+
+
+def pow2(n: int, least: int = 16) -> int:
+    """Smallest power of two ≥ max(n, least): Triton block shapes (and tl.dot's 16) need it."""
+    return max(triton.next_power_of_2(n), least)
