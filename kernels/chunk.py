@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import kernel, pow2
+from .utils import dot_dtype, kernel, pow2
 
 ROWS = 64
 
@@ -24,7 +24,7 @@ ROWS = 64
 @kernel
 def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                LOG2BT: tl.constexpr, LOAD_TINV: tl.constexpr):
+                LOG2BT: tl.constexpr, LOAD_TINV: tl.constexpr, DT: tl.constexpr):
     """UT transform of one chunk: T (computed, or loaded in backward), then W and Ũ."""
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -39,7 +39,7 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.c
     row_ok = (tok < eos - bos) & (comp < R)
     sub = ((bos + tok) * H + h) * R + comp
     kk = tl.arange(0, BK)
-    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
+    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
     tile = (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]
     if LOAD_TINV:
@@ -54,21 +54,21 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.c
             p = tl.dot(p, p, input_precision="tf32x3")
             b_t = b_t + tl.dot(b_t, p, input_precision="tf32x3")
         tl.store(tinv + tile, b_t)
-    b_tl = b_t.to(k.dtype.element_ty)
+    b_tl = b_t.to(DT)
     base = (g * H + h) * ROWS + r
-    b_w = tl.dot(b_tl, (b_k * b_beta[:, None]).to(b_k.dtype))
+    b_w = tl.dot(b_tl, (b_k * b_beta[:, None]).to(DT))
     tl.store(w + base[:, None] * K + kk[None, :], b_w.to(w.dtype.element_ty), mask=kk[None, :] < K)
     for iv in range((V + BV - 1) // BV):
         vv = iv * BV + tl.arange(0, BV)
-        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & (vv[None, :] < V), other=0.0)
-        b_ut = tl.dot(b_tl, (b_v * b_beta[:, None]).to(b_v.dtype))
+        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & (vv[None, :] < V), other=0.0).to(DT)
+        b_ut = tl.dot(b_tl, (b_v * b_beta[:, None]).to(DT))
         tl.store(ut + base[:, None] * V + vv[None, :], b_ut.to(ut.dtype.element_ty), mask=vv[None, :] < V)
 
 
 @kernel
 def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+                     BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DT: tl.constexpr):
     """Sequential pass over one sequence's chunks: S_end = S_start + Kᵀ(Ũ − W S_start)."""
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -86,24 +86,23 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexp
     if HAS_INIT:
         S = tl.load(init + state + kv, mask=kv_mask, other=0.0).to(tl.float32)
     else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-    dt = k.dtype.element_ty
+        S = tl.full([BK, BV], 0.0, tl.float32)
     nc = (eos - bos + BT - 1) // BT
     c = 0
     while c < nc:
         g = g0 + c
         tl.store(hs + (g * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=kv_mask)
         base = (g * H + h) * ROWS + r
-        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
+        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
         b_ut = tl.load(ut + base[:, None] * V + vv[None, :], mask=vv[None, :] < V, other=0.0)
-        b_u = b_ut.to(tl.float32) - tl.dot(b_w, S.to(dt))
+        b_u = b_ut.to(tl.float32) - tl.dot(b_w, S.to(DT))
         tl.store(u + base[:, None] * V + vv[None, :], b_u.to(u.dtype.element_ty), mask=vv[None, :] < V)
         tok = c * BT + r // RP
         comp = r % RP
         row_ok = (tok < eos - bos) & (comp < R)
         sub = ((bos + tok) * H + h) * R + comp
-        b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0)
-        S += tl.dot(b_kt, b_u.to(dt))
+        b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0).to(DT)
+        S += tl.dot(b_kt, b_u.to(DT))
         c += 1
     if STORE_FINAL:
         tl.store(final + state + kv, S, mask=kv_mask)
@@ -111,7 +110,8 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexp
 
 @kernel
 def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
-                  V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                  V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  DT: tl.constexpr):
     """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk and one block of V."""
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -131,13 +131,13 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.c
     comp = r % RP
     row_ok = (tok < eos - bos) & (comp < R)
     sub = ((bos + tok) * H + h) * R + comp
-    b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0)
-    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
+    b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     a = tl.dot(b_q, tl.trans(b_k))
     a = tl.where(t[:, None] >= (r // RP)[None, :], a, 0.0)
     b_s = tl.load(hs + (g * H + h) * K * V + kk[:, None] * V + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V), other=0.0)
     b_u = tl.load(u + ((g * H + h) * ROWS + r)[:, None] * V + vv[None, :], mask=vv[None, :] < V, other=0.0)
-    b_o = tl.dot(b_q, b_s.to(b_q.dtype)) + tl.dot(a.to(b_q.dtype), b_u.to(b_q.dtype))
+    b_o = tl.dot(b_q, b_s.to(DT)) + tl.dot(a.to(DT), b_u.to(DT))
     tl.store(o + ((bos + tq) * H + h)[:, None] * V + vv[None, :], (b_o * scale).to(o.dtype.element_ty),
              mask=q_ok[:, None] & (vv[None, :] < V))
 
@@ -145,7 +145,7 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.c
 @kernel
 def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr):
+                     BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr):
     """Reverse pass: dU = scale (QKᵀ⊙causal)ᵀ dO + K dS_end, dS_start = dS_end + scale Qᵀ dO − Wᵀ dU."""
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -164,8 +164,7 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
     if HAS_DFINAL:
         dS = tl.load(dfinal + state + kv, mask=kv_mask, other=0.0).to(tl.float32)
     else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
-    dt = k.dtype.element_ty
+        dS = tl.full([BK, BV], 0.0, tl.float32)
     c = (eos - bos + BT - 1) // BT - 1
     while c >= 0:
         g = g0 + c
@@ -176,17 +175,17 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
         comp = r % RP
         row_ok = (tok < eos - bos) & (comp < R)
         sub = ((bos + tok) * H + h) * R + comp
-        b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0)
-        b_q = (b_q * scale).to(dt)
-        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
-        b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + vv[None, :], mask=q_ok[:, None] & (vv[None, :] < V), other=0.0).to(dt)
+        b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+        b_q = (b_q.to(tl.float32) * scale).to(DT)
+        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+        b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + vv[None, :], mask=q_ok[:, None] & (vv[None, :] < V), other=0.0).to(DT)
         base = (g * H + h) * ROWS + r
-        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
+        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
         at = tl.dot(b_k, tl.trans(b_q))
         at = tl.where(t[None, :] >= (r // RP)[:, None], at, 0.0)
-        b_du = tl.dot(at.to(dt), b_do) + tl.dot(b_k, dS.to(dt))
+        b_du = tl.dot(at.to(DT), b_do) + tl.dot(b_k, dS.to(DT))
         tl.store(du + base[:, None] * V + vv[None, :], b_du.to(du.dtype.element_ty), mask=vv[None, :] < V)
-        dS += tl.dot(tl.trans(b_q), b_do) - tl.dot(tl.trans(b_w), b_du.to(dt))
+        dS += tl.dot(tl.trans(b_q), b_do) - tl.dot(tl.trans(b_w), b_du.to(DT))
         c -= 1
     if STORE_DINIT:
         tl.store(dinit + state + kv, dS, mask=kv_mask)
@@ -195,7 +194,7 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
 @kernel
 def grad_kernel(q, k, v, beta, tinv, u, hs, du, dhs, do, dq, dk, dv, dbeta, scale, cu, chunk_idx, H: tl.constexpr,
                 R: tl.constexpr, K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr):
+                BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr):
     """Gradients of one chunk's q, k, v, β from S_start, dS_end, U and dU (DESIGN.md §3 flows)."""
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -214,20 +213,19 @@ def grad_kernel(q, k, v, beta, tinv, u, hs, du, dhs, do, dq, dk, dv, dbeta, scal
     row_ok = (tok < eos - bos) & (comp < R)
     sub = ((bos + tok) * H + h) * R + comp
     qrow = (bos + tq) * H + h
-    dt = k.dtype.element_ty
     b_q = tl.load(q + qrow[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0)
-    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
+    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
     b_t = tl.load(tinv + (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :])
     base = (g * H + h) * ROWS + r
     state = (g * H + h) * K * V
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([ROWS, BK], dtype=tl.float32)
-    b_dw = tl.zeros([ROWS, BK], dtype=tl.float32)
-    b_dqk = tl.zeros([BT, ROWS], dtype=tl.float32)
-    b_dtv = tl.zeros([ROWS, ROWS], dtype=tl.float32)
+    b_dq = tl.full([BT, BK], 0.0, tl.float32)
+    b_dk = tl.full([ROWS, BK], 0.0, tl.float32)
+    b_dw = tl.full([ROWS, BK], 0.0, tl.float32)
+    b_dqk = tl.full([BT, ROWS], 0.0, tl.float32)
+    b_dtv = tl.full([ROWS, ROWS], 0.0, tl.float32)
     # row sums via a product with ones: every one of the 16 columns holds the sum
-    b_dbeta = tl.zeros([ROWS, 16], dtype=tl.float32)
+    b_dbeta = tl.full([ROWS, 16], 0.0, tl.float32)
     ones_v = tl.full([BV, 16], 1.0, tl.float32)
     ones_r = tl.full([ROWS, 16], 1.0, tl.float32)
     ones_k = tl.full([BK, 16], 1.0, tl.float32)
@@ -236,16 +234,16 @@ def grad_kernel(q, k, v, beta, tinv, u, hs, du, dhs, do, dq, dk, dv, dbeta, scal
         v_ok = vv < V
         kv = kk[:, None] * V + vv[None, :]
         kv_mask = (kk[:, None] < K) & v_ok[None, :]
-        b_s = tl.load(hs + state + kv, mask=kv_mask, other=0.0).to(dt)
-        b_ds = tl.load(dhs + state + kv, mask=kv_mask, other=0.0).to(dt)
-        b_u = tl.load(u + base[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0).to(dt)
+        b_s = tl.load(hs + state + kv, mask=kv_mask, other=0.0).to(DT)
+        b_ds = tl.load(dhs + state + kv, mask=kv_mask, other=0.0).to(DT)
+        b_u = tl.load(u + base[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0).to(DT)
         b_du = tl.load(du + base[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0)
-        b_do = tl.load(do + qrow[:, None] * V + vv[None, :], mask=q_ok[:, None] & v_ok[None, :], other=0.0).to(dt)
+        b_do = tl.load(do + qrow[:, None] * V + vv[None, :], mask=q_ok[:, None] & v_ok[None, :], other=0.0).to(DT)
         b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & v_ok[None, :], other=0.0)
         b_dq += tl.dot(b_do, tl.trans(b_s))
         b_dqk += tl.dot(b_do, tl.trans(b_u))
         b_dk += tl.dot(b_u, tl.trans(b_ds))
-        b_dw += tl.dot(b_du.to(dt), tl.trans(b_s))
+        b_dw += tl.dot(b_du.to(DT), tl.trans(b_s))
         b_dvt = tl.dot(tl.trans(b_t), b_du)
         tl.store(dv + sub[:, None] * V + vv[None, :], (b_dvt * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
@@ -313,7 +311,7 @@ def _prep(k, v, beta, plan, tinv, load_tinv):
     w = k.new_empty(plan.nc, H, ROWS, K)
     ut = v.new_empty(plan.nc, H, ROWS, V)
     prep_kernel[(plan.nc, H)](k, v, beta, tinv, w, ut, plan.cu, plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk,
-                              bv, plan.bt.bit_length() - 1, load_tinv)
+                              bv, plan.bt.bit_length() - 1, load_tinv, dot_dtype(k.dtype))
     return w, ut
 
 
@@ -326,7 +324,7 @@ def _state_fwd(k, w, ut, initial_state, plan, output_final_state):
     final = k.new_empty(plan.n, H, K, V, dtype=torch.float32) if output_final_state else None
     state_fwd_kernel[(plan.n, H, triton.cdiv(V, bv))](
         k, w, ut, u, hs, initial_state, final, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        initial_state is not None, output_final_state)
+        initial_state is not None, output_final_state, dot_dtype(k.dtype))
     return u, hs, final
 
 
@@ -343,7 +341,7 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state):
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = pow2(K), min(pow2(V), 64)
     output_kernel[(plan.nc, H, triton.cdiv(V, bv))](q, k, u, hs, o, scale, plan.cu, plan.chunk_idx, H, R, K, V,
-                                                    plan.rp, plan.bt, bk, bv)
+                                                    plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype))
     return o, final, tinv
 
 
@@ -361,9 +359,9 @@ def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_
     do = do.contiguous()
     state_bwd_kernel[(plan.n, H, triton.cdiv(V, bv))](
         q, k, w, do, du, dhs, dfinal, dinit, scale, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        dfinal is not None, need_dinit)
+        dfinal is not None, need_dinit, dot_dtype(k.dtype))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     grad_kernel[(plan.nc, H)](q, k, v, beta, tinv, u, hs, du, dhs, do, dq, dk, dv, dbeta, scale, plan.cu,
-                              plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk, bv)
+                              plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype))
     return dq, dk, dv, dbeta, dinit

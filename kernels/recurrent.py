@@ -32,7 +32,7 @@ def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, H: tl.constexpr, 
     if HAS_INIT:
         S = tl.load(init + state + kv, mask=kv_mask, other=0.0).to(tl.float32)
     else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+        S = tl.full([BK, BV], 0.0, tl.float32)
     n = bos
     while n < eos:
         sub = (n * H + h) * R + j

@@ -2,6 +2,7 @@
 
 import os
 
+import torch
 import triton
 
 
@@ -15,7 +16,9 @@ class kernel:
 
     triton.jit decides at decoration (import) time from TRITON_INTERPRET; deciding per launch
     keeps CPU tests valid whatever order pytest imports modules in. Kernels built this way must
-    not call other jitted functions.
+    not call jitted functions, triton.language's own included (tl.sum, tl.zeros, tl.cdiv): those
+    were decided at triton's import. Use tl.full, row sums as products with ones, and while loops
+    for run-time trip counts (the interpreter cannot index with its 1-element scalars).
     """
 
     def __init__(self, fn):
@@ -40,3 +43,13 @@ class kernel:
 def pow2(n: int, least: int = 16) -> int:
     """Smallest power of two ≥ max(n, least): Triton block shapes (and tl.dot's 16) need it."""
     return max(triton.next_power_of_2(n), least)
+
+
+def dot_dtype(dtype):
+    """Triton dtype for tl.dot operands: the input dtype, or float32 for bfloat16 under the
+    interpreter (which stores bfloat16 as raw 16-bit integers and cannot multiply them)."""
+    import triton.language as tl
+
+    if dtype == torch.bfloat16:
+        return tl.float32 if interpreting() else tl.bfloat16
+    return {torch.float16: tl.float16, torch.float32: tl.float32}[dtype]

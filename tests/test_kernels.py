@@ -1,43 +1,247 @@
-"""DeltaNet kernels: PyTorch reference and Triton kernels (interpreter on CPU) vs the float64 recurrence."""
+"""DeltaNet kernels: PyTorch reference and Triton kernels against the float64 step-by-step recurrence.
+
+On CPU the Triton kernels run in the interpreter: the `triton` fixture sets TRITON_INTERPRET=1
+for the test only (flowhn_kernels reads it at each launch, so import order does not matter).
+With CUDA the same tests also run compiled on the GPU at larger sizes.
+"""
 
 import pytest
 import torch
 
 import flowhn_kernels as fk
+from flowhn_kernels.delta_rule import chunk_delta_rule, recurrent_delta_rule
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
+# relative error vs float64 on the same (rounded) inputs; fp32 on GPU runs tf32 products
+TOL = {torch.float32: 3e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-def make_inputs(B, T, H, R, K, V, dtype=torch.float64, squeeze=False, seed=None, device="cpu", grad=False):
-    """Fresh random inputs: q, v normal, k L2-normalised, beta in (0, 2/R) so Σβ ≤ 2."""
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
-    q = torch.randn(B, T, H, K, generator=g, dtype=torch.float64)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, R, K, generator=g, dtype=torch.float64), dim=-1)
-    v = torch.randn(B, T, H, R, V, generator=g, dtype=torch.float64)
-    beta = (torch.rand(B, T, H, R, generator=g, dtype=torch.float64) * 0.9 + 0.1) * 2 / R
+@pytest.fixture
+def triton_env(monkeypatch, request):
+    """Device for Triton kernels: the interpreter on CPU, the GPU when the test asks for cuda."""
+    device = request.param if hasattr(request, "param") else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return device
+
+
+def dims(device):
+    """(H, K, V): small for the interpreter, model-sized on the GPU; always K ≠ V."""
+    return (2, 16, 32) if device == "cpu" else (4, 128, 64)
+
+
+def make_inputs(B, T, H, R, K, V, dtype=torch.float32, device="cpu", squeeze=False, state=True):
+    """Fresh random inputs: q, v normal, k L2-normalised, beta in (0.1, 1)·2/R so Σβ ≤ 2."""
+    q = torch.randn(B, T, H, K, dtype=torch.float64)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, R, K, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, T, H, R, V, dtype=torch.float64)
+    beta = (torch.rand(B, T, H, R, dtype=torch.float64) * 0.9 + 0.1) * 2 / R
     if squeeze:
         k, v, beta = k[:, :, :, 0], v[:, :, :, 0], beta[..., 0]
-    out = [x.to(device=device, dtype=dtype).requires_grad_(grad) for x in (q, k, v, beta)]
-    return out
+    xs = [x.to(device=device, dtype=dtype) for x in (q, k, v, beta)]
+    if state:
+        xs.append(torch.randn(B, H, K, V, dtype=torch.float32, device=device))
+    return xs
 
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def run(fn, xs, do, ds, cu_seqlens=None, dtype=None):
+    """Forward and backward of `fn` on copies of xs (cast to dtype); returns o, state and grads."""
+    ins = [x.detach().to(dtype or x.dtype).requires_grad_() for x in xs]
+    init = ins[4] if len(ins) > 4 else None
+    o, s = fn(*ins[:4], initial_state=init, output_final_state=True, cu_seqlens=cu_seqlens)
+    ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
+    return [o, s] + [x.grad for x in ins]
+
+
+def check_against_naive(fn, xs, tol, cu_seqlens=None):
+    B, T, H = xs[0].shape[:3]
+    V = xs[2].shape[-1]
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    do = torch.randn(B, T, H, V, dtype=torch.float64, device=xs[0].device)
+    ds = torch.randn(N, H, xs[0].shape[-1], V, dtype=torch.float64, device=xs[0].device)
+    got = run(fn, xs, do, ds, cu_seqlens)
+    want = run(fk.delta_rule_naive, xs, do, ds, cu_seqlens, dtype=torch.float64)
+    names = ["o", "final_state", "dq", "dk", "dv", "dbeta", "dinitial_state"]
+    for name, g, w in zip(names, got, want):
+        assert g.shape == w.shape, name
+        assert torch.isfinite(g).all(), name
+        assert rel(g, w) < tol, f"{name}: relative error {rel(g, w):.2e} > {tol:.0e}"
+    assert got[0].dtype == xs[0].dtype and got[1].dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- references
+
+
 @pytest.mark.parametrize("T", [1, 17, 64, 65, 130])
 @pytest.mark.parametrize("R", [1, 2, 3])
 def test_reference_matches_naive_float64(T, R):
-    q, k, v, beta = make_inputs(2, T, 2, R, 16, 8)
-    s0 = torch.randn(2, 2, 16, 8, dtype=torch.float64)
+    q, k, v, beta, s0 = make_inputs(2, T, 2, R, 16, 8, dtype=torch.float64)
+    s0 = s0.double()
     o1, s1 = fk.delta_rule_naive(q, k, v, beta, initial_state=s0, output_final_state=True)
     o2, s2 = fk.delta_rule_reference(q, k, v, beta, initial_state=s0, output_final_state=True)
     assert o2.dtype == torch.float64 and o2.shape == (2, T, 2, 8) and s2.shape == (2, 2, 16, 8)
     assert rel(o2, o1) < 1e-12 and rel(s2, s1) < 1e-12
 
 
-def test_reference_gradients_flow():
-    q, k, v, beta = make_inputs(1, 70, 2, 2, 8, 4, grad=True)
-    s0 = torch.randn(1, 2, 8, 4, dtype=torch.float64, requires_grad=True)
-    o, s = fk.delta_rule_reference(q, k, v, beta, initial_state=s0, output_final_state=True)
-    (o.square().sum() + s.sum()).backward()
-    for x in (q, k, v, beta, s0):
-        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_gradients_against_naive(dtype):
+    xs = make_inputs(1, 70, 2, 2, 8, 4, dtype=dtype)
+    check_against_naive(fk.delta_rule_reference, xs, TOL[dtype])
+
+
+def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, beta, s0 = make_inputs(1, 20, 2, 2, 16, 8)
+    o1, s1 = fk.delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True)
+    o2, s2 = fk.delta_rule_reference(q, k, v, beta, initial_state=s0, output_final_state=True)
+    assert torch.equal(o1, o2) and torch.equal(s1, s2)
+
+
+# --------------------------------------------------------------------------- Triton kernels
+
+# (T, R, dtype): every T and R, every dtype, without blowing up the interpreter's runtime
+CASES = [
+    (1, 1, torch.float32),
+    (17, 2, torch.float32),
+    (64, 3, torch.float32),
+    (65, 1, torch.float32),
+    (130, 2, torch.float32),
+    (65, 3, torch.bfloat16),
+    (33, 1, torch.float16),
+]
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("T,R,dtype", CASES)
+def test_chunked_against_naive(triton_env, T, R, dtype):
+    H, K, V = dims(triton_env)
+    xs = make_inputs(2, T, H, R, K, V, dtype=dtype, device=triton_env)
+    check_against_naive(chunk_delta_rule, xs, TOL[dtype])
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+def test_chunked_rank_one_without_rank_axis_and_initial_state(triton_env):
+    H, K, V = dims(triton_env)
+    xs = make_inputs(1, 40, H, 1, K, V, device=triton_env, squeeze=True, state=False)
+    check_against_naive(fk.delta_rule, xs, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+def test_varlen_with_a_one_token_document(triton_env):
+    H, K, V = dims(triton_env)
+    cu = torch.tensor([0, 1, 20, 86, 87], device=triton_env)
+    q, k, v, beta, _ = make_inputs(1, 87, H, 2, K, V, device=triton_env)
+    s0 = torch.randn(4, H, K, V, device=triton_env)
+    check_against_naive(fk.delta_rule, [q, k, v, beta, s0], TOL[torch.float32], cu_seqlens=cu)
+    # each document alone, from its own initial state, gives the same output and state
+    o, s = chunk_delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        o1, s1 = fk.delta_rule_naive(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b], initial_state=s0[n : n + 1], output_final_state=True)
+        assert rel(o[:, a:b], o1) < TOL[torch.float32] and rel(s[n : n + 1], s1) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recurrent_equals_chunked(triton_env, dtype):
+    H, K, V = dims(triton_env)
+    q, k, v, beta, s0 = make_inputs(2, 20, H, 3, K, V, dtype=dtype, device=triton_env)
+    o1, s1 = recurrent_delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True)
+    o2, s2 = chunk_delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True)
+    o3, s3 = fk.delta_rule_naive(*(x.double() for x in (q, k, v, beta)), initial_state=s0.double(), output_final_state=True)
+    assert rel(o1, o3) < TOL[dtype] and rel(s1, s3) < TOL[dtype]
+    assert rel(o1, o2) < TOL[dtype] and rel(s1, s2) < TOL[dtype]
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+def test_recurrent_varlen(triton_env):
+    H, K, V = dims(triton_env)
+    cu = torch.tensor([0, 1, 5, 12], device=triton_env)
+    q, k, v, beta, _ = make_inputs(1, 12, H, 2, K, V, device=triton_env)
+    s0 = torch.randn(3, H, K, V, device=triton_env)
+    o1, s1 = recurrent_delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    o2, s2 = fk.delta_rule_naive(*(x.double() for x in (q, k, v, beta)), initial_state=s0.double(), output_final_state=True, cu_seqlens=cu)
+    assert rel(o1, o2) < 1e-5 and rel(s1, s2) < 1e-5
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+def test_state_continuation(triton_env):
+    """T1 tokens, then T2 tokens from the returned state (chunked, then decoding one token at a time)."""
+    H, K, V = dims(triton_env)
+    q, k, v, beta, s0 = make_inputs(1, 75, H, 2, K, V, device=triton_env)
+    o, s = chunk_delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True)
+    oa, sa = chunk_delta_rule(q[:, :50], k[:, :50], v[:, :50], beta[:, :50], initial_state=s0, output_final_state=True)
+    ob, sb = chunk_delta_rule(q[:, 50:70], k[:, 50:70], v[:, 50:70], beta[:, 50:70], initial_state=sa, output_final_state=True)
+    outs = [oa, ob]
+    with torch.no_grad():
+        for t in range(70, 75):
+            ot, sb = fk.delta_rule(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], beta[:, t : t + 1], initial_state=sb, output_final_state=True)
+            outs.append(ot)
+    assert rel(torch.cat(outs, dim=1), o) < 1e-4 and rel(sb, s) < 1e-4
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+def test_padding_tokens_leave_the_state_unchanged(triton_env):
+    H, K, V = dims(triton_env)
+    q, k, v, beta, s0 = make_inputs(1, 30, H, 1, K, V, device=triton_env)
+    k[:, 10:], beta[:, 10:] = 0, 0
+    _, s_all = chunk_delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True)
+    _, s_10 = chunk_delta_rule(q[:, :10], k[:, :10], v[:, :10], beta[:, :10], initial_state=s0, output_final_state=True)
+    assert rel(s_all, s_10) < 1e-6
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _good():
+    return make_inputs(1, 8, 2, 2, 16, 8, state=False)
+
+
+def _call(**over):
+    q, k, v, beta = _good()
+    args = dict(q=q, k=k, v=v, beta=beta)
+    args.update(over)
+    fk.delta_rule(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("beta"), **args)
+
+
+BAD = [
+    ("q", dict(q=torch.randn(1, 8, 2))),
+    ("k", dict(k=torch.randn(1, 8, 2, 2, 17))),
+    ("v", dict(v=torch.randn(1, 8, 2, 8))),
+    ("beta", dict(beta=torch.rand(1, 8, 2, 3))),
+    ("k", dict(k=torch.randn(1, 8, 2, 5, 16), v=torch.randn(1, 8, 2, 5, 8), beta=torch.rand(1, 8, 2, 5))),
+    ("q", dict(q=torch.randint(0, 3, (1, 8, 2, 16)))),
+    ("beta", dict(beta=torch.ones(1, 8, 2, 2, dtype=torch.long))),
+    ("k", dict(k=torch.randn(1, 8, 2, 2, 16, dtype=torch.float16))),
+    ("q", dict(q=torch.randn(1, 8, 2, 300), k=torch.randn(1, 8, 2, 2, 300))),
+    ("v", dict(v=torch.randn(1, 8, 2, 2, 300))),
+    ("q", dict(q=torch.randn(1, 0, 2, 16), k=torch.randn(1, 0, 2, 2, 16), v=torch.randn(1, 0, 2, 2, 8), beta=torch.rand(1, 0, 2, 2))),
+    ("scale", dict(scale="big")),
+    ("initial_state", dict(initial_state=torch.randn(2, 2, 16, 8))),
+    ("output_final_state", dict(output_final_state=1)),
+    ("cu_seqlens", dict(cu_seqlens=torch.tensor([1, 8]))),
+    ("cu_seqlens", dict(cu_seqlens=torch.tensor([0, 5, 5, 8]))),
+    ("cu_seqlens", dict(cu_seqlens=torch.tensor([0, 6, 4, 8]))),
+    ("cu_seqlens", dict(cu_seqlens=torch.tensor([0, 5, 7]))),
+    ("cu_seqlens", dict(cu_seqlens=torch.tensor([0.0, 8.0]))),
+    ("cu_seqlens", dict(cu_seqlens=torch.tensor([[0, 8]]))),
+    ("initial_state", dict(cu_seqlens=torch.tensor([0, 3, 8]), initial_state=torch.randn(1, 2, 16, 8))),
+]
+
+
+@pytest.mark.parametrize("name,over", BAD)
+def test_bad_input_raises_value_error_naming_the_argument(name, over):
+    with pytest.raises(ValueError, match=name):
+        _call(**over)
+
+
+def test_cu_seqlens_needs_batch_one():
+    q, k, v, beta, _ = make_inputs(2, 8, 2, 2, 16, 8)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        fk.delta_rule(q, k, v, beta, cu_seqlens=torch.tensor([0, 8]))
