@@ -566,6 +566,51 @@ class FlowHNModel(FlowHNPreTrainedModel):
         return positions, None if uniform else real, start if uniform else None
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `labels` (-100 ignored), over chunks of tokens.
+
+    The gradients are worked out chunk by chunk during the forward, so the (tokens x vocab) logits never exist at
+    once and nothing is recomputed: for the 49,152-word vocabulary that is gigabytes of activations per step.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        with torch.autocast(device_type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            grad_hidden = torch.empty_like(h)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, h.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                target, keep = labels[rows].clamp(min=0), (labels[rows] != -100)
+                logits = (h[rows] @ w.T).float()
+                lse = logits.logsumexp(-1)
+                total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * keep).sum()
+                grad = (logits - lse[:, None]).exp_()
+                grad[torch.arange(len(target), device=grad.device), target] -= 1
+                grad = (grad * keep[:, None]).to(dtype)
+                grad_hidden[rows] = grad @ w
+                grad_weight += (grad.T @ h[rows]).float()
+        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total, grad_weight * grad_total, None, None
+
+
+def causal_lm_loss(hidden_states, weight, labels, num_items_in_batch=None, chunk_size=2048):
+    """transformers' causal-LM loss (labels shifted left, -100 ignored, summed over `num_items_in_batch` or averaged
+    over the counted tokens) of `hidden_states @ weight.T`, without materialising the logits."""
+    labels = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden_states.device)
+    total = LinearCrossEntropy.apply(hidden_states.reshape(-1, hidden_states.shape[-1]), weight, labels, chunk_size)
+    count = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
+    return total / torch.as_tensor(count, device=total.device)
+
+
 class FlowHNForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -598,6 +643,10 @@ class FlowHNForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        if labels is not None and self.training and torch.is_grad_enabled():
+            # Training needs the loss, not the logits: skip the (tokens x vocab) logits altogether.
+            loss = causal_lm_loss(hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
         loss = None

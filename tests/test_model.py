@@ -235,3 +235,23 @@ def test_config_round_trip():
     again = FlowHNConfig.from_dict(config.to_dict())
     assert again.to_dict() == config.to_dict()
     assert config.auto_map["AutoModelForCausalLM"] == "modeling_flowhn.FlowHNForCausalLM"
+
+
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_training_loss_without_logits_matches_transformers_loss(num_items):
+    model = tiny_model().train()
+    x = tokens(3, 29)
+    labels = x.clone()
+    labels[1, :7] = -100
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    fused = model(x, labels=labels, **kwargs)
+    assert fused.logits is None
+    fused.loss.backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(x).logits
+    reference = model.loss_function(logits=logits, labels=labels, vocab_size=1024, **kwargs)
+    reference.backward()
+    torch.testing.assert_close(fused.loss, reference, rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(fused_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
