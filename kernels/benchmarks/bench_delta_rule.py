@@ -1,0 +1,156 @@
+"""Benchmark flowhn_kernels.delta_rule against flash-linear-attention on one GPU.
+
+Times (triton.testing.do_bench medians, ms) forward and forward+backward at the anchor shapes
+of ANCHORS.md in bf16: R = 1 vs fla chunk_delta_rule, R = 2 vs fla chunk_gated_delta_product
+(num_householder=2), one decode step vs fla fused_recurrent_delta_rule; peak memory of
+forward+backward; and the relative error of bf16 outputs and gradients against a float64
+reference. Prints a markdown table and writes it to RESULTS.md beside this file (or --out).
+
+    python kernels/benchmarks/bench_delta_rule.py [--shapes 0,1] [--out PATH]
+
+fla is optional (install flash-linear-attention and fla-core 0.6); its columns read "-" without it.
+"""
+
+import argparse
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+import flowhn_kernels
+from flowhn_kernels import delta_rule
+from flowhn_kernels.reference import reference_chunked
+
+try:
+    import fla
+    from fla.ops.delta_rule import chunk_delta_rule as fla_chunk, fused_recurrent_delta_rule as fla_recurrent
+    from fla.ops.gated_delta_product import chunk_gated_delta_product as fla_product
+except ImportError:
+    fla = None
+
+SHAPES = [(8, 2048, 12, 64), (8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (1, 16384, 16, 128)]
+
+
+def inputs(B, T, H, D, R, layout="ours"):
+    """bf16 inputs as in ANCHORS.md: q, v normal; k L2-normalised; beta = sigmoid(uniform)."""
+    dev = "cuda"
+    shape = (B, T, H, R) if layout == "ours" else (B, T * R, H)
+    q = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+    k = F.normalize(torch.randn(*shape, D, device=dev, dtype=torch.float32), dim=-1).to(torch.bfloat16)
+    v = torch.randn(*shape, D, device=dev, dtype=torch.bfloat16)
+    beta = torch.rand(*shape, device=dev, dtype=torch.float32).sigmoid().to(torch.bfloat16)
+    return [x.requires_grad_() for x in (q, k, v, beta)]
+
+
+def time_fwd(fn, xs):
+    with torch.no_grad():
+        return do_bench(lambda: fn(*xs), warmup=25, rep=100, return_mode="median")
+
+
+def time_fwd_bwd(fn, xs):
+    do = torch.randn_like(fn(*xs)[0])
+    return do_bench(lambda: fn(*xs)[0].backward(do), warmup=25, rep=100, grad_to_none=xs, return_mode="median")
+
+
+def peak_mib(fn, xs):
+    """Peak memory of one forward+backward above what the inputs already hold."""
+    do = torch.randn_like(fn(*xs)[0])
+    for x in xs:
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(*xs)[0].backward(do)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def accuracy(B, T, H, D, R):
+    """Largest relative error ‖x − ref‖/‖ref‖ over o, dq, dk, dv, dbeta (bf16 vs float64 reference)."""
+    xs = inputs(B, T, H, D, R)
+    do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    o, _ = delta_rule(*xs)
+    o.backward(do)
+    got = [o] + [x.grad for x in xs]
+    ref_in = [x.detach().double().requires_grad_() for x in xs]
+    o64, _ = reference_chunked(*ref_in, D**-0.5)
+    o64.backward(do.double())
+    want = [o64] + [x.grad for x in ref_in]
+    errs = [((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want)]
+    finite = all(torch.isfinite(g).all().item() for g in got)
+    return max(errs), finite
+
+
+def decode_step(fn, B, H, D):
+    q, k, v, beta = (x.detach()[:, :1].contiguous() for x in inputs(B, 1, H, D, 1, layout="fla"))
+    s0 = torch.randn(B, H, D, D, device="cuda", dtype=torch.float32)
+    with torch.no_grad():
+        return do_bench(lambda: fn(q, k, v, beta, initial_state=s0, output_final_state=True), warmup=25, rep=100,
+                        return_mode="median")
+
+
+def ours(q, k, v, beta):
+    return delta_rule(q, k, v, beta)
+
+
+def ours_decode(q, k, v, beta, **kw):
+    return delta_rule(q, k, v, beta, **kw)
+
+
+def fla_product2(q, k, v, beta):
+    return fla_product(q, k, v, None, beta, num_householder=2)
+
+
+def fmt(x):
+    return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))))
+    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    args = ap.parse_args()
+    rows = []
+    for i in (int(s) for s in args.shapes.split(",")):
+        B, T, H, D = SHAPES[i]
+        r = {"shape": f"{B}, {T}, {H}, {D}"}
+        x1 = inputs(B, T, H, D, 1, layout="fla")  # R = 1 without the rank axis: fla's layout too
+        r["ours fwd"] = time_fwd(ours, x1)
+        r["ours fwd+bwd"] = time_fwd_bwd(ours, x1)
+        r["ours mem MiB"] = peak_mib(ours, x1)
+        x2 = inputs(B, T, H, D, 2)
+        r["ours R=2 fwd+bwd"] = time_fwd_bwd(ours, x2)
+        r["ours decode"] = decode_step(ours_decode, B, H, D)
+        err, finite = accuracy(B, T, H, D, 1)
+        r["ours max rel err R=1"] = f"{err:.1e}" + ("" if finite else " NaN/Inf")
+        err2, finite2 = accuracy(B, T, H, D, 2)
+        r["ours max rel err R=2"] = f"{err2:.1e}" + ("" if finite2 else " NaN/Inf")
+        if fla is not None:
+            r["fla fwd"] = time_fwd(fla_chunk, x1)
+            r["fla fwd+bwd"] = time_fwd_bwd(fla_chunk, x1)
+            r["fla mem MiB"] = peak_mib(fla_chunk, x1)
+            f2 = inputs(B, T, H, D, 2, layout="fla")
+            r["fla R=2 fwd+bwd"] = time_fwd_bwd(fla_product2, f2)
+            r["fla decode"] = decode_step(fla_recurrent, B, H, D)
+            r["speedup fwd+bwd R=1"] = r["fla fwd+bwd"] / r["ours fwd+bwd"]
+            r["speedup fwd+bwd R=2"] = r["fla R=2 fwd+bwd"] / r["ours R=2 fwd+bwd"]
+        rows.append(r)
+        print(r, flush=True)
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    dev = torch.cuda.get_device_name()
+    versions = (f"torch {torch.__version__}, triton {triton.__version__}, "
+                f"flash-linear-attention {getattr(fla, '__version__', 'not installed')}, python {platform.python_version()}")
+    text = (f"# delta_rule benchmark\n\nDevice: {dev}. {versions}. bf16 inputs, times in ms "
+            "(triton.testing.do_bench medians), memory = peak of one forward+backward above the inputs, "
+            "error = max relative error of o, dq, dk, dv, dbeta vs a float64 reference.\n\n" + "\n".join(lines) + "\n")
+    print(text)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
