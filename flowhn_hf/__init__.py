@@ -3,6 +3,7 @@ AutoModel and AutoModelForCausalLM."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .calibration import calibrate_split
 from .configuration_flowhn import FlowHNConfig
 from .modeling_flowhn import FlowHNForCausalLM, FlowHNModel, FlowHNPreTrainedModel
 from .presets import PRESETS, count_parameters, preset_config
@@ -17,6 +18,7 @@ __all__ = [
     "FlowHNForCausalLM",
     "FlowHNModel",
     "FlowHNPreTrainedModel",
+    "calibrate_split",
     "count_parameters",
     "preset_config",
 ]
