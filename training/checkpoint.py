@@ -40,7 +40,8 @@ def resolve_checkpoint(path) -> Path:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise ValueError(f"{path} is neither a checkpoint (no {STATE_FILE}) nor a run directory holding checkpoints")
+        raise ValueError(f"CHECKPOINT {path}: neither a flowhn-train checkpoint (no {STATE_FILE}) "
+                         "nor a run directory holding checkpoints")
     return latest
 
 

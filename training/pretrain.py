@@ -317,6 +317,9 @@ def train(args) -> dict:
     def checkpoint_state():
         return {**state, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "preset": args.preset,
                 "run": run_identity(args), "hardware": hardware, "num_parameters": num_params,
+                "optimization": {"lr": args.lr, "min_lr_ratio": args.min_lr_ratio, "warmup": args.warmup,
+                                 "weight_decay": args.weight_decay, "beta2": args.beta2, "grad_clip": args.grad_clip,
+                                 "global_batch_blocks": global_blocks, "max_steps": args.max_steps},
                 "split_mode": getattr(config, "split_mode", None)}
 
     bar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,

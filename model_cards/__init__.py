@@ -1,0 +1,1 @@
+"""Model card templates for flowhn-export, one per preset (Jinja, rendered by huggingface_hub.ModelCard)."""
