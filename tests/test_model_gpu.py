@@ -1,0 +1,68 @@
+"""The model on a GPU, where the DeltaNet branch runs the Triton kernels. Skipped without CUDA."""
+
+import pytest
+import torch
+
+from flowhn_hf import FlowHNForCausalLM, preset_config
+from transformers import DynamicCache
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+MODES = ["none", "alternating", "flop_aware", "flop_aware_circulating"]
+
+
+def small_model(**overrides):
+    torch.manual_seed(0)
+    fields = dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        delta_num_heads=2, delta_head_dim=64, split_period=16, max_position_embeddings=1024,
+    )  # fmt: skip
+    return FlowHNForCausalLM(preset_config("tiny", **{**fields, **overrides})).eval()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_matches_cpu(mode):
+    model = small_model(split_mode=mode, delta_rank=2)
+    x = torch.randint(0, 1024, (2, 300))
+    with torch.no_grad():
+        expected = model(x).logits
+        got = model.cuda()(x.cuda()).logits.cpu()
+    torch.testing.assert_close(got, expected, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_cached_decoding_matches_one_forward(mode):
+    model = small_model(split_mode=mode).cuda()
+    x = torch.randint(0, 1024, (3, 150), device="cuda")
+    mask = torch.ones_like(x)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        full = model(x, attention_mask=mask).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(x[:, :130], attention_mask=mask[:, :130], past_key_values=cache, use_cache=True).logits]
+        for t in range(130, 150):
+            step = model(x[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(step.logits)
+    torch.testing.assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], atol=5e-3, rtol=5e-3)
+
+
+def test_cuda_bf16_training_step_matches_float32():
+    model = small_model().cuda().train()
+    x = torch.randint(0, 1024, (4, 512), device="cuda")
+    reference = model(x, labels=x).loss
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() / reference.item() - 1) < 1e-2
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_cuda_generate_left_padded_batch():
+    model = small_model().cuda()
+    long, short = torch.randint(0, 1024, (1, 40)).cuda(), torch.randint(0, 1024, (1, 25)).cuda()
+    x = torch.cat([long, torch.cat([torch.zeros(1, 15, dtype=torch.long, device="cuda"), short], 1)])
+    mask = torch.ones_like(x)
+    mask[1, :15] = 0
+    batched = model.generate(x, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    for row, prompt in ((0, long), (1, short)):
+        alone = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert torch.equal(batched[row, -10:], alone[0, -10:])
