@@ -179,11 +179,13 @@ def plan_route(
         return LayerRoute(everything, everything, None)
     batch, length = positions.shape
     if start is not None:
-        to_attention = route_to_attention(torch.arange(start, start + length), layer_idx, config)
-        attention, deltanet = (
-            BranchTokens(selected.nonzero().squeeze(1).to(positions.device).expand(batch, -1), None)
-            for selected in (to_attention, ~to_attention)
-        )
+        # Every row alike: the branch sizes come from the host and the indices are built on the device, so neither
+        # side waits for the other.
+        attention_size = int(route_to_attention(torch.arange(start, start + length), layer_idx, config).sum())
+        to_attention = route_to_attention(positions[0], layer_idx, config)
+        order = torch.argsort((~to_attention).to(torch.int8), stable=True)[None].expand(batch, -1)
+        attention = BranchTokens(order[:, :attention_size], None)
+        deltanet = BranchTokens(order[:, attention_size:], None)
         real = torch.ones_like(to_attention)
     else:
         to_attention = route_to_attention(positions, layer_idx, config)
@@ -192,7 +194,7 @@ def plan_route(
     rank_attention = (to_attention & real).cumsum(-1) - 1
     rank_deltanet = (~to_attention & real).cumsum(-1) - 1 + attention.size
     merge = torch.where(to_attention, rank_attention, rank_deltanet).clamp(min=0)
-    return LayerRoute(attention, deltanet, merge.to(positions.device).expand(batch, -1))
+    return LayerRoute(attention, deltanet, merge.expand(batch, -1))
 
 
 class FlowHNAttention(nn.Module):
