@@ -12,6 +12,8 @@ kernels covers both layouts. Per chunk g and head h the kernels keep:
 Nothing per token and K×V is ever stored.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -271,8 +273,15 @@ def grad_kernel(q, k, v, beta, tinv, u, hs, du, dhs, do, dq, dk, dv, dbeta, scal
              mask=row_ok[:, None] & (col[None, :] == 0))
 
 
+def make_plan(batch, length, rank, device, offsets=None):
+    """The Plan for a call; equal-length batches reuse theirs (decoding calls this every token)."""
+    if offsets is None:
+        return _uniform_plan(batch, length, rank, device)
+    return Plan(batch, length, rank, device, offsets)
+
+
 class Plan:
-    """How the packed token axis splits into sequences and chunks (built once per call)."""
+    """How the packed token axis splits into sequences and chunks."""
 
     def __init__(self, batch, length, rank, device, offsets=None):
         self.rp = triton.next_power_of_2(rank)
@@ -297,6 +306,11 @@ class Plan:
                 starts.append(starts[-1] + n)
             self.chunk_off = torch.tensor(starts, device=device, dtype=torch.int32)
         self.chunk_idx = torch.stack([seq, chunk], dim=1).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_plan(batch, length, rank, device):
+    return Plan(batch, length, rank, device)
 
 
 def _blocks(K, V):
@@ -362,6 +376,8 @@ def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_
         dfinal is not None, need_dinit, dot_dtype(k.dtype))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
+    # [ROWS, K] fp32 accumulators: more warps for wide keys; no multi-buffering of the V loop
     grad_kernel[(plan.nc, H)](q, k, v, beta, tinv, u, hs, du, dhs, do, dq, dk, dv, dbeta, scale, plan.cu,
-                              plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype))
+                              plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk, min(bv, 32 if bk >= 128 else 64),
+                              dot_dtype(k.dtype), num_warps=8 if bk >= 128 else 4, num_stages=1)
     return dq, dk, dv, dbeta, dinit

@@ -13,7 +13,7 @@ from numbers import Real
 
 import torch
 
-from .chunk import Plan, chunk_bwd, chunk_fwd
+from .chunk import chunk_bwd, chunk_fwd, make_plan
 from .naive import naive_recurrence
 from .recurrent import recurrent_fwd
 from .reference import reference_chunked
@@ -186,7 +186,7 @@ def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seq
     q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
     if q.dtype == torch.float64 or not triton_enabled(q.device):
         raise ValueError(f"q: the Triton kernels need float16/bfloat16/float32 tensors on CUDA (or TRITON_INTERPRET=1), got {q.dtype} on {q.device}")
-    plan = Plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)
+    plan = make_plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)
     return q, k, v, beta, scale, init, plan
 
 
@@ -221,7 +221,7 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     if q.dtype == torch.float64 or not triton_enabled(q.device):
         o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
         return _finish(q, o, state)
-    plan = Plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)
+    plan = make_plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)
     tensors = (q, k, v, beta) if init is None else (q, k, v, beta, init)
     if plan.max_len <= RECURRENT_MAX_LEN and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
         B, T, H, R, K = k.shape
