@@ -128,14 +128,28 @@ def evaluate_checkpoint(
     )
 
 
-def results_table(results: dict[str, Any]) -> str:
-    """lm-eval's markdown table of the per-task (and per-group) scores."""
-    from lm_eval.utils import make_table
+def _scores(metrics: dict[str, Any]):
+    """(metric, filter, value) of one task's lm-eval results, without the stderr entries."""
+    for key, value in metrics.items():
+        metric, _, filter_name = key.partition(",")
+        if filter_name and not metric.endswith("_stderr") and isinstance(value, (int, float)):
+            yield metric, filter_name, value
 
-    table = make_table(results)
-    if results.get("groups"):
-        table += "\n" + make_table(results, "groups")
-    return table
+
+def results_table(results: dict[str, Any]) -> str:
+    """Markdown table of lm-eval's results: one row per task (or group), metric and filter."""
+    rows = ["| Task | Version | Filter | n-shot | Metric | Value | Stderr |", "|---|---|---|---:|---|---:|---:|"]
+    for task, metrics in results["results"].items():
+        for metric, filter_name, value in _scores(metrics):
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            better = results.get("higher_is_better", {}).get(task, {}).get(metric)
+            arrow = {True: " ↑", False: " ↓"}.get(better, "")
+            rows.append(
+                f"| {metrics.get('alias', task)} | {results['versions'].get(task, 'N/A')} | {filter_name} "
+                f"| {results.get('n-shot', {}).get(task, '')} | {metric}{arrow} | {value:.4f} "
+                f"| {f'{stderr:.4f}' if isinstance(stderr, (int, float)) else 'N/A'} |"
+            )
+    return "\n".join(rows) + "\n"
 
 
 def eval_results(results: dict[str, Any]) -> list:
@@ -145,10 +159,7 @@ def eval_results(results: dict[str, Any]) -> list:
     entries = []
     for task, config in results["configs"].items():
         split = config.get("test_split") or config.get("validation_split")
-        for key, value in results["results"][task].items():
-            metric, _, filter_name = key.partition(",")
-            if not filter_name or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-                continue
+        for metric, filter_name, value in _scores(results["results"][task]):
             entries.append(
                 EvalResult(
                     task_type="text-generation",
@@ -183,14 +194,15 @@ def update_model_card(checkpoint: str | Path, results: dict[str, Any]) -> Path:
     Scores for the same task, dataset and metric replace the old ones; others are kept. The card
     is created if missing.
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     path = Path(checkpoint)
     card_path = path / "README.md"
     name = path.resolve().name
-    card = ModelCard.load(card_path) if card_path.is_file() else ModelCard(f"---\n---\n\n# {name}\n")
-    if card.data is None:
-        card.data = ModelCardData()
+    if card_path.is_file():
+        card = ModelCard.load(card_path)
+    else:
+        card = ModelCard(f"---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n\n# {name}\n")
     new = eval_results(results)
 
     def key(e):
