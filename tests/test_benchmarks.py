@@ -1,0 +1,85 @@
+"""The throughput benchmark's smoke mode (tiny models, CPU) and the pieces it stands on."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flowhn_hf
+from training.benchmarks import throughput as tb
+from training.benchmarks.sequential_hybrid import SequentialHybridForCausalLM, count_parameters, sequential_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_run_writes_table_json_and_plot(tmp_path):
+    """The whole script, as CI runs it: every model gets a row, none fails, the reports are written."""
+    out = tmp_path / "out"
+    env_out = tmp_path / "env_out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.benchmarks.throughput", "--smoke", "--out-dir", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+        env={**__import__("os").environ, "OUT": str(env_out)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["model"]: row for row in results["rows"]}
+    assert list(rows) == list(tb.DEFAULT_MODELS)
+    for name, row in rows.items():
+        assert "error" not in row, (name, row["error"])
+        if "skipped" in row:  # fla without flash-linear-attention, calibration without calibrate_split
+            assert name in ("fla-deltanet", "flowhn-FAC-calibrated"), (name, row["skipped"])
+            continue
+        assert row["train_tokens_per_s"] > 0 and math.isfinite(row["final_loss"])
+        assert 0 < row["train_flops_per_token"] and 0 < row["mfu"]
+        assert row["generate_b1_tokens_per_s"] > 0 and row["generate_b2_tokens_per_s"] > 0
+    text = (out / "RESULTS.md").read_text()
+    assert "| model |" in text and "FlowHN flop_aware_circulating" in text and "SMOKE" in text
+    assert (env_out / "RESULTS.md").read_text() == text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sequential_hybrid_matches_flowhn_size_and_decodes_like_a_forward():
+    flowhn = flowhn_hf.preset_config("tiny")
+    config = sequential_config(flowhn)
+    target = flowhn_hf.count_parameters(flowhn)
+    step = 2 * 3 * config.hidden_size * 64 * flowhn.num_hidden_layers  # one MLP-width step of 64, both MLPs a pair
+    assert abs(count_parameters(config) - target) <= step / 2
+    torch.manual_seed(0)
+    model = SequentialHybridForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                             do_sample=False, pad_token_id=0)  # fmt: skip
+        logits = model(input_ids=out[:, :-1], use_cache=False).logits
+    assert torch.equal(logits[:, 11:].argmax(-1), out[:, 12:])
+
+
+def test_flop_formulas():
+    """Llama's count is 6·N + 6·L·H·hd·T per token (causal attention); FlowHN's split modes count each token only in
+    the branch it is routed to."""
+    args = tb.parse_args(["--smoke"])
+    state = {"target": tb.target_parameters(args)}
+    with torch.device("meta"):
+        llama, _ = tb.build_model("llama", args, state)
+    c, t = llama.config, args.seq_len
+    n = sum(p.numel() for p in llama.parameters())
+    head_dim = c.hidden_size // c.num_attention_heads
+    embed = c.vocab_size * c.hidden_size  # the lookup counts nothing, the tied LM head 6·d·V
+    final_norm = c.hidden_size  # not counted
+    expected = 6 * (n - embed - final_norm) + 6 * embed + 6 * c.num_hidden_layers * c.num_attention_heads * head_dim * t
+    assert tb.model_flops("llama", llama, t)["train"] / t == pytest.approx(expected)
+    with torch.device("meta"):
+        none, _ = tb.build_model("flowhn-none", args, state)
+        fac, _ = tb.build_model("flowhn-FAC", args, state)
+    assert tb.model_flops("flowhn-FAC", fac, t)["dense"] < tb.model_flops("flowhn-none", none, t)["dense"]
+    assert tb.attention_core_flops(8, 2, 4) == 2 * 2 * 4 * 64

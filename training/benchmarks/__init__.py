@@ -1,0 +1,1 @@
+"""Benchmarks of whole models: training and decoding throughput of FlowHN against its peers (issue 6)."""

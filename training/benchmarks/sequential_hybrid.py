@@ -1,0 +1,161 @@
+"""A sequential hybrid built from FlowHN's own parts, the baseline FlowHN's parallel layers are compared with.
+
+Blocks alternate: an attention block (pre-norm GQA attention with RoPE, then a SwiGLU MLP) then a DeltaNet block
+(pre-norm parallel-flow DeltaNet, then a SwiGLU MLP), each block with its residuals, every token through every block,
+no fusion. The blocks are `FlowHNAttentionBranch` and `FlowHNDeltaNetBranch` with every token in place, so the
+kernels, norms and MLPs are FlowHN's; only the wiring differs.
+
+The config is a `FlowHNConfig` whose `num_hidden_layers` counts blocks (attention and DeltaNet blocks together):
+`DynamicCache(config=...)` then holds one hybrid cache layer per block, the attention blocks using its key/value part
+and the DeltaNet blocks its conv and recurrent state, so `generate()` works.
+"""
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from flowhn_hf import FlowHNConfig, preset_config
+from flowhn_hf import modeling_flowhn as mf
+from flowhn_hf.modeling_flowhn import (
+    BranchTokens,
+    FlowHNAttentionBranch,
+    FlowHNDeltaNetBranch,
+    FlowHNPreTrainedModel,
+    FlowHNRMSNorm,
+    FlowHNRotaryEmbedding,
+)
+
+MLP_MULTIPLE = 64
+
+
+class SequentialHybridModel(nn.Module):
+    def __init__(self, config: FlowHNConfig):
+        super().__init__()
+        if config.num_hidden_layers % 2:
+            raise ValueError(
+                f"`num_hidden_layers` counts blocks and must be even (attention, DeltaNet, ...), got "
+                f"{config.num_hidden_layers}"
+            )
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            FlowHNAttentionBranch(config, i) if i % 2 == 0 else FlowHNDeltaNetBranch(config, i)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = FlowHNRotaryEmbedding(config)
+
+
+class SequentialHybridForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
+    """Attention block, DeltaNet block, attention block, ... built from FlowHN's branches."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _no_split_modules = ["FlowHNAttentionBranch", "FlowHNDeltaNetBranch"]
+
+    def __init__(self, config: FlowHNConfig):
+        super().__init__(config)
+        self.model = SequentialHybridModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
+        hidden_states = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+        batch, length = hidden_states.shape[:2]
+        device = hidden_states.device
+
+        real = None
+        if attention_mask is not None:
+            real = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            if bool(real.all()):
+                real = None
+        if position_ids is None:
+            seen = getattr(past_key_values, "bench_seen_tokens", 0) if past_key_values is not None else 0
+            position_ids = torch.arange(seen, seen + length, device=device)[None]
+        positions = position_ids.to(device).expand(batch, -1)
+        position_embeddings = self.model.rotary_emb(hidden_states, positions)
+        tokens = BranchTokens(None, real)  # every token in place; padding marked
+
+        for i, block in enumerate(self.model.layers):
+            if i % 2 == 0:
+                hidden_states = block(hidden_states, tokens, position_embeddings, past_key_values)
+            else:
+                hidden_states = block(hidden_states, tokens, past_key_values)
+        if past_key_values is not None:
+            past_key_values.bench_seen_tokens = getattr(past_key_values, "bench_seen_tokens", 0) + length
+        hidden_states = self.model.norm(hidden_states)
+
+        fused_loss = getattr(mf, "causal_lm_loss", None)  # FlowHN's chunked linear + cross-entropy, where it exists
+        if labels is not None and fused_loss is not None and self.training and torch.is_grad_enabled():
+            loss = fused_loss(hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=past_key_values)
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+
+def count_parameters(config: FlowHNConfig) -> int:
+    """Parameters of SequentialHybridForCausalLM(config), tied embeddings counted once, without allocating them."""
+    with torch.device("meta"):
+        model = SequentialHybridForCausalLM(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def sequential_config(flowhn_config: FlowHNConfig, target_parameters: int | None = None) -> FlowHNConfig:
+    """The sequential hybrid of `flowhn_config`'s shapes: one attention block and one DeltaNet block per FlowHN layer,
+    the SwiGLU width solved (to a multiple of 64) so the parameter count is closest to `target_parameters`
+    (default: FlowHN's own count)."""
+    from flowhn_hf import count_parameters as flowhn_parameters
+
+    if target_parameters is None:
+        target_parameters = flowhn_parameters(flowhn_config)
+    fields = flowhn_config.to_dict()
+    keep = (
+        "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "max_position_embeddings", "rope_theta", "rms_norm_eps", "initializer_range", "tie_word_embeddings",
+        "delta_num_heads", "delta_head_dim", "delta_value_head_dim", "delta_rank", "delta_conv_size", "delta_beta_max",
+    )  # fmt: skip
+    fields = {k: fields[k] for k in keep if k in fields}
+    fields.update(num_hidden_layers=2 * flowhn_config.num_hidden_layers, split_mode="none")
+
+    def config_with(width):
+        return FlowHNConfig(**fields, intermediate_size=width)
+
+    base = count_parameters(config_with(MLP_MULTIPLE))
+    step = count_parameters(config_with(2 * MLP_MULTIPLE)) - base
+    multiples = max(1, round((target_parameters - base) / step) + 1)
+    return config_with(multiples * MLP_MULTIPLE)
+
+
+def build_sequential_hybrid(preset: str = "135m", **overrides) -> SequentialHybridForCausalLM:
+    """The sequential hybrid matched to FlowHN preset `preset` (flop_aware_circulating) in parameters."""
+    return SequentialHybridForCausalLM(sequential_config(preset_config(preset, **overrides)))

@@ -1,0 +1,644 @@
+"""End-to-end throughput of FlowHN against its peers, all of about the same parameter count, on one GPU (issue 6).
+
+Models (each built, trained and decoded in turn, each in its own try/except so one failure fills its row with the
+error and the run goes on):
+
+- FlowHN from preset "135m" in each split mode (none, alternating, flop_aware, flop_aware_circulating), and FAC
+  with the split ratio from `flowhn_hf.calibrate_split` when that exists;
+- a sequential hybrid of FlowHN's own blocks (attention block, DeltaNet block, ...; `sequential_hybrid.py`), its
+  SwiGLU width solved to FlowHN's parameter count;
+- transformers' Llama in SmolLM-135M's shape (d 576, 30 layers, 9 heads / 3 KV heads, SwiGLU 1536, vocab 49152,
+  tied embeddings), SDPA attention;
+- flash-linear-attention's DeltaNetForCausalLM (d 576, 30 layers, 9 heads of 64, gated output norm), its SwiGLU
+  width solved to FlowHN's count, only when `import fla` works.
+
+Measured per model: training tokens/s over the same random batch (fused AdamW, bf16 autocast over fp32 weights by
+default; warmup steps, then timed steps between CUDA synchronizations), model FLOPs per token and MFU against the
+bf16 matmul rate measured on the card in the same run, peak memory (torch.cuda.max_memory_allocated, weights +
+AdamW state + activations), and decode throughput of `generate` (prompt 2048, 256 new tokens, greedy, batch 1 and
+32, bf16 weights). The FLOP formulas are in `model_flops` and NOTES.md.
+
+Writes RESULTS.md, results.json and throughput.png (if matplotlib is installed) to --out-dir (default: beside this
+file; with --smoke: runs/benchmarks-smoke) and to $OUT when that is set, after every model.
+
+    python -m training.benchmarks.throughput                 # GPU, the full run
+    python -m training.benchmarks.throughput --smoke         # CPU, tiny models, under a minute
+"""
+
+import argparse
+import gc
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+
+import flowhn_hf
+from flowhn_hf import FlowHNForCausalLM, preset_config
+
+from training.benchmarks.sequential_hybrid import SequentialHybridForCausalLM, sequential_config
+
+HERE = Path(__file__).resolve().parent
+SPLIT_MODES = ("none", "alternating", "flop_aware", "flop_aware_circulating")
+SHORT = {"none": "none", "alternating": "alternating", "flop_aware": "FA", "flop_aware_circulating": "FAC"}
+DEFAULT_MODELS = (
+    "llama", "flowhn-FAC", "flowhn-none", "sequential", "flowhn-FA", "flowhn-alternating", "flowhn-FAC-calibrated",
+    "fla-deltanet",
+)  # fmt: skip
+DELTA_CHUNK = 64  # chunk length of the chunked DeltaNet kernels (ours and fla's), for the FLOP count
+MLP_MULTIPLE = 64
+
+
+# --------------------------------------------------------------------------------------------------- model builders
+
+
+def flowhn_config(args, split_mode, attention_ratio=None):
+    overrides = dict(split_mode=split_mode)
+    if args.smoke:
+        overrides["max_position_embeddings"] = max(args.seq_len, 64)
+    elif args.seq_len != 2048:  # "auto" resolves the split for a sequence of max_position_embeddings tokens
+        overrides["max_position_embeddings"] = args.seq_len
+    if attention_ratio is not None:
+        overrides["attention_ratio"] = attention_ratio
+    return preset_config(args.preset, **overrides)
+
+
+def target_parameters(args) -> int:
+    """The count every other model is sized to: FlowHN flop_aware_circulating's."""
+    return flowhn_hf.count_parameters(flowhn_config(args, "flop_aware_circulating"))
+
+
+def llama_config(args):
+    from transformers import LlamaConfig
+
+    positions = max(args.seq_len, args.prompt_len + args.new_tokens)
+    if args.smoke:
+        shape = dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    else:  # SmolLM-135M's shape
+        shape = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3)  # fmt: skip
+    return LlamaConfig(
+        **shape, max_position_embeddings=positions, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+
+
+def fla_config(args, target):
+    """flash-linear-attention's DeltaNet in FlowHN's widths (d, 64-wide heads), Llama's depth, the SwiGLU width
+    solved to `target` parameters."""
+    from fla.models import DeltaNetConfig
+
+    reference = flowhn_config(args, "flop_aware_circulating")
+    d, head = reference.hidden_size, reference.delta_head_dim
+    layers = 4 if args.smoke else 30
+
+    def config_with(width):
+        return DeltaNetConfig(
+            vocab_size=reference.vocab_size, hidden_size=d, num_heads=d // head, num_hidden_layers=layers,
+            intermediate_size=width, tie_word_embeddings=True, use_gate=True, norm_eps=1e-5,
+            max_position_embeddings=max(args.seq_len, args.prompt_len + args.new_tokens),
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        )  # fmt: skip
+
+    def count(config):
+        from fla.models import DeltaNetForCausalLM
+
+        with torch.device("meta"):
+            return sum(p.numel() for p in DeltaNetForCausalLM(config).parameters())
+
+    base = count(config_with(MLP_MULTIPLE))
+    step = count(config_with(2 * MLP_MULTIPLE)) - base
+    return config_with(max(1, round((target - base) / step) + 1) * MLP_MULTIPLE)
+
+
+def build_model(name, args, state):
+    """(model, facts) for benchmark model `name`; facts hold the split ratios and notes for the table."""
+    facts = {}
+    if name.startswith("flowhn-"):
+        mode_short = name[len("flowhn-"):].removesuffix("-calibrated")
+        mode = {v: k for k, v in SHORT.items()}[mode_short]
+        ratio = None
+        if name.endswith("-calibrated"):
+            ratio = state.get("calibrated_ratio")
+            if ratio is None:
+                raise SkipModel(state.get("calibration_note", "no calibrated ratio"))
+        config = flowhn_config(args, mode, ratio)
+        facts["rho_model"] = config.attention_ratio_from_cost_model(args.seq_len) if mode.startswith("flop") else None
+        facts["rho_used"] = config.resolved_attention_ratio
+        if mode.startswith("flop"):
+            facts["rho_calibrated"] = state.get("calibrated_ratio")
+        return FlowHNForCausalLM(config), facts
+    if name == "sequential":
+        config = sequential_config(flowhn_config(args, "flop_aware_circulating"), state["target"])
+        return SequentialHybridForCausalLM(config), facts
+    if name == "llama":
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM(llama_config(args)), facts
+    if name == "fla-deltanet":
+        try:
+            import fla  # noqa: F401  (only here: the package never imports fla)
+            from fla.models import DeltaNetForCausalLM
+        except Exception as error:  # noqa: BLE001
+            raise SkipModel(f"flash-linear-attention not importable ({type(error).__name__}: {error})") from None
+        return DeltaNetForCausalLM(fla_config(args, state["target"])), facts
+    raise ValueError(f"unknown model {name!r}: choose from {', '.join(DEFAULT_MODELS)}")
+
+
+class SkipModel(Exception):
+    """A model that can't run here (missing package, missing calibration): its row says why."""
+
+
+# ----------------------------------------------------------------------------------------------------- FLOP counting
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def attention_core_flops(tokens, heads, head_dim):
+    """Forward FLOPs of causal attention over `tokens` tokens: QKᵀ and AV over the tokens·tokens/2 causal pairs,
+    2·hd FLOPs per pair and head each: 2·H·hd·n²."""
+    return 2 * heads * head_dim * tokens**2
+
+
+def deltanet_core_flops(tokens, heads, key_dim, value_dim, rank=1, chunk=DELTA_CHUNK):
+    """Forward FLOPs of the chunked delta rule over `tokens` tokens, beyond the projections: per token and head,
+    2 x the multiply-adds of the UT transform (R²·C·(2K+V)/2), the state read and write (2·R·K·V), the output's
+    state term (K·V) and its intra-chunk term (R·C·(K+V)/2), with C the chunk length (64)."""
+    r, c, k, v = rank, chunk, key_dim, value_dim
+    macs = r * r * c * (2 * k + v) / 2 + 2 * r * k * v + k * v + r * c * (k + v) / 2
+    return 2 * heads * tokens * macs
+
+
+def _attention_tokens(config, layer_idx, seq_len):
+    """Tokens of a sequence that FlowHN layer `layer_idx` routes to attention."""
+    if config.split_mode == "none":
+        return seq_len
+    from flowhn_hf import modeling_flowhn
+
+    route = getattr(modeling_flowhn, "route_to_attention", None)
+    if route is not None:
+        return int(route(torch.arange(seq_len), layer_idx, config).sum())
+    return round(config.resolved_attention_ratio * seq_len)  # API changed: the nominal share
+
+
+def model_flops(name, model, seq_len) -> dict:
+    """Forward FLOPs of one sequence of `seq_len` tokens, by term. Training counts 3x (forward + backward).
+
+    dense: 2·P·n for each block of P parameters that n of the sequence's tokens pass through (the embedding lookup
+    counts nothing; the tied output matrix counts once, as the LM head: 2·d·V per token); attention: 2·H·hd·n² per
+    attention layer over the n tokens it sees; deltanet: `deltanet_core_flops` per DeltaNet layer.
+    """
+    dense = attention = deltanet = 0.0
+    config = model.config
+    if isinstance(model, FlowHNForCausalLM):
+        for i, layer in enumerate(model.model.layers):
+            n_att = _attention_tokens(config, i, seq_len)
+            n_del = seq_len if config.split_mode == "none" else seq_len - n_att
+            dense += 2 * _params(layer.attention_branch) * n_att + 2 * _params(layer.deltanet_branch) * n_del
+            dense += 2 * _params(layer.fusion) * seq_len
+            attention += attention_core_flops(n_att, config.num_attention_heads, config.head_dim)
+            deltanet += deltanet_core_flops(
+                n_del, config.delta_num_heads, config.delta_head_dim, config.delta_value_head_dim, config.delta_rank
+            )
+    elif isinstance(model, SequentialHybridForCausalLM):
+        for i, block in enumerate(model.model.layers):
+            dense += 2 * _params(block) * seq_len
+            if i % 2 == 0:
+                attention += attention_core_flops(seq_len, config.num_attention_heads, config.head_dim)
+            else:
+                deltanet += deltanet_core_flops(
+                    seq_len, config.delta_num_heads, config.delta_head_dim, config.delta_value_head_dim,
+                    config.delta_rank,
+                )  # fmt: skip
+    elif name == "llama":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        for layer in model.model.layers:
+            dense += 2 * _params(layer) * seq_len
+            attention += attention_core_flops(seq_len, config.num_attention_heads, head_dim)
+    elif name == "fla-deltanet":
+        for layer in model.model.layers:
+            dense += 2 * _params(layer) * seq_len
+            a = layer.attn
+            deltanet += deltanet_core_flops(seq_len, a.num_heads, a.head_k_dim, a.head_v_dim)
+    else:
+        raise ValueError(f"no FLOP count for {name!r}")
+    head = 2 * config.hidden_size * config.vocab_size * seq_len
+    forward = dense + head + attention + deltanet
+    return {"dense": dense, "lm_head": head, "attention": attention, "deltanet": deltanet, "forward": forward,
+            "train": 3 * forward}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------ measurements
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def matmul_rate(device, smoke) -> tuple[float, str]:
+    """Measured dense matmul rate (FLOP/s) of the card: bf16 n³ products of random matrices on CUDA (n 8192),
+    float32 on the CPU (n 512 with --smoke, else 1024): median over 5 timings of 10 products each, after 3 warm-ups."""
+    if device.type == "cuda":
+        n, dtype, repeats = 8192, torch.bfloat16, 10
+    else:
+        n, dtype, repeats = (512 if smoke else 1024), torch.float32, 3
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        synchronize(device)
+        times.append((time.perf_counter() - start) / repeats)
+    del a, b
+    free_memory(device)
+    seconds = sorted(times)[len(times) // 2]
+    return 2 * n**3 / seconds, f"{n}x{n}x{n} {str(dtype).removeprefix('torch.')} torch.matmul"
+
+
+def train_throughput(model, batch, args, device) -> dict:
+    """Tokens/s of full training steps (forward, backward, fused AdamW step) on `batch`, timed between
+    synchronizations after `args.warmup` untimed steps, and the peak memory of the whole thing."""
+    model.train()
+    if args.precision == "bf16":
+        model.to(torch.bfloat16)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
+    autocast = args.precision == "autocast"
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for _ in range(args.warmup):
+        loss = step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    loss = float(loss)
+    del optimizer
+    tokens = batch.numel() * args.steps
+    result = {"train_tokens_per_s": tokens / seconds, "step_s": seconds / args.steps, "final_loss": loss}
+    if not math.isfinite(loss):
+        result["note"] = "non-finite loss"
+    return result
+
+
+@torch.no_grad()
+def decode_throughput(model, args, device, batch_size) -> dict:
+    """`generate` from a random prompt of `args.prompt_len` tokens, greedy, exactly `args.new_tokens` new tokens.
+
+    decode tokens/s = batch·(new − 1) / (time of the full generate − time of a generate of 1 new token, i.e. the
+    prefill); the end-to-end rate batch·new / full time is kept in results.json too.
+    """
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, model.config.vocab_size, (batch_size, args.prompt_len), generator=generator).to(device)
+    mask = torch.ones_like(prompt)
+
+    def generate(new):
+        out = model.generate(
+            input_ids=prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            num_beams=1, pad_token_id=0, use_cache=True,
+        )  # fmt: skip
+        if out.shape[1] != args.prompt_len + new:
+            raise RuntimeError(f"generate returned {out.shape[1] - args.prompt_len} new tokens, not {new}")
+        return out
+
+    generate(min(4, args.new_tokens))  # warm-up: kernel compilation, cache allocation
+    timings = {}
+    for new in (1, args.new_tokens, 1):  # the prefill is timed twice and the shorter kept
+        synchronize(device)
+        start = time.perf_counter()
+        generate(new)
+        synchronize(device)
+        timings[new] = min(timings.get(new, math.inf), time.perf_counter() - start)
+    decode_s = timings[args.new_tokens] - timings[1]
+    result = {
+        f"generate_b{batch_size}_tokens_per_s": batch_size * args.new_tokens / timings[args.new_tokens],
+        f"prefill_b{batch_size}_s": timings[1],
+        f"generate_b{batch_size}_s": timings[args.new_tokens],
+    }
+    if decode_s > 0:
+        result[f"decode_b{batch_size}_tokens_per_s"] = batch_size * (args.new_tokens - 1) / decode_s
+    return result
+
+
+def calibrate(args, device, state):
+    """The split ratio `flowhn_hf.calibrate_split` measures for FAC at this sequence length, where it exists."""
+    calibrate_split = getattr(flowhn_hf, "calibrate_split", None)
+    if calibrate_split is None:
+        state["calibration_note"] = "flowhn_hf.calibrate_split does not exist"
+        return
+    config = flowhn_config(args, "flop_aware_circulating")  # calibrate_split sets the ratio on this copy
+    # A bare config has no attention implementation: the branches would fall back to eager attention, which
+    # materialises the T x T scores. Time the one the models run with.
+    config._attn_implementation = "sdpa"
+    kwargs = {}
+    parameters = inspect.signature(calibrate_split).parameters
+    if args.smoke and "steps" in parameters:
+        kwargs["steps"] = 3
+    if "batch_size" in parameters and not args.smoke:
+        kwargs["batch_size"] = args.batch_size
+    start = time.perf_counter()
+    try:
+        result = calibrate_split(config, args.seq_len, device, **kwargs)
+        ratio = result if isinstance(result, (int, float)) else getattr(result, "attention_ratio", None)
+        if not isinstance(ratio, (int, float)):
+            ratio = config.attention_ratio
+        state["calibrated_ratio"] = float(ratio)
+        print(f"calibrate_split: attention_ratio {ratio:.4f} in {time.perf_counter() - start:.1f} s", flush=True)
+    except Exception as error:  # noqa: BLE001
+        state["calibration_note"] = f"calibrate_split failed: {type(error).__name__}: {error}"
+        print(state["calibration_note"], flush=True)
+    free_memory(device)
+
+
+def run_model(name, args, device, batch, state) -> dict:
+    row = {"model": name}
+    model = None
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model, facts = build_model(name, args, state)
+        row.update(facts)
+        row["params"] = _params(model)
+        flops = model_flops(name, model, args.seq_len)
+        row["train_flops_per_token"] = flops["train"] / args.seq_len
+        row["flops_by_term"] = {k: v / args.seq_len for k, v in flops.items()}
+    except SkipModel as reason:
+        row["skipped"] = str(reason)
+        print(f"{name}: skipped: {reason}", flush=True)
+        return row
+    except Exception as error:  # noqa: BLE001
+        row["error"] = f"build: {type(error).__name__}: {error}"
+        traceback.print_exc()
+        del model
+        free_memory(device)
+        return row
+
+    try:
+        row.update(train_throughput(model, batch, args, device))
+        row["mfu"] = row["train_flops_per_token"] * row["train_tokens_per_s"] / state["peak_flops"]
+        # The common shorthand, for comparison with other reports: 6·N per token, whatever a token passes through.
+        row["mfu_6n"] = 6 * row["params"] * row["train_tokens_per_s"] / state["peak_flops"]
+        if device.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    except Exception as error:  # noqa: BLE001
+        row["error"] = f"train: {type(error).__name__}: {str(error)[:300]}"
+        traceback.print_exc()
+    free_memory(device)
+
+    if args.decode_batch_sizes:
+        try:
+            model.eval()
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                model.to(torch.bfloat16)
+            for batch_size in args.decode_batch_sizes:
+                row.update(decode_throughput(model, args, device, batch_size))
+                free_memory(device)
+        except Exception as error:  # noqa: BLE001
+            row["error"] = (row.get("error", "") + f" decode: {type(error).__name__}: {str(error)[:300]}").strip()
+            traceback.print_exc()
+    del model
+    free_memory(device)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------- reports
+
+
+def _fmt(value, spec, missing="–"):
+    return missing if value is None else format(value, spec)
+
+
+LABELS = {
+    "llama": "Llama (transformers, SDPA)",
+    "sequential": "Sequential hybrid (attn, DeltaNet, ...)",
+    "fla-deltanet": "fla DeltaNet",
+    "flowhn-none": "FlowHN none",
+    "flowhn-alternating": "FlowHN alternating",
+    "flowhn-FA": "FlowHN flop_aware",
+    "flowhn-FAC": "FlowHN flop_aware_circulating",
+    "flowhn-FAC-calibrated": "FlowHN FAC, calibrated ρ",
+}
+
+
+def markdown_table(rows, args) -> str:
+    b = args.decode_batch_sizes
+    head = ["model", "params (M)", "ρ cost model", "ρ calibrated", "ρ used", "train tok/s", "train GFLOP/tok", "MFU", "MFU 6N",
+            "peak mem (GiB)"] + [f"decode tok/s b={x}" for x in b] + ["notes"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        note = row.get("skipped") or row.get("error") or row.get("note") or ""
+        cells = [
+            LABELS.get(row["model"], row["model"]),
+            _fmt(row.get("params") and row["params"] / 1e6, ".1f"),
+            _fmt(row.get("rho_model"), ".3f"),
+            _fmt(row.get("rho_calibrated"), ".3f"),
+            _fmt(row.get("rho_used"), ".3f"),
+            _fmt(row.get("train_tokens_per_s"), ",.0f"),
+            _fmt(row.get("train_flops_per_token") and row["train_flops_per_token"] / 1e9, ".3f"),
+            _fmt(row.get("mfu") and 100 * row["mfu"], ".1f") + ("%" if row.get("mfu") else ""),
+            _fmt(row.get("mfu_6n") and 100 * row["mfu_6n"], ".1f") + ("%" if row.get("mfu_6n") else ""),
+            _fmt(row.get("peak_memory_gib"), ".1f"),
+        ] + [_fmt(row.get(f"decode_b{x}_tokens_per_s"), ",.0f") for x in b] + [note.replace("|", "/").replace("\n", " ")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment(device, state) -> dict:
+    import transformers
+    import triton
+
+    env = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import fla
+
+        env["flash-linear-attention"] = getattr(fla, "__version__", "?")
+    except Exception:  # noqa: BLE001
+        env["flash-linear-attention"] = "not installed"
+    env["matmul_rate_tflops"] = state["peak_flops"] / 1e12
+    env["matmul_rate_how"] = state["peak_how"]
+    return env
+
+
+def write_reports(rows, args, env, out_dirs):
+    precision = {"autocast": "bf16 autocast over fp32 weights", "bf16": "bf16 weights", "fp32": "float32"}[args.precision]
+    table = markdown_table(rows, args)
+    text = "\n".join([
+        "# Throughput: FlowHN vs its peers" + (" (SMOKE RUN: tiny models on CPU, numbers meaningless)" if args.smoke else ""),
+        "",
+        f"Generated by `training/benchmarks/throughput.py` on {env['date']}. Method and formulas: NOTES.md beside this file.",
+        "",
+        f"- Device: **{env['device']}**; torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
+        f"transformers {env['transformers']}, flash-linear-attention {env['flash-linear-attention']}, Python {env['python']}.",
+        f"- Matmul rate measured in this run: **{env['matmul_rate_tflops']:.4g} TFLOP/s** ({env['matmul_rate_how']}); MFU is over this.",
+        f"- Training: batch {args.batch_size} × {args.seq_len} tokens of random ids (the same batch for every model), "
+        f"AdamW (fused on CUDA), {precision}; {args.warmup} warm-up steps, then {args.steps} timed steps.",
+        f"- Decode: `generate`, random prompt of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
+        f"min_new_tokens = max_new_tokens, {'bf16 weights' if env['device'] != 'cpu' and not args.smoke else 'fp32 weights'}; "
+        "decode tok/s = batch·(new−1) / (generate time − prefill time).",
+        "- ρ: the fraction of tokens routed to attention (cost model: `attention_ratio_from_cost_model(seq_len)`; "
+        "calibrated: `flowhn_hf.calibrate_split`; used: what the model ran with).",
+        "",
+        table,
+        "",
+    ])
+    for out in out_dirs:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "RESULTS.md").write_text(text)
+        (out / "results.json").write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=1, default=str))
+        plot(rows, out / "throughput.png", env, args)
+    return text
+
+
+def plot(rows, path, env, args):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = [LABELS.get(r["model"], r["model"]) for r in rows]
+    tps = [r.get("train_tokens_per_s") or 0 for r in rows]
+    mfu = [100 * (r.get("mfu") or 0) for r in rows]
+    colors = ["tab:orange" if r["model"].startswith("flowhn") else "tab:gray" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 2), sharey=True)
+    for ax, values, title, fmt in ((axes[0], tps, "training tokens/s", "{:,.0f}"), (axes[1], mfu, "MFU (%)", "{:.1f}")):
+        bars = ax.barh(range(len(rows)), values, color=colors)
+        ax.set_title(title)
+        for bar, value, row in zip(bars, values, rows):
+            text = fmt.format(value) if value else ("skipped" if row.get("skipped") else "failed")
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + text, va="center", fontsize=8)
+        ax.margins(x=0.25)
+    axes[0].set_yticks(range(len(rows)), labels)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{env['device']}, batch {args.batch_size}×{args.seq_len}, torch {env['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, a few steps: tests the script")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated subset of the models")
+    p.add_argument("--preset", default=None, help="FlowHN preset (default 135m; tiny with --smoke)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per training step (default 16; 2 smoke)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; 64 smoke)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed training steps (default 3; 1 smoke)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps (default 10; 2 smoke)")
+    p.add_argument("--prompt-len", type=int, default=None, help="decode prompt tokens (default 2048; 8 smoke)")
+    p.add_argument("--new-tokens", type=int, default=None, help="decode new tokens (default 256; 3 smoke)")
+    p.add_argument("--decode-batch-sizes", default=None, help="comma-separated, empty for none (default 1,32; 1,2 smoke)")
+    p.add_argument("--precision", choices=("autocast", "bf16", "fp32"), default=None,
+                   help="training precision: bf16 autocast over fp32 weights, bf16 weights, or fp32 (default autocast on CUDA, fp32 on CPU)")
+    p.add_argument("--no-calibrate", action="store_true", help="skip flowhn_hf.calibrate_split")
+    p.add_argument("--device", default=None, help="default cuda if available (cpu with --smoke)")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where RESULTS.md, results.json, throughput.png go (default: beside this script; runs/benchmarks-smoke with --smoke)")
+    args = p.parse_args(argv)
+    smoke = args.smoke
+    defaults = dict(preset="tiny" if smoke else "135m", batch_size=2 if smoke else 16, seq_len=64 if smoke else 2048,
+                    warmup=1 if smoke else 3, steps=2 if smoke else 10, prompt_len=8 if smoke else 2048,
+                    new_tokens=3 if smoke else 256, decode_batch_sizes="1,2" if smoke else "1,32")  # fmt: skip
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.decode_batch_sizes = [int(x) for x in str(args.decode_batch_sizes).split(",") if x.strip()]
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for name in args.models:
+        if name not in DEFAULT_MODELS:
+            p.error(f"unknown model {name!r}: choose from {', '.join(DEFAULT_MODELS)}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    if args.precision is None:
+        args.precision = "autocast" if args.device.startswith("cuda") else "fp32"
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be at least 2")
+    if args.out_dir is None:
+        args.out_dir = (HERE.parents[1] / "runs" / "benchmarks-smoke") if smoke else HERE
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu" and args.smoke:
+        torch.set_num_threads(min(torch.get_num_threads(), 4))
+    out_dirs = [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    state = {}
+    state["peak_flops"], state["peak_how"] = matmul_rate(device, args.smoke)
+    print(f"matmul rate: {state['peak_flops'] / 1e12:.4g} TFLOP/s ({state['peak_how']})", flush=True)
+    state["target"] = target_parameters(args)
+    if any(m.endswith("-calibrated") for m in args.models) and not args.no_calibrate:
+        calibrate(args, device, state)
+    elif args.no_calibrate:
+        state["calibration_note"] = "--no-calibrate"
+    env = environment(device, state)
+    batch = torch.randint(0, flowhn_config(args, "none").vocab_size, (args.batch_size, args.seq_len),
+                          generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
+
+    rows = []
+    for name in args.models:
+        start = time.perf_counter()
+        row = run_model(name, args, device, batch, state)
+        row["wall_s"] = time.perf_counter() - start
+        rows.append(row)
+        summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "flops_by_term"}
+        print(json.dumps(summary), flush=True)
+        write_reports(rows, args, env, out_dirs)  # after every model: a run cut short keeps what it measured
+    text = write_reports(rows, args, env, out_dirs)
+    print(text, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
