@@ -70,8 +70,13 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.c
 @kernel
 def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DT: tl.constexpr):
-    """Sequential pass over one sequence's chunks: S_end = S_start + Kᵀ(Ũ − W S_start)."""
+                     BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DT: tl.constexpr,
+                     AUG: tl.constexpr, VA: tl.constexpr):
+    """Sequential pass over one sequence's chunks: S_end = S_start + Kᵀ(Ũ − W S_start).
+
+    AUG: run the flow of the sequence instead, on the K+V columns [P | J] from [I | 0] with
+    Ũ read as [0 | Ũ], and store only the final [P | J] (VA = K + V, else VA = V).
+    """
     seq = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
@@ -82,10 +87,13 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexp
     r = tl.arange(0, ROWS)
     kk = tl.arange(0, BK)
     vv = iv * BV + tl.arange(0, BV)
-    kv_mask = (kk[:, None] < K) & (vv[None, :] < V)
-    kv = kk[:, None] * V + vv[None, :]
-    state = (seq * H + h).to(tl.int64) * K * V
-    if HAS_INIT:
+    kv_mask = (kk[:, None] < K) & (vv[None, :] < VA)
+    kv = kk[:, None] * VA + vv[None, :]
+    state = (seq * H + h).to(tl.int64) * K * VA
+    col = vv - (VA - V)  # the column of Ũ (negative for the P columns in AUG mode)
+    if AUG:
+        S = tl.where((kk[:, None] == vv[None, :]) & (vv[None, :] < K), 1.0, 0.0)
+    elif HAS_INIT:
         S = tl.load(init + state + kv, mask=kv_mask, other=0.0).to(tl.float32)
     else:
         S = tl.full([BK, BV], 0.0, tl.float32)
@@ -93,12 +101,14 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexp
     c = 0
     while c < nc:
         g = g0 + c
-        tl.store(hs + (g * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=kv_mask)
         base = (g * H + h) * ROWS + r
+        if not AUG:
+            tl.store(hs + (g * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=kv_mask)
         b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
-        b_ut = tl.load(ut + base[:, None] * V + vv[None, :], mask=vv[None, :] < V, other=0.0)
+        b_ut = tl.load(ut + base[:, None] * V + col[None, :], mask=(col[None, :] >= 0) & (col[None, :] < V), other=0.0)
         b_u = b_ut.to(tl.float32) - tl.dot(b_w, S.to(DT))
-        tl.store(u + base[:, None] * V + vv[None, :], b_u.to(u.dtype.element_ty), mask=vv[None, :] < V)
+        if not AUG:
+            tl.store(u + base[:, None] * V + vv[None, :], b_u.to(u.dtype.element_ty), mask=vv[None, :] < V)
         tok = c * BT + r // RP
         comp = r % RP
         row_ok = (tok < eos - bos) & (comp < R)
@@ -147,8 +157,13 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.c
 @kernel
 def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr):
-    """Reverse pass: dU = scale (QKᵀ⊙causal)ᵀ dO + K dS_end, dS_start = dS_end + scale Qᵀ dO − Wᵀ dU."""
+                     BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr,
+                     AUG: tl.constexpr, VA: tl.constexpr):
+    """Reverse pass: dU = scale (QKᵀ⊙causal)ᵀ dO + K dS_end, dS_start = dS_end + scale Qᵀ dO − Wᵀ dU.
+
+    AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with dO
+    read as [0 | dO]; only the result is stored (VA = K + V, else VA = V).
+    """
     seq = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
@@ -160,17 +175,21 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
     t = tl.arange(0, BT)
     kk = tl.arange(0, BK)
     vv = iv * BV + tl.arange(0, BV)
-    kv_mask = (kk[:, None] < K) & (vv[None, :] < V)
-    kv = kk[:, None] * V + vv[None, :]
-    state = (seq * H + h).to(tl.int64) * K * V
-    if HAS_DFINAL:
+    kv_mask = (kk[:, None] < K) & (vv[None, :] < VA)
+    kv = kk[:, None] * VA + vv[None, :]
+    state = (seq * H + h).to(tl.int64) * K * VA
+    col = vv - (VA - V)  # the column of dO (negative for the Pᵀ columns in AUG mode)
+    if AUG:
+        dS = tl.where((kk[:, None] == vv[None, :]) & (vv[None, :] < K), 1.0, 0.0)
+    elif HAS_DFINAL:
         dS = tl.load(dfinal + state + kv, mask=kv_mask, other=0.0).to(tl.float32)
     else:
         dS = tl.full([BK, BV], 0.0, tl.float32)
     c = (eos - bos + BT - 1) // BT - 1
     while c >= 0:
         g = g0 + c
-        tl.store(dhs + (g * H + h) * K * V + kv, dS.to(dhs.dtype.element_ty), mask=kv_mask)
+        if not AUG:
+            tl.store(dhs + (g * H + h) * K * V + kv, dS.to(dhs.dtype.element_ty), mask=kv_mask)
         tq = c * BT + t
         q_ok = tq < eos - bos
         tok = c * BT + r // RP
@@ -180,17 +199,58 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
         b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
         b_q = (b_q.to(tl.float32) * scale).to(DT)
         b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
-        b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + vv[None, :], mask=q_ok[:, None] & (vv[None, :] < V), other=0.0).to(DT)
+        b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + col[None, :],
+                       mask=q_ok[:, None] & (col[None, :] >= 0) & (col[None, :] < V), other=0.0).to(DT)
         base = (g * H + h) * ROWS + r
         b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
         at = tl.dot(b_k, tl.trans(b_q))
         at = tl.where(t[None, :] >= (r // RP)[:, None], at, 0.0)
         b_du = tl.dot(at.to(DT), b_do) + tl.dot(b_k, dS.to(DT))
-        tl.store(du + base[:, None] * V + vv[None, :], b_du.to(du.dtype.element_ty), mask=vv[None, :] < V)
+        if not AUG:
+            tl.store(du + base[:, None] * V + vv[None, :], b_du.to(du.dtype.element_ty), mask=vv[None, :] < V)
         dS += tl.dot(tl.trans(b_q), b_do) - tl.dot(tl.trans(b_w), b_du.to(DT))
         c -= 1
     if STORE_DINIT:
         tl.store(dinit + state + kv, dS, mask=kv_mask)
+
+
+@kernel
+def combine_kernel(flows, x0, xs, xout, seg_off, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, HAS_X0: tl.constexpr, STORE_OUT: tl.constexpr,
+                   REVERSE: tl.constexpr):
+    """Walk one sequence's segment flows [M | c]: store X entering each segment, X ← M X + c.
+
+    Forward flows give the state at each segment start; reverse (REVERSE) flows give the state
+    gradient at each segment end. K×K products in full fp32: the chain must not drift.
+    """
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    s0 = tl.load(seg_off + seq)
+    n = tl.load(seg_off + seq + 1) - s0
+    kk = tl.arange(0, BK)
+    vv = iv * BV + tl.arange(0, BV)
+    kv_mask = (kk[:, None] < K) & (vv[None, :] < V)
+    kv = kk[:, None] * V + vv[None, :]
+    state = (seq * H + h).to(tl.int64) * K * V
+    if HAS_X0:
+        X = tl.load(x0 + state + kv, mask=kv_mask, other=0.0).to(tl.float32)
+    else:
+        X = tl.full([BK, BV], 0.0, tl.float32)
+    i = 0
+    while i < n:
+        if REVERSE:
+            s = (s0 + n - 1 - i).to(tl.int64)
+        else:
+            s = (s0 + i).to(tl.int64)
+        tl.store(xs + (s * H + h) * K * V + kv, X, mask=kv_mask)
+        flow = flows + (s * H + h) * K * (K + V)
+        b_m = tl.load(flow + kk[:, None] * (K + V) + kk[None, :], mask=(kk[:, None] < K) & (kk[None, :] < K), other=0.0)
+        b_c = tl.load(flow + kk[:, None] * (K + V) + K + vv[None, :], mask=kv_mask, other=0.0)
+        X = tl.dot(b_m, X, input_precision="ieee") + b_c
+        i += 1
+    if STORE_OUT:
+        tl.store(xout + state + kv, X, mask=kv_mask)
 
 
 @kernel
@@ -277,40 +337,58 @@ def make_plan(batch, length, rank, device, offsets=None):
     """The Plan for a call; equal-length batches reuse theirs (decoding calls this every token)."""
     if offsets is None:
         return _uniform_plan(batch, length, rank, device)
-    return Plan(batch, length, rank, device, offsets)
-
-
-class Plan:
-    """How the packed token axis splits into sequences and chunks."""
-
-    def __init__(self, batch, length, rank, device, offsets=None):
-        self.rp = triton.next_power_of_2(rank)
-        self.bt = ROWS // self.rp
-        bt = self.bt
-        if offsets is None:
-            nc = triton.cdiv(length, bt)
-            self.n, self.nc, self.max_len = batch, batch * nc, length
-            self.cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * length
-            seq = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(nc)
-            chunk = torch.arange(nc, device=device, dtype=torch.int32).repeat(batch)
-            self.chunk_off = torch.arange(batch + 1, device=device, dtype=torch.int32) * nc
-        else:
-            lens = [b - a for a, b in zip(offsets, offsets[1:])]
-            ncs = [triton.cdiv(n, bt) for n in lens]
-            self.n, self.nc, self.max_len = len(lens), sum(ncs), max(lens)
-            self.cu = torch.tensor(offsets, device=device, dtype=torch.int32)
-            seq = torch.tensor([s for s, n in enumerate(ncs) for _ in range(n)], device=device, dtype=torch.int32)
-            chunk = torch.tensor([c for n in ncs for c in range(n)], device=device, dtype=torch.int32)
-            starts = [0]
-            for n in ncs:
-                starts.append(starts[-1] + n)
-            self.chunk_off = torch.tensor(starts, device=device, dtype=torch.int32)
-        self.chunk_idx = torch.stack([seq, chunk], dim=1).contiguous()
+    return Plan(rank, device, offsets)
 
 
 @functools.lru_cache(maxsize=64)
 def _uniform_plan(batch, length, rank, device):
-    return Plan(batch, length, rank, device)
+    return Plan(rank, device, [b * length for b in range(batch + 1)])
+
+
+class Plan:
+    """How the packed token axis splits into sequences (offsets) and chunks of BT tokens."""
+
+    def __init__(self, rank, device, offsets):
+        self.rank, self.device, self.offsets = rank, device, offsets
+        self.rp = triton.next_power_of_2(rank)
+        self.bt = ROWS // self.rp
+        lens = [b - a for a, b in zip(offsets, offsets[1:])]
+        ncs = [triton.cdiv(n, self.bt) for n in lens]
+        self.n, self.nc, self.max_chunks, self.max_len = len(lens), sum(ncs), max(ncs), max(lens)
+        starts = [0]
+        for n in ncs:
+            starts.append(starts[-1] + n)
+        self.cu = torch.tensor(offsets, device=device, dtype=torch.int32)
+        self.chunk_off = torch.tensor(starts, device=device, dtype=torch.int32)
+        pairs = [(s, c) for s, n in enumerate(ncs) for c in range(n)]
+        self.chunk_idx = torch.tensor(pairs, device=device, dtype=torch.int32).view(-1, 2)
+        self._segments = None
+
+    def segments(self):
+        """The same chunks grouped into segments of about √(chunks) chunks, each its own sequence.
+
+        Returns (segment plan, seg_off) where seg_off[n] is the first segment of sequence n.
+        Global chunk ids are the same in both plans, so per-chunk buffers are shared.
+        """
+        if self._segments is None:
+            step = max(1, round(self.max_chunks**0.5)) * self.bt
+            offsets, seg_off = [0], [0]
+            for a, b in zip(self.offsets, self.offsets[1:]):
+                offsets += list(range(a + step, b, step)) + [b]
+                seg_off.append(len(offsets) - 1)
+            seg_off = torch.tensor(seg_off, device=self.device, dtype=torch.int32)
+            self._segments = (Plan(self.rank, self.device, offsets), seg_off)
+        return self._segments
+
+    def use_scan(self, heads, v_blocks, scan):
+        """Parallel scan over segment flows when the sequential pass has too few programs to fill
+        the GPU (few sequences × heads) and the sequences are long; `scan` forces either way."""
+        if scan is not None:
+            return scan
+        if self.device.type != "cuda" or self.max_chunks < 16:
+            return False
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return self.n * heads * v_blocks < sms
 
 
 def _blocks(K, V):
@@ -329,20 +407,47 @@ def _prep(k, v, beta, plan, tinv, load_tinv):
     return w, ut
 
 
-def _state_fwd(k, w, ut, initial_state, plan, output_final_state):
+def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
     _, H, R, K = k.shape
     V = ut.shape[-1]
     bk, bv = _blocks(K, V)
+    va = K + V if aug else V
+    state_fwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
+        k, w, ut, u, hs, init, final, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
+        init is not None, final is not None, dot_dtype(k.dtype), aug, va)
+
+
+def _combine(flows, x0, xs, xout, seg_off, n, reverse):
+    _, H, K, V = xs.shape
+    bk, bv = _blocks(K, V)
+    combine_kernel[(n, H, triton.cdiv(V, bv))](flows, x0, xs, xout, seg_off, H, K, V, bk, bv, x0 is not None,
+                                               xout is not None, reverse)
+
+
+def _states(k, w, ut, initial_state, plan, output_final_state, scan):
+    """State entering every chunk (hs), U = Ũ − W S, and the final state.
+
+    Sequential pass, or a parallel scan: the flows [P | J] of all segments at once, a short walk
+    over segments for their start states, then all segments' passes at once.
+    """
+    _, H, R, K = k.shape
+    V = ut.shape[-1]
     u = torch.empty_like(ut)
     hs = k.new_empty(plan.nc, H, K, V)
     final = k.new_empty(plan.n, H, K, V, dtype=torch.float32) if output_final_state else None
-    state_fwd_kernel[(plan.n, H, triton.cdiv(V, bv))](
-        k, w, ut, u, hs, initial_state, final, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        initial_state is not None, output_final_state, dot_dtype(k.dtype))
+    if not plan.use_scan(H, triton.cdiv(V, _blocks(K, V)[1]), scan):
+        _state_pass(k, w, ut, initial_state, plan, final, False, u, hs)
+        return u, hs, final
+    seg, seg_off = plan.segments()
+    flows = k.new_empty(seg.n, H, K, K + V, dtype=torch.float32)
+    _state_pass(k, w, ut, None, seg, flows, True)
+    starts = k.new_empty(seg.n, H, K, V, dtype=torch.float32)
+    _combine(flows, initial_state, starts, final, seg_off, plan.n, False)
+    _state_pass(k, w, ut, starts, seg, None, False, u, hs)
     return u, hs, final
 
 
-def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state):
+def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, scan=None):
     """Forward on packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V], beta [N,H,R].
 
     Returns o [N,H,V], the final state (or None) and T, which backward reuses.
@@ -351,7 +456,7 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state):
     V = v.shape[-1]
     tinv = k.new_empty(plan.nc, H, ROWS, ROWS, dtype=torch.float32)
     w, ut = _prep(k, v, beta, plan, tinv, False)
-    u, hs, final = _state_fwd(k, w, ut, initial_state, plan, output_final_state)
+    u, hs, final = _states(k, w, ut, initial_state, plan, output_final_state, scan)
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = pow2(K), min(pow2(V), 64)
     output_kernel[(plan.nc, H, triton.cdiv(V, bv))](q, k, u, hs, o, scale, plan.cu, plan.chunk_idx, H, R, K, V,
@@ -359,21 +464,37 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state):
     return o, final, tinv
 
 
-def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_dinit):
+def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None):
+    _, H, R, K = k.shape
+    V = do.shape[-1]
+    bk, bv = _blocks(K, V)
+    va = K + V if aug else V
+    state_bwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
+        q, k, w, do, du, dhs, dfinal, dinit, scale, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
+        dfinal is not None, dinit is not None, dot_dtype(k.dtype), aug, va)
+
+
+def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_dinit, scan=None):
     """Backward: recompute W, Ũ, the chunk states and U, then the reverse state pass and the gradients."""
     _, H, R, K = k.shape
     V = v.shape[-1]
     bk, bv = _blocks(K, V)
     w, ut = _prep(k, v, beta, plan, tinv, True)
-    u, hs, _ = _state_fwd(k, w, ut, initial_state, plan, False)
+    u, hs, _ = _states(k, w, ut, initial_state, plan, False, scan)
     del ut
     du = torch.empty(plan.nc, H, ROWS, V, dtype=torch.float32, device=q.device)
     dhs = torch.empty(plan.nc, H, K, V, dtype=torch.float32, device=q.device)
     dinit = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if need_dinit else None
     do = do.contiguous()
-    state_bwd_kernel[(plan.n, H, triton.cdiv(V, bv))](
-        q, k, w, do, du, dhs, dfinal, dinit, scale, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        dfinal is not None, need_dinit, dot_dtype(k.dtype))
+    if plan.use_scan(H, triton.cdiv(V, bv), scan):
+        seg, seg_off = plan.segments()
+        flows = q.new_empty(seg.n, H, K, K + V, dtype=torch.float32)
+        _reverse_pass(q, k, w, do, scale, None, seg, flows, True)
+        ends = q.new_empty(seg.n, H, K, V, dtype=torch.float32)
+        _combine(flows, dfinal, ends, dinit, seg_off, plan.n, True)
+        _reverse_pass(q, k, w, do, scale, ends, seg, None, False, du, dhs)
+    else:
+        _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, du, dhs)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     # [ROWS, K] fp32 accumulators: more warps for wide keys; no multi-buffering of the V loop

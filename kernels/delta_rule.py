@@ -160,15 +160,15 @@ class ChunkDeltaRule(torch.autograd.Function):
     """Chunked Triton forward; backward recomputes the chunk states instead of saving them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, initial_state, scale, plan, output_final_state):
+    def forward(ctx, q, k, v, beta, initial_state, scale, plan, output_final_state, scan):
         B, T, H, R, K = k.shape
         V = v.shape[-1]
         packed = (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, R, K).contiguous(),
                   v.reshape(B * T, H, R, V).contiguous(), beta.reshape(B * T, H, R).contiguous())
         init = None if initial_state is None else initial_state.contiguous()
-        o, final, tinv = chunk_fwd(*packed, scale, init, plan, output_final_state)
+        o, final, tinv = chunk_fwd(*packed, scale, init, plan, output_final_state, scan)
         ctx.save_for_backward(*packed, init, tinv)
-        ctx.scale, ctx.plan, ctx.shapes = scale, plan, (q.shape, k.shape, v.shape, beta.shape)
+        ctx.scale, ctx.plan, ctx.scan, ctx.shapes = scale, plan, scan, (q.shape, k.shape, v.shape, beta.shape)
         return o.view(B, T, H, V), final
 
     @staticmethod
@@ -177,9 +177,9 @@ class ChunkDeltaRule(torch.autograd.Function):
         need_dinit = init is not None and ctx.needs_input_grad[4]
         dfinal = None if dfinal is None else dfinal.contiguous()
         dq, dk, dv, dbeta, dinit = chunk_bwd(q, k, v, beta, ctx.scale, init, tinv, do.reshape(q.shape[0], *do.shape[2:]),
-                                             dfinal, ctx.plan, need_dinit)
+                                             dfinal, ctx.plan, need_dinit, ctx.scan)
         grads = (g.view(s) for g, s in zip((dq, dk, dv, dbeta), ctx.shapes))
-        return (*grads, None if dinit is None else dinit.to(init.dtype), None, None, None)
+        return (*grads, None if dinit is None else dinit.to(init.dtype), None, None, None, None)
 
 
 def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
@@ -190,10 +190,15 @@ def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seq
     return q, k, v, beta, scale, init, plan
 
 
-def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """The chunked Triton path (training, prefill), whatever the length."""
+def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     scan=None):
+    """The chunked Triton path (training, prefill), whatever the length.
+
+    scan: True or False forces the parallel scan over segment flows on or off; None lets the
+    plan choose (on when few sequences × heads leave the GPU idle during the sequential pass).
+    """
     q, k, v, beta, scale, init, plan = _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    o, state = ChunkDeltaRule.apply(q, k, v, beta, init, scale, plan, output_final_state)
+    o, state = ChunkDeltaRule.apply(q, k, v, beta, init, scale, plan, output_final_state, scan)
     return _finish(q, o, state)
 
 
@@ -230,5 +235,5 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
         o, state = recurrent_fwd(*packed, scale, None if init is None else init.contiguous(), plan.cu, plan.n,
                                  output_final_state)
         return _finish(q, o.view(B, T, H, -1), state)
-    o, state = ChunkDeltaRule.apply(q, k, v, beta, init, scale, plan, output_final_state)
+    o, state = ChunkDeltaRule.apply(q, k, v, beta, init, scale, plan, output_final_state, None)
     return _finish(q, o, state)

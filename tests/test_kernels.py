@@ -245,3 +245,19 @@ def test_cu_seqlens_needs_batch_one():
     q, k, v, beta, _ = make_inputs(2, 8, 2, 2, 16, 8)
     with pytest.raises(ValueError, match="cu_seqlens"):
         fk.delta_rule(q, k, v, beta, cu_seqlens=torch.tensor([0, 8]))
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_parallel_scan_against_naive(triton_env, varlen):
+    """The scan over segment flows (forced on) gives the sequential pass's results."""
+    H, K, V = dims(triton_env)
+    T = 200 if varlen else 130
+    cu = torch.tensor([0, 1, 140, 200], device=triton_env) if varlen else None
+    xs = make_inputs(1, T, H, 1 if varlen else 2, K, V, device=triton_env, state=False)
+    xs.append(torch.randn(3 if varlen else 1, H, K, V, device=triton_env))
+
+    def scan(*args, **kw):
+        return chunk_delta_rule(*args, scan=True, **kw)
+
+    check_against_naive(scan, xs, TOL[torch.float32], cu_seqlens=cu)
