@@ -323,9 +323,10 @@ class FlowHNDeltaNet(nn.Module):
         x = torch.cat([conv_window.to(x.dtype), x], dim=2)
         qkv = F.silu(F.conv1d(x, self.conv1d.weight, groups=x.shape[1])).transpose(1, 2)
         q, k, v = qkv.split(self.split_sizes, dim=-1)
-        q = F.normalize(q.view(batch, length, self.num_heads, self.key_dim), dim=-1)
-        k = F.normalize(k.view(batch, length, self.num_heads, self.rank, self.key_dim), dim=-1)
         v = v.reshape(batch, length, self.num_heads, self.rank, self.value_dim)
+        # autocast runs normalize in float32; the kernel takes q, k and v in one dtype
+        q = F.normalize(q.view(batch, length, self.num_heads, self.key_dim), dim=-1).to(v.dtype)
+        k = F.normalize(k.view(batch, length, self.num_heads, self.rank, self.key_dim), dim=-1).to(v.dtype)
         beta = self.b_proj(hidden_states).sigmoid().view(batch, length, self.num_heads, self.rank)
         beta = beta * (self.beta_max / self.rank)
         if tokens.valid is not None:
