@@ -22,6 +22,7 @@ from triton.testing import do_bench
 
 import flowhn_kernels
 from flowhn_kernels import delta_rule
+from flowhn_kernels.delta_rule import chunk_delta_rule
 from flowhn_kernels.reference import reference_chunked
 
 try:
@@ -121,6 +122,9 @@ def main():
         r["ours fwd"] = time_fwd(ours, x1)
         r["ours fwd+bwd"] = time_fwd_bwd(ours, x1)
         r["ours mem MiB"] = peak_mib(ours, x1)
+        for scan in (False, True):
+            fn = lambda q, k, v, beta, scan=scan: chunk_delta_rule(q, k, v, beta, scan=scan)  # noqa: E731
+            r[f"ours fwd+bwd scan={'on' if scan else 'off'}"] = time_fwd_bwd(fn, x1)
         x2 = inputs(B, T, H, D, 2)
         r["ours R=2 fwd+bwd"] = time_fwd_bwd(ours, x2)
         r["ours decode"] = decode_step(ours_decode, B, H, D)
