@@ -518,7 +518,7 @@ def write_reports(rows, args, env, out_dirs):
         f"- Training: batch {args.batch_size} × {args.seq_len} tokens of random ids (the same batch for every model), "
         f"AdamW (fused on CUDA), {precision}; {args.warmup} warm-up steps, then {args.steps} timed steps.",
         f"- Decode: `generate`, random prompt of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
-        f"min_new_tokens = max_new_tokens, {'bf16 weights' if env['device'] != 'cpu' and not args.smoke else 'fp32 weights'}; "
+        f"min_new_tokens = max_new_tokens, {'bf16 weights' if env['cuda'] and args.device.startswith('cuda') else 'fp32 weights'}; "
         "decode tok/s = batch·(new−1) / (generate time − prefill time).",
         "- ρ: the fraction of tokens routed to attention (cost model: `attention_ratio_from_cost_model(seq_len)`; "
         "calibrated: `flowhn_hf.calibrate_split`; used: what the model ran with).",

@@ -1,0 +1,208 @@
+"""flowhn-train on CPU: an end-to-end tiny run, exact resume, atomic saves, signals, bad input, the Trainer example."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from training import pretrain
+from training.checkpoint import list_checkpoints, read_state
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["--seq-len", "64", "--micro-batch-size", "4", "--eval-blocks", "4", "--sample-tokens", "0",
+         "--report-to", "none", "--vocab-size", "512"]
+
+
+def train_cli(*args, cwd=None, env=None, check=True, **kwargs):
+    """Run the flowhn-train console script."""
+    cmd = [str(Path(sys.executable).with_name("flowhn-train")), *map(str, args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"flowhn-train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def losses(run_dir) -> dict[int, float]:
+    """Train loss of each step in metrics.jsonl (the last record of a step wins)."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["train/loss"] for row in rows}
+
+
+def test_tiny_run_learns_and_samples(tmp_path):
+    """The README command, shortened to 120 steps: beats the unigram entropy and prints a sample."""
+    proc = train_cli("--preset", "tiny", "--output-dir", tmp_path / "run", "--max-steps", 120)
+    out = proc.stdout
+    entropy = float(re.search(r"unigram entropy of the training tokens: ([\d.]+)", out).group(1))
+    eval_loss = float(re.search(r"done: .* eval loss ([\d.]+)", out).group(1))
+    assert eval_loss < entropy - 0.5, out
+    assert "sample:\nTo be, or not to be" in out
+    (final,) = list_checkpoints(tmp_path / "run")[-1:]
+    state = read_state(final)
+    assert state["step"] == 120 and state["tokens_seen"] == 120 * 16 * 128
+    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.json"} <= {
+        p.name for p in final.iterdir()}
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Resuming from the step-3 checkpoint gives the same losses for steps 4..6 as the uninterrupted run."""
+    full = tmp_path / "full"
+    train_cli(*SHORT, "--output-dir", full, "--max-steps", 6, "--save-every", 3, "--eval-every", 2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    (resumed / "metrics.jsonl").unlink()
+    proc = train_cli(*SHORT, "--output-dir", resumed, "--max-steps", 6, "--save-every", 3, "--eval-every", 2,
+                     "--resume")
+    assert "resuming from" in proc.stdout and "(step 3)" in proc.stdout
+    expected, got = losses(full), losses(resumed)
+    assert sorted(got) == [4, 5, 6]
+    assert [got[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
+    assert read_state(resumed / "checkpoints" / "step_00000006")["eval_loss"] == read_state(
+        full / "checkpoints" / "step_00000006")["eval_loss"]
+
+
+CRASHING_SAVE = """
+import sys
+from accelerate import Accelerator
+from training import pretrain
+
+calls = []
+real_save_state = Accelerator.save_state
+def save_state(self, output_dir, **kwargs):
+    calls.append(output_dir)
+    if len(calls) == 2:  # the second save dies half-way: one file written, then the process is gone
+        open(output_dir + "/model.safetensors", "wb").write(b"partial")
+        raise SystemExit(9)
+    return real_save_state(self, output_dir, **kwargs)
+Accelerator.save_state = save_state
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def test_crash_during_save_leaves_previous_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = [*SHORT, "--output-dir", str(run), "--max-steps", "4", "--save-every", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", CRASHING_SAVE, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 9, proc.stderr
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-step_00000004", "step_00000002"]
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
+    proc = train_cli(*args, "--resume")
+    assert "(step 2)" in proc.stdout
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    cmd = [str(Path(sys.executable).with_name("flowhn-train")), *SHORT, "--output-dir", str(run),
+           "--max-steps", "100000", "--save-every", "100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stdout
+    (checkpoint,) = list_checkpoints(run)
+    step = read_state(checkpoint)["step"]
+    assert step >= 2 and checkpoint.name == f"step_{step:08d}"
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    """pretrain.main in this process: argument errors exit 2 through argparse, data errors return 2."""
+    try:
+        code = pretrain.main([*SHORT, "--max-steps", "1", *argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "2b"], "--preset: unknown preset '2b'; choose one of tiny, 135m, 350m, 1b"),
+        (["--seq-len", "4096"], "--seq-len 4096 exceeds max_position_embeddings=512"),
+        (["--override", "split_mode=diagonal"], "split_mode"),
+        (["--override", "hidden_size"], "expected KEY=VALUE"),
+        (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
+        (["--dataset", "no-such-user/no-such-dataset"], "--dataset 'no-such-user/no-such-dataset' is neither"),
+    ],
+)
+def test_bad_arguments(offline, capsys, argv, message):
+    code, err = run_main(argv, capsys)
+    assert code == 2 and message in err, err
+
+
+def test_missing_text_column(offline, capsys, tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"content": "Words of a document. " * 50}) + "\n" for _ in range(5)))
+    code, err = run_main(["--dataset", str(data), "--output-dir", "out"], capsys)
+    assert code == 2 and "--text-column 'text' is not a column of the dataset; its columns are ['content']" in err
+
+
+def test_empty_dataset(offline, capsys, tmp_path):
+    data = tmp_path / "docs"
+    data.mkdir()
+    (data / "a.txt").write_text("Too short to fill the blocks.")
+    code, err = run_main(["--dataset", str(data), "--output-dir", "out"], capsys)
+    assert code == 2 and "the dataset is too small: it packs into 0 blocks of --seq-len 64" in err, err
+
+
+def test_output_dir_with_other_runs_checkpoint(offline, capsys, tmp_path):
+    checkpoint = tmp_path / "out" / "checkpoints" / "step_00000005"
+    checkpoint.mkdir(parents=True)
+    run = pretrain.run_identity(pretrain.parse_args([*SHORT, "--seq-len", "32"]))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 5, "run": run,
+                                                                "hardware": {"num_processes": 1}}))
+    code, err = run_main(["--output-dir", "out"], capsys)
+    assert code == 2 and "already holds checkpoints (latest step_00000005); pass --resume" in err
+    code, err = run_main(["--output-dir", "out", "--resume"], capsys)
+    assert code == 2 and "holds a checkpoint of an incompatible run (seq_len: 32 there, 64 here)" in err
+
+
+def test_trainer_example(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "training.trainer_example", "--output-dir", str(tmp_path / "t"),
+                           "--max-steps", "30", "--batch-size", "8"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    loss = float(re.search(r"held-out loss after 30 steps: ([\d.]+)", proc.stdout).group(1))
+    assert loss < 6.8  # ln(2048) = 7.6 at the start
+    assert (tmp_path / "t" / "model.safetensors").is_file() and (tmp_path / "t" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "ddp", "fsdp2"])
+def test_launch_configs_parse(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "training" / "configs" / f"{name}.yaml"))
+    assert config.mixed_precision == "bf16"
+    if name == "fsdp2":
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "FlowHNDecoderLayer"
