@@ -196,6 +196,25 @@ def test_padding_tokens_leave_the_state_unchanged(triton_env):
     assert rel(s_all, s_10) < 1e-6
 
 
+# --------------------------------------------------------------------------- signature solver
+
+
+@pytest.mark.parametrize("R", [1, 2, 3])
+def test_signature_solver_gives_the_triangular_solve_w(R):
+    from flowhn_kernels.reference import chunk_masks
+    from flowhn_kernels.signature import ut_transform_signature
+
+    L, K = 16, 8
+    k = torch.nn.functional.normalize(torch.randn(2, 3, L * R, K, dtype=torch.float64), dim=-1)
+    beta = torch.rand(2, 3, L * R, dtype=torch.float64) * 2 / R
+    strict, _ = chunk_masks(L, R, "cpu")
+    lhs = torch.eye(L * R, dtype=torch.float64) + beta[..., None] * (k @ k.transpose(-1, -2)) * strict
+    w_solve = torch.linalg.solve_triangular(lhs, beta[..., None] * k, upper=False, unitriangular=True)
+    w_sig, t_sig = ut_transform_signature(k, beta, R)
+    assert (w_sig - w_solve).abs().max() < 1e-12
+    assert (t_sig @ lhs - torch.eye(L * R, dtype=torch.float64)).abs().max() < 1e-12
+
+
 # --------------------------------------------------------------------------- bad input
 
 
