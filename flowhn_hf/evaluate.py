@@ -168,7 +168,7 @@ def eval_results(results: dict[str, Any]) -> list:
                     dataset_name=task,
                     dataset_config=config.get("dataset_name"),
                     dataset_split=split,
-                    dataset_args={"num_few_shot": results["n-shot"][task]},
+                    dataset_args={"num_few_shot": results.get("n-shot", {}).get(task, 0)},
                     metric_type=metric,
                     metric_name=metric if filter_name == "none" else f"{metric} ({filter_name})",
                     metric_value=round(float(value), 4),
@@ -192,10 +192,12 @@ def update_model_card(checkpoint: str | Path, results: dict[str, Any]) -> Path:
     """Merge the scores into CHECKPOINT/README.md as `model-index` metadata plus a results table.
 
     Scores for the same task, dataset and metric replace the old ones; others are kept. The card
-    is created if missing.
+    is created if missing. Results of a `--limit` run are refused: they are not benchmark scores.
     """
     from huggingface_hub import ModelCard
 
+    if results.get("config", {}).get("limit") is not None:
+        raise ValueError("these results come from a --limit run (a subset of each task); rerun without --limit")
     path = Path(checkpoint)
     card_path = path / "README.md"
     name = path.resolve().name

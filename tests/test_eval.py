@@ -26,9 +26,6 @@ TASKS = ["flowhn_mc", "flowhn_gen", "flowhn_ppl"]
 GEN_STOPS = ["\n", "."]  # flowhn_gen.yaml's `until`
 MAX_GEN_TOKS = 12  # flowhn_gen.yaml's `max_gen_toks`
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 
 def _docs(name: str) -> list[dict]:
     return [json.loads(line) for line in (TASKS_DIR / f"{name}.jsonl").read_text().splitlines()]
@@ -223,6 +220,8 @@ def test_flowhn_eval_writes_results_table_and_model_card(checkpoint, runs, tmp_p
     scores = {(r["task"]["name"], m["type"]): m["value"] for r in entry["results"] for m in r["metrics"]}
     assert scores[("flowhn_mc", "acc")] == 0.5
     assert {("flowhn_gen", "exact_match"), ("flowhn_ppl", "word_perplexity"), ("flowhn_mc", "acc_norm")} <= scores.keys()
+    with pytest.raises(ValueError, match="--limit"):
+        flowhn_eval.update_model_card(checkpoint, dict(runs[1], config={**runs[1]["config"], "limit": 3}))
     body = (checkpoint / "README.md").read_text()
     assert body.count(flowhn_eval.CARD_START) == 1 and "| flowhn_ppl | word_perplexity | 0 |" in body
 
@@ -232,7 +231,7 @@ def test_lm_eval_cli_loads_checkpoint_with_remote_code(checkpoint, runs, tmp_pat
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={checkpoint},trust_remote_code=True"]
     cmd += ["--tasks", "flowhn_mc", "--include_path", str(TASKS_DIR), "--device", "cpu", "--batch_size", "4"]
     cmd += ["--output_path", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result_file,) = (tmp_path / "out").rglob("results_*.json")
     acc = json.loads(result_file.read_text())["results"]["flowhn_mc"]["acc,none"]
