@@ -18,12 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import dot_dtype, kernel, pow2
+from .utils import dot_dtype, kernel, pow2, tuned
 
 ROWS = 64
 
 
-@kernel
+@tuned((4, 1), (4, 2), (8, 1), (8, 2))
 def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 LOG2BT: tl.constexpr, LOAD_TINV: tl.constexpr, DT: tl.constexpr):
@@ -67,7 +67,7 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.c
         tl.store(ut + base[:, None] * V + vv[None, :], b_ut.to(ut.dtype.element_ty), mask=vv[None, :] < V)
 
 
-@kernel
+@tuned((4, 1), (4, 2), (8, 1), (8, 2))
 def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DT: tl.constexpr,
@@ -120,7 +120,7 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexp
         tl.store(final + state + kv, S, mask=kv_mask)
 
 
-@kernel
+@tuned((4, 1), (4, 2), (8, 1), (8, 2))
 def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   DT: tl.constexpr):
@@ -154,7 +154,7 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.c
              mask=q_ok[:, None] & (vv[None, :] < V))
 
 
-@kernel
+@tuned((4, 1), (4, 2), (8, 1), (8, 2))
 def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr,
@@ -253,7 +253,7 @@ def combine_kernel(flows, x0, xs, xout, seg_off, H: tl.constexpr, K: tl.constexp
         tl.store(xout + state + kv, X, mask=kv_mask)
 
 
-@kernel
+@tuned((4, 1), (8, 1), (8, 2))
 def grad_kernel(q, k, v, beta, tinv, u, hs, du, dhs, do, dq, dk, dv, dbeta, scale, cu, chunk_idx, H: tl.constexpr,
                 R: tl.constexpr, K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr):
@@ -497,8 +497,8 @@ def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_
         _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, du, dhs)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
-    # [ROWS, K] fp32 accumulators: more warps for wide keys; no multi-buffering of the V loop
+    # [ROWS, K] fp32 accumulators: narrower V blocks for wide keys keep shared memory in bounds
     grad_kernel[(plan.nc, H)](q, k, v, beta, tinv, u, hs, du, dhs, do, dq, dk, dv, dbeta, scale, plan.cu,
                               plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk, min(bv, 32 if bk >= 128 else 64),
-                              dot_dtype(k.dtype), num_warps=8 if bk >= 128 else 4, num_stages=1)
+                              dot_dtype(k.dtype))
     return dq, dk, dv, dbeta, dinit

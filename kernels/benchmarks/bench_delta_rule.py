@@ -105,6 +105,18 @@ def fla_product2(q, k, v, beta):
     return fla_product(q, k, v, None, beta, num_householder=2)
 
 
+def profile(fn, xs, label):
+    """Print the GPU time of each kernel in one forward+backward (where the time goes)."""
+    do = torch.randn_like(fn(*xs)[0])
+    fn(*xs)[0].backward(do)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn(*xs)[0].backward(do)
+        torch.cuda.synchronize()
+    print(f"-- {label}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=40))
+
+
 def fmt(x):
     return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
@@ -113,6 +125,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))))
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    ap.add_argument("--profile", action="store_true", help="print per-kernel GPU times of one fwd+bwd")
     args = ap.parse_args()
     rows = []
     for i in (int(s) for s in args.shapes.split(",")):
@@ -143,6 +156,10 @@ def main():
             r["speedup fwd+bwd R=2"] = r["fla R=2 fwd+bwd"] / r["ours R=2 fwd+bwd"]
         rows.append(r)
         print(r, flush=True)
+        if args.profile:
+            profile(ours, x1, f"ours R=1 {r['shape']}")
+            if fla is not None:
+                profile(fla_chunk, x1, f"fla R=1 {r['shape']}")
     cols = list(dict.fromkeys(c for r in rows for c in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
