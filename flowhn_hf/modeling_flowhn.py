@@ -27,6 +27,9 @@ try:  # a Hub checkpoint carries the kernel modules flat beside this file
 except ImportError:  # the installed package
     from flowhn_kernels import delta_rule
 
+# torch.compile leaves the kernel call alone and compiles the code around it.
+opaque_delta_rule = torch.compiler.disable(delta_rule)
+
 
 class FlowHNRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -137,24 +140,32 @@ class LayerRoute:
     merge_index: torch.Tensor | None
 
 
+def attention_window(layer_idx: int, config: FlowHNConfig) -> tuple[int, int]:
+    """(offset, width): layer `layer_idx` routes to attention the positions p with (p - offset) mod P < width."""
+    period = config.split_period
+    if config.split_mode == "none":
+        return 0, period
+    if config.split_mode == "alternating":
+        return (0, period // 2) if layer_idx % 2 == 0 else (period // 2, period - period // 2)
+    width = min(period - 1, max(1, round(config.resolved_attention_ratio * period)))
+    return (0 if config.split_mode == "flop_aware" else (layer_idx * width) % period), width
+
+
 def route_to_attention(positions: torch.Tensor, layer_idx: int, config: FlowHNConfig) -> torch.Tensor:
     """True where the token at absolute position `positions` goes to the attention branch of layer `layer_idx`."""
-    period = config.split_period
-    phase = positions % period
-    if config.split_mode == "none":
-        return torch.ones_like(positions, dtype=torch.bool)
-    if config.split_mode == "alternating":
-        first_half = phase < period // 2
-        return first_half if layer_idx % 2 == 0 else ~first_half
-    window = attention_window(config)
-    offset = 0 if config.split_mode == "flop_aware" else (layer_idx * window) % period
-    return (phase - offset) % period < window
+    offset, width = attention_window(layer_idx, config)
+    return (positions - offset) % config.split_period < width
 
 
-def attention_window(config: FlowHNConfig) -> int:
-    """Tokens of each period that the FLOP-aware modes route to attention."""
+def attention_count(start: int, length: int, layer_idx: int, config: FlowHNConfig) -> int:
+    """How many of the positions start, ..., start + length - 1 layer `layer_idx` routes to attention."""
+    offset, width = attention_window(layer_idx, config)
     period = config.split_period
-    return min(period - 1, max(1, round(config.resolved_attention_ratio * period)))
+
+    def below(m: int) -> int:  # routed positions in [0, m), extended to negative m by periodicity
+        return (m // period) * width + min(m % period, width)
+
+    return below(start + length - offset) - below(start - offset)
 
 
 def _compact(selected: torch.Tensor) -> BranchTokens:
@@ -181,7 +192,7 @@ def plan_route(
     if start is not None:
         # Every row alike: the branch sizes come from the host and the indices are built on the device, so neither
         # side waits for the other.
-        attention_size = int(route_to_attention(torch.arange(start, start + length), layer_idx, config).sum())
+        attention_size = attention_count(start, length, layer_idx, config)
         to_attention = route_to_attention(positions[0], layer_idx, config)
         order = torch.argsort((~to_attention).to(torch.int8), stable=True)[None].expand(batch, -1)
         attention = BranchTokens(order[:, :attention_size], None)
@@ -332,7 +343,7 @@ class FlowHNDeltaNet(nn.Module):
         if tokens.valid is not None:
             beta = beta * tokens.valid[..., None, None].to(beta.dtype)
 
-        o, final_state = delta_rule(q, k, v, beta, initial_state=state, output_final_state=layer is not None)
+        o, final_state = opaque_delta_rule(q, k, v, beta, initial_state=state, output_final_state=layer is not None)
         if layer is not None:
             layer.update_conv_state(self._last_inputs(x, tokens.valid))
             layer.update_recurrent_state(final_state)

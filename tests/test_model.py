@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowhn_hf import FlowHNConfig, FlowHNForCausalLM, count_parameters, preset_config
-from flowhn_hf.modeling_flowhn import route_to_attention
+from flowhn_hf.modeling_flowhn import attention_count, route_to_attention
 from transformers import DynamicCache
 
 MODES = ["none", "alternating", "flop_aware", "flop_aware_circulating"]
@@ -38,6 +38,15 @@ def test_routing_depends_on_position_layer_and_config_only(mode):
     else:
         assert routes[:, :8].sum(1).tolist() == [2] * 4
         assert routes[:, :8].any(0).all(), "over the layers attention sees every position of a period"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_count_matches_the_route(mode):
+    config = preset_config("tiny", split_mode=mode, split_period=10, attention_ratio=0.37)
+    for layer in range(3):
+        for start, length in [(0, 1), (0, 97), (3, 8), (17, 33), (1234, 5)]:
+            route = route_to_attention(torch.arange(start, start + length), layer, config)
+            assert attention_count(start, length, layer, config) == int(route.sum())
 
 
 def test_single_period_reproduces_the_papers_split():
