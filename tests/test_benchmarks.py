@@ -83,3 +83,30 @@ def test_flop_formulas():
         fac, _ = tb.build_model("flowhn-FAC", args, state)
     assert tb.model_flops("flowhn-FAC", fac, t)["dense"] < tb.model_flops("flowhn-none", none, t)["dense"]
     assert tb.attention_core_flops(8, 2, 4) == 2 * 2 * 4 * 64
+
+
+def test_a_failing_model_fills_its_row_and_the_run_goes_on(monkeypatch):
+    args = tb.parse_args(["--smoke", "--precision", "autocast", "--decode-batch-sizes", "1"])
+    state = {"target": tb.target_parameters(args), "peak_flops": 1e9}
+    device = torch.device("cpu")
+    batch = torch.randint(0, 1024, (args.batch_size, args.seq_len))
+    real = tb.train_throughput
+    calls = []
+
+    def flaky(model, batch, args, device, precision=None):
+        calls.append(precision)
+        if precision is None:
+            raise RuntimeError("mixed dtypes")
+        return real(model, batch, args, device, precision=precision)
+
+    monkeypatch.setattr(tb, "train_throughput", flaky)
+    row = tb.run_model("llama", args, device, batch, state)
+    assert calls == [None, "bf16"] and "autocast failed" in row["note"] and row["train_tokens_per_s"] > 0
+
+    def broken(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(tb, "train_throughput", broken)
+    row = tb.run_model("llama", args, device, batch, state)
+    assert row["error"].startswith("train: OutOfMemoryError") and row["generate_b1_tokens_per_s"] > 0
+    assert "| Llama" in tb.markdown_table([row], args)
