@@ -483,7 +483,7 @@ def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_
     u, hs, _ = _states(k, w, ut, initial_state, plan, False, scan)
     del ut
     du = torch.empty(plan.nc, H, ROWS, V, dtype=torch.float32, device=q.device)
-    dhs = torch.empty(plan.nc, H, K, V, dtype=torch.float32, device=q.device)
+    dhs = k.new_empty(plan.nc, H, K, V)  # input dtype, like hs: the grad kernel multiplies it in that dtype
     dinit = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if need_dinit else None
     do = do.contiguous()
     if plan.use_scan(H, triton.cdiv(V, bv), scan):
