@@ -16,6 +16,15 @@ from training.benchmarks.sequential_hybrid import SequentialHybridForCausalLM, c
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest, and steadiest on a busy machine, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_smoke_run_writes_table_json_and_plot(tmp_path):
     """The whole script, as CI runs it: every model gets a row, none fails, the reports are written."""
     out = tmp_path / "out"
@@ -47,7 +56,7 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path):
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sequential_hybrid_matches_flowhn_size_and_decodes_like_a_forward():
+def test_sequential_hybrid_matches_flowhn_size_and_decodes_like_a_forward(one_thread):
     flowhn = flowhn_hf.preset_config("tiny")
     config = sequential_config(flowhn)
     target = flowhn_hf.count_parameters(flowhn)
@@ -85,7 +94,7 @@ def test_flop_formulas():
     assert tb.attention_core_flops(8, 2, 4) == 2 * 2 * 4 * 64
 
 
-def test_a_failing_model_fills_its_row_and_the_run_goes_on(monkeypatch):
+def test_a_failing_model_fills_its_row_and_the_run_goes_on(monkeypatch, one_thread):
     args = tb.parse_args(["--smoke", "--precision", "autocast", "--decode-batch-sizes", "1"])
     state = {"target": tb.target_parameters(args), "peak_flops": 1e9}
     device = torch.device("cpu")
