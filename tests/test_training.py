@@ -37,16 +37,16 @@ def losses(run_dir) -> dict[int, float]:
 
 
 def test_tiny_run_learns_and_samples(tmp_path):
-    """The README command, shortened to 120 steps: beats the unigram entropy and prints a sample."""
-    proc = train_cli("--preset", "tiny", "--output-dir", tmp_path / "run", "--max-steps", 120)
+    """The README command, shortened to 100 steps: beats the unigram entropy and prints a sample."""
+    proc = train_cli("--preset", "tiny", "--output-dir", tmp_path / "run", "--max-steps", 100)
     out = proc.stdout
     entropy = float(re.search(r"unigram entropy of the training tokens: ([\d.]+)", out).group(1))
     eval_loss = float(re.search(r"done: .* eval loss ([\d.]+)", out).group(1))
-    assert eval_loss < entropy - 0.5, out
+    assert eval_loss < entropy - 0.4, out
     assert "sample:\nTo be, or not to be" in out
     (final,) = list_checkpoints(tmp_path / "run")[-1:]
     state = read_state(final)
-    assert state["step"] == 120 and state["tokens_seen"] == 120 * 16 * 128
+    assert state["step"] == 100 and state["tokens_seen"] == 100 * 16 * 128
     assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.json"} <= {
         p.name for p in final.iterdir()}
 
