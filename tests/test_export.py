@@ -1,6 +1,7 @@
 """flowhn-export: the Hub-ready folder, loading it with and without the package, sharding, the card, push errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,20 @@ def test_bad_export_arguments(checkpoint, tmp_path, capsys):
     (tmp_path / "full" / "file").write_text("x")
     assert export.main([str(checkpoint), str(tmp_path / "full")]) == 2
     assert f"OUT_DIR {tmp_path / 'full'} exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_export_of_an_fsdp_sharded_checkpoint(checkpoint, reference, tmp_path):
+    """A checkpoint whose weights are an FSDP sharded state dict (DCP) is merged on export."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    sharded = tmp_path / "step_00000003"
+    shutil.copytree(checkpoint, sharded)
+    weights = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    dcp.save({"model": weights}, storage_writer=dcp.FileSystemWriter(sharded / "pytorch_model_fsdp_0"), no_dist=True)
+    out = export.export(sharded, tmp_path / "out")
+    ids, logits = reference
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits, logits, rtol=0, atol=1e-5)
