@@ -111,10 +111,7 @@ def evaluate_checkpoint(
         raise ValueError(f"--limit must be positive (a count, or a fraction below 1), got {limit}")
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _check_device(device)
 
     task_manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
     task_names = resolve_tasks(task_manager, tasks)
@@ -126,6 +123,21 @@ def evaluate_checkpoint(
         limit=int(limit) if limit is not None and limit >= 1 else limit,
         log_samples=False,
     )
+
+
+def _check_device(device: str | None) -> str:
+    """`device` validated against what torch sees; None picks cuda when available, else cpu."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: torch sees no CUDA GPU here; use --device cpu")
+    return device
 
 
 def _scores(metrics: dict[str, Any]):

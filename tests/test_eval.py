@@ -273,6 +273,7 @@ def test_rejects_bad_arguments(checkpoint, tmp_path, capsys):
     assert "--batch-size" in _cli_error([str(checkpoint), "--tasks", "flowhn_mc", "--batch-size", "0"], capsys)
     err = _cli_error([str(checkpoint), "--tasks", "flowhn_mc", "--include-path", str(tmp_path / "none")], capsys)
     assert "--include-path" in err and "not a directory" in err
+    assert "--device 'gpu' is not a torch device" in _cli_error([str(checkpoint), "--tasks", "flowhn_mc", "--device", "gpu"], capsys)
     err = _cli_error([str(checkpoint), "--tasks", "flowhn_mc", "--limit", "3", "--update-model-card"], capsys)
     assert "--update-model-card" in err and "--limit" in err
 
