@@ -440,7 +440,18 @@ def run_model(name, args, device, batch, state) -> dict:
             if device.type == "cuda":
                 model.to(torch.bfloat16)
             for batch_size in args.decode_batch_sizes:
-                row.update(decode_throughput(model, args, device, batch_size))
+                try:
+                    row.update(decode_throughput(model, args, device, batch_size))
+                except Exception as error:  # noqa: BLE001
+                    # bf16 decoding refused (a dtype mismatch somewhere): one try in float32, said in the row.
+                    if next(model.parameters()).dtype != torch.bfloat16 or isinstance(error, torch.OutOfMemoryError):
+                        raise
+                    traceback.print_exc()
+                    free_memory(device)
+                    model.to(torch.float32)
+                    row["note"] = (row.get("note", "") + f" decode in float32 (bf16 failed: {type(error).__name__}: "
+                                   f"{str(error)[:120]})").strip()  # fmt: skip
+                    row.update(decode_throughput(model, args, device, batch_size))
                 free_memory(device)
         except Exception as error:  # noqa: BLE001
             row["error"] = (row.get("error", "") + f" decode: {type(error).__name__}: {str(error)[:300]}").strip()
