@@ -69,6 +69,28 @@ def test_resume_continues_exactly(tmp_path):
         full / "checkpoints" / "step_00000006")["eval_loss"]
 
 
+def test_streamed_jsonl_with_a_given_tokenizer_resumes_exactly(tmp_path):
+    """Local jsonl, streamed, a tokenizer from a path and --max-tokens; resume skips the stream forward."""
+    from training.corpus import builtin_corpus_files, train_bpe_tokenizer
+
+    text = Path(builtin_corpus_files()[0]).read_text()
+    docs = [text[i:i + 3000] for i in range(0, 120_000, 3000)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    train_bpe_tokenizer(docs, 400).save_pretrained(tmp_path / "tok")
+    args = [*SHORT, "--dataset", tmp_path / "docs.jsonl", "--streaming", "--tokenizer", tmp_path / "tok",
+            "--max-tokens", 4 * 4 * 64, "--save-every", 2, "--eval-every", 2]
+    full = tmp_path / "full"
+    proc = train_cli(*args, "--output-dir", full)
+    assert "vocab 400" in proc.stdout and "4 steps" in proc.stdout
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "metrics.jsonl").unlink()
+    train_cli(*args, "--output-dir", resumed, "--resume")
+    expected, got = losses(full), losses(resumed)
+    assert sorted(got) == [3, 4] and [got[3], got[4]] == [expected[3], expected[4]]
+
+
 CRASHING_SAVE = """
 import sys
 from accelerate import Accelerator

@@ -81,7 +81,8 @@ def pack_documents(ds, tokenizer, text_column: str, seq_len: int):
         return {"input_ids": flat[: n * seq_len].reshape(n, seq_len).tolist()}
 
     kwargs = {} if isinstance(ds, datasets.IterableDataset) else {"desc": "tokenizing and packing"}
-    return ds.map(pack, batched=True, batch_size=1000, remove_columns=list(ds.column_names or []), **kwargs)
+    columns = ds.column_names or list(next(iter(ds)))  # a streaming dataset may not declare its columns
+    return ds.map(pack, batched=True, batch_size=1000, remove_columns=columns, **kwargs)
 
 
 class BlockSource:

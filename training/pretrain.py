@@ -49,45 +49,46 @@ RUN_IDENTITY = ("preset", "override", "seq_len", "micro_batch_size", "grad_accum
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowhn-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="model preset: tiny, 135m, 350m, 1b")
+                                epilog="Options without a default here take the preset's (PRESET_DEFAULTS in "
+                                       "training/pretrain.py).")
+    p.add_argument("--preset", default="tiny", help="model preset: tiny (default), 135m, 350m, 1b")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="model config field, e.g. split_mode=alternating (value parsed as JSON if it can be)")
     p.add_argument("--output-dir", help="run directory (default runs/flowhn-PRESET)")
     stop = p.add_mutually_exclusive_group()
-    stop.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
+    stop.add_argument("--max-steps", type=int, help="optimizer steps")
     stop.add_argument("--max-tokens", type=float, help="train on this many tokens instead of --max-steps")
     p.add_argument("--seq-len", type=int, help="tokens per block")
     p.add_argument("--micro-batch-size", type=int, help="blocks per process per forward")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (0.1)")
     p.add_argument("--warmup", type=int, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--beta2", type=float, default=0.95)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices (0.1)")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (0.95)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 for none (1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and sample (0)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (2)")
     p.add_argument("--eval-every", type=int, help="eval loss every N steps")
-    p.add_argument("--eval-blocks", type=int, default=32, help="blocks held out for eval loss")
+    p.add_argument("--eval-blocks", type=int, default=32, help="blocks held out for eval loss (32)")
     p.add_argument("--report-to", default="auto", choices=["auto", "none", "tensorboard", "wandb", "all"],
-                   help="Accelerate trackers; auto: TensorBoard when installed")
+                   help="Accelerate trackers; auto (default): TensorBoard when installed")
     p.add_argument("--dataset", help="Hub dataset name or local .txt/.jsonl/.parquet file or directory "
                                      "(default: the built-in corpus)")
     p.add_argument("--dataset-config", help="Hub dataset configuration")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="Hub dataset split (train)")
     p.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
-    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-column", default="text", help="column holding the documents (text)")
     p.add_argument("--tokenizer", help="Hub name or local path (default: train a byte-level BPE on the data)")
     p.add_argument("--vocab-size", type=int, help="vocabulary of the trained BPE tokenizer")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                   help="auto: the launch config's, else bf16 on GPU and none on CPU")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+                   help="auto (default): the launch config's, else bf16 on GPU and none on CPU")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--peak-tflops", type=float, help="peak FLOP/s per device for MFU (default: by GPU name)")
-    p.add_argument("--prompt", default="To be, or not to be", help="prompt of the sample printed at the end")
-    p.add_argument("--sample-tokens", type=int, default=64, help="tokens of that sample (0: none)")
+    p.add_argument("--prompt", default="To be, or not to be", help="prompt of the sample printed at the end ('To be, or not to be')")
+    p.add_argument("--sample-tokens", type=int, default=64, help="tokens of that sample, 0 for none (64)")
     return p
 
 
@@ -237,7 +238,9 @@ class StopFlag:
 def evaluate(model, source: BlockSource, accelerator, batch_size: int) -> float:
     """Mean loss over the held-out blocks, split over the processes."""
     model.eval()
-    mine = source.eval[accelerator.process_index::accelerator.num_processes]
+    world = accelerator.num_processes
+    usable = len(source.eval) // world * world  # the same number of batches on every process (FSDP needs it)
+    mine = source.eval[:usable][accelerator.process_index::world]
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for i in range(0, len(mine), batch_size):
         batch = mine[i:i + batch_size].to(accelerator.device)
@@ -253,6 +256,7 @@ def train(args) -> dict:
     accelerator = make_accelerator(args)
     world, rank = accelerator.num_processes, accelerator.process_index
     resume_from = check_output_dir(args, world)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 
     raw = load_text_dataset(args.dataset, args.dataset_config, args.split, args.streaming, args.text_column)
@@ -260,6 +264,8 @@ def train(args) -> dict:
     with accelerator.main_process_first():
         blocks = pack_documents(raw, tokenizer, args.text_column, args.seq_len)
     source = BlockSource(blocks, args.eval_blocks, args.seq_len, args.seed)
+    if args.eval_blocks < world:
+        raise ValueError(f"--eval-blocks {args.eval_blocks} is below the {world} processes: each needs one")
 
     vocab = args.config_overrides.get("vocab_size", math.ceil(len(tokenizer) / 64) * 64)
     config = flowhn_hf.preset_config(args.preset, **{

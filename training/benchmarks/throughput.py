@@ -486,7 +486,7 @@ def markdown_table(rows, args) -> str:
             "peak mem (GiB)"] + [f"decode tok/s b={x}" for x in b] + ["notes"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        note = row.get("skipped") or row.get("error") or row.get("note") or ""
+        note = "; ".join(row[k] for k in ("skipped", "error", "note") if row.get(k))
         cells = [
             LABELS.get(row["model"], row["model"]),
             _fmt(row.get("params") and row["params"] / 1e6, ".1f"),
