@@ -314,7 +314,7 @@ def train_throughput(model, batch, args, device, precision=None) -> dict:
     tokens = batch.numel() * args.steps
     result = {"train_tokens_per_s": tokens / seconds, "step_s": seconds / args.steps, "final_loss": loss}
     if not math.isfinite(loss):
-        result["note"] = "non-finite loss"
+        result["warning"] = "non-finite loss"
     return result
 
 
@@ -398,9 +398,13 @@ def run_model(name, args, device, batch, state) -> dict:
             model, facts = build_model(name, args, state)
         row.update(facts)
         row["params"] = _params(model)
-        flops = model_flops(name, model, args.seq_len)
-        row["train_flops_per_token"] = flops["train"] / args.seq_len
-        row["flops_by_term"] = {k: v / args.seq_len for k, v in flops.items()}
+        try:  # the model's structure may have moved on from what the count reads: measure anyway
+            flops = model_flops(name, model, args.seq_len)
+            row["train_flops_per_token"] = flops["train"] / args.seq_len
+            row["flops_by_term"] = {k: v / args.seq_len for k, v in flops.items()}
+        except Exception as error:  # noqa: BLE001
+            row["note"] = f"no FLOP count ({type(error).__name__}: {error})"
+            traceback.print_exc()
     except SkipModel as reason:
         row["skipped"] = str(reason)
         print(f"{name}: skipped: {reason}", flush=True)
@@ -421,10 +425,12 @@ def run_model(name, args, device, batch, state) -> dict:
             if args.precision != "autocast" or isinstance(error, torch.OutOfMemoryError):
                 raise
             traceback.print_exc()
-            row["note"] = f"bf16 weights (autocast failed: {type(error).__name__}: {str(error)[:120]})"
+            row["note"] = (row.get("note", "") + f" bf16 weights (autocast failed: {type(error).__name__}: "
+                           f"{str(error)[:120]})").strip()  # fmt: skip
             free_memory(device)
             row.update(train_throughput(model, batch, args, device, precision="bf16"))
-        row["mfu"] = row["train_flops_per_token"] * row["train_tokens_per_s"] / state["peak_flops"]
+        if "train_flops_per_token" in row:
+            row["mfu"] = row["train_flops_per_token"] * row["train_tokens_per_s"] / state["peak_flops"]
         # The common shorthand, for comparison with other reports: 6·N per token, whatever a token passes through.
         row["mfu_6n"] = 6 * row["params"] * row["train_tokens_per_s"] / state["peak_flops"]
         if device.type == "cuda":
@@ -487,7 +493,7 @@ def markdown_table(rows, args) -> str:
             "peak mem (GiB)"] + [f"decode tok/s b={x}" for x in b] + ["notes"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        note = "; ".join(row[k] for k in ("skipped", "error", "note") if row.get(k))
+        note = "; ".join(row[k] for k in ("skipped", "error", "note", "warning") if row.get(k))
         cells = [
             LABELS.get(row["model"], row["model"]),
             _fmt(row.get("params") and row["params"] / 1e6, ".1f"),
