@@ -74,8 +74,8 @@ def test_sequential_hybrid_matches_flowhn_size_and_decodes_like_a_forward(one_th
 
 
 def test_flop_formulas():
-    """Llama's count is 6·N + 6·L·H·hd·T per token (causal attention); FlowHN's split modes count each token only in
-    the branch it is routed to."""
+    """Llama's count is 6·N + 6·L·H·hd·T per token (causal attention); FlowHN's split modes count each token only
+    in the branch it is routed to."""
     args = tb.parse_args(["--smoke"])
     state = {"target": tb.target_parameters(args)}
     with torch.device("meta"):
