@@ -1,5 +1,6 @@
 """flowhn-train on CPU: an end-to-end tiny run, exact resume, atomic saves, signals, bad input, the Trainer example."""
 
+import importlib.util
 import json
 import os
 import re
@@ -174,6 +175,8 @@ def run_main(argv, capsys) -> tuple[int, str]:
         (["--override", "split_mode=diagonal"], "split_mode"),
         (["--override", "hidden_size"], "expected KEY=VALUE"),
         (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
+        pytest.param(["--report-to", "wandb"], "--report-to wandb: the wandb package is not installed",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")),
         (["--dataset", "no-such-user/no-such-dataset"], "--dataset 'no-such-user/no-such-dataset' is neither"),
     ],
 )

@@ -10,6 +10,7 @@ resume; SIGTERM / SIGINT save a checkpoint and exit.
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -107,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.output_dir is None:
         args.output_dir = f"runs/flowhn-{args.preset}"
+    for tracker in {"tensorboard": ["tensorboard"], "wandb": ["wandb"]}.get(args.report_to, []):
+        if importlib.util.find_spec(tracker) is None:
+            parser.error(f"--report-to {tracker}: the {tracker} package is not installed (pip install {tracker})")
     try:
         args.config_overrides = parse_overrides(args.override)
         config = flowhn_hf.preset_config(args.preset, **args.config_overrides)
@@ -210,12 +214,7 @@ def make_accelerator(args) -> Accelerator:
         precision = "bf16" if torch.cuda.is_available() else "no"
     trackers = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": "all"}.get(args.report_to)
     if args.report_to == "auto":
-        try:
-            import tensorboard  # noqa: F401
-
-            trackers = ["tensorboard"]
-        except ImportError:
-            trackers = []
+        trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
     return Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision=precision,
                        log_with=trackers or None, project_dir=args.output_dir)
 
