@@ -191,7 +191,11 @@ def _first_chars(texts, limit):
 
 
 def flops_per_token(config, num_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N for the weights plus the attention scores (PaLM's estimate)."""
+    """Training FLOPs per token: 6 N for the weight matmuls plus the attention scores over the whole block.
+
+    PaLM's estimate; it counts attention as if every token attended (the split modes route fewer) and
+    leaves out the DeltaNet chunk work, so MFU is an estimate.
+    """
     layers, width = config.num_hidden_layers, config.hidden_size
     return 6 * num_params + 12 * layers * width * seq_len
 
@@ -277,7 +281,10 @@ def train(args) -> dict:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     num_params = sum(p.numel() for p in model.parameters())
-    non_embedding = num_params - model.get_input_embeddings().weight.numel()
+    embedding = model.get_input_embeddings().weight
+    non_embedding = num_params - embedding.numel()
+    tied = getattr(model.get_output_embeddings(), "weight", None) is embedding
+    matmul_params = non_embedding + (embedding.numel() if tied else 0)  # the LM head multiplies, tied or not
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -293,17 +300,19 @@ def train(args) -> dict:
     accelerator.register_for_checkpointing(scheduler)
 
     step, tokens_seen, elapsed = 0, 0, 0.0
+    state = {"step": step, "train_loss": None, "eval_loss": None}
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         saved = read_state(resume_from)
         step, elapsed = saved["step"], saved["elapsed_s"]
+        state = {key: saved[key] for key in state}
         tokens_seen = step * global_blocks * args.seq_len
         accelerator.print(f"resuming from {resume_from} (step {step})")
     accelerator.init_trackers("flowhn", config={k: str(v) for k, v in vars(args).items()})
 
     device = accelerator.device
     peak = peak_flops(args, device)
-    fpt = flops_per_token(config, non_embedding, args.seq_len)
+    fpt = flops_per_token(config, matmul_params, args.seq_len)
     hardware = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "num_processes": world, "mixed_precision": accelerator.mixed_precision}
     if accelerator.is_main_process:
@@ -317,7 +326,6 @@ def train(args) -> dict:
             "(the loss of a model that ignores context)")
     log_file = Path(args.output_dir) / "metrics.jsonl"
     stop = StopFlag()
-    state = {"step": step, "train_loss": None, "eval_loss": None}
 
     def checkpoint_state():
         return {**state, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "preset": args.preset,
