@@ -14,8 +14,6 @@ def interpreting() -> bool:
 class kernel:
     """A Triton kernel that picks the compiled or the interpreted form when it is launched.
 
-    tune: (num_warps, num_stages) pairs to autotune over when compiled, keyed on the shapes.
-
     triton.jit decides at decoration (import) time from TRITON_INTERPRET; deciding per launch
     keeps CPU tests valid whatever order pytest imports modules in. Kernels built this way must
     not call jitted functions, triton.language's own included (tl.sum, tl.zeros, tl.cdiv): those
@@ -23,9 +21,8 @@ class kernel:
     for run-time trip counts (the interpreter cannot index with its 1-element scalars).
     """
 
-    def __init__(self, fn, tune=None):
+    def __init__(self, fn):
         self.fn = fn
-        self.tune = tune
         self._forms = {}
 
     def _form(self):
@@ -36,11 +33,7 @@ class kernel:
 
                 self._forms[interp] = InterpretedFunction(self.fn)
             else:
-                compiled = triton.runtime.jit.JITFunction(self.fn)
-                if self.tune:
-                    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in self.tune]
-                    compiled = triton.autotune(configs, key=["K", "V", "BT", "BK", "BV"])(compiled)
-                self._forms[interp] = compiled
+                self._forms[interp] = triton.runtime.jit.JITFunction(self.fn)
         return self._forms[interp]
 
     def __getitem__(self, grid):
@@ -61,7 +54,3 @@ def dot_dtype(dtype):
         return tl.float32 if interpreting() else tl.bfloat16
     return {torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
-
-def tuned(*pairs):
-    """Decorator form of `kernel` with autotuning over (num_warps, num_stages) pairs."""
-    return lambda fn: kernel(fn, tune=pairs)
