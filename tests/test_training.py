@@ -92,6 +92,25 @@ def test_streamed_jsonl_with_a_given_tokenizer_resumes_exactly(tmp_path):
     assert sorted(got) == [3, 4] and [got[3], got[4]] == [expected[3], expected[4]]
 
 
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """DDP over 2 CPU processes (gloo) trains on the same global batch as 1 process accumulating 2 micro-batches."""
+    args = [*SHORT, "--max-steps", 3, "--eval-every", 3, "--save-every", 3]
+    train_cli(*args, "--grad-accum", 2, "--output-dir", tmp_path / "one")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.pretrain", *map(str, args),
+         "--output-dir", str(tmp_path / "two")],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}, capture_output=True,
+        text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) on cpu, 8 x 64 tokens per step" in proc.stdout
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [two[s] for s in (1, 2, 3)] == pytest.approx([one[s] for s in (1, 2, 3)], rel=1e-5)
+    eval_one, eval_two = (read_state(tmp_path / run / "checkpoints" / "step_00000003")["eval_loss"]
+                          for run in ("one", "two"))
+    assert eval_two == pytest.approx(eval_one, rel=1e-5)
+
+
 CRASHING_SAVE = """
 import sys
 from accelerate import Accelerator
@@ -123,6 +142,34 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path):
     proc = train_cli(*args, "--resume")
     assert "(step 2)" in proc.stdout
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000004"]
+
+
+NAN_FROM_STEP_3 = """
+import sys
+import flowhn_hf
+from training import pretrain
+
+forward = flowhn_hf.FlowHNForCausalLM.forward
+calls = []
+def nan_forward(self, *args, **kwargs):
+    out = forward(self, *args, **kwargs)
+    calls.extend([1] if self.training else [])
+    if len(calls) >= 3:
+        out.loss = out.loss * float("nan")
+    return out
+flowhn_hf.FlowHNForCausalLM.forward = nan_forward
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", NAN_FROM_STEP_3, *SHORT, "--output-dir", str(run), "--max-steps",
+                           "6", "--save-every", "2"], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "flowhn-train: error: the train loss is nan at step 3; stopped without saving" in proc.stderr
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):

@@ -335,6 +335,7 @@ def train(args) -> dict:
                                  "global_batch_blocks": global_blocks, "max_steps": args.max_steps},
                 "split_mode": getattr(config, "split_mode", None)}
 
+    say = tqdm.write if accelerator.is_main_process else (lambda text: None)
     bar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                desc="train", dynamic_ncols=True)
     model.train()
@@ -359,6 +360,9 @@ def train(args) -> dict:
         tokens_seen += global_blocks * args.seq_len
         state["step"] = step
         state["train_loss"] = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+        if not math.isfinite(state["train_loss"]):
+            raise RuntimeError(f"the train loss is {state['train_loss']} at step {step}; stopped without saving, "
+                               f"the last checkpoint (if any) is the latest in {args.output_dir}/checkpoints")
         dt = time.perf_counter() - t0
         elapsed += dt
         tps = global_blocks * args.seq_len / dt
@@ -371,7 +375,7 @@ def train(args) -> dict:
         if step % args.eval_every == 0 or step == args.max_steps:
             state["eval_loss"] = evaluate(model, source, accelerator, args.micro_batch_size)
             metrics["eval/loss"] = state["eval_loss"]
-            bar.write(f"step {step}: train loss {state['train_loss']:.4f}, eval loss {state['eval_loss']:.4f}")
+            say(f"step {step}: train loss {state['train_loss']:.4f}, eval loss {state['eval_loss']:.4f}")
         if state["eval_loss"] is not None:
             postfix["eval"] = f"{state['eval_loss']:.3f}"
         bar.set_postfix(postfix, refresh=False)
@@ -385,7 +389,7 @@ def train(args) -> dict:
             path = save_checkpoint(accelerator, args.output_dir, step, checkpoint_state(), config, tokenizer,
                                    args.keep_checkpoints)
             last_saved = step
-            bar.write(f"saved {path}")
+            say(f"saved {path}")
         if stopping:
             break
     bar.close()
@@ -422,9 +426,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except ValueError as e:
+    except ValueError as e:  # bad input, found before training
         print(f"flowhn-train: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # training diverged
+        print(f"flowhn-train: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
