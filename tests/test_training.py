@@ -245,6 +245,12 @@ def test_empty_dataset(offline, capsys, tmp_path):
     (data / "a.txt").write_text("Too short to fill the blocks.")
     code, err = run_main(["--dataset", str(data), "--output-dir", "out"], capsys)
     assert code == 2 and "the dataset is too small: it packs into 0 blocks of --seq-len 64" in err, err
+    (tmp_path / "empty.jsonl").touch()
+    code, err = run_main(["--dataset", str(tmp_path / "empty.jsonl"), "--output-dir", "out"], capsys)
+    assert code == 2 and "empty.jsonl: the dataset is empty (every file has 0 bytes)" in err, err
+    (tmp_path / "broken.jsonl").write_text('{"text": "unclosed\n')
+    code, err = run_main(["--dataset", str(tmp_path / "broken.jsonl"), "--output-dir", "out"], capsys)
+    assert code == 2 and "broken.jsonl: cannot be read as json files" in err, err
 
 
 def test_output_dir_with_other_runs_checkpoint(offline, capsys, tmp_path):

@@ -24,9 +24,10 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
         raise ValueError(f"--dataset {path}: no .txt, .jsonl, .json or .parquet files in it")
     builders = {EXTENSION_BUILDERS.get(p.suffix) for p in files}
     if None in builders or len(builders) > 1:
-        raise ValueError(
-            f"--dataset {path}: files must all be one of .txt, .jsonl/.json, .parquet, got {sorted({p.suffix for p in files})}"
-        )
+        suffixes = sorted({p.suffix for p in files})
+        raise ValueError(f"--dataset {path}: files must all be .txt, .jsonl/.json or .parquet, got {suffixes}")
+    if all(p.stat().st_size == 0 for p in files):
+        raise ValueError(f"--dataset {path}: the dataset is empty (every file has 0 bytes)")
     return builders.pop(), [str(p) for p in files]
 
 
@@ -46,7 +47,10 @@ def load_text_dataset(
     elif Path(dataset).exists():
         builder, files = _local_files(Path(dataset))
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
+        except Exception as e:  # malformed json / parquet
+            raise ValueError(f"--dataset {dataset}: cannot be read as {builder} files: {type(e).__name__}: {e}") from e
     else:
         try:
             ds = datasets.load_dataset(dataset, dataset_config, split=split, streaming=streaming)
