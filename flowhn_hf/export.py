@@ -96,6 +96,7 @@ def export(checkpoint, out_dir, dtype: str = "float32", max_shard_size: str = "2
         bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
         pad_token_id=model.config.pad_token_id, do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=256)
     model.save_pretrained(out, max_shard_size=max_shard_size)
+    tokenizer.model_max_length = model.config.max_position_embeddings
     tokenizer.save_pretrained(out)
     card = render_model_card(state, model.config, out.resolve().name, repo_id or out.resolve().name, license)
     (out / "README.md").write_text(card)

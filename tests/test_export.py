@@ -50,6 +50,8 @@ def test_export_writes_a_hub_folder(exported):
     config = json.loads((exported / "config.json").read_text())
     assert config["model_type"] == "flowhn" and config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_flowhn.")
     assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == config["eos_token_id"]
+    tokenizer_config = json.loads((exported / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == config["max_position_embeddings"]
     card = ModelCard.load(exported / "README.md")
     assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"
     assert "flowhn" in card.data.tags and card.data.pipeline_tag == "text-generation"
