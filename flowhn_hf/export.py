@@ -87,9 +87,11 @@ def export(checkpoint, out_dir, dtype: str = "float32", max_shard_size: str = "2
     if eval_results_file is not None:
         try:
             results = json.loads(Path(eval_results_file).read_text())
-            results["results"], results["configs"]  # noqa: B018  (the keys flowhn-eval writes)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"--eval-results {eval_results_file}: not an lm-eval / flowhn-eval results JSON ({e})")
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--eval-results {eval_results_file}: cannot be read: {e}") from e
+        if not isinstance(results, dict) or not {"results", "configs", "n-shot"} <= results.keys():
+            raise ValueError(f"--eval-results {eval_results_file}: not an lm-eval / flowhn-eval results JSON "
+                             "(it needs the keys results, configs and n-shot)")
     model, tokenizer, state = load_checkpoint(checkpoint)
     model.to(DTYPES[dtype])
     model.generation_config = GenerationConfig(

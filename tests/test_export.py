@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import run_bare
 from huggingface_hub import ModelCard
+from test_training import SHORT, train_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flowhn_hf import export
-from test_training import SHORT, train_cli
 
 PROMPT = "To be, or not to be, that is the question"
 
@@ -38,7 +38,7 @@ def reference(checkpoint):
 def exported(checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "flowhn-tiny-test"
     cli = Path(sys.executable).with_name("flowhn-export")
-    proc = subprocess.run([str(cli), str(checkpoint.parent.parent), str(out)], capture_output=True, text=True)
+    proc = subprocess.run([str(cli), str(checkpoint.parent.parent), str(out)], check=False, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -150,3 +150,11 @@ def test_export_of_an_fsdp_sharded_checkpoint(checkpoint, reference, tmp_path):
     ids, logits = reference
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits, logits, rtol=0, atol=1e-5)
+
+
+def test_bad_eval_results(checkpoint, tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps({"acc": 0.5}))
+    assert export.main([str(checkpoint), str(tmp_path / "out"), "--eval-results", str(tmp_path / "results.json")]) == 2
+    assert "not an lm-eval / flowhn-eval results JSON (it needs the keys results, configs and n-shot)" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

@@ -25,7 +25,7 @@ def train_cli(*args, cwd=None, env=None, check=True, **kwargs):
     """Run the flowhn-train console script."""
     cmd = [str(Path(sys.executable).with_name("flowhn-train")), *map(str, args)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, **kwargs)
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=env, check=False, capture_output=True, text=True, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"flowhn-train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -100,7 +100,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     proc = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.pretrain", *map(str, args),
          "--output-dir", str(tmp_path / "two")],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}, capture_output=True,
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}, check=False, capture_output=True,
         text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) on cpu, 8 x 64 tokens per step" in proc.stdout
@@ -133,7 +133,7 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     args = [*SHORT, "--output-dir", str(run), "--max-steps", "4", "--save-every", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", CRASHING_SAVE, *args], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", CRASHING_SAVE, *args], cwd=REPO, env=env, check=False, capture_output=True,
                           text=True)
     assert proc.returncode == 9, proc.stderr
     root = run / "checkpoints"
@@ -166,7 +166,7 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", NAN_FROM_STEP_3, *SHORT, "--output-dir", str(run), "--max-steps",
                            "6", "--save-every", "2"], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
     assert "flowhn-train: error: the train loss is nan at step 3; stopped without saving" in proc.stderr
     assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
@@ -267,7 +267,7 @@ def test_output_dir_with_other_runs_checkpoint(offline, capsys, tmp_path):
 
 def test_trainer_example(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "training.trainer_example", "--output-dir", str(tmp_path / "t"),
-                           "--max-steps", "30", "--batch-size", "8"], cwd=REPO, capture_output=True, text=True,
+                           "--max-steps", "30", "--batch-size", "8"], cwd=REPO, check=False, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     loss = float(re.search(r"held-out loss after 30 steps: ([\d.]+)", proc.stdout).group(1))

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
 import flowhn_hf
-from training.checkpoint import latest_checkpoint, list_checkpoints, read_state, save_checkpoint
+from training.checkpoint import latest_checkpoint, read_state, save_checkpoint
 from training.corpus import train_bpe_tokenizer
 from training.data import BlockSource, load_text_dataset, pack_documents, unigram_entropy
 
