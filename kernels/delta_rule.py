@@ -156,20 +156,25 @@ def triton_enabled(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _pack(q, k, v, beta):
+    """Canonical [B,T,...] tensors as contiguous [B·T,...] ones, the kernels' packed layout."""
+    B, T, H, R, K = k.shape
+    return (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, R, K).contiguous(),
+            v.reshape(B * T, H, R, -1).contiguous(), beta.reshape(B * T, H, R).contiguous())
+
+
 class ChunkDeltaRule(torch.autograd.Function):
     """Chunked Triton forward; backward recomputes the chunk states instead of saving them."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, initial_state, scale, plan, output_final_state, scan):
-        B, T, H, R, K = k.shape
-        V = v.shape[-1]
-        packed = (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, R, K).contiguous(),
-                  v.reshape(B * T, H, R, V).contiguous(), beta.reshape(B * T, H, R).contiguous())
+        B, T, H = q.shape[:3]
+        packed = _pack(q, k, v, beta)
         init = None if initial_state is None else initial_state.contiguous()
         o, final, tinv = chunk_fwd(*packed, scale, init, plan, output_final_state, scan)
         ctx.save_for_backward(*packed, init, tinv)
         ctx.scale, ctx.plan, ctx.scan, ctx.shapes = scale, plan, scan, (q.shape, k.shape, v.shape, beta.shape)
-        return o.view(B, T, H, V), final
+        return o.view(B, T, H, -1), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
@@ -180,6 +185,18 @@ class ChunkDeltaRule(torch.autograd.Function):
                                              dfinal, ctx.plan, need_dinit, ctx.scan)
         grads = (g.view(s) for g, s in zip((dq, dk, dv, dbeta), ctx.shapes))
         return (*grads, None if dinit is None else dinit.to(init.dtype), None, None, None, None)
+
+
+def _chunked(q, k, v, beta, scale, init, plan, output_final_state, scan=None):
+    o, state = ChunkDeltaRule.apply(q, k, v, beta, init, scale, plan, output_final_state, scan)
+    return _finish(q, o, state)
+
+
+def _recurrent(q, k, v, beta, scale, init, plan, output_final_state):
+    B, T, H = q.shape[:3]
+    init = None if init is None else init.contiguous()
+    o, state = recurrent_fwd(*_pack(q, k, v, beta), scale, init, plan.cu, plan.n, output_final_state)
+    return _finish(q, o.view(B, T, H, -1), state)
 
 
 def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
@@ -198,19 +215,13 @@ def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_fi
     plan choose (on when few sequences × heads leave the GPU idle during the sequential pass).
     """
     q, k, v, beta, scale, init, plan = _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    o, state = ChunkDeltaRule.apply(q, k, v, beta, init, scale, plan, output_final_state, scan)
-    return _finish(q, o, state)
+    return _chunked(q, k, v, beta, scale, init, plan, output_final_state, scan)
 
 
 def recurrent_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """The recurrent Triton path (decoding); forward only."""
     q, k, v, beta, scale, init, plan = _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    B, T, H, R, K = k.shape
-    packed = (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, R, K).contiguous(),
-              v.reshape(B * T, H, R, -1).contiguous(), beta.reshape(B * T, H, R).contiguous())
-    init = None if init is None else init.contiguous()
-    o, state = recurrent_fwd(*packed, scale, init, plan.cu, plan.n, output_final_state)
-    return _finish(q, o.view(B, T, H, -1), state)
+    return _recurrent(q, k, v, beta, scale, init, plan, output_final_state)
 
 
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -221,19 +232,12 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     interpreter. Without gradients, sequences of at most RECURRENT_MAX_LEN tokens take the
     recurrent kernel, everything else the chunked one.
     """
-    args = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    q, k, v, beta, scale, init, _, offsets = args
+    q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
     if q.dtype == torch.float64 or not triton_enabled(q.device):
         o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
         return _finish(q, o, state)
     plan = make_plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)
     tensors = (q, k, v, beta) if init is None else (q, k, v, beta, init)
     if plan.max_len <= RECURRENT_MAX_LEN and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
-        B, T, H, R, K = k.shape
-        packed = (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, R, K).contiguous(),
-                  v.reshape(B * T, H, R, -1).contiguous(), beta.reshape(B * T, H, R).contiguous())
-        o, state = recurrent_fwd(*packed, scale, None if init is None else init.contiguous(), plan.cu, plan.n,
-                                 output_final_state)
-        return _finish(q, o.view(B, T, H, -1), state)
-    o, state = ChunkDeltaRule.apply(q, k, v, beta, init, scale, plan, output_final_state, None)
-    return _finish(q, o, state)
+        return _recurrent(q, k, v, beta, scale, init, plan, output_final_state)
+    return _chunked(q, k, v, beta, scale, init, plan, output_final_state)

@@ -189,22 +189,27 @@ def main():
             r["speedup fwd+bwd R=2"] = r["fla R=2 fwd+bwd"] / r["ours R=2 fwd+bwd"]
         rows.append(r)
         print(r, flush=True)
+        write_results(rows, args.out)
         if args.profile:
             profile(ours, x1, f"ours R=1 {r['shape']}")
             if fla is not None:
                 profile(fla_chunk, x1, f"fla R=1 {r['shape']}")
+    write_results(rows, args.out, solver_comparison())
+    print(Path(args.out).read_text())
+
+
+def write_results(rows, path, solvers=""):
+    """Markdown table of the rows so far, with device and versions (rewritten after every shape,
+    so a run cut short still leaves its finished shapes)."""
     cols = list(dict.fromkeys(c for r in rows for c in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    dev = torch.cuda.get_device_name()
     versions = (f"torch {torch.__version__}, triton {triton.__version__}, "
                 f"flash-linear-attention {getattr(fla, '__version__', 'not installed')}, python {platform.python_version()}")
-    text = (f"# delta_rule benchmark\n\nDevice: {dev}. {versions}. bf16 inputs, times in ms "
-            "(triton.testing.do_bench medians), memory = peak of one forward+backward above the inputs, "
+    text = (f"# delta_rule benchmark\n\nDevice: {torch.cuda.get_device_name()}. {versions}. bf16 inputs, times in ms "
+            "(triton.testing.do_bench medians), memory = peak MiB of one forward+backward above the inputs, "
             "error = max relative error of o, dq, dk, dv, dbeta vs a float64 reference.\n\n" + "\n".join(lines) + "\n")
-    text += solver_comparison()
-    print(text)
-    Path(args.out).write_text(text)
+    Path(path).write_text(text + solvers)
 
 
 if __name__ == "__main__":
