@@ -127,6 +127,14 @@ def test_chunked_against_naive(triton_env, T, R, dtype):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("K,V,R", [(256, 96, 1), (100, 256, 4)])
+def test_chunked_wide_and_odd_head_dims(triton_env, K, V, R):
+    """K and V up to 256, not powers of two, R = 4."""
+    xs = make_inputs(1, 40, 1, R, K, V, device=triton_env)
+    check_against_naive(chunk_delta_rule, xs, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_chunked_rank_one_without_rank_axis_and_initial_state(triton_env):
     H, K, V = dims(triton_env)
     xs = make_inputs(1, 40, H, 1, K, V, device=triton_env, squeeze=True, state=False)
