@@ -109,6 +109,12 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     eval_one, eval_two = (read_state(tmp_path / run / "checkpoints" / "step_00000003")["eval_loss"]
                           for run in ("one", "two"))
     assert eval_two == pytest.approx(eval_one, rel=1e-5)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.pretrain",
+                           *map(str, args), "--output-dir", str(tmp_path / "three")], cwd=REPO,
+                          env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}, check=False,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "launched as 2 processes (WORLD_SIZE) but Accelerate set up 1" in proc.stderr
 
 
 CRASHING_SAVE = """

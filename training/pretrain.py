@@ -258,6 +258,10 @@ def train(args) -> dict:
     """Run (or resume) the training described by `args`; return the final trainer state."""
     accelerator = make_accelerator(args)
     world, rank = accelerator.num_processes, accelerator.process_index
+    launched = int(os.environ.get("WORLD_SIZE", 1))
+    if launched != world:  # every process would train alone and write the same output dir
+        raise ValueError(f"launched as {launched} processes (WORLD_SIZE) but Accelerate set up {world}; "
+                         "for several processes on CPU: ACCELERATE_USE_CPU=true torchrun --nproc_per_node N ...")
     resume_from = check_output_dir(args, world)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
