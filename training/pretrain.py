@@ -223,6 +223,10 @@ def make_accelerator(args) -> Accelerator:
                        log_with=trackers or None, project_dir=args.output_dir)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
 class StopFlag:
     """Set by SIGTERM / SIGINT; the loop saves and exits at the end of the step. A second SIGINT aborts."""
 
@@ -365,7 +369,7 @@ def train(args) -> dict:
         state["step"] = step
         state["train_loss"] = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
         if not math.isfinite(state["train_loss"]):
-            raise RuntimeError(f"the train loss is {state['train_loss']} at step {step}; stopped without saving, "
+            raise TrainingDiverged(f"the train loss is {state['train_loss']} at step {step}; stopped without saving, "
                                f"the last checkpoint (if any) is the latest in {args.output_dir}/checkpoints")
         dt = time.perf_counter() - t0
         elapsed += dt
@@ -433,7 +437,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # bad input, found before training
         print(f"flowhn-train: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # training diverged
+    except TrainingDiverged as e:
         print(f"flowhn-train: error: {e}", file=sys.stderr)
         return 1
     return 0
