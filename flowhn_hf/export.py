@@ -111,8 +111,10 @@ def export(checkpoint, out_dir, dtype: str = "float32", max_shard_size: str = "2
 
 def push_to_hub(out_dir, repo_id: str, private: bool) -> str:
     """Upload `out_dir` to `repo_id` (created if needed); raise RuntimeError saying why on failure."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_token
 
+    if get_token() is None:
+        raise RuntimeError(f"pushing to the Hub repo {repo_id!r} needs a token: set HF_TOKEN or run `hf auth login`")
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -118,6 +118,7 @@ def test_failed_push_keeps_the_local_export(checkpoint, tmp_path, monkeypatch, c
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_not_a_real_token")
     out = tmp_path / "out"
     assert export.main([str(checkpoint), str(out), "--push-to-hub", "someone/flowhn-tiny", "--private"]) == 1
     err = capsys.readouterr().err
@@ -158,3 +159,13 @@ def test_bad_eval_results(checkpoint, tmp_path, capsys):
     assert "not an lm-eval / flowhn-eval results JSON (it needs the keys results, configs and n-shot)" in (
         capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_push_without_a_token(checkpoint, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert export.main([str(checkpoint), str(tmp_path / "out"), "--push-to-hub", "someone/flowhn-tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "pushing to the Hub repo 'someone/flowhn-tiny' needs a token: set HF_TOKEN or run `hf auth login`" in err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
