@@ -326,11 +326,13 @@ def train(args) -> dict:
     if accelerator.is_main_process:
         sample = source.sample_train_tokens(1 << 20)
         entropy = unigram_entropy(sample, len(tokenizer))
+        data = "streamed" if source.streaming else (
+            f"{source.num_train} training blocks, {args.max_steps * global_blocks / source.num_train:.1f} epochs")
         accelerator.print(
             f"FlowHN {args.preset}: {num_params / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding), "
             f"vocab {len(tokenizer)}, {world} process(es) on {hardware['device']}, "
             f"{global_blocks} x {args.seq_len} tokens per step, {args.max_steps} steps\n"
-            f"unigram entropy of the training tokens: {entropy:.3f} nats/token "
+            f"data: {data}; unigram entropy of the training tokens: {entropy:.3f} nats/token "
             "(the loss of a model that ignores context)")
     log_file = Path(args.output_dir) / "metrics.jsonl"
     stop = StopFlag()
