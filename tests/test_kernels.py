@@ -127,6 +127,19 @@ def test_chunked_against_naive(triton_env, T, R, dtype):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("R", [1, 2])
+def test_chunked_with_alike_keys(triton_env, R):
+    """Keys close to one another and β near its bound, as in real text: (I + A)⁻¹ stays bounded but the powers of A
+    grow like binomial coefficients, which broke an unblocked Neumann-product inverse (NaN on the first real batch)."""
+    H, K, V = dims(triton_env)
+    xs = make_inputs(1, 130, H, R, K, V, device=triton_env)
+    base = torch.randn(1, 1, H, 1, K, device=triton_env)
+    xs[1] = torch.nn.functional.normalize(base + 0.05 * torch.randn_like(xs[1]), dim=-1)
+    xs[3] = torch.full_like(xs[3], 0.98 * 2 / R)
+    check_against_naive(chunk_delta_rule, xs, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 @pytest.mark.parametrize("K,V,R", [(256, 96, 1), (100, 256, 4)])
 def test_chunked_wide_and_odd_head_dims(triton_env, K, V, R):
     """K and V up to 256, not powers of two, R = 4."""
