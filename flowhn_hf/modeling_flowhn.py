@@ -112,11 +112,13 @@ class BranchTokens:
 
     `index` (B, n) holds their places in the input, in order (None: every token, in place); `valid` (B, n) is False
     at fillers: padding, or the places a row leaves empty because it routes fewer tokens here than another row
-    (None: every entry is a real token).
+    (None: every entry is a real token); `documents` (B, n) numbers the packed documents the entries belong to (None:
+    each row is one document).
     """
 
     index: torch.Tensor | None
     valid: torch.Tensor | None
+    documents: torch.Tensor | None = None
 
     @property
     def size(self) -> int | None:
@@ -168,25 +170,31 @@ def attention_count(start: int, length: int, layer_idx: int, config: FlowHNConfi
     return below(start + length - offset) - below(start - offset)
 
 
-def _compact(selected: torch.Tensor) -> BranchTokens:
+def _compact(selected: torch.Tensor, documents: torch.Tensor | None) -> BranchTokens:
     """The selected places of each row, in order, then fillers up to the longest row."""
     count = selected.sum(1)
     size = int(count.max()) if selected.numel() else 0
     index = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :size]
     valid = torch.arange(size, device=selected.device)[None, :] < count[:, None]
-    return BranchTokens(index, valid)
+    return BranchTokens(index, valid, None if documents is None else documents.gather(1, index))
 
 
 def plan_route(
-    layer_idx: int, config: FlowHNConfig, positions: torch.Tensor, real: torch.Tensor | None, start: int | None
+    layer_idx: int,
+    config: FlowHNConfig,
+    positions: torch.Tensor,
+    real: torch.Tensor | None,
+    start: int | None,
+    documents: torch.Tensor | None = None,
 ) -> LayerRoute:
     """Split a layer's tokens between the branches.
 
-    `positions` (B, T) are absolute positions, `real` (B, T) False at padding (None: no padding). When every row has
-    the positions `start, start + 1, ...` and no padding, the split is worked out on the host, with no device sync.
+    `positions` (B, T) are absolute positions, `real` (B, T) False at padding (None: no padding), `documents` (B, T)
+    numbers packed documents (None: one per row). When every row has the positions `start, start + 1, ...` and no
+    padding, the split is worked out on the host, with no device sync.
     """
     if config.split_mode == "none":
-        everything = BranchTokens(None, real)
+        everything = BranchTokens(None, real, documents)
         return LayerRoute(everything, everything, None)
     batch, length = positions.shape
     if start is not None:
@@ -201,7 +209,8 @@ def plan_route(
     else:
         to_attention = route_to_attention(positions, layer_idx, config)
         real = torch.ones_like(to_attention) if real is None else real
-        attention, deltanet = _compact(to_attention & real), _compact(~to_attention & real)
+        attention = _compact(to_attention & real, documents)
+        deltanet = _compact(~to_attention & real, documents)
     rank_attention = (to_attention & real).cumsum(-1) - 1
     rank_deltanet = (~to_attention & real).cumsum(-1) - 1 + attention.size
     merge = torch.where(to_attention, rank_attention, rank_deltanet).clamp(min=0)
@@ -231,10 +240,11 @@ class FlowHNAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        valid: torch.Tensor | None,
+        tokens: BranchTokens,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        valid = tokens.valid
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -257,8 +267,9 @@ class FlowHNAttention(nn.Module):
             )
 
         attention_mask = None
-        if key_mask is not None or past_length or self.config._attn_implementation != "sdpa":
-            attention_mask = _causal_mask(key_mask, input_shape, past_length, query_states)
+        needs_mask = key_mask is not None or tokens.documents is not None or past_length
+        if needs_mask or self.config._attn_implementation != "sdpa":
+            attention_mask = _causal_mask(key_mask, tokens.documents, input_shape, past_length, query_states)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -275,8 +286,9 @@ class FlowHNAttention(nn.Module):
         return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
 
 
-def _causal_mask(key_mask, input_shape, past_length, query_states) -> torch.Tensor:
-    """Additive (B, 1, n, past + n) mask: causal within the branch's subsequence, fillers never attended."""
+def _causal_mask(key_mask, documents, input_shape, past_length, query_states) -> torch.Tensor:
+    """Additive (B, 1, n, past + n) mask: causal within the branch's subsequence and within each packed document,
+    fillers never attended."""
     batch, length = input_shape
     device = query_states.device
     keys = torch.arange(past_length + length, device=device)
@@ -284,6 +296,8 @@ def _causal_mask(key_mask, input_shape, past_length, query_states) -> torch.Tens
     allowed = allowed[None].expand(batch, -1, -1)
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, :]
+    if documents is not None:  # packed documents come without a cache, so past_length is 0
+        allowed = allowed & (documents[:, :, None] == documents[:, None, :])
     mask = torch.zeros(allowed.shape, dtype=query_states.dtype, device=device)
     return mask.masked_fill(~allowed, torch.finfo(query_states.dtype).min)[:, None]
 
@@ -294,6 +308,27 @@ def _linear_states(layer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if isinstance(conv, dict):  # transformers >= 5.14 keeps several numbered states per layer
         conv, recurrent = conv[0], recurrent[0]
     return conv, recurrent
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, documents: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise causal convolution of x (B, C, width - 1 + n), which starts with the `width - 1` inputs before the
+    first token; with `documents` (B, n) no tap reaches into an earlier packed document."""
+    if documents is None:
+        return F.conv1d(x, weight, groups=x.shape[1])
+    width, length = weight.shape[-1], documents.shape[1]
+    out = 0
+    for back in range(width):  # the tap that reads `back` tokens back
+        same = F.pad(documents[:, back:] == documents[:, : length - back], (back, 0))
+        taps = x[:, :, width - 1 - back : width - 1 - back + length] * same[:, None, :]
+        out = out + weight[:, 0, width - 1 - back, None] * taps
+    return out
+
+
+def document_offsets(documents: torch.Tensor) -> torch.Tensor:
+    """`cu_seqlens` of the rows' documents (B, n) laid end to end: where a row or a document starts, and the end."""
+    starts = F.pad(documents[:, 1:] != documents[:, :-1], (1, 0), value=True)
+    offsets = starts.flatten().nonzero().squeeze(1)
+    return torch.cat([offsets, offsets.new_tensor([documents.numel()])])
 
 
 class FlowHNDeltaNet(nn.Module):
@@ -332,7 +367,7 @@ class FlowHNDeltaNet(nn.Module):
         if conv_window is None:
             conv_window = x.new_zeros(batch, x.shape[1], self.conv_size - 1)
         x = torch.cat([conv_window.to(x.dtype), x], dim=2)
-        qkv = F.silu(F.conv1d(x, self.conv1d.weight, groups=x.shape[1])).transpose(1, 2)
+        qkv = F.silu(causal_conv(x, self.conv1d.weight, tokens.documents)).transpose(1, 2)
         q, k, v = qkv.split(self.split_sizes, dim=-1)
         v = v.reshape(batch, length, self.num_heads, self.rank, self.value_dim)
         # autocast runs normalize in float32; the kernel takes q, k and v in one dtype
@@ -343,7 +378,11 @@ class FlowHNDeltaNet(nn.Module):
         if tokens.valid is not None:
             beta = beta * tokens.valid[..., None, None].to(beta.dtype)
 
-        o, final_state = opaque_delta_rule(q, k, v, beta, initial_state=state, output_final_state=layer is not None)
+        if tokens.documents is None:
+            o, final_state = opaque_delta_rule(q, k, v, beta, initial_state=state, output_final_state=layer is not None)
+        else:  # the rows' documents packed along one sequence, the state reset at each
+            packed = (t.flatten(0, 1)[None] for t in (q, k, v, beta))
+            o = opaque_delta_rule(*packed, cu_seqlens=document_offsets(tokens.documents))[0].view(v.shape[:3] + (-1,))
         if layer is not None:
             layer.update_conv_state(self._last_inputs(x, tokens.valid))
             layer.update_recurrent_state(final_state)
@@ -378,7 +417,7 @@ class FlowHNAttentionBranch(nn.Module):
         hidden_states = tokens.gather(hidden_states)
         position_embeddings = tuple(tokens.gather(e) for e in position_embeddings)
         h = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, tokens.valid, past_key_values, **kwargs
+            self.input_layernorm(hidden_states), position_embeddings, tokens, past_key_values, **kwargs
         )
         hidden_states = hidden_states + h
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -528,22 +567,26 @@ class FlowHNModel(FlowHNPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.training and past_key_values is None:
-            use_cache = False  # a training step has no next token to decode
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
         if not use_cache:
             past_key_values = None
-
         if past_key_values is not None and len(past_key_values.layers) != self.config.num_hidden_layers:
             raise ValueError(
                 "`past_key_values` must hold one hybrid layer per decoder layer: pass `DynamicCache(config=model.config)`"
             )
-        positions, real, start = self._positions(inputs_embeds, attention_mask, position_ids, past_key_values)
+        positions, real, start, documents = self._positions(inputs_embeds, attention_mask, position_ids, past_key_values)
+        if documents is not None and past_key_values is not None:
+            raise ValueError(
+                "`position_ids` restart inside a row (packed documents), which a `past_key_values` cache can't continue: "
+                "pass packed documents without a cache"
+            )
+        # a training step has no next token to decode; packed documents have no single next token
+        if use_cache and past_key_values is None and not self.training and documents is None:
+            past_key_values = DynamicCache(config=self.config)
+
         position_embeddings = self.rotary_emb(inputs_embeds, positions)
         hidden_states = inputs_embeds
         for layer_idx, decoder_layer in enumerate(self.layers):
-            route = plan_route(layer_idx, self.config, positions, real, start)
+            route = plan_route(layer_idx, self.config, positions, real, start, documents)
             hidden_states = decoder_layer(
                 hidden_states,
                 route=route,
@@ -556,8 +599,9 @@ class FlowHNModel(FlowHNPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
 
     def _positions(self, inputs_embeds, attention_mask, position_ids, past_key_values):
-        """Absolute positions (B, T) of the input tokens, the real-token mask (None: no padding), and `start` when
-        every row has the positions start, start + 1, ... and no padding (else None)."""
+        """Absolute positions (B, T) of the input tokens; the real-token mask (None: no padding); `start` when every
+        row has the positions start, start + 1, ... and no padding (else None); and document numbers (B, T) when
+        `position_ids` restart inside a row between real tokens, as for packed documents (else None)."""
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -574,10 +618,14 @@ class FlowHNModel(FlowHNPreTrainedModel):
         positions = position_ids.to(device).expand(batch, -1)
         steps = positions[:, :1] + torch.arange(length, device=device)
         uniform = (positions == steps).all() & (positions[:, :1] == positions[:1, :1]).all()
+        continues = positions[:, 1:] == positions[:, :-1] + 1
         if real is not None:
             uniform = uniform & real.all()
-        uniform, start = torch.stack([uniform.long(), positions[0, 0]]).tolist()  # the one device sync of a forward
-        return positions, None if uniform else real, start if uniform else None
+            continues = continues | ~(real[:, 1:] & real[:, :-1])  # only a step between real tokens starts a document
+        flags = torch.stack([uniform.long(), continues.all().long(), positions[0, 0]])
+        uniform, unpacked, start = flags.tolist()  # the one device sync of a forward
+        documents = None if unpacked else F.pad(~continues, (1, 0)).cumsum(1)
+        return positions, None if uniform else real, start if uniform else None, documents
 
 
 class LinearCrossEntropy(torch.autograd.Function):

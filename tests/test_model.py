@@ -264,3 +264,31 @@ def test_training_loss_without_logits_matches_transformers_loss(num_items):
     torch.testing.assert_close(fused.loss, reference, rtol=1e-5, atol=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(fused_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_documents_match_each_document_alone(mode):
+    """position_ids that restart inside a row mark packed documents: nothing crosses from one to the next."""
+    model = tiny_model(split_mode=mode, delta_rank=2)
+    docs = [tokens(1, n, seed=n) for n in (23, 19, 11, 30, 23)]
+    rows = [torch.cat(docs[:3], 1), torch.cat(docs[3:], 1)]
+    x = torch.cat(rows)
+    position_ids = torch.stack(
+        [torch.cat([torch.arange(d.shape[1]) for d in group]) for group in (docs[:3], docs[3:])]
+    )
+    with torch.no_grad():
+        packed = model(x, position_ids=position_ids).logits
+        alone = torch.cat([torch.cat([model(d).logits for d in group], 1) for group in (docs[:3], docs[3:])])
+    torch.testing.assert_close(packed, alone, **TOL)
+    model.train()
+    loss = model(x, position_ids=position_ids, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
+def test_packed_documents_refuse_a_cache():
+    model = tiny_model()
+    position_ids = torch.tensor([[0, 1, 2, 0, 1]])
+    with pytest.raises(ValueError, match="packed"):
+        model(tokens(1, 5), position_ids=position_ids, past_key_values=DynamicCache(config=model.config))
+    assert model(tokens(1, 5), position_ids=position_ids).past_key_values is None
