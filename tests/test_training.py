@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from training import pretrain
 from training.checkpoint import list_checkpoints, read_state
+from training.data import model_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["--seq-len", "64", "--micro-batch-size", "4", "--eval-blocks", "4", "--sample-tokens", "0",
@@ -290,3 +292,15 @@ def test_launch_configs_parse(name):
     if name == "fsdp2":
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "FlowHNDecoderLayer"
+
+
+def test_document_masking_restarts_positions_after_each_eos():
+    blocks = torch.tensor([[5, 6, 0, 7, 8, 9, 0, 0, 4], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    inputs = model_inputs(blocks, eos_token_id=0)
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 0], [0, 0, 1, 2, 3, 4, 5, 6, 7]]
+    assert "position_ids" not in model_inputs(blocks, eos_token_id=None)
+
+
+def test_tiny_run_with_document_masking(tmp_path):
+    proc = train_cli(*SHORT, "--output-dir", tmp_path / "run", "--max-steps", 4, "--document-masking")
+    assert "done:" in proc.stdout

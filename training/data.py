@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from training.corpus import builtin_corpus_files
 
@@ -158,6 +159,17 @@ class BlockSource:
                 epoch, pos = divmod(g, self.num_train)
                 rows.append(self.blocks[self.eval_blocks + int(self._permutation(epoch)[pos])]["input_ids"])
         return torch.tensor(np.array(rows), dtype=torch.long)
+
+
+def model_inputs(blocks: torch.Tensor, eos_token_id: int | None) -> dict:
+    """The model's inputs for a batch of packed blocks. With `eos_token_id`, position ids restart after every EOS, so
+    the model keeps the packed documents apart (attention and the DeltaNet state stop at each boundary)."""
+    inputs = {"input_ids": blocks, "labels": blocks}
+    if eos_token_id is not None:
+        index = torch.arange(blocks.shape[1], device=blocks.device).expand_as(blocks)
+        starts = torch.where(F.pad(blocks[:, :-1] == eos_token_id, (1, 0)), index, 0)
+        inputs["position_ids"] = index - starts.cummax(1).values
+    return inputs
 
 
 def unigram_entropy(blocks: torch.Tensor, vocab_size: int) -> float:

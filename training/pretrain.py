@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_mi
 import flowhn_hf
 from training.checkpoint import latest_checkpoint, read_state, save_checkpoint
 from training.corpus import train_bpe_tokenizer
-from training.data import BlockSource, load_text_dataset, pack_documents, unigram_entropy
+from training.data import BlockSource, load_text_dataset, model_inputs, pack_documents, unigram_entropy
 
 # Launch defaults of each preset; every one can be overridden on the command line.
 PRESET_DEFAULTS = {
@@ -45,7 +45,7 @@ PRESET_DEFAULTS = {
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 # Fields that identify a run: resuming with any of them changed is refused.
 RUN_IDENTITY = ("preset", "override", "seq_len", "micro_batch_size", "grad_accum", "dataset", "dataset_config",
-                "split", "text_column", "tokenizer", "vocab_size", "eval_blocks", "seed")
+                "split", "text_column", "tokenizer", "vocab_size", "eval_blocks", "seed", "document_masking")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                    help="auto (default): the launch config's, else bf16 on GPU and none on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--document-masking", action="store_true",
+                   help="keep packed documents apart: position ids restart after each EOS, so attention and the "
+                        "DeltaNet state stop at document boundaries")
     p.add_argument("--peak-tflops", type=float, help="peak FLOP/s per device for MFU (default: by GPU name)")
     p.add_argument("--prompt", default="To be, or not to be", help="prompt of the sample printed at the end ('To be, or not to be')")
     p.add_argument("--sample-tokens", type=int, default=64, help="tokens of that sample, 0 for none (64)")
@@ -242,7 +245,7 @@ class StopFlag:
 
 
 @torch.no_grad()
-def evaluate(model, source: BlockSource, accelerator, batch_size: int) -> float:
+def evaluate(model, source: BlockSource, accelerator, batch_size: int, eos_token_id: int | None) -> float:
     """Mean loss over the held-out blocks, split over the processes."""
     model.eval()
     world = accelerator.num_processes
@@ -251,7 +254,7 @@ def evaluate(model, source: BlockSource, accelerator, batch_size: int) -> float:
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for i in range(0, len(mine), batch_size):
         batch = mine[i:i + batch_size].to(accelerator.device)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(**model_inputs(batch, eos_token_id)).loss
         total += torch.stack([loss.double() * len(batch), torch.tensor(len(batch), device=total.device)])
     total = accelerator.reduce(total, "sum")
     model.train()
@@ -335,6 +338,7 @@ def train(args) -> dict:
             f"data: {data}; unigram entropy of the training tokens: {entropy:.3f} nats/token "
             "(the loss of a model that ignores context)")
     log_file = Path(args.output_dir) / "metrics.jsonl"
+    document_eos = tokenizer.eos_token_id if args.document_masking else None
     stop = StopFlag()
 
     def checkpoint_state():
@@ -357,7 +361,7 @@ def train(args) -> dict:
             start = step * global_blocks + (micro * world + rank) * args.micro_batch_size
             batch = source.train_batch(start, args.micro_batch_size).to(device)
             with accelerator.accumulate(model):
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = model(**model_inputs(batch, document_eos)).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -383,7 +387,7 @@ def train(args) -> dict:
             metrics["perf/mfu"] = fpt * tps / (peak * world)
             postfix["mfu"] = f"{metrics['perf/mfu']:.1%}"
         if step % args.eval_every == 0 or step == args.max_steps:
-            state["eval_loss"] = evaluate(model, source, accelerator, args.micro_batch_size)
+            state["eval_loss"] = evaluate(model, source, accelerator, args.micro_batch_size, document_eos)
             metrics["eval/loss"] = state["eval_loss"]
             say(f"step {step}: train loss {state['train_loss']:.4f}, eval loss {state['eval_loss']:.4f}")
         if state["eval_loss"] is not None:
