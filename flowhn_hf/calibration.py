@@ -5,7 +5,7 @@ import time
 import torch
 
 from .configuration_flowhn import FlowHNConfig
-from .modeling_flowhn import BranchTokens, FlowHNAttentionBranch, FlowHNDeltaNetBranch, FlowHNRotaryEmbedding
+from .modeling_flowhn import BranchTokens, FlowHNAttention, FlowHNBranch, FlowHNDeltaNet, FlowHNRotaryEmbedding
 
 
 def calibrate_split(
@@ -26,8 +26,8 @@ def calibrate_split(
         raise ValueError(f"`seq_len` must be an integer >= 4, got {seq_len!r}")
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    attention = FlowHNAttentionBranch(config, 0).to(device, dtype)
-    deltanet = FlowHNDeltaNetBranch(config, 0).to(device, dtype)
+    attention = FlowHNBranch(config, FlowHNAttention(config, 0)).to(device, dtype)
+    deltanet = FlowHNBranch(config, FlowHNDeltaNet(config, 0)).to(device, dtype)
     rotary = FlowHNRotaryEmbedding(config).to(device)
 
     def attention_step(x):
@@ -35,7 +35,7 @@ def calibrate_split(
         return attention(x, BranchTokens(None, None), rotary(x, positions))
 
     def deltanet_step(x):
-        return deltanet(x, BranchTokens(None, None))
+        return deltanet(x, BranchTokens(None, None), None)
 
     low, high = 1 / seq_len, 1 - 1 / seq_len
     for _ in range(steps):

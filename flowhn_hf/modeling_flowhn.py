@@ -239,12 +239,13 @@ class FlowHNAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
         tokens: BranchTokens,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         valid = tokens.valid
+        position_embeddings = tuple(tokens.gather(e) for e in position_embeddings)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -355,7 +356,12 @@ class FlowHNDeltaNet(nn.Module):
         self.o_proj = nn.Linear(h * v, config.hidden_size, bias=False)
 
     def forward(
-        self, hidden_states: torch.Tensor, tokens: BranchTokens, past_key_values: Cache | None = None, **kwargs
+        self,
+        hidden_states: torch.Tensor,
+        tokens: BranchTokens,
+        position_embeddings=None,  # positions enter through the recurrence's order, not through rotations
+        past_key_values: Cache | None = None,
+        **kwargs,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         if tokens.valid is not None:
@@ -403,40 +409,22 @@ class FlowHNDeltaNet(nn.Module):
         return x.gather(2, index[:, None, :].expand(-1, x.shape[1], -1))
 
 
-class FlowHNAttentionBranch(nn.Module):
-    """Pre-norm attention then a SwiGLU MLP, each with its residual."""
+class FlowHNBranch(nn.Module):
+    """One branch of a layer, on the tokens routed to it: a pre-norm mixer (attention or DeltaNet) then a SwiGLU MLP,
+    each with its residual."""
 
-    def __init__(self, config: FlowHNConfig, layer_idx: int):
+    def __init__(self, config: FlowHNConfig, mixer: nn.Module):
         super().__init__()
         self.input_layernorm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = FlowHNAttention(config, layer_idx)
-        self.post_attention_layernorm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = mixer
+        self.post_mixer_layernorm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = FlowHNMLP(config)
 
     def forward(self, hidden_states, tokens: BranchTokens, position_embeddings, past_key_values=None, **kwargs):
         hidden_states = tokens.gather(hidden_states)
-        position_embeddings = tuple(tokens.gather(e) for e in position_embeddings)
-        h = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, tokens, past_key_values, **kwargs
-        )
-        hidden_states = hidden_states + h
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-class FlowHNDeltaNetBranch(nn.Module):
-    """Pre-norm DeltaNet then a SwiGLU MLP, each with its residual."""
-
-    def __init__(self, config: FlowHNConfig, layer_idx: int):
-        super().__init__()
-        self.input_layernorm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.deltanet = FlowHNDeltaNet(config, layer_idx)
-        self.post_attention_layernorm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = FlowHNMLP(config)
-
-    def forward(self, hidden_states, tokens: BranchTokens, past_key_values=None, **kwargs):
-        hidden_states = tokens.gather(hidden_states)
-        hidden_states = hidden_states + self.deltanet(self.input_layernorm(hidden_states), tokens, past_key_values)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        mixed = self.mixer(self.input_layernorm(hidden_states), tokens, position_embeddings, past_key_values, **kwargs)
+        hidden_states = hidden_states + mixed
+        return hidden_states + self.mlp(self.post_mixer_layernorm(hidden_states))
 
 
 class FlowHNFusion(nn.Module):
@@ -479,8 +467,8 @@ class FlowHNDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: FlowHNConfig, layer_idx: int):
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.attention_branch = FlowHNAttentionBranch(config, layer_idx)
-        self.deltanet_branch = FlowHNDeltaNetBranch(config, layer_idx)
+        self.attention_branch = FlowHNBranch(config, FlowHNAttention(config, layer_idx))
+        self.deltanet_branch = FlowHNBranch(config, FlowHNDeltaNet(config, layer_idx))
         self.fusion = FlowHNFusion(config)
 
     def forward(
@@ -499,7 +487,7 @@ class FlowHNDecoderLayer(GradientCheckpointingLayer):
             )
         deltanet_out = empty
         if route.deltanet.size != 0:
-            deltanet_out = self.deltanet_branch(hidden_states, route.deltanet, past_key_values)
+            deltanet_out = self.deltanet_branch(hidden_states, route.deltanet, position_embeddings, past_key_values)
         return self.fusion(hidden_states, attention_out, deltanet_out, route)
 
 

@@ -2,7 +2,7 @@
 
 Blocks alternate: an attention block (pre-norm GQA attention with RoPE, then a SwiGLU MLP) then a DeltaNet block
 (pre-norm parallel-flow DeltaNet, then a SwiGLU MLP), each block with its residuals, every token through every block,
-no fusion. The blocks are `FlowHNAttentionBranch` and `FlowHNDeltaNetBranch` with every token in place, so the
+no fusion. The blocks are `FlowHNBranch`es of attention and of DeltaNet with every token in place, so the
 kernels, norms and MLPs are FlowHN's; only the wiring differs.
 
 The config is a `FlowHNConfig` whose `num_hidden_layers` counts blocks (attention and DeltaNet blocks together):
@@ -20,8 +20,9 @@ from flowhn_hf import FlowHNConfig, preset_config
 from flowhn_hf import modeling_flowhn as mf
 from flowhn_hf.modeling_flowhn import (
     BranchTokens,
-    FlowHNAttentionBranch,
-    FlowHNDeltaNetBranch,
+    FlowHNAttention,
+    FlowHNBranch,
+    FlowHNDeltaNet,
     FlowHNPreTrainedModel,
     FlowHNRMSNorm,
     FlowHNRotaryEmbedding,
@@ -40,7 +41,7 @@ class SequentialHybridModel(nn.Module):
             )
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(
-            FlowHNAttentionBranch(config, i) if i % 2 == 0 else FlowHNDeltaNetBranch(config, i)
+            FlowHNBranch(config, FlowHNAttention(config, i) if i % 2 == 0 else FlowHNDeltaNet(config, i))
             for i in range(config.num_hidden_layers)
         )
         self.norm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -51,7 +52,7 @@ class SequentialHybridForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
     """Attention block, DeltaNet block, attention block, ... built from FlowHN's branches."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    _no_split_modules = ["FlowHNAttentionBranch", "FlowHNDeltaNetBranch"]
+    _no_split_modules = ["FlowHNBranch"]
 
     def __init__(self, config: FlowHNConfig):
         super().__init__(config)
@@ -102,11 +103,8 @@ class SequentialHybridForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         position_embeddings = self.model.rotary_emb(hidden_states, positions)
         tokens = BranchTokens(None, real)  # every token in place; padding marked
 
-        for i, block in enumerate(self.model.layers):
-            if i % 2 == 0:
-                hidden_states = block(hidden_states, tokens, position_embeddings, past_key_values)
-            else:
-                hidden_states = block(hidden_states, tokens, past_key_values)
+        for block in self.model.layers:
+            hidden_states = block(hidden_states, tokens, position_embeddings, past_key_values)
         if past_key_values is not None:
             past_key_values.bench_seen_tokens = getattr(past_key_values, "bench_seen_tokens", 0) + length
         hidden_states = self.model.norm(hidden_states)
