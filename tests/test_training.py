@@ -52,6 +52,11 @@ def test_tiny_run_learns_and_samples(tmp_path):
     assert state["step"] == 100 and state["tokens_seen"] == 100 * 16 * 128
     assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.json"} <= {
         p.name for p in final.iterdir()}
+    hub = tmp_path / "run" / "hub"
+    assert f"Hub-ready checkpoint: {hub}" in out
+    assert {"model.safetensors", "config.json", "modeling_flowhn.py", "delta_rule.py", "tokenizer.json",
+            "generation_config.json", "README.md"} <= {p.name for p in hub.iterdir()}
+    assert "auto_map" in json.loads((hub / "config.json").read_text())
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
 import flowhn_hf
+from flowhn_hf.export import export
 from training.checkpoint import latest_checkpoint, read_state, save_checkpoint
 from training.corpus import train_bpe_tokenizer
 from training.data import BlockSource, load_text_dataset, model_inputs, pack_documents, unigram_entropy
@@ -407,6 +409,9 @@ def train(args) -> dict:
         if stopping:
             break
     bar.close()
+    if stop.signum is None and accelerator.is_main_process:
+        export_run(args.output_dir)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     final = checkpoint_state()
     if stop.signum is not None:
@@ -420,9 +425,22 @@ def train(args) -> dict:
         f"eval loss {state['eval_loss']:.4f}, {tokens_seen / max(elapsed, 1e-9):,.0f} tokens/s"
         + (f", MFU {fpt * tokens_seen / elapsed / (peak * world):.1%}" if peak else "")
         + (f", peak memory {final['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in final else ""))
+    accelerator.print(f"Hub-ready checkpoint: {Path(args.output_dir) / 'hub'} (load it with "
+                      f"AutoModelForCausalLM.from_pretrained; upload it with `flowhn-export {args.output_dir} DIR "
+                      "--push-to-hub REPO_ID`)")
     if args.sample_tokens > 0:
         accelerator.print(f"sample:\n{generate_sample(accelerator.unwrap_model(model), tokenizer, args, accelerator)}")
     return final
+
+
+def export_run(output_dir):
+    """Export the run's latest checkpoint to OUTPUT_DIR/hub, replacing an earlier export only once the new one is
+    complete."""
+    hub, fresh = Path(output_dir) / "hub", Path(output_dir) / "hub.tmp"
+    shutil.rmtree(fresh, ignore_errors=True)
+    export(latest_checkpoint(output_dir), fresh)
+    shutil.rmtree(hub, ignore_errors=True)
+    fresh.rename(hub)
 
 
 @torch.no_grad()
