@@ -119,3 +119,29 @@ def test_a_failing_model_fills_its_row_and_the_run_goes_on(monkeypatch, one_thre
     row = tb.run_model("llama", args, device, batch, state)
     assert row["error"].startswith("train: OutOfMemoryError") and row["generate_b1_tokens_per_s"] > 0
     assert "| Llama" in tb.markdown_table([row], args)
+
+
+def test_quality_smoke_run_writes_its_table(tmp_path):
+    from training.benchmarks import quality
+
+    assert quality.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quality.json").read_text())
+    assert {(r["task"], r["model"]) for r in rows} == {
+        (t, m) for t in ("text", "mqar") for m in ("flowhn-FAC", "flowhn-none", "llama")}
+    assert len({r["train_tokens"] for r in rows if r["task"] == "text"}) == 1, "equal tokens for every model"
+    assert "| mqar | llama |" in (tmp_path / "QUALITY.md").read_text()
+
+
+def test_mqar_answers_are_the_values_of_the_queried_keys():
+    from types import SimpleNamespace
+
+    from training.benchmarks.quality import mqar_batch
+
+    ids, labels = mqar_batch(3, SimpleNamespace(pairs=5, mqar_vocab=20), torch.Generator().manual_seed(0))
+    assert ids.shape == labels.shape == (3, 20)
+    for row, row_labels in zip(ids.tolist(), labels.tolist()):
+        pairs = dict(zip(row[0:10:2], row[1:10:2]))
+        assert len(pairs) == 5
+        for key_at in range(10, 20, 2):
+            assert row_labels[key_at] == -100 and row_labels[key_at + 1] == pairs[row[key_at]]
+        assert all(label == -100 for label in row_labels[:10])
