@@ -50,9 +50,12 @@ class FlowHNRotaryEmbedding(nn.Module):
 
     def __init__(self, config: FlowHNConfig):
         super().__init__()
+        self.register_buffer("inv_freq", self.inverse_frequencies(config), persistent=False)
+
+    @staticmethod
+    def inverse_frequencies(config: FlowHNConfig) -> torch.Tensor:
         dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,14 +208,15 @@ def plan_route(
         order = torch.argsort((~to_attention).to(torch.int8), stable=True)[None].expand(batch, -1)
         attention = BranchTokens(order[:, :attention_size], None)
         deltanet = BranchTokens(order[:, attention_size:], None)
-        real = torch.ones_like(to_attention)
+        to_deltanet = ~to_attention
     else:
         to_attention = route_to_attention(positions, layer_idx, config)
-        real = torch.ones_like(to_attention) if real is None else real
-        attention = _compact(to_attention & real, documents)
-        deltanet = _compact(~to_attention & real, documents)
-    rank_attention = (to_attention & real).cumsum(-1) - 1
-    rank_deltanet = (~to_attention & real).cumsum(-1) - 1 + attention.size
+        to_deltanet = ~to_attention
+        if real is not None:
+            to_attention, to_deltanet = to_attention & real, to_deltanet & real
+        attention, deltanet = _compact(to_attention, documents), _compact(to_deltanet, documents)
+    rank_attention = to_attention.cumsum(-1) - 1
+    rank_deltanet = to_deltanet.cumsum(-1) - 1 + attention.size
     merge = torch.where(to_attention, rank_attention, rank_deltanet).clamp(min=0)
     return LayerRoute(attention, deltanet, merge.expand(batch, -1))
 
@@ -312,11 +316,12 @@ def _linear_states(layer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, documents: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise causal convolution of x (B, C, width - 1 + n), which starts with the `width - 1` inputs before the
-    first token; with `documents` (B, n) no tap reaches into an earlier packed document."""
+    """Depthwise causal convolution of x (B, C, n), zeros before the first token; with `documents` (B, n) no tap
+    reaches into an earlier packed document."""
+    width, length = weight.shape[-1], x.shape[2]
     if documents is None:
-        return F.conv1d(x, weight, groups=x.shape[1])
-    width, length = weight.shape[-1], documents.shape[1]
+        return F.conv1d(x, weight, padding=width - 1, groups=x.shape[1])[..., :length]
+    x = F.pad(x, (width - 1, 0))
     out = 0
     for back in range(width):  # the tap that reads `back` tokens back
         same = F.pad(documents[:, back:] == documents[:, : length - back], (back, 0))
@@ -370,10 +375,15 @@ class FlowHNDeltaNet(nn.Module):
         conv_window, state = (None, None) if layer is None else _linear_states(layer)
 
         x = self.qkv_proj(hidden_states).transpose(1, 2)
-        if conv_window is None:
-            conv_window = x.new_zeros(batch, x.shape[1], self.conv_size - 1)
-        x = torch.cat([conv_window.to(x.dtype), x], dim=2)
-        qkv = F.silu(causal_conv(x, self.conv1d.weight, tokens.documents)).transpose(1, 2)
+        if layer is None:
+            conv = causal_conv(x, self.conv1d.weight, tokens.documents)
+        else:  # decoding: the cached inputs before the first token lead
+            if conv_window is None:
+                conv_window = x.new_zeros(batch, x.shape[1], self.conv_size - 1)
+            x = torch.cat([conv_window.to(x.dtype), x], dim=2)
+            conv = F.conv1d(x, self.conv1d.weight, groups=x.shape[1])
+            layer.update_conv_state(self._last_inputs(x, tokens.valid))
+        qkv = F.silu(conv).transpose(1, 2)
         q, k, v = qkv.split(self.split_sizes, dim=-1)
         v = v.reshape(batch, length, self.num_heads, self.rank, self.value_dim)
         # autocast runs normalize in float32; the kernel takes q, k and v in one dtype
@@ -390,7 +400,6 @@ class FlowHNDeltaNet(nn.Module):
             packed = (t.flatten(0, 1)[None] for t in (q, k, v, beta))
             o = opaque_delta_rule(*packed, cu_seqlens=document_offsets(tokens.documents))[0].view(v.shape[:3] + (-1,))
         if layer is not None:
-            layer.update_conv_state(self._last_inputs(x, tokens.valid))
             layer.update_recurrent_state(final_state)
 
         gate = F.silu(self.g_proj(hidden_states)).view(batch, length, self.num_heads, self.value_dim)
@@ -515,9 +524,7 @@ class FlowHNPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, FlowHNRotaryEmbedding):
-            dim = self.config.head_dim
-            inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-            module.inv_freq.copy_(inv_freq)
+            module.inv_freq.copy_(FlowHNRotaryEmbedding.inverse_frequencies(self.config))
 
 
 def code_files() -> list[Path]:
