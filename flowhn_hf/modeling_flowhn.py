@@ -535,6 +535,36 @@ def code_files() -> list[Path]:
     return list(dict.fromkeys(here + kernels))
 
 
+def token_positions(inputs_embeds, attention_mask, position_ids, past_key_values):
+    """Absolute positions (B, T) of the input tokens; the real-token mask (None: no padding); `start` when every
+    row has the positions start, start + 1, ... and no padding (else None); and document numbers (B, T) when
+    `position_ids` restart inside a row between real tokens, as for packed documents (else None)."""
+    batch, length = inputs_embeds.shape[:2]
+    device = inputs_embeds.device
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"`attention_mask` must be 2D (batch, past + new tokens), got {attention_mask.dim()}D")
+    real = None
+    if attention_mask is not None:
+        real = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+    if position_ids is None:
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        else:
+            seen = getattr(past_key_values, "flowhn_seen_tokens", 0) if past_key_values is not None else 0
+            position_ids = torch.arange(seen, seen + length, device=device)[None]
+    positions = position_ids.to(device).expand(batch, -1)
+    steps = positions[:, :1] + torch.arange(length, device=device)
+    uniform = (positions == steps).all() & (positions[:, :1] == positions[:1, :1]).all()
+    continues = positions[:, 1:] == positions[:, :-1] + 1
+    if real is not None:
+        uniform = uniform & real.all()
+        continues = continues | ~(real[:, 1:] & real[:, :-1])  # only a step between real tokens starts a document
+    flags = torch.stack([uniform.long(), continues.all().long(), positions[0, 0]])
+    uniform, unpacked, start = flags.tolist()  # the one device sync of a forward
+    documents = None if unpacked else F.pad(~continues, (1, 0)).cumsum(1)
+    return positions, None if uniform else real, start if uniform else None, documents
+
+
 class FlowHNModel(FlowHNPreTrainedModel):
     def __init__(self, config: FlowHNConfig):
         super().__init__(config)
@@ -568,7 +598,9 @@ class FlowHNModel(FlowHNPreTrainedModel):
             raise ValueError(
                 "`past_key_values` must hold one hybrid layer per decoder layer: pass `DynamicCache(config=model.config)`"
             )
-        positions, real, start, documents = self._positions(inputs_embeds, attention_mask, position_ids, past_key_values)
+        positions, real, start, documents = token_positions(
+            inputs_embeds, attention_mask, position_ids, past_key_values
+        )
         if documents is not None and past_key_values is not None:
             raise ValueError(
                 "`position_ids` restart inside a row (packed documents), which a `past_key_values` cache can't continue: "
@@ -592,35 +624,6 @@ class FlowHNModel(FlowHNPreTrainedModel):
         if past_key_values is not None:
             past_key_values.flowhn_seen_tokens = getattr(past_key_values, "flowhn_seen_tokens", 0) + positions.shape[1]
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
-
-    def _positions(self, inputs_embeds, attention_mask, position_ids, past_key_values):
-        """Absolute positions (B, T) of the input tokens; the real-token mask (None: no padding); `start` when every
-        row has the positions start, start + 1, ... and no padding (else None); and document numbers (B, T) when
-        `position_ids` restart inside a row between real tokens, as for packed documents (else None)."""
-        batch, length = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"`attention_mask` must be 2D (batch, past + new tokens), got {attention_mask.dim()}D")
-        real = None
-        if attention_mask is not None:
-            real = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-            else:
-                seen = getattr(past_key_values, "flowhn_seen_tokens", 0) if past_key_values is not None else 0
-                position_ids = torch.arange(seen, seen + length, device=device)[None]
-        positions = position_ids.to(device).expand(batch, -1)
-        steps = positions[:, :1] + torch.arange(length, device=device)
-        uniform = (positions == steps).all() & (positions[:, :1] == positions[:1, :1]).all()
-        continues = positions[:, 1:] == positions[:, :-1] + 1
-        if real is not None:
-            uniform = uniform & real.all()
-            continues = continues | ~(real[:, 1:] & real[:, :-1])  # only a step between real tokens starts a document
-        flags = torch.stack([uniform.long(), continues.all().long(), positions[0, 0]])
-        uniform, unpacked, start = flags.tolist()  # the one device sync of a forward
-        documents = None if unpacked else F.pad(~continues, (1, 0)).cumsum(1)
-        return positions, None if uniform else real, start if uniform else None, documents
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -86,32 +86,18 @@ class SequentialHybridForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
             past_key_values = DynamicCache(config=self.config)
         if not use_cache:
             past_key_values = None
-        batch, length = hidden_states.shape[:2]
-        device = hidden_states.device
-
-        real = None
-        if attention_mask is not None:
-            real = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
-            if position_ids is None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-            if bool(real.all()):
-                real = None
-        if position_ids is None:
-            seen = getattr(past_key_values, "bench_seen_tokens", 0) if past_key_values is not None else 0
-            position_ids = torch.arange(seen, seen + length, device=device)[None]
-        positions = position_ids.to(device).expand(batch, -1)
+        positions, real, _, documents = mf.token_positions(hidden_states, attention_mask, position_ids, past_key_values)
         position_embeddings = self.model.rotary_emb(hidden_states, positions)
-        tokens = BranchTokens(None, real)  # every token in place; padding marked
+        tokens = BranchTokens(None, real, documents)  # every token in place; padding and documents marked
 
         for block in self.model.layers:
             hidden_states = block(hidden_states, tokens, position_embeddings, past_key_values)
         if past_key_values is not None:
-            past_key_values.bench_seen_tokens = getattr(past_key_values, "bench_seen_tokens", 0) + length
+            past_key_values.flowhn_seen_tokens = getattr(past_key_values, "flowhn_seen_tokens", 0) + positions.shape[1]
         hidden_states = self.model.norm(hidden_states)
 
-        fused_loss = getattr(mf, "causal_lm_loss", None)  # FlowHN's chunked linear + cross-entropy, where it exists
-        if labels is not None and fused_loss is not None and self.training and torch.is_grad_enabled():
-            loss = fused_loss(hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
+        if labels is not None and self.training and torch.is_grad_enabled():  # FlowHN's loss without the logits
+            loss = mf.causal_lm_loss(hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
             return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=past_key_values)
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
