@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import dot_dtype, kernel, pow2
+from .utils import dot_dtype, dot_precision, kernel, pow2
 
 ROWS = 64
 
@@ -26,7 +26,7 @@ ROWS = 64
 @kernel
 def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                LOAD_TINV: tl.constexpr, DT: tl.constexpr):
+                LOAD_TINV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """UT transform of one chunk: T (computed, or loaded in backward), then W and Ũ."""
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -47,12 +47,13 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.c
     if LOAD_TINV:
         b_t = tl.load(tinv + tile)
     else:
-        a = tl.dot(b_k, tl.trans(b_k)) * b_beta[:, None]
+        a = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_beta[:, None]
         a = tl.where((r // RP)[:, None] > (r // RP)[None, :], a, 0.0)
         # (I + N)⁻¹ = (I − N)(I + N²)(I + N⁴) for N nilpotent of index ≤ 8. Over all 64 rows at once the factors grow
         # like binomial coefficients when keys are alike (as in real text) and cancel catastrophically, so A is split
         # into its 8×8 diagonal blocks D and the rest E: (I + A)⁻¹ = (I + (I + D)⁻¹E)⁻¹ (I + D)⁻¹, where D is
-        # nilpotent within a block and (I + D)⁻¹E across the 8 blocks of the chunk.
+        # nilpotent within a block and (I + D)⁻¹E across the 8 blocks of the chunk. The factors still reach ~C(7,3):
+        # products near fp32 accuracy (tf32x3) whatever the input dtype.
         eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
         same_block = (r // 8)[:, None] == (r // 8)[None, :]
         d = tl.where(same_block, a, 0.0)
@@ -69,12 +70,12 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.c
         tl.store(tinv + tile, b_t)
     b_tl = b_t.to(DT)
     base = (g * H + h) * ROWS + r
-    b_w = tl.dot(b_tl, (b_k * b_beta[:, None]).to(DT))
+    b_w = tl.dot(b_tl, (b_k * b_beta[:, None]).to(DT), input_precision=PREC)
     tl.store(w + base[:, None] * K + kk[None, :], b_w.to(w.dtype.element_ty), mask=kk[None, :] < K)
     for iv in range((V + BV - 1) // BV):
         vv = iv * BV + tl.arange(0, BV)
         b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & (vv[None, :] < V), other=0.0).to(DT)
-        b_ut = tl.dot(b_tl, (b_v * b_beta[:, None]).to(DT))
+        b_ut = tl.dot(b_tl, (b_v * b_beta[:, None]).to(DT), input_precision=PREC)
         tl.store(ut + base[:, None] * V + vv[None, :], b_ut.to(ut.dtype.element_ty), mask=vv[None, :] < V)
 
 
@@ -82,7 +83,7 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.c
 def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DT: tl.constexpr,
-                     AUG: tl.constexpr, VA: tl.constexpr):
+                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
     """Sequential pass over one sequence's chunks: S_end = S_start + Kᵀ(Ũ − W S_start).
 
     AUG: run the flow of the sequence instead, on the K+V columns [P | J] from [I | 0] with
@@ -109,23 +110,32 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexp
     else:
         S = tl.full([BK, BV], 0.0, tl.float32)
     nc = (eos - bos + BT - 1) // BT
+    # each chunk's tiles are loaded one step ahead: the loads overlap the previous chunk's products
+    base = (g0 * H + h) * ROWS + r
+    row_ok = (r // RP < eos - bos) & (r % RP < R)
+    sub = ((bos + r // RP) * H + h) * R + r % RP
+    b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
+    b_ut = tl.load(ut + base[:, None] * V + col[None, :], mask=(col[None, :] >= 0) & (col[None, :] < V), other=0.0)
+    b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0)
     c = 0
     while c < nc:
         g = g0 + c
-        base = (g * H + h) * ROWS + r
         if not AUG:
             tl.store(hs + (g * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=kv_mask)
-        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
-        b_ut = tl.load(ut + base[:, None] * V + col[None, :], mask=(col[None, :] >= 0) & (col[None, :] < V), other=0.0)
-        b_u = b_ut.to(tl.float32) - tl.dot(b_w, S.to(DT))
+        b_u = b_ut.to(tl.float32) - tl.dot(b_w.to(DT), S.to(DT), input_precision=PREC)
         if not AUG:
             tl.store(u + base[:, None] * V + vv[None, :], b_u.to(u.dtype.element_ty), mask=vv[None, :] < V)
-        tok = c * BT + r // RP
-        comp = r % RP
-        row_ok = (tok < eos - bos) & (comp < R)
-        sub = ((bos + tok) * H + h) * R + comp
-        b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0).to(DT)
-        S += tl.dot(b_kt, b_u.to(DT))
+        b_k_now = b_kt
+        more = c + 1 < nc
+        base = ((g + 1) * H + h) * ROWS + r
+        tok = (c + 1) * BT + r // RP
+        row_ok = (tok < eos - bos) & (r % RP < R)
+        sub = ((bos + tok) * H + h) * R + r % RP
+        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=more & (kk[None, :] < K), other=0.0)
+        b_ut = tl.load(ut + base[:, None] * V + col[None, :], mask=more & (col[None, :] >= 0) & (col[None, :] < V),
+                       other=0.0)
+        b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0)
+        S += tl.dot(b_k_now.to(DT), b_u.to(DT), input_precision=PREC)
         c += 1
     if STORE_FINAL:
         tl.store(final + state + kv, S, mask=kv_mask)
@@ -134,7 +144,7 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexp
 @kernel
 def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  DT: tl.constexpr):
+                  DT: tl.constexpr, PREC: tl.constexpr):
     """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk and one block of V."""
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -156,11 +166,11 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.c
     sub = ((bos + tok) * H + h) * R + comp
     b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
-    a = tl.dot(b_q, tl.trans(b_k))
+    a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     a = tl.where(t[:, None] >= (r // RP)[None, :], a, 0.0)
     b_s = tl.load(hs + (g * H + h) * K * V + kk[:, None] * V + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V), other=0.0)
     b_u = tl.load(u + ((g * H + h) * ROWS + r)[:, None] * V + vv[None, :], mask=vv[None, :] < V, other=0.0)
-    b_o = tl.dot(b_q, b_s.to(DT)) + tl.dot(a.to(DT), b_u.to(DT))
+    b_o = tl.dot(b_q, b_s.to(DT), input_precision=PREC) + tl.dot(a.to(DT), b_u.to(DT), input_precision=PREC)
     tl.store(o + ((bos + tq) * H + h)[:, None] * V + vv[None, :], (b_o * scale).to(o.dtype.element_ty),
              mask=q_ok[:, None] & (vv[None, :] < V))
 
@@ -169,7 +179,7 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.c
 def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr,
-                     AUG: tl.constexpr, VA: tl.constexpr):
+                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
     """Reverse pass: dU = scale (QKᵀ⊙causal)ᵀ dO + K dS_end, dS_start = dS_end + scale Qᵀ dO − Wᵀ dU.
 
     AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with dO
@@ -196,30 +206,46 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
         dS = tl.load(dfinal + state + kv, mask=kv_mask, other=0.0).to(tl.float32)
     else:
         dS = tl.full([BK, BV], 0.0, tl.float32)
+    # each chunk's tiles are loaded one step ahead: the loads overlap the previous chunk's products
     c = (eos - bos + BT - 1) // BT - 1
+    tq = c * BT + t
+    tok = c * BT + r // RP
+    q_ok = tq < eos - bos
+    row_ok = (tok < eos - bos) & (r % RP < R)
+    sub = ((bos + tok) * H + h) * R + r % RP
+    base = ((g0 + c) * H + h) * ROWS + r
+    b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0)
+    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
+    b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + col[None, :],
+                   mask=q_ok[:, None] & (col[None, :] >= 0) & (col[None, :] < V), other=0.0)
+    b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
     while c >= 0:
         g = g0 + c
         if not AUG:
             tl.store(dhs + (g * H + h) * K * V + kv, dS.to(dhs.dtype.element_ty), mask=kv_mask)
-        tq = c * BT + t
-        q_ok = tq < eos - bos
-        tok = c * BT + r // RP
-        comp = r % RP
-        row_ok = (tok < eos - bos) & (comp < R)
-        sub = ((bos + tok) * H + h) * R + comp
-        b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
-        b_q = (b_q.to(tl.float32) * scale).to(DT)
-        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+        c_q = (b_q.to(tl.float32) * scale).to(DT)
+        c_k, c_do, c_w = b_k.to(DT), b_do.to(DT), b_w.to(DT)
+        c_base = base
+        more = c > 0
+        tq = (c - 1) * BT + t
+        tok = (c - 1) * BT + r // RP
+        q_ok = more & (tq < eos - bos)
+        row_ok = more & (tok < eos - bos) & (r % RP < R)
+        sub = ((bos + tok) * H + h) * R + r % RP
+        base = ((g - 1) * H + h) * ROWS + r
+        b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K),
+                      other=0.0)
+        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
         b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + col[None, :],
-                       mask=q_ok[:, None] & (col[None, :] >= 0) & (col[None, :] < V), other=0.0).to(DT)
-        base = (g * H + h) * ROWS + r
-        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
-        at = tl.dot(b_k, tl.trans(b_q))
+                       mask=q_ok[:, None] & (col[None, :] >= 0) & (col[None, :] < V), other=0.0)
+        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=more & (kk[None, :] < K), other=0.0)
+        at = tl.dot(c_k, tl.trans(c_q), input_precision=PREC)
         at = tl.where(t[None, :] >= (r // RP)[:, None], at, 0.0)
-        b_du = tl.dot(at.to(DT), b_do) + tl.dot(b_k, dS.to(DT))
+        b_du = tl.dot(at.to(DT), c_do, input_precision=PREC) + tl.dot(c_k, dS.to(DT), input_precision=PREC)
         if not AUG:
-            tl.store(du + base[:, None] * V + vv[None, :], b_du.to(du.dtype.element_ty), mask=vv[None, :] < V)
-        dS += tl.dot(tl.trans(b_q), b_do) - tl.dot(tl.trans(b_w), b_du.to(DT))
+            tl.store(du + c_base[:, None] * V + vv[None, :], b_du.to(du.dtype.element_ty), mask=vv[None, :] < V)
+        dS += (tl.dot(tl.trans(c_q), c_do, input_precision=PREC)
+               - tl.dot(tl.trans(c_w), b_du.to(DT), input_precision=PREC))
         c -= 1
     if STORE_DINIT:
         tl.store(dinit + state + kv, dS, mask=kv_mask)
@@ -265,10 +291,66 @@ def combine_kernel(flows, x0, xs, xout, seg_off, H: tl.constexpr, K: tl.constexp
 
 
 @kernel
-def grad_kernel(q, k, v, beta, tinv, u, hs, du, dhs, do, dq, dk, dv, dbeta, scale, cu, chunk_idx, H: tl.constexpr,
-                R: tl.constexpr, K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr):
-    """Gradients of one chunk's q, k, v, β from S_start, dS_end, U and dU (DESIGN.md §3 flows)."""
+def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr,
+                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """The state side of one chunk's gradients, for one block of K: dq, the part of dk that does not
+    go through W, and dW = dU S_startᵀ (negated by grad_wy_kernel). One [rows, BK] accumulator each
+    keeps the registers small; Q dOᵀ-style products over V are shared by all K blocks."""
+    g = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    ik = tl.program_id(2)
+    ROWS: tl.constexpr = BT * RP
+    seq = tl.load(chunk_idx + 2 * g)
+    c = tl.load(chunk_idx + 2 * g + 1)
+    bos = tl.load(cu + seq).to(tl.int64)
+    eos = tl.load(cu + seq + 1).to(tl.int64)
+    r = tl.arange(0, ROWS)
+    t = tl.arange(0, BT)
+    kk = ik * BK + tl.arange(0, BK)
+    k_ok = kk < K
+    tq = c * BT + t
+    q_ok = tq < eos - bos
+    tok = c * BT + r // RP
+    row_ok = (tok < eos - bos) & (r % RP < R)
+    sub = ((bos + tok) * H + h) * R + r % RP
+    qrow = (bos + tq) * H + h
+    base = (g * H + h) * ROWS + r
+    state = (g * H + h) * K * V
+    b_dq = tl.full([BT, BK], 0.0, tl.float32)
+    b_dk = tl.full([ROWS, BK], 0.0, tl.float32)
+    b_dw = tl.full([ROWS, BK], 0.0, tl.float32)
+    b_dqk = tl.full([BT, ROWS], 0.0, tl.float32)
+    for iv in range((V + BV - 1) // BV):
+        vv = iv * BV + tl.arange(0, BV)
+        v_ok = vv < V
+        kv = kk[:, None] * V + vv[None, :]
+        kv_mask = k_ok[:, None] & v_ok[None, :]
+        b_s = tl.load(hs + state + kv, mask=kv_mask, other=0.0).to(DT)
+        b_ds = tl.load(dhs + state + kv, mask=kv_mask, other=0.0).to(DT)
+        b_u = tl.load(u + base[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0).to(DT)
+        b_du = tl.load(du + base[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0).to(DT)
+        b_do = tl.load(do + qrow[:, None] * V + vv[None, :], mask=q_ok[:, None] & v_ok[None, :], other=0.0).to(DT)
+        b_dq += tl.dot(b_do, tl.trans(b_s), input_precision=PREC)
+        b_dqk += tl.dot(b_do, tl.trans(b_u), input_precision=PREC)
+        b_dk += tl.dot(b_u, tl.trans(b_ds), input_precision=PREC)
+        b_dw += tl.dot(b_du, tl.trans(b_s), input_precision=PREC)
+    b_q = tl.load(q + qrow[:, None] * K + kk[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(DT)
+    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DT)
+    b_dqk = (tl.where(t[:, None] >= (r // RP)[None, :], b_dqk, 0.0) * scale).to(DT)
+    b_dq = b_dq * scale + tl.dot(b_dqk, b_k, input_precision=PREC)
+    b_dk += tl.dot(tl.trans(b_dqk), b_q, input_precision=PREC)
+    tl.store(dq + qrow[:, None] * K + kk[None, :], b_dq.to(dq.dtype.element_ty), mask=q_ok[:, None] & k_ok[None, :])
+    tl.store(dk + sub[:, None] * K + kk[None, :], b_dk.to(dk.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+    tl.store(dw + base[:, None] * K + kk[None, :], b_dw.to(dw.dtype.element_ty), mask=k_ok[None, :])
+
+
+@kernel
+def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr,
+                   K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Back through one chunk's UT transform W = T diag(β) K, Ũ = T diag(β) V, T = (I + A)⁻¹:
+    dv and dβ, and dk = (grad_state_kernel's part) + the parts through W and A."""
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     ROWS: tl.constexpr = BT * RP
@@ -277,68 +359,50 @@ def grad_kernel(q, k, v, beta, tinv, u, hs, du, dhs, do, dq, dk, dv, dbeta, scal
     bos = tl.load(cu + seq).to(tl.int64)
     eos = tl.load(cu + seq + 1).to(tl.int64)
     r = tl.arange(0, ROWS)
-    t = tl.arange(0, BT)
-    kk = tl.arange(0, BK)
-    tq = c * BT + t
-    q_ok = tq < eos - bos
     tok = c * BT + r // RP
-    comp = r % RP
-    row_ok = (tok < eos - bos) & (comp < R)
-    sub = ((bos + tok) * H + h) * R + comp
-    qrow = (bos + tq) * H + h
-    b_q = tl.load(q + qrow[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0)
-    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
-    b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
-    b_t = tl.load(tinv + (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :])
+    row_ok = (tok < eos - bos) & (r % RP < R)
+    sub = ((bos + tok) * H + h) * R + r % RP
     base = (g * H + h) * ROWS + r
-    state = (g * H + h) * K * V
-    b_dq = tl.full([BT, BK], 0.0, tl.float32)
-    b_dk = tl.full([ROWS, BK], 0.0, tl.float32)
-    b_dw = tl.full([ROWS, BK], 0.0, tl.float32)
-    b_dqk = tl.full([BT, ROWS], 0.0, tl.float32)
-    b_dtv = tl.full([ROWS, ROWS], 0.0, tl.float32)
-    # row sums via a product with ones: every one of the 16 columns holds the sum
+    b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
+    b_tt = tl.trans(tl.load(tinv + (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]))
+    # row sums as products with ones ("ieee": exact fp32); every one of the 16 columns holds the sum
     b_dbeta = tl.full([ROWS, 16], 0.0, tl.float32)
+    b_dtv = tl.full([ROWS, ROWS], 0.0, tl.float32)
+    b_kk = tl.full([ROWS, ROWS], 0.0, tl.float32)
     ones_v = tl.full([BV, 16], 1.0, tl.float32)
-    ones_r = tl.full([ROWS, 16], 1.0, tl.float32)
     ones_k = tl.full([BK, 16], 1.0, tl.float32)
     for iv in range((V + BV - 1) // BV):
         vv = iv * BV + tl.arange(0, BV)
         v_ok = vv < V
-        kv = kk[:, None] * V + vv[None, :]
-        kv_mask = (kk[:, None] < K) & v_ok[None, :]
-        b_s = tl.load(hs + state + kv, mask=kv_mask, other=0.0).to(DT)
-        b_ds = tl.load(dhs + state + kv, mask=kv_mask, other=0.0).to(DT)
-        b_u = tl.load(u + base[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0).to(DT)
         b_du = tl.load(du + base[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0)
-        b_do = tl.load(do + qrow[:, None] * V + vv[None, :], mask=q_ok[:, None] & v_ok[None, :], other=0.0).to(DT)
         b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & v_ok[None, :], other=0.0)
-        b_dq += tl.dot(b_do, tl.trans(b_s))
-        b_dqk += tl.dot(b_do, tl.trans(b_u))
-        b_dk += tl.dot(b_u, tl.trans(b_ds))
-        b_dw += tl.dot(b_du.to(DT), tl.trans(b_s))
-        b_dvt = tl.dot(tl.trans(b_t), b_du)
+        b_dvt = tl.dot(b_tt, b_du.to(tl.float32), input_precision=PREC)
         tl.store(dv + sub[:, None] * V + vv[None, :], (b_dvt * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
         b_dbeta += tl.dot(b_dvt * b_v.to(tl.float32), ones_v, input_precision="ieee")
-        b_dtv += tl.dot(b_du, tl.trans(b_v.to(tl.float32) * b_beta[:, None]))
-    b_dqk = tl.where(t[:, None] >= (r // RP)[None, :], b_dqk, 0.0) * scale
-    b_dq = b_dq * scale + tl.dot(b_dqk, b_k.to(tl.float32))
-    tl.store(dq + qrow[:, None] * K + kk[None, :], b_dq.to(dq.dtype.element_ty), mask=q_ok[:, None] & (kk[None, :] < K))
-    b_kf = b_k.to(tl.float32)
-    b_dk += tl.dot(tl.trans(b_dqk), b_q.to(tl.float32))
-    # W = T diag(β) K with dW = −dU S_startᵀ
-    b_dkw = -tl.dot(tl.trans(b_t), b_dw)
-    b_dk += b_dkw * b_beta[:, None]
-    b_dbeta += tl.dot(b_dkw * b_kf, ones_k, input_precision="ieee")
-    b_dtv -= tl.dot(b_dw, tl.trans(b_kf * b_beta[:, None]))
-    # T = (I + A)⁻¹: dA = −Tᵀ dT Tᵀ on the strict mask, A = diag(β) K Kᵀ
-    b_da = -tl.dot(tl.dot(tl.trans(b_t), b_dtv), tl.trans(b_t))
+        b_dtv += tl.dot(b_du.to(DT), tl.trans((b_v.to(tl.float32) * b_beta[:, None]).to(DT)), input_precision=PREC)
+    for ik in range((K + BK - 1) // BK):
+        kk = ik * BK + tl.arange(0, BK)
+        k_ok = kk < K
+        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b_dw = tl.load(dw + base[:, None] * K + kk[None, :], mask=k_ok[None, :], other=0.0)
+        b_dtv -= tl.dot(b_dw.to(DT), tl.trans((b_k * b_beta[:, None]).to(DT)), input_precision=PREC)
+        b_dbeta -= tl.dot(tl.dot(b_tt, b_dw.to(tl.float32), input_precision=PREC) * b_k, ones_k, input_precision="ieee")
+        b_kk += tl.dot(b_k.to(DT), tl.trans(b_k.to(DT)), input_precision=PREC)
+    # dA = −Tᵀ dT Tᵀ on the strict mask, A = diag(β) K Kᵀ
+    b_da = -tl.dot(tl.dot(b_tt, b_dtv, input_precision=PREC), b_tt, input_precision=PREC)
     b_da = tl.where((r // RP)[:, None] > (r // RP)[None, :], b_da, 0.0)
-    b_dbeta += tl.dot(b_da * tl.dot(b_kf, tl.trans(b_kf)), ones_r, input_precision="ieee")
+    b_dbeta += tl.dot(b_da * b_kk, tl.full([ROWS, 16], 1.0, tl.float32), input_precision="ieee")
     b_da = b_da * b_beta[:, None]
-    b_dk += tl.dot(b_da, b_kf) + tl.dot(tl.trans(b_da), b_kf)
-    tl.store(dk + sub[:, None] * K + kk[None, :], b_dk.to(dk.dtype.element_ty), mask=row_ok[:, None] & (kk[None, :] < K))
+    for ik in range((K + BK - 1) // BK):
+        kk = ik * BK + tl.arange(0, BK)
+        k_mask = row_ok[:, None] & (kk[None, :] < K)
+        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=k_mask, other=0.0).to(tl.float32)
+        b_dw = tl.load(dw + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(tl.float32)
+        b_dk = tl.load(dk + sub[:, None] * K + kk[None, :], mask=k_mask, other=0.0).to(tl.float32)
+        b_dk -= tl.dot(b_tt, b_dw, input_precision=PREC) * b_beta[:, None]
+        b_dk += tl.dot(b_da, b_k, input_precision=PREC) + tl.dot(tl.trans(b_da), b_k, input_precision=PREC)
+        tl.store(dk + sub[:, None] * K + kk[None, :], b_dk.to(dk.dtype.element_ty), mask=k_mask)
     col = tl.arange(0, 16)
     tl.store(dbeta + sub[:, None] + 0 * col[None, :], b_dbeta.to(dbeta.dtype.element_ty),
              mask=row_ok[:, None] & (col[None, :] == 0))
@@ -414,7 +478,7 @@ def _prep(k, v, beta, plan, tinv, load_tinv):
     w = k.new_empty(plan.nc, H, ROWS, K)
     ut = v.new_empty(plan.nc, H, ROWS, V)
     prep_kernel[(plan.nc, H)](k, v, beta, tinv, w, ut, plan.cu, plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk,
-                              bv, load_tinv, dot_dtype(k.dtype))
+                              bv, load_tinv, dot_dtype(k.dtype), dot_precision(k.dtype))
     return w, ut
 
 
@@ -425,7 +489,7 @@ def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
     va = K + V if aug else V
     state_fwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
         k, w, ut, u, hs, init, final, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        init is not None, final is not None, dot_dtype(k.dtype), aug, va)
+        init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va)
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
@@ -471,7 +535,7 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = pow2(K), min(pow2(V), 64)
     output_kernel[(plan.nc, H, triton.cdiv(V, bv))](q, k, u, hs, o, scale, plan.cu, plan.chunk_idx, H, R, K, V,
-                                                    plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype))
+                                                    plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype))
     return o, final, tinv
 
 
@@ -482,7 +546,7 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
     va = K + V if aug else V
     state_bwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
         q, k, w, do, du, dhs, dfinal, dinit, scale, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        dfinal is not None, dinit is not None, dot_dtype(k.dtype), aug, va)
+        dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va)
 
 
 def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_dinit, scan=None):
@@ -493,8 +557,9 @@ def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_
     w, ut = _prep(k, v, beta, plan, tinv, True)
     u, hs, _ = _states(k, w, ut, initial_state, plan, False, scan)
     del ut
-    du = torch.empty(plan.nc, H, ROWS, V, dtype=torch.float32, device=q.device)
-    dhs = k.new_empty(plan.nc, H, K, V)  # input dtype, like hs: the grad kernel multiplies it in that dtype
+    # input dtype, like hs: the gradient kernels multiply them in that dtype
+    du = torch.empty_like(u)
+    dhs = torch.empty_like(hs)
     dinit = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if need_dinit else None
     do = do.contiguous()
     if plan.use_scan(H, triton.cdiv(V, bv), scan):
@@ -506,11 +571,13 @@ def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_
         _reverse_pass(q, k, w, do, scale, ends, seg, None, False, du, dhs)
     else:
         _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, du, dhs)
+    dw = w  # W's buffer is free now: it takes dW = dU S_startᵀ
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
-    # [ROWS, K] fp32 accumulators: more warps and narrower V blocks for wide keys, no
-    # multi-buffering of the V loop (shared memory)
-    grad_kernel[(plan.nc, H)](q, k, v, beta, tinv, u, hs, du, dhs, do, dq, dk, dv, dbeta, scale, plan.cu,
-                              plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk, min(bv, 32 if bk >= 128 else 64),
-                              dot_dtype(k.dtype), num_warps=8 if bk >= 128 else 4, num_stages=1)
+    gk, gv = min(pow2(K), 64), min(pow2(V), 64)
+    dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
+    grad_state_kernel[(plan.nc, H, triton.cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, plan.cu,
+                                                        plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec)
+    grad_wy_kernel[(plan.nc, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, plan.cu, plan.chunk_idx, H, R, K, V,
+                                 plan.rp, plan.bt, gk, gv, dt, prec)
     return dq, dk, dv, dbeta, dinit

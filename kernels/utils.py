@@ -54,3 +54,9 @@ def dot_dtype(dtype):
         return tl.float32 if interpreting() else tl.bfloat16
     return {torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
+
+
+def dot_precision(dtype) -> str:
+    """tl.dot precision for fp32 operands: "tf32x3" (near fp32) for fp32 inputs, one tf32 pass
+    otherwise, where the inputs themselves carry fewer bits than tf32."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"

@@ -13,7 +13,7 @@ from flowhn_kernels.delta_rule import chunk_delta_rule, recurrent_delta_rule
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
-# relative error vs float64 on the same (rounded) inputs; fp32 on GPU runs tf32 products
+# relative error vs float64 on the same (rounded) inputs; fp32 inputs run tf32x3 (near fp32) products on the GPU
 TOL = {torch.float32: 3e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
@@ -127,8 +127,8 @@ def test_chunked_against_naive(triton_env, T, R, dtype):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
-@pytest.mark.parametrize("R", [1, 2])
-def test_chunked_with_alike_keys(triton_env, R):
+@pytest.mark.parametrize("R,dtype", [(1, torch.float32), (2, torch.float32), (1, torch.bfloat16)])
+def test_chunked_with_alike_keys(triton_env, R, dtype):
     """Keys close to one another and β near its bound, as in real text: (I + A)⁻¹ stays bounded but the powers of A
     grow like binomial coefficients, which broke an unblocked Neumann-product inverse (NaN on the first real batch)."""
     H, K, V = dims(triton_env)
@@ -136,7 +136,10 @@ def test_chunked_with_alike_keys(triton_env, R):
     base = torch.randn(1, 1, H, 1, K, device=triton_env)
     xs[1] = torch.nn.functional.normalize(base + 0.05 * torch.randn_like(xs[1]), dim=-1)
     xs[3] = torch.full_like(xs[3], 0.98 * 2 / R)
-    check_against_naive(chunk_delta_rule, xs, TOL[torch.float32])
+    xs[:4] = [x.to(dtype) for x in xs[:4]]
+    # near β = 2 the updates are near-reflections that carry every chunk's bf16 rounding of its
+    # state undamped: 1.5× the usual bf16 tolerance (2.1e-2 measured in the interpreter)
+    check_against_naive(chunk_delta_rule, xs, TOL[dtype] * (1.5 if dtype == torch.bfloat16 else 1))
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
