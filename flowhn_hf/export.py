@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import flowhn_hf  # noqa: F401  (registers the flowhn model type)
@@ -30,12 +31,12 @@ def _checkpoint_weights(checkpoint: Path) -> dict:
         weights = load_file(checkpoint / "model.safetensors")
     elif (checkpoint / "pytorch_model_fsdp.bin").is_file():  # FSDP full state dict
         weights = torch.load(checkpoint / "pytorch_model_fsdp.bin", map_location="cpu", weights_only=True)
-    elif (checkpoint / "pytorch_model_fsdp_0").is_dir():  # FSDP sharded state dict
-        from accelerate.utils import merge_fsdp_weights
-
+    elif (checkpoint / "pytorch_model_fsdp_0").is_dir():  # FSDP sharded state dict (torch.distributed.checkpoint)
+        # dcp_to_torch_save reads the shards in this process alone; accelerate's merge_fsdp_weights would also enter
+        # a barrier, which hangs or desyncs a distributed run exporting from its main process only.
         with tempfile.TemporaryDirectory() as tmp:
-            merge_fsdp_weights(str(checkpoint / "pytorch_model_fsdp_0"), tmp, safe_serialization=True)
-            weights = load_file(Path(tmp) / "model.safetensors")
+            dcp_to_torch_save(checkpoint / "pytorch_model_fsdp_0", Path(tmp) / "model.pt")
+            weights = torch.load(Path(tmp) / "model.pt", map_location="cpu", weights_only=True)["model"]
     else:
         raise ValueError(f"CHECKPOINT {checkpoint}: no model weights (model.safetensors or an FSDP state dict)")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}

@@ -99,29 +99,67 @@ def test_streamed_jsonl_with_a_given_tokenizer_resumes_exactly(tmp_path):
     assert sorted(got) == [3, 4] and [got[3], got[4]] == [expected[3], expected[4]]
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
-    """DDP over 2 CPU processes (gloo) trains on the same global batch as 1 process accumulating 2 micro-batches."""
-    args = [*SHORT, "--max-steps", 3, "--eval-every", 3, "--save-every", 3]
-    train_cli(*args, "--grad-accum", 2, "--output-dir", tmp_path / "one")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.pretrain", *map(str, args),
-         "--output-dir", str(tmp_path / "two")],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}, check=False, capture_output=True,
-        text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es) on cpu, 8 x 64 tokens per step" in proc.stdout
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert [two[s] for s in (1, 2, 3)] == pytest.approx([one[s] for s in (1, 2, 3)], rel=1e-5)
-    eval_one, eval_two = (read_state(tmp_path / run / "checkpoints" / "step_00000003")["eval_loss"]
-                          for run in ("one", "two"))
-    assert eval_two == pytest.approx(eval_one, rel=1e-5)
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training.pretrain",
-                           *map(str, args), "--output-dir", str(tmp_path / "three")], cwd=REPO,
-                          env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}, check=False,
-                          capture_output=True, text=True)
+def test_one_process_ddp_and_fsdp2_agree_on_cpu(tmp_path):
+    """The multi-GPU check on 2 CPU processes in fp32: one process accumulating 2 micro-batches, DDP and FSDP2
+    (through training.fsdp_on_cpu) give the same losses, and the sharded FSDP2 checkpoint exports and loads."""
+    from training import multi_gpu_check
+
+    out = tmp_path / "report.md"
+    assert multi_gpu_check.main(["--cpu", "--steps", "3", "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    report = out.read_text()
+    assert "| 3 |" in report and "**FAIL**" not in report and report.rstrip().endswith("**PASS**")
+    assert "PASS: FSDP2 checkpoint is sharded" in report
+    assert "2 process(es) on cpu, 8 x 64 tokens per step" in (tmp_path / "work" / "fsdp2.log").read_text()
+
+
+def test_launches_accelerate_cannot_honour_are_refused(tmp_path):
+    """Several processes without ACCELERATE_USE_CPU on a CPU machine, and FSDP on CPU: Accelerate would quietly
+    train each process alone, or with plain data parallel; flowhn-train stops instead."""
+    args = [*SHORT, "--max-steps", 1]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+                           "-m", "training.pretrain", *map(str, args), "--output-dir", str(tmp_path / "two")],
+                          cwd=REPO, env=env, check=False, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "launched as 2 processes (WORLD_SIZE) but Accelerate set up 1" in proc.stderr
+    proc = train_cli(*args, "--output-dir", tmp_path / "fsdp", env={"ACCELERATE_USE_FSDP": "true"}, check=False)
+    assert proc.returncode == 2
+    assert "the launch config asks for FSDP but Accelerate set up NO: it enables FSDP only on GPUs" in proc.stderr
+
+
+COMPILE_WITHOUT_INDUCTOR = """
+import sys
+import torch
+from training import pretrain
+
+compiled, module_compile = [], torch.nn.Module.compile
+def compile(self, **kwargs):  # dynamo with the eager backend: the same wrapping, without inductor's minute on CPU
+    compiled.append(type(self).__name__)
+    module_compile(self, backend="eager")
+torch.nn.Module.compile = compile
+code = pretrain.main(sys.argv[1:])
+assert compiled == ["FlowHNDecoderLayer"] * 2, compiled
+sys.exit(code)
+"""
+
+
+def test_compile_trains_and_saves_plain_keys(tmp_path):
+    """--compile compiles each decoder layer in place: the checkpoint and the export hold the module's own keys
+    (no `_orig_mod.`), and the export loads. Dynamo runs with its eager backend here; inductor takes a minute on CPU."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", COMPILE_WITHOUT_INDUCTOR, *SHORT, "--output-dir", str(run),
+                           "--max-steps", "2", "--sample-tokens", "4", "--compile"], cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sample:\nTo be, or not to be" in proc.stdout
+    keys = load_file(list_checkpoints(run)[-1] / "model.safetensors").keys()
+    assert "model.layers.0.fusion.fusion_proj.weight" in keys and not any("_orig_mod" in k for k in keys)
+    model = AutoModelForCausalLM.from_pretrained(run / "hub")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
 CRASHING_SAVE = """

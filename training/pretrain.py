@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                    help="auto (default): the launch config's, else bf16 on GPU and none on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer in place (checkpoint keys are unchanged; the DeltaNet "
+                        "kernel call stays outside the graph)")
     p.add_argument("--document-masking", action="store_true",
                    help="keep packed documents apart: position ids restart after each EOS, so attention and the "
                         "DeltaNet state stop at document boundaries")
@@ -271,6 +274,10 @@ def train(args) -> dict:
     if launched != world:  # every process would train alone and write the same output dir
         raise ValueError(f"launched as {launched} processes (WORLD_SIZE) but Accelerate set up {world}; "
                          "for several processes on CPU: ACCELERATE_USE_CPU=true torchrun --nproc_per_node N ...")
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:  # Accelerate would fall back silently
+        raise ValueError(f"the launch config asks for FSDP but Accelerate set up {accelerator.distributed_type.value}: "
+                         "it enables FSDP only on GPUs (or other accelerators), never on CPU")
     resume_from = check_output_dir(args, world)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
@@ -293,6 +300,9 @@ def train(args) -> dict:
     model = AutoModelForCausalLM.from_config(config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.compile:  # per layer and in place, as FSDP2 shards per layer and save/export see the plain module
+        for layer in model.model.layers:
+            layer.compile()
     num_params = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight
     non_embedding = num_params - embedding.numel()
@@ -448,7 +458,7 @@ def generate_sample(model, tokenizer, args, accelerator) -> str:
     model.eval()
     inputs = tokenizer(args.prompt, return_tensors="pt").to(accelerator.device)
     torch.manual_seed(args.seed)
-    with accelerator.autocast():
+    with accelerator.autocast(), torch.compiler.set_stance("force_eager"):  # each new length would recompile
         out = model.generate(**inputs, max_new_tokens=args.sample_tokens, do_sample=True, temperature=0.8,
                              top_k=40, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0], skip_special_tokens=True)
