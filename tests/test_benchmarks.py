@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -102,11 +103,11 @@ def test_a_failing_model_fills_its_row_and_the_run_goes_on(monkeypatch, one_thre
     real = tb.train_throughput
     calls = []
 
-    def flaky(model, batch, args, device, precision=None):
+    def flaky(model, batch, args, device, precision=None, compiled=False):
         calls.append(precision)
         if precision is None:
             raise RuntimeError("mixed dtypes")
-        return real(model, batch, args, device, precision=precision)
+        return real(model, batch, args, device, precision=precision, compiled=compiled)
 
     monkeypatch.setattr(tb, "train_throughput", flaky)
     row = tb.run_model("llama", args, device, batch, state)
@@ -119,6 +120,25 @@ def test_a_failing_model_fills_its_row_and_the_run_goes_on(monkeypatch, one_thre
     row = tb.run_model("llama", args, device, batch, state)
     assert row["error"].startswith("train: OutOfMemoryError") and row["generate_b1_tokens_per_s"] > 0
     assert "| Llama" in tb.markdown_table([row], args)
+
+
+def test_compile_both_gives_an_eager_and_a_compiled_row(tmp_path, one_thread):
+    """--compile both: each model twice, the compiled row timed after its compiling warm-up and without decode.
+    aot_eager runs the torch.compile path (Dynamo, AOTAutograd) without Inductor's C++ builds, cheaply on a CPU."""
+    rows = tb.main(["--smoke", "--models", "flowhn-FAC", "--compile", "both", "--compile-backend", "aot_eager",
+                    "--decode-batch-sizes", "1", "--out-dir", str(tmp_path)])  # fmt: skip
+    assert [(r["model"], r["compiled"]) for r in rows] == [("flowhn-FAC", False), ("flowhn-FAC", True)]
+    eager, compiled = rows
+    for row in rows:
+        assert "error" not in row and row["train_tokens_per_s"] > 0 and row["warmup_s"] > 0
+    assert "decode_b1_tokens_per_s" in eager and "decode_b1_tokens_per_s" not in compiled
+    assert "| FlowHN flop_aware_circulating (compiled) |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_max_minutes_leaves_out_rows_that_would_not_finish(tmp_path, one_thread):
+    rows = tb.main(["--smoke", "--models", "llama,flowhn-FAC", "--max-minutes", "0", "--out-dir", str(tmp_path)])
+    assert all(r["skipped"].startswith("not run") for r in rows) and len(rows) == 2
+    assert "not run" in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_quality_smoke_run_writes_its_table(tmp_path):
@@ -145,3 +165,53 @@ def test_mqar_answers_are_the_values_of_the_queried_keys():
         for key_at in range(10, 20, 2):
             assert row_labels[key_at] == -100 and row_labels[key_at + 1] == pairs[row[key_at]]
         assert all(label == -100 for label in row_labels[:10])
+
+
+def test_quality_reads_a_pre_tokenized_corpus_and_stops_at_its_budget(tmp_path):
+    """--corpus: train.bin / eval.bin of uint16 ids as build_corpus.py writes them; --max-minutes 0 trains nothing
+    but still writes the table."""
+    import numpy as np
+
+    from training.benchmarks import quality
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    rng.integers(0, 300, 64 * 40, dtype=np.uint16).tofile(corpus / "train.bin")
+    rng.integers(0, 300, 64 * 3 + 5, dtype=np.uint16).tofile(corpus / "eval.bin")
+    (corpus / "meta.json").write_text(json.dumps({"vocab_size": 300, "eos_token_id": 0}))
+    args = quality.parse_args(["--smoke", "--corpus", str(corpus)])
+    train_blocks, eval_blocks, vocab = quality.text_blocks(args)
+    assert train_blocks.shape == (40, 64) and eval_blocks.shape == (3, 64) and vocab == 300
+    data = quality.task_data("text", args)  # 32 steps x 4 blocks: 3.2 epochs, each a permutation of the 40 blocks
+    index = {tuple(block.tolist()): i for i, block in enumerate(train_blocks)}
+    uses = Counter(index[tuple(block.tolist())] for ids, _ in data["train"] for block in ids)
+    assert len(uses) == 40 and set(uses.values()) == {3, 4}
+    assert quality.main(["--smoke", "--corpus", str(corpus), "--tasks", "text", "--models", "llama",
+                         "--out-dir", str(tmp_path / "a")]) == 0  # fmt: skip
+    row = json.loads((tmp_path / "a" / "quality.json").read_text())[0]
+    assert row["train_tokens"] == 8192 and math.isfinite(row["eval_loss"])
+    out = tmp_path / "b"
+    assert quality.main(["--smoke", "--corpus", str(corpus), "--max-minutes", "0", "--out-dir", str(out)]) == 0
+    assert all("skipped" in r for r in json.loads((out / "quality.json").read_text()))
+
+
+def test_quality_llama_is_sized_to_flowhn():
+    from training.benchmarks import quality
+
+    for size in ("small", "135m"):
+        args = quality.parse_args(["--size", size])
+        with torch.device("meta"):
+            fac = sum(p.numel() for p in quality.build_model("flowhn-FAC", args, 16384).parameters())
+            llama = sum(p.numel() for p in quality.build_model("llama", args, 16384).parameters())
+        assert abs(llama - fac) / fac < 0.02, (size, llama, fac)
+
+
+def test_build_corpus_reads_html_as_text_and_expands_alternatives(tmp_path):
+    from training.benchmarks.build_corpus import expand, read_document
+
+    page = tmp_path / "page.html"
+    page.write_text("<html><head><title>T</title><script>x=1</script></head><body><nav>menu</nav>"
+                    "<h1>Title</h1><p>One &amp; two.</p><p>Three</p></body></html>")  # fmt: skip
+    assert read_document(page) == "Title\n\nOne & two.\n\nThree"
+    assert expand("a/{b,c}/**/*.{rst,txt}") == ["a/b/**/*.rst", "a/b/**/*.txt", "a/c/**/*.rst", "a/c/**/*.txt"]

@@ -1,12 +1,20 @@
 """Quality at equal tokens (issue 6): FlowHN flop_aware_circulating, FlowHN none and a Llama of the same size, each
 trained from the same seed on the same tokens in the same order, on two tasks:
 
-- text: next-token loss on a held-out slice of a real-text corpus (`--dataset`, default the built-in corpus);
+- text: next-token loss on a held-out slice of a real-text corpus: `--corpus DIR`, pre-tokenized by
+  `build_corpus.py` (English documentation from Debian packages; no `datasets` needed), or `--dataset` (text files
+  or a Hub dataset, tokenized here), or by default the built-in Shakespeare corpus;
 - mqar: multi-query associative recall. A sequence lists `--pairs` key-value pairs, then asks for the values of the
   keys in a shuffled order; the loss counts the answers only, and accuracy is the share of answers predicted exactly.
   It probes what a recurrent state can store, where attention and DeltaNet differ most.
 
-    python -m training.benchmarks.quality --tokens 20e6 --dataset DIR_OR_HUB_NAME --tokenizer HUB_OR_PATH
+Model size (`--size`): "small" by default (FlowHN d 384, 8 layers, about 36M parameters with a 16k vocabulary; the
+Llama 16 layers of the same width, its SwiGLU width solved to FlowHN FAC's count), so that three models x 20M
+text tokens plus the recall task fit in one 9-minute H200 call; "135m" is the throughput benchmark's size (about
+3 x slower). `--max-minutes` stops training at the budget: the model being trained is evaluated where it stopped (its
+row says so), the ones not started are listed as skipped, and the reports are written after every row.
+
+    python -m training.benchmarks.quality --corpus .carry/corpus --out-dir $OUT --max-minutes 8
     python -m training.benchmarks.quality --smoke        # CPU, tiny models, under a minute
 
 Prints a markdown table and writes QUALITY.md and quality.json to --out-dir (and to $OUT when set).
@@ -18,21 +26,78 @@ import math
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
+import numpy as np
 import torch
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
+from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
 
-from training.benchmarks.throughput import build_model
-from training.corpus import train_bpe_tokenizer
-from training.data import load_text_dataset, pack_documents
+from flowhn_hf import FlowHNForCausalLM, preset_config
+from training.benchmarks.throughput import compile_model
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("flowhn-FAC", "flowhn-none", "llama")
+SPLIT_MODES = {"flowhn-FAC": "flop_aware_circulating", "flowhn-none": "none"}
+# FlowHN shape per size: a preset and the fields that override it (the Llama gets twice the layers: one attention
+# layer for each of FlowHN's two branches, as in the throughput table).
+SIZES = {
+    "tiny": ("tiny", {}),
+    "small": ("135m", dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
+                           delta_num_heads=6, delta_head_dim=64, intermediate_size=1024)),
+    "135m": ("135m", {}),
+}  # fmt: skip
 
 
-def text_blocks(args) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, eval) blocks of `--seq-len` tokens of the corpus; the first `--eval-blocks` are held out."""
+def flowhn_config(name, args, vocab_size):
+    preset, fields = SIZES[args.size]
+    return preset_config(preset, **fields, split_mode=SPLIT_MODES[name], vocab_size=vocab_size,
+                         max_position_embeddings=max(args.seq_len, 64))  # fmt: skip
+
+
+def llama_config(args, vocab_size) -> LlamaConfig:
+    """FlowHN's width, heads and twice its layers; the SwiGLU width (a multiple of 64) solved to FlowHN FAC's
+    parameter count."""
+    flowhn = flowhn_config("flowhn-FAC", args, vocab_size)
+
+    def config_with(width):
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=flowhn.hidden_size, intermediate_size=width,
+            num_hidden_layers=2 * flowhn.num_hidden_layers, num_attention_heads=flowhn.num_attention_heads,
+            num_key_value_heads=flowhn.num_key_value_heads, max_position_embeddings=flowhn.max_position_embeddings,
+            tie_word_embeddings=True, rms_norm_eps=1e-5, attn_implementation="sdpa",
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        )  # fmt: skip
+
+    def count(config):
+        with torch.device("meta"):
+            return sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+
+    with torch.device("meta"):
+        target = sum(p.numel() for p in FlowHNForCausalLM(flowhn).parameters())
+    base = count(config_with(64))
+    step = count(config_with(128)) - base
+    return config_with(max(1, round((target - base) / step) + 1) * 64)
+
+
+def build_model(name, args, vocab_size):
+    if name == "llama":
+        return LlamaForCausalLM(llama_config(args, vocab_size))
+    return FlowHNForCausalLM(flowhn_config(name, args, vocab_size))
+
+
+def text_blocks(args) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(train, eval) blocks of `--seq-len` tokens and the vocabulary size. From --corpus: its train.bin and eval.bin
+    (at most `--eval-blocks` eval blocks); else the first `--eval-blocks` blocks of the tokenized documents."""
+    if args.corpus:
+        meta = json.loads((args.corpus / "meta.json").read_text())
+
+        def blocks(split):
+            ids = torch.from_numpy(np.fromfile(args.corpus / f"{split}.bin", dtype=np.uint16).astype(np.int64))
+            return ids[: len(ids) // args.seq_len * args.seq_len].view(-1, args.seq_len)
+
+        return blocks("train"), blocks("eval")[: args.eval_blocks], meta["vocab_size"]
+    from training.corpus import train_bpe_tokenizer
+    from training.data import load_text_dataset, pack_documents  # needs `datasets`; --corpus does not
+
     raw = load_text_dataset(args.dataset, text_column=args.text_column)
     if args.tokenizer:
         from transformers import AutoTokenizer
@@ -44,7 +109,7 @@ def text_blocks(args) -> tuple[torch.Tensor, torch.Tensor]:
     if len(blocks) <= args.eval_blocks:
         raise ValueError(f"--dataset gives {len(blocks)} blocks of {args.seq_len} tokens: too few to hold out "
                          f"--eval-blocks {args.eval_blocks}")
-    return blocks[args.eval_blocks:], blocks[: args.eval_blocks]
+    return blocks[args.eval_blocks :], blocks[: args.eval_blocks], len(tokenizer)
 
 
 def mqar_batch(count: int, args, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +126,10 @@ def mqar_batch(count: int, args, generator: torch.Generator) -> tuple[torch.Tens
     return ids, labels
 
 
-def train(model, batches, args, device) -> list[float]:
-    """AdamW + cosine over `batches` (a list of (ids, labels)); the training losses."""
+def train(model, batches, args, device, deadline) -> list[float]:
+    """AdamW + cosine over `batches` (a list of (ids, labels)), stopping early at `deadline` (perf_counter seconds);
+    the training losses, one per step taken."""
+    forward = compile_model(model) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, fused=device.type == "cuda")
     schedule = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, max(1, len(batches) // 20), len(batches), min_lr_rate=0.1
@@ -70,15 +137,19 @@ def train(model, batches, args, device) -> list[float]:
     model.train()
     losses = []
     for ids, labels in batches:
+        if losses and time.perf_counter() > deadline:  # at least one step: every row has a loss
+            break
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
+            loss = forward(input_ids=ids.to(device), labels=labels.to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+        losses.append(loss.detach())  # no host sync per step: read them all at the end
+    if args.compile:
+        torch._dynamo.reset()
+    return torch.stack(losses).tolist() if losses else []
 
 
 @torch.no_grad()
@@ -98,48 +169,64 @@ def evaluate(model, ids, labels, device, batch_size) -> tuple[float, float]:
     return total / count, correct / count
 
 
-def run_task(task, name, args, device, data) -> dict:
-    model_args = SimpleNamespace(preset=args.preset, seq_len=args.seq_len, smoke=args.smoke, prompt_len=args.seq_len,
-                                 new_tokens=2)  # fmt: skip
+def run_task(task, name, args, device, data, deadline) -> dict:
     torch.manual_seed(args.seed)
-    model, _ = build_model(name, model_args, {})
-    model.to(device)
+    model = build_model(name, args, data["vocab_size"]).to(device)
     started = time.perf_counter()
-    losses = train(model, data["train"], args, device)
+    losses = train(model, data["train"], args, device, deadline)
+    train_seconds = time.perf_counter() - started
     eval_loss, accuracy = evaluate(model, *data["eval"], device, args.batch_size)
+    steps = len(losses)
     row = {"task": task, "model": name, "params": sum(p.numel() for p in model.parameters()),
-           "train_tokens": sum(ids.numel() for ids, _ in data["train"]), "final_train_loss": losses[-1],
-           "eval_loss": eval_loss, "eval_accuracy": accuracy, "seconds": time.perf_counter() - started}  # fmt: skip
+           "train_tokens": sum(ids.numel() for ids, _ in data["train"][:steps]), "final_train_loss": losses[-1],
+           "eval_loss": eval_loss, "eval_accuracy": accuracy, "train_seconds": train_seconds,
+           "seconds": time.perf_counter() - started}  # fmt: skip
+    row["train_tokens_per_s"] = row["train_tokens"] / train_seconds
+    if steps < len(data["train"]):
+        row["note"] = f"stopped at --max-minutes after {steps} of {len(data['train'])} steps"
     del model
     return row
 
 
 def task_data(task, args) -> dict:
-    """The same batches for every model: {"train": [(ids, labels), ...], "eval": (ids, labels)}."""
-    length = args.seq_len if task == "text" else 4 * args.pairs
-    steps = max(1, math.ceil(args.tokens / (args.batch_size * length)))
-    if task == "text":
-        train_blocks, eval_blocks = text_blocks(args)
-        order = torch.randint(0, len(train_blocks), (steps, args.batch_size),
-                              generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
-        return {"train": [(train_blocks[i], train_blocks[i]) for i in order], "eval": (eval_blocks, eval_blocks)}
+    """The same batches for every model: {"train": [(ids, labels), ...], "eval": (ids, labels), "vocab_size"}.
+    A step holds batch x seq-len tokens in both tasks: an MQAR step is batch x seq-len / (4 x pairs) sequences."""
     generator = torch.Generator().manual_seed(args.seed)
-    batches = [mqar_batch(args.batch_size, args, generator) for _ in range(steps)]
-    return {"train": batches, "eval": mqar_batch(args.eval_blocks * 4, args, generator)}
+    if task == "text":
+        train_blocks, eval_blocks, vocab_size = text_blocks(args)
+        steps = max(1, math.ceil(args.tokens / (args.batch_size * args.seq_len)))
+        # Epochs of a fresh permutation each: every block once before any repeats.
+        epochs = math.ceil(steps * args.batch_size / len(train_blocks))
+        order = torch.cat([torch.randperm(len(train_blocks), generator=generator) for _ in range(epochs)])
+        order = order[: steps * args.batch_size].view(steps, args.batch_size)
+        return {"train": [(train_blocks[i], train_blocks[i]) for i in order], "eval": (eval_blocks, eval_blocks),
+                "vocab_size": vocab_size, "epochs": steps * args.batch_size / len(train_blocks)}  # fmt: skip
+    per_row = args.seq_len // (4 * args.pairs)
+    steps = max(1, math.ceil(args.mqar_tokens / (args.batch_size * args.seq_len)))
+    batches = [mqar_batch(args.batch_size * per_row, args, generator) for _ in range(steps)]
+    return {"train": batches, "eval": mqar_batch(args.eval_blocks * per_row, args, generator),
+            "vocab_size": 2 * args.mqar_vocab + 1}  # fmt: skip
 
 
 def markdown(rows, args, device) -> str:
     lines = [
         "# Quality at equal tokens", "",
-        f"`python -m training.benchmarks.quality` on {device}; {args.tokens:.3g} training tokens per model and task, "
-        f"batch {args.batch_size} x {args.seq_len}, lr {args.lr}, seed {args.seed}. text: eval loss on "
-        f"{args.eval_blocks} held-out blocks; mqar: {args.pairs} key-value pairs, loss and exact-answer accuracy over "
-        "the answers of held-out sequences.", "",
-        "| task | model | params (M) | final train loss | eval loss | eval accuracy |", "|---|---|---|---|---|---|",
+        f"`python -m training.benchmarks.quality` on {device}; size {args.size}; {args.tokens:.3g} text and "
+        f"{args.mqar_tokens:.3g} MQAR training tokens per model, batch {args.batch_size} x {args.seq_len} tokens, "
+        f"lr {args.lr}, seed {args.seed}{', torch.compile' if args.compile else ''}. text: "
+        f"{args.corpus or args.dataset or 'the built-in corpus'}, eval loss on up to {args.eval_blocks} held-out "
+        f"blocks; mqar: {args.pairs} key-value pairs, loss and exact-answer accuracy over the answers of held-out "
+        "sequences.", "",
+        "| task | model | params (M) | train tokens (M) | train tok/s | final train loss | eval loss | eval accuracy "
+        "| notes |", "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['task']} | {r['model']} | {r['params'] / 1e6:.1f} | {r['final_train_loss']:.3f} | "
-                     f"{r['eval_loss']:.3f} | {r['eval_accuracy']:.1%} |")
+        if "skipped" in r:
+            lines.append(f"| {r['task']} | {r['model']} | | | | | | | {r['skipped']} |")
+            continue
+        lines.append(f"| {r['task']} | {r['model']} | {r['params'] / 1e6:.1f} | {r['train_tokens'] / 1e6:.2f} | "
+                     f"{r['train_tokens_per_s']:,.0f} | {r['final_train_loss']:.3f} | {r['eval_loss']:.3f} | "
+                     f"{r['eval_accuracy']:.1%} | {r.get('note', '')} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -149,24 +236,30 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU: tests the script")
     p.add_argument("--tasks", default="text,mqar", help="comma-separated: text, mqar")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
-    p.add_argument("--tokens", type=float, help="training tokens per model and task (default 20e6; smoke 8192)")
-    p.add_argument("--preset", help="FlowHN preset the others are sized to (default 135m; smoke tiny)")
+    p.add_argument("--size", choices=tuple(SIZES), help="model size (default small; smoke tiny)")
+    p.add_argument("--tokens", type=float, help="text training tokens per model (default 20e6; smoke 8192)")
+    p.add_argument("--mqar-tokens", type=float, help="MQAR training tokens per model (default 8e6; smoke 8192)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048; smoke 64)")
     p.add_argument("--batch-size", type=int, help="sequences per step (default 16; smoke 4)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dataset", help="local text/jsonl/parquet files or a Hub dataset (default: the built-in corpus)")
+    p.add_argument("--compile", action="store_true", help="train under torch.compile (evaluation stays eager)")
+    p.add_argument("--max-minutes", type=float, help="stop training at this many minutes from the start")
+    p.add_argument("--corpus", type=Path, help="a build_corpus.py output folder: train.bin, eval.bin, meta.json")
+    p.add_argument("--dataset", help="else: local text/jsonl/parquet files or a Hub dataset (default: the built-in "
+                   "corpus); needs `datasets`")
     p.add_argument("--text-column", default="text")
-    p.add_argument("--tokenizer", help="Hub name or path (default: a BPE trained on the corpus)")
+    p.add_argument("--tokenizer", help="with --dataset: Hub name or path (default: a BPE trained on the corpus)")
     p.add_argument("--vocab-size", type=int, help="vocabulary of that BPE (default 16384; smoke 512)")
-    p.add_argument("--eval-blocks", type=int, help="held-out text blocks / a quarter of the eval MQAR sequences")
+    p.add_argument("--eval-blocks", type=int, help="held-out text blocks (and MQAR eval tokens as many blocks' worth)"
+                   " (default 128; smoke 4)")
     p.add_argument("--pairs", type=int, help="key-value pairs per MQAR sequence (default 64; smoke 8)")
     p.add_argument("--out-dir", type=Path, help="default: beside this script (runs/quality-smoke with --smoke)")
     args = p.parse_args(argv)
     smoke = args.smoke
-    defaults = dict(tokens=8192 if smoke else 20e6, preset="tiny" if smoke else "135m", seq_len=64 if smoke else 2048,
-                    batch_size=4 if smoke else 16, vocab_size=512 if smoke else 16384, eval_blocks=4 if smoke else 32,
-                    pairs=8 if smoke else 64,
+    defaults = dict(tokens=8192 if smoke else 20e6, mqar_tokens=8192 if smoke else 8e6, size="tiny" if smoke else
+                    "small", seq_len=64 if smoke else 2048, batch_size=4 if smoke else 16,
+                    vocab_size=512 if smoke else 16384, eval_blocks=4 if smoke else 128, pairs=8 if smoke else 64,
                     out_dir=HERE.parents[1] / "runs" / "quality-smoke" if smoke else HERE)  # fmt: skip
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -181,25 +274,40 @@ def parse_args(argv=None):
             p.error(f"--models: unknown model {name!r}: choose from {', '.join(MODELS)}")
     if 4 * args.pairs > args.seq_len:
         p.error(f"--pairs {args.pairs}: an MQAR sequence of 4 x pairs tokens must fit in --seq-len {args.seq_len}")
+    if args.corpus and args.dataset:
+        p.error("--corpus and --dataset: choose one")
     args.mqar_vocab = 4 * args.pairs  # keys and values each come from their own range of this many tokens
     return args
+
+
+def write_reports(rows, args, device):
+    report = markdown(rows, args, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    for out in [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "QUALITY.md").write_text(report)
+        (out / "quality.json").write_text(json.dumps(rows, indent=1, default=str))
+    return report
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    deadline = time.perf_counter() + (math.inf if args.max_minutes is None else 60 * args.max_minutes)
     rows = []
     for task in args.tasks:
         data = task_data(task, args)
+        if "epochs" in data:
+            print(f"text: {len(data['train'])} steps, {data['epochs']:.2f} epochs of the training blocks", flush=True)
         for name in args.models:
-            rows.append(run_task(task, name, args, device, data))
+            if time.perf_counter() > deadline:
+                skipped = f"not run: past --max-minutes {args.max_minutes:g}"
+                rows.append({"task": task, "model": name, "skipped": skipped})
+            else:
+                rows.append(run_task(task, name, args, device, data, deadline))
             print(json.dumps(rows[-1]), flush=True)
-    report = markdown(rows, args, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-    print(report)
-    for out in [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "QUALITY.md").write_text(report)
-        (out / "quality.json").write_text(json.dumps(rows, indent=1))
+            write_reports(rows, args, device)  # after every row: a run cut short keeps what it measured
+        del data
+    print(write_reports(rows, args, device))
     return 0
 
 

@@ -13,16 +13,20 @@ error and the run goes on):
   width solved to FlowHN's count, only when `import fla` works.
 
 Measured per model: training tokens/s over the same random batch (fused AdamW, bf16 autocast over fp32 weights by
-default; warmup steps, then timed steps between CUDA synchronizations), model FLOPs per token and MFU against the
+default; warmup steps, then timed steps between CUDA synchronizations), eager or under `torch.compile` (`--compile`:
+the model's forward with its loss, the same call for every model, compiled during the untimed warm-up steps; the
+optimizer step and `generate` stay eager), model FLOPs per token and MFU against the
 bf16 matmul rate measured on the card in the same run, peak memory (torch.cuda.max_memory_allocated, weights +
 AdamW state + activations), and decode throughput of `generate` (prompt 2048, 256 new tokens, greedy, batch 1 and
 32, bf16 weights). The FLOP formulas are in `model_flops` and NOTES.md.
 
 Writes RESULTS.md, results.json and throughput.png (if matplotlib is installed) to --out-dir (default: beside this
-file; with --smoke: runs/benchmarks-smoke) and to $OUT when that is set, after every model.
+file; with --smoke: runs/benchmarks-smoke) and to $OUT when that is set, after every row, so a run cut short keeps
+its finished rows. `--max-minutes` starts no row that the mean time of the finished rows says would end past it.
 
-    python -m training.benchmarks.throughput                 # GPU, the full run
-    python -m training.benchmarks.throughput --smoke         # CPU, tiny models, under a minute
+    python -m training.benchmarks.throughput                          # GPU, the full run, eager
+    python -m training.benchmarks.throughput --compile both           # each model eager, then compiled
+    python -m training.benchmarks.throughput --smoke                  # CPU, tiny models, under a minute
 """
 
 import argparse
@@ -281,10 +285,20 @@ def matmul_rate(device, smoke) -> tuple[float, str]:
     return 2 * n**3 / seconds, f"{n}x{n}x{n} {str(dtype).removeprefix('torch.')} torch.matmul"
 
 
-def train_throughput(model, batch, args, device, precision=None) -> dict:
+def compile_model(model, backend="inductor"):
+    """`torch.compile(model)` with room for a graph per layer: FlowHN's layers share one forward, which Dynamo may
+    specialise per layer around the graph breaks (the Triton kernel, the host sync), and past the recompile limit
+    (default 8) it would run the rest eagerly without a word. Call `torch._dynamo.reset()` when done with it."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(model, backend=backend)
+
+
+def train_throughput(model, batch, args, device, precision=None, compiled=False) -> dict:
     """Tokens/s of full training steps (forward, backward, fused AdamW step) on `batch`, timed between
-    synchronizations after `args.warmup` untimed steps."""
+    synchronizations after `args.warmup` untimed steps. With `compiled`, the forward with its loss runs under
+    `torch.compile(model)`: the warm-up steps compile it (their time, `warmup_s`, is reported apart)."""
     precision = precision or args.precision
+    forward = compile_model(model, args.compile_backend) if compiled else model
     model.train()
     model.zero_grad(set_to_none=True)
     if precision == "bf16":
@@ -295,15 +309,17 @@ def train_throughput(model, batch, args, device, precision=None) -> dict:
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = forward(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    start = time.perf_counter()
     for _ in range(args.warmup):
         loss = step()
     synchronize(device)
+    warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
@@ -311,8 +327,11 @@ def train_throughput(model, batch, args, device, precision=None) -> dict:
     seconds = time.perf_counter() - start
     loss = float(loss)
     del optimizer
+    if compiled:  # the next model starts with no cached graphs, none counting toward its recompile limit
+        torch._dynamo.reset()
     tokens = batch.numel() * args.steps
-    result = {"train_tokens_per_s": tokens / seconds, "step_s": seconds / args.steps, "final_loss": loss}
+    result = {"train_tokens_per_s": tokens / seconds, "step_s": seconds / args.steps, "warmup_s": warmup_s,
+              "final_loss": loss}  # fmt: skip
     if not math.isfinite(loss):
         result["warning"] = "non-finite loss"
     return result
@@ -387,9 +406,13 @@ def calibrate(args, device, state):
     free_memory(device)
 
 
-def run_model(name, args, device, batch, state) -> dict:
-    row = {"model": name}
+def run_model(name, args, device, batch, state, compiled=False) -> dict:
+    """One row of the table: build `name`, time its training (eager or compiled), then its decoding (always eager;
+    with `--compile both` only in the eager row)."""
+    row = {"model": name, "compiled": compiled}
     model = None
+    if name.endswith("-calibrated") and "calibrated_ratio" not in state and "calibration_note" not in state:
+        calibrate(args, device, state)  # only when its row comes up: a run cut short spends no time on it
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -418,7 +441,7 @@ def run_model(name, args, device, batch, state) -> dict:
 
     try:
         try:
-            row.update(train_throughput(model, batch, args, device))
+            row.update(train_throughput(model, batch, args, device, compiled=compiled))
         except Exception as error:  # noqa: BLE001
             # A model whose kernels refuse autocast over fp32 weights (mixed dtypes) gets one try in bf16 weights,
             # and its row says so; out of memory is final.
@@ -428,7 +451,7 @@ def run_model(name, args, device, batch, state) -> dict:
             row["note"] = (row.get("note", "") + f" bf16 weights (autocast failed: {type(error).__name__}: "
                            f"{str(error)[:120]})").strip()  # fmt: skip
             free_memory(device)
-            row.update(train_throughput(model, batch, args, device, precision="bf16"))
+            row.update(train_throughput(model, batch, args, device, precision="bf16", compiled=compiled))
         if "train_flops_per_token" in row:
             row["mfu"] = row["train_flops_per_token"] * row["train_tokens_per_s"] / state["peak_flops"]
         # The common shorthand, for comparison with other reports: 6·N per token, whatever a token passes through.
@@ -440,7 +463,7 @@ def run_model(name, args, device, batch, state) -> dict:
         traceback.print_exc()
     free_memory(device)
 
-    if args.decode_batch_sizes:
+    if args.decode_batch_sizes and not (compiled and args.compile == "both"):
         try:
             model.eval()
             model.zero_grad(set_to_none=True)
@@ -491,21 +514,27 @@ def _percent(value):
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+def label(row) -> str:
+    return LABELS.get(row["model"], row["model"]) + (" (compiled)" if row.get("compiled") else "")
+
+
 def markdown_table(rows, args) -> str:
     sizes = args.decode_batch_sizes
-    head = ["model", "params (M)", "ρ cost model", "ρ calibrated", "ρ used", "train tok/s", "train GFLOP/tok", "MFU",
-            "MFU 6N", "peak mem (GiB)"] + [f"decode tok/s b={x}" for x in sizes] + ["notes"]  # fmt: skip
+    head = ["model", "params (M)", "ρ cost model", "ρ calibrated", "ρ used", "train tok/s", "warm-up s",
+            "train GFLOP/tok", "MFU", "MFU 6N", "peak mem (GiB)"] + [f"decode tok/s b={x}" for x in sizes] + [
+            "notes"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         note = "; ".join(row[k] for k in ("skipped", "error", "note", "warning") if row.get(k))
         flops = row.get("train_flops_per_token")
         cells = [
-            LABELS.get(row["model"], row["model"]),
+            label(row),
             _fmt(row.get("params") and row["params"] / 1e6, ".1f"),
             _fmt(row.get("rho_model"), ".3f"),
             _fmt(row.get("rho_calibrated"), ".3f"),
             _fmt(row.get("rho_used"), ".3f"),
             _fmt(row.get("train_tokens_per_s"), ",.0f"),
+            _fmt(row.get("warmup_s"), ".1f"),
             _fmt(flops and flops / 1e9, ".3f"),
             _percent(row.get("mfu")),
             _percent(row.get("mfu_6n")),
@@ -564,7 +593,9 @@ def write_reports(rows, args, env, out_dirs):
         "MFU is over this.",
         f"- Training: batch {args.batch_size} × {args.seq_len} tokens of random ids (the same batch for every model), "
         f"AdamW (fused on CUDA), {PRECISIONS[args.precision]}; {args.warmup} warm-up steps, then {args.steps} timed "
-        "steps.",
+        "steps. \"(compiled)\": the forward with its loss under `torch.compile(model, backend="
+        f"\"{args.compile_backend}\")`, compiled during the warm-up steps (warm-up s: their wall time, compilation "
+        "included); the other rows eager.",
         f"- Decode: `generate`, random prompt of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
         f"min_new_tokens = max_new_tokens, {decode_weights}; decode tok/s = batch·(new−1) / (generate time − "
         "prefill time).",
@@ -593,7 +624,7 @@ def plot(rows, path, env, args):
         import matplotlib.ticker
     except ImportError:
         return False
-    labels = [LABELS.get(r["model"], r["model"]) for r in rows]
+    labels = [label(r) for r in rows]
     tps = [r.get("train_tokens_per_s") or 0 for r in rows]
     mfu = [100 * (r.get("mfu") or 0) for r in rows]
     colors = ["tab:orange" if r["model"].startswith("flowhn") else "tab:gray" for r in rows]
@@ -653,9 +684,13 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("autocast", "bf16", "fp32"), default=None,
                    help="training precision: bf16 autocast over fp32 weights, bf16 weights, or fp32 (default: "
                    "autocast on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                   help="train eager, under torch.compile, or both (two rows per model; decode in the eager one)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: tests the path)")
     p.add_argument("--no-calibrate", action="store_true", help="skip flowhn_hf.calibrate_split")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="start no new model after this many minutes (their rows say so); reports are written anyway")
+                   help="start no row that would end past this many minutes, by the mean time of the finished rows "
+                   "(the rows left out say so); reports are written anyway")
     p.add_argument("--device", default=None, help="default cuda if available (cpu with --smoke)")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="where RESULTS.md, results.json, throughput.png go (default: beside this script; "
@@ -694,29 +729,37 @@ def main(argv=None):
     state["peak_flops"], state["peak_how"] = matmul_rate(device, args.smoke)
     print(f"matmul rate: {state['peak_flops'] / 1e12:.4g} TFLOP/s ({state['peak_how']})", flush=True)
     state["target"] = target_parameters(args)
-    if any(m.endswith("-calibrated") for m in args.models) and not args.no_calibrate:
-        calibrate(args, device, state)
-    elif args.no_calibrate:
+    if args.no_calibrate:
         state["calibration_note"] = "--no-calibrate"
     env = environment(device, state)
     batch = torch.randint(0, flowhn_config(args, "none").vocab_size, (args.batch_size, args.seq_len),
                           generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
 
+    compiled_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     rows = []
     for name in args.models:
-        start = time.perf_counter()
-        if args.max_minutes is not None and start - state["start"] > 60 * args.max_minutes:
-            rows.append({"model": name, "skipped": f"not run: past --max-minutes {args.max_minutes:g}"})
-            continue
-        row = run_model(name, args, device, batch, state)
-        row["wall_s"] = time.perf_counter() - start
-        rows.append(row)
-        summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "flops_by_term"}
-        print(json.dumps(summary), flush=True)
-        write_reports(rows, args, env, out_dirs)  # after every model: a run cut short keeps what it measured
+        for compiled in compiled_modes:
+            start = time.perf_counter()
+            walls = [r["wall_s"] for r in rows if "wall_s" in r]
+            expected_end = start - state["start"] + (sum(walls) / len(walls) if walls else 0)
+            if args.max_minutes is not None and expected_end > 60 * args.max_minutes:
+                rows.append({"model": name, "compiled": compiled,
+                             "skipped": f"not run: would end past --max-minutes {args.max_minutes:g}"})  # fmt: skip
+                continue
+            rows.append(run_model(name, args, device, batch, state, compiled))
+            rows[-1]["wall_s"] = time.perf_counter() - start
+            report_row(rows, args, env, out_dirs)
     text = write_reports(rows, args, env, out_dirs)
     print(text, flush=True)
     return rows
+
+
+def report_row(rows, args, env, out_dirs):
+    """Print the newest row and rewrite the reports: a run cut short keeps what it measured."""
+    row = rows[-1]
+    summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "flops_by_term"}
+    print(json.dumps(summary), flush=True)
+    write_reports(rows, args, env, out_dirs)
 
 
 if __name__ == "__main__":
