@@ -8,19 +8,22 @@ Three runs of the tiny preset with one seed and one global batch: one process ac
 checkpoints). It compares every step's train loss with the one-process run, loads the Hub-ready folder each run
 exported at its end (for FSDP2: merged from the sharded checkpoint) with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`, checks that its held-out loss equals the run's
-last eval loss, and compares the FSDP2 export's logits with the one-process export's. It writes a markdown report
-to --out and exits 0 when every check passes, 1 otherwise.
+last eval loss, and compares the FSDP2 export with the one-process export (held-out loss; the largest logit
+difference is reported). It writes a markdown report to --out and exits 0 when every check passes, 1 otherwise.
 
 On CPU Accelerate has no FSDP, so the FSDP2 run goes through `training.fsdp_on_cpu`, which turns it on.
 """
 
 import argparse
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -29,7 +32,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from training.data import BlockSource, load_text_dataset, model_inputs, pack_documents
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = ("one process", "DDP", "FSDP2")
 CONFIGS = {"one process": "single_gpu", "DDP": "ddp", "FSDP2": "fsdp2"}
 # The training run of each device kind: small enough for well under a minute per run (Triton compile included).
 TRAIN = {
@@ -43,7 +45,7 @@ FP32_RTOL = 1e-5
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.multi_gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="markdown report to write")
-    p.add_argument("--work-dir", help="folder for the three runs (default: a new temporary folder, kept)")
+    p.add_argument("--work-dir", help="new or empty folder for the three runs (default: a new temporary folder)")
     p.add_argument("--num-processes", type=int, default=2, help="processes of the DDP and FSDP2 runs (2)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps of each run (40)")
     p.add_argument("--seed", type=int, default=0, help="seed of every run (0)")
@@ -52,12 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"GPUs, {FP32_RTOL:g} in fp32 on CPU)")
     p.add_argument("--cpu", action="store_true", help="run on CPU processes (gloo) in fp32 instead of GPUs")
     p.add_argument("--compile", action="store_true", help="pass --compile to every run")
-    p.add_argument("--timeout", type=float, default=300, help="seconds one run may take before it fails (300)")
+    p.add_argument("--timeout", type=float, default=150, help="seconds one run may take before it fails (150)")
     args = p.parse_args(argv)
     if args.num_processes < 2:
         p.error(f"--num-processes must be at least 2, got {args.num_processes}")
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
+    if args.work_dir is not None and Path(args.work_dir).is_dir() and any(Path(args.work_dir).iterdir()):
+        p.error(f"--work-dir {args.work_dir} is not empty: the runs need fresh output folders")
     if args.rtol is None:
         args.rtol = FP32_RTOL if args.cpu else BF16_RTOL
     if not args.cpu and torch.cuda.device_count() < args.num_processes:
@@ -87,9 +91,14 @@ def train(name: str, args, work: Path) -> tuple[Path, float]:
     print(f"{name}: {' '.join(cmd)}\n  log: {log}", flush=True)
     start = time.perf_counter()
     with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout)
+            proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
+            # SIGTERM to the launcher's group: a one-process launch's worker is in it; torchrun's workers have
+            # sessions of their own, and torchrun stops them on SIGTERM.
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
             raise RuntimeError(f"{name}: no result after {args.timeout:.0f} s; see {log}") from None
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
@@ -124,64 +133,80 @@ def exported_model_eval(hub: Path, args, device) -> tuple[float, torch.Tensor]:
 
 
 def loss_table(losses: dict[str, dict[int, float]]) -> str:
-    rows = ["| step | one process | DDP | FSDP2 | DDP − one | FSDP2 − one |", "|---|---|---|---|---|---|"]
+    """Markdown table of each step's train loss per run, and each run's difference from the one-process run."""
+    others = [name for name in losses if name != "one process"]
+    columns = [*losses, *(f"{name} − one" for name in others)]
+    rows = ["| step | " + " | ".join(columns) + " |", "|---" * (1 + len(columns)) + "|"]
     for step, one in sorted(losses["one process"].items()):
-        ddp, fsdp = losses["DDP"][step], losses["FSDP2"][step]
-        rows.append(f"| {step} | {one:.5f} | {ddp:.5f} | {fsdp:.5f} | {ddp - one:+.2e} | {fsdp - one:+.2e} |")
+        values = [f"{losses[name][step]:.5f}" for name in losses]
+        gaps = [f"{losses[name][step] - one:+.2e}" for name in others]
+        rows.append(f"| {step} | " + " | ".join(values + gaps) + " |")
     return "\n".join(rows)
 
 
-def check(args) -> tuple[list[str], bool]:
-    """Run everything; return the report's lines and whether every check passed."""
+def check(args, lines: list[str]) -> bool:
+    """Run everything, appending the report to `lines` as results come in; return whether every check passed.
+
+    A run that fails is reported and the others are still compared."""
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="flowhn-multi-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.cpu else "cuda")
     where = "CPU (gloo, fp32)" if args.cpu else f"{torch.cuda.get_device_name(0)} (bf16)"
     settings = ", ".join(f"{key} {value}" for key, value in TRAIN["cpu" if args.cpu else "gpu"].items())
-    lines = [f"# Multi-GPU check: {args.num_processes} processes on {where}", "",
-             f"torch {torch.__version__}; preset tiny, {settings}, {args.steps} steps, seed {args.seed}; the one "
-             f"process accumulates {args.num_processes} micro-batches" + (", --compile" if args.compile else "")
-             + f". Runs and their logs: `{work}`.", ""]
-    runs, seconds = {}, {}
-    try:
-        for name in RUNS:
-            runs[name], seconds[name] = train(name, args, work)
-    except RuntimeError as e:
-        return [*lines, "**FAIL**: a run failed:", "", "```", str(e), "```"], False
+    lines += [f"# Multi-GPU check: {args.num_processes} processes on {where}", "",
+              f"torch {torch.__version__}; preset tiny, {settings}, {args.steps} steps, seed {args.seed}; the one "
+              f"process accumulates {args.num_processes} micro-batches" + (", --compile" if args.compile else "")
+              + f". Runs and their logs: `{work}`.", ""]
+    runs, results = {}, []
+    for name in CONFIGS:
+        try:
+            runs[name], seconds = train(name, args, work)
+            lines.append(f"- {name} run: {seconds:.0f} s (launch, tokenizer, compile, training, export)")
+        except RuntimeError as e:
+            lines += [f"- {name} run failed:", "", "```", str(e), "```"]
+            results.append((f"{name} run", False))
+    lines.append("")
+    if "one process" not in runs:
+        return False
     metrics = {name: read_metrics(run) for name, run in runs.items()}
     losses = {name: m[0] for name, m in metrics.items()}
     one = losses["one process"]
-    results = []
+    lines += [loss_table(losses), ""]
     for name in ("DDP", "FSDP2"):
-        worst = max(abs(losses[name][s] - one[s]) / abs(one[s]) for s in one)
-        same_steps = sorted(losses[name]) == sorted(one)
-        results.append((f"{name} train losses within rtol {args.rtol:g} of one process at every step "
-                        f"(max relative difference {worst:.2e})", same_steps and worst <= args.rtol))
-    sharded = (runs["FSDP2"] / "checkpoints" / f"step_{args.steps:08d}" / "pytorch_model_fsdp_0").is_dir()
-    results.append(("FSDP2 checkpoint is sharded (`pytorch_model_fsdp_0/`, torch.distributed.checkpoint)", sharded))
+        if name in runs:
+            worst = max(abs(losses[name].get(s, math.inf) - one[s]) / abs(one[s]) for s in one)
+            results.append((f"{name} train losses within rtol {args.rtol:g} of one process at every step "
+                            f"(max relative difference {worst:.2e})", worst <= args.rtol))
     evals, logits = {}, {}
     for name in ("one process", "FSDP2"):
-        evals[name], logits[name] = exported_model_eval(runs[name] / "hub", args, device)
-        run_eval = metrics[name][1]
-        results.append((f"{name} export loads with trust_remote_code; its held-out loss {evals[name]:.5f} equals "
-                        f"the run's eval loss {run_eval:.5f} within rtol {args.rtol:g}",
-                        bool(torch.isfinite(logits[name]).all())
-                        and abs(evals[name] - run_eval) <= args.rtol * run_eval))
-    gap = (logits["FSDP2"] - logits["one process"]).abs().max().item()
-    results.append((f"FSDP2 and one-process exports: held-out losses within rtol {args.rtol:g} "
-                    f"({evals['FSDP2']:.5f} vs {evals['one process']:.5f}; max |logit difference| {gap:.3g})",
-                    abs(evals["FSDP2"] - evals["one process"]) <= args.rtol * evals["one process"]))
-    passed = all(ok for _, ok in results)
-    lines += [loss_table(losses), "", *(f"- {'PASS' if ok else '**FAIL**'}: {text}" for text, ok in results), "",
-              "Wall time per run (launch, tokenizer, compile, training, export): "
-              + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()), "",
-              f"**{'PASS' if passed else 'FAIL'}**"]
-    return lines, passed
+        if name in runs:
+            evals[name], logits[name] = exported_model_eval(runs[name] / "hub", args, device)
+            run_eval = metrics[name][1]
+            results.append((f"{name} export loads with trust_remote_code; its held-out loss {evals[name]:.5f} "
+                            f"equals the run's eval loss {run_eval:.5f} within rtol {args.rtol:g}",
+                            bool(torch.isfinite(logits[name]).all())
+                            and abs(evals[name] - run_eval) <= args.rtol * run_eval))
+    if "FSDP2" in runs:
+        sharded = (runs["FSDP2"] / "checkpoints" / f"step_{args.steps:08d}" / "pytorch_model_fsdp_0").is_dir()
+        results.append(("FSDP2 checkpoint is sharded (`pytorch_model_fsdp_0/`, torch.distributed.checkpoint)",
+                        sharded))
+        gap = (logits["FSDP2"] - logits["one process"]).abs().max().item()
+        results.append((f"FSDP2 and one-process exports: held-out losses within rtol {args.rtol:g} "
+                        f"({evals['FSDP2']:.5f} vs {evals['one process']:.5f}; max |logit difference| {gap:.3g})",
+                        abs(evals["FSDP2"] - evals["one process"]) <= args.rtol * evals["one process"]))
+    lines += [*(f"- {'PASS' if ok else '**FAIL**'}: {text}" for text, ok in results), ""]
+    return all(ok for _, ok in results)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    lines, passed = check(args)
+    lines = []
+    try:
+        passed = check(args, lines)
+    except Exception:  # a failed run (RuntimeError) or a bug: the report keeps what came before, and why it stopped
+        lines += ["The check stopped:", "", "```", traceback.format_exc().rstrip(), "```", ""]
+        passed = False
+    lines.append(f"**{'PASS' if passed else 'FAIL'}**")
     report = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report)
