@@ -206,46 +206,31 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
         dS = tl.load(dfinal + state + kv, mask=kv_mask, other=0.0).to(tl.float32)
     else:
         dS = tl.full([BK, BV], 0.0, tl.float32)
-    # each chunk's tiles are loaded one step ahead: the loads overlap the previous chunk's products
     c = (eos - bos + BT - 1) // BT - 1
-    tq = c * BT + t
-    tok = c * BT + r // RP
-    q_ok = tq < eos - bos
-    row_ok = (tok < eos - bos) & (r % RP < R)
-    sub = ((bos + tok) * H + h) * R + r % RP
-    base = ((g0 + c) * H + h) * ROWS + r
-    b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0)
-    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
-    b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + col[None, :],
-                   mask=q_ok[:, None] & (col[None, :] >= 0) & (col[None, :] < V), other=0.0)
-    b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
     while c >= 0:
         g = g0 + c
         if not AUG:
             tl.store(dhs + (g * H + h) * K * V + kv, dS.to(dhs.dtype.element_ty), mask=kv_mask)
-        c_q = (b_q.to(tl.float32) * scale).to(DT)
-        c_k, c_do, c_w = b_k.to(DT), b_do.to(DT), b_w.to(DT)
-        c_base = base
-        more = c > 0
-        tq = (c - 1) * BT + t
-        tok = (c - 1) * BT + r // RP
-        q_ok = more & (tq < eos - bos)
-        row_ok = more & (tok < eos - bos) & (r % RP < R)
-        sub = ((bos + tok) * H + h) * R + r % RP
-        base = ((g - 1) * H + h) * ROWS + r
-        b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K),
-                      other=0.0)
-        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
+        tq = c * BT + t
+        q_ok = tq < eos - bos
+        tok = c * BT + r // RP
+        comp = r % RP
+        row_ok = (tok < eos - bos) & (comp < R)
+        sub = ((bos + tok) * H + h) * R + comp
+        b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+        b_q = (b_q.to(tl.float32) * scale).to(DT)
+        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
         b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + col[None, :],
-                       mask=q_ok[:, None] & (col[None, :] >= 0) & (col[None, :] < V), other=0.0)
-        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=more & (kk[None, :] < K), other=0.0)
-        at = tl.dot(c_k, tl.trans(c_q), input_precision=PREC)
+                       mask=q_ok[:, None] & (col[None, :] >= 0) & (col[None, :] < V), other=0.0).to(DT)
+        base = (g * H + h) * ROWS + r
+        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
+        at = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
         at = tl.where(t[None, :] >= (r // RP)[:, None], at, 0.0)
-        b_du = tl.dot(at.to(DT), c_do, input_precision=PREC) + tl.dot(c_k, dS.to(DT), input_precision=PREC)
+        b_du = tl.dot(at.to(DT), b_do, input_precision=PREC) + tl.dot(b_k, dS.to(DT), input_precision=PREC)
         if not AUG:
-            tl.store(du + c_base[:, None] * V + vv[None, :], b_du.to(du.dtype.element_ty), mask=vv[None, :] < V)
-        dS += (tl.dot(tl.trans(c_q), c_do, input_precision=PREC)
-               - tl.dot(tl.trans(c_w), b_du.to(DT), input_precision=PREC))
+            tl.store(du + base[:, None] * V + vv[None, :], b_du.to(du.dtype.element_ty), mask=vv[None, :] < V)
+        dS += (tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
+               - tl.dot(tl.trans(b_w), b_du.to(DT), input_precision=PREC))
         c -= 1
     if STORE_DINIT:
         tl.store(dinit + state + kv, dS, mask=kv_mask)
@@ -335,9 +320,10 @@ def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx
         b_dqk += tl.dot(b_do, tl.trans(b_u), input_precision=PREC)
         b_dk += tl.dot(b_u, tl.trans(b_ds), input_precision=PREC)
         b_dw += tl.dot(b_du, tl.trans(b_s), input_precision=PREC)
-    b_q = tl.load(q + qrow[:, None] * K + kk[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(DT)
-    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(DT)
-    b_dqk = (tl.where(t[:, None] >= (r // RP)[None, :], b_dqk, 0.0) * scale).to(DT)
+    # fp32 operands below: dQKᵀ rounded to 16 bits would cost dq and dk a digit
+    b_q = tl.load(q + qrow[:, None] * K + kk[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    b_dqk = tl.where(t[:, None] >= (r // RP)[None, :], b_dqk, 0.0) * scale
     b_dq = b_dq * scale + tl.dot(b_dqk, b_k, input_precision=PREC)
     b_dk += tl.dot(tl.trans(b_dqk), b_q, input_precision=PREC)
     tl.store(dq + qrow[:, None] * K + kk[None, :], b_dq.to(dq.dtype.element_ty), mask=q_ok[:, None] & k_ok[None, :])
@@ -365,7 +351,8 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
     base = (g * H + h) * ROWS + r
     b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
     b_tt = tl.trans(tl.load(tinv + (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]))
-    # row sums as products with ones ("ieee": exact fp32); every one of the 16 columns holds the sum
+    # row sums as products with ones; every one of the 16 columns holds the sum.
+    # Products in fp32 operands (tf32 or better): dT = dU (βV)ᵀ − dW (βK)ᵀ cancels
     b_dbeta = tl.full([ROWS, 16], 0.0, tl.float32)
     b_dtv = tl.full([ROWS, ROWS], 0.0, tl.float32)
     b_kk = tl.full([ROWS, ROWS], 0.0, tl.float32)
@@ -379,20 +366,20 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
         b_dvt = tl.dot(b_tt, b_du.to(tl.float32), input_precision=PREC)
         tl.store(dv + sub[:, None] * V + vv[None, :], (b_dvt * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
-        b_dbeta += tl.dot(b_dvt * b_v.to(tl.float32), ones_v, input_precision="ieee")
-        b_dtv += tl.dot(b_du.to(DT), tl.trans((b_v.to(tl.float32) * b_beta[:, None]).to(DT)), input_precision=PREC)
+        b_dbeta += tl.dot(b_dvt * b_v.to(tl.float32), ones_v, input_precision=PREC)
+        b_dtv += tl.dot(b_du.to(tl.float32), tl.trans(b_v.to(tl.float32) * b_beta[:, None]), input_precision=PREC)
     for ik in range((K + BK - 1) // BK):
         kk = ik * BK + tl.arange(0, BK)
         k_ok = kk < K
         b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         b_dw = tl.load(dw + base[:, None] * K + kk[None, :], mask=k_ok[None, :], other=0.0)
-        b_dtv -= tl.dot(b_dw.to(DT), tl.trans((b_k * b_beta[:, None]).to(DT)), input_precision=PREC)
-        b_dbeta -= tl.dot(tl.dot(b_tt, b_dw.to(tl.float32), input_precision=PREC) * b_k, ones_k, input_precision="ieee")
+        b_dtv -= tl.dot(b_dw.to(tl.float32), tl.trans(b_k * b_beta[:, None]), input_precision=PREC)
+        b_dbeta -= tl.dot(tl.dot(b_tt, b_dw.to(tl.float32), input_precision=PREC) * b_k, ones_k, input_precision=PREC)
         b_kk += tl.dot(b_k.to(DT), tl.trans(b_k.to(DT)), input_precision=PREC)
     # dA = −Tᵀ dT Tᵀ on the strict mask, A = diag(β) K Kᵀ
     b_da = -tl.dot(tl.dot(b_tt, b_dtv, input_precision=PREC), b_tt, input_precision=PREC)
     b_da = tl.where((r // RP)[:, None] > (r // RP)[None, :], b_da, 0.0)
-    b_dbeta += tl.dot(b_da * b_kk, tl.full([ROWS, 16], 1.0, tl.float32), input_precision="ieee")
+    b_dbeta += tl.dot(b_da * b_kk, tl.full([ROWS, 16], 1.0, tl.float32), input_precision=PREC)
     b_da = b_da * b_beta[:, None]
     for ik in range((K + BK - 1) // BK):
         kk = ik * BK + tl.arange(0, BK)
