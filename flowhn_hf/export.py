@@ -63,7 +63,11 @@ def render_model_card(state: dict, config, model_name: str, repo_id: str, licens
     from huggingface_hub import ModelCard, ModelCardData
 
     preset = state["preset"] if state["preset"] in CARD_PRESETS else "tiny"
-    template = resources.files("flowhn_hf.model_cards").joinpath(f"{preset}.md").read_text()
+    try:
+        cards = resources.files("flowhn_hf.model_cards")
+    except ModuleNotFoundError:  # a source checkout on PYTHONPATH, not pip-installed: the folder beside flowhn_hf
+        cards = Path(__file__).resolve().parents[1] / "model_cards"
+    template = cards.joinpath(f"{preset}.md").read_text()
     run = state["run"]
     dataset = run["dataset"]
     hub_dataset = dataset is not None and not Path(dataset).exists()
