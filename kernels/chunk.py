@@ -374,21 +374,23 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
         b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         b_dw = tl.load(dw + base[:, None] * K + kk[None, :], mask=k_ok[None, :], other=0.0)
         b_dtv -= tl.dot(b_dw.to(tl.float32), tl.trans(b_k * b_beta[:, None]), input_precision=PREC)
-        b_dbeta -= tl.dot(tl.dot(b_tt, b_dw.to(tl.float32), input_precision=PREC) * b_k, ones_k, input_precision=PREC)
         b_kk += tl.dot(b_k.to(DT), tl.trans(b_k.to(DT)), input_precision=PREC)
     # dA = −Tᵀ dT Tᵀ on the strict mask, A = diag(β) K Kᵀ
     b_da = -tl.dot(tl.dot(b_tt, b_dtv, input_precision=PREC), b_tt, input_precision=PREC)
     b_da = tl.where((r // RP)[:, None] > (r // RP)[None, :], b_da, 0.0)
     b_dbeta += tl.dot(b_da * b_kk, tl.full([ROWS, 16], 1.0, tl.float32), input_precision=PREC)
     b_da = b_da * b_beta[:, None]
+    b_da = b_da + tl.trans(b_da)
     for ik in range((K + BK - 1) // BK):
         kk = ik * BK + tl.arange(0, BK)
         k_mask = row_ok[:, None] & (kk[None, :] < K)
         b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=k_mask, other=0.0).to(tl.float32)
         b_dw = tl.load(dw + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(tl.float32)
         b_dk = tl.load(dk + sub[:, None] * K + kk[None, :], mask=k_mask, other=0.0).to(tl.float32)
-        b_dk -= tl.dot(b_tt, b_dw, input_precision=PREC) * b_beta[:, None]
-        b_dk += tl.dot(b_da, b_k, input_precision=PREC) + tl.dot(tl.trans(b_da), b_k, input_precision=PREC)
+        # W = T diag(β) K with dW = −dU S_startᵀ
+        b_tdw = tl.dot(b_tt, b_dw, input_precision=PREC)
+        b_dbeta -= tl.dot(b_tdw * b_k, ones_k, input_precision=PREC)
+        b_dk += tl.dot(b_da, b_k, input_precision=PREC) - b_tdw * b_beta[:, None]
         tl.store(dk + sub[:, None] * K + kk[None, :], b_dk.to(dk.dtype.element_ty), mask=k_mask)
     col = tl.arange(0, 16)
     tl.store(dbeta + sub[:, None] + 0 * col[None, :], b_dbeta.to(dbeta.dtype.element_ty),
