@@ -21,6 +21,14 @@ import triton.language as tl
 from .utils import dot_dtype, dot_precision, kernel, pow2
 
 ROWS = 64
+# launch settings (num_warps, num_stages) per kernel and key width pow2(K): 64, 128 or 256.
+# kernels/benchmarks/tune_launch.py times the alternatives on a GPU and prints this table.
+LAUNCH = {}
+
+
+def launch(name, K):
+    """Launch keywords of kernel `name` at key dimension K (Triton's defaults when not tuned)."""
+    return LAUNCH.get((name, max(pow2(K), 64)), {})
 
 
 @kernel
@@ -467,7 +475,7 @@ def _prep(k, v, beta, plan, tinv, load_tinv):
     w = k.new_empty(plan.nc, H, ROWS, K)
     ut = v.new_empty(plan.nc, H, ROWS, V)
     prep_kernel[(plan.nc, H)](k, v, beta, tinv, w, ut, plan.cu, plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk,
-                              bv, load_tinv, dot_dtype(k.dtype), dot_precision(k.dtype))
+                              bv, load_tinv, dot_dtype(k.dtype), dot_precision(k.dtype), **launch("prep", K))
     return w, ut
 
 
@@ -478,14 +486,15 @@ def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
     va = K + V if aug else V
     state_fwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
         k, w, ut, u, hs, init, final, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va)
+        init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
+        **launch("state_fwd", K))
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
     _, H, K, V = xs.shape
     bk, bv = _blocks(K, V)
     combine_kernel[(n, H, triton.cdiv(V, bv))](flows, x0, xs, xout, seg_off, H, K, V, bk, bv, x0 is not None,
-                                               xout is not None, reverse)
+                                               xout is not None, reverse, **launch("combine", K))
 
 
 def _states(k, w, ut, initial_state, plan, output_final_state, scan):
@@ -524,7 +533,8 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = pow2(K), min(pow2(V), 64)
     output_kernel[(plan.nc, H, triton.cdiv(V, bv))](q, k, u, hs, o, scale, plan.cu, plan.chunk_idx, H, R, K, V,
-                                                    plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype))
+                                                    plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype),
+                                                    **launch("output", K))
     return o, final, tinv
 
 
@@ -535,7 +545,8 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
     va = K + V if aug else V
     state_bwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
         q, k, w, do, du, dhs, dfinal, dinit, scale, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va)
+        dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
+        **launch("state_bwd", K))
 
 
 def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_dinit, scan=None):
@@ -566,7 +577,8 @@ def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_
     gk, gv = min(pow2(K), 64), min(pow2(V), 64)
     dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
     grad_state_kernel[(plan.nc, H, triton.cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, plan.cu,
-                                                        plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec)
+                                                        plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
+                                                        **launch("grad_state", K))
     grad_wy_kernel[(plan.nc, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, plan.cu, plan.chunk_idx, H, R, K, V,
-                                 plan.rp, plan.bt, gk, gv, dt, prec)
+                                 plan.rp, plan.bt, gk, gv, dt, prec, **launch("grad_wy", K))
     return dq, dk, dv, dbeta, dinit

@@ -1,0 +1,72 @@
+"""Pick num_warps / num_stages for each Triton kernel of flowhn_kernels.chunk on this GPU.
+
+Greedy, one kernel at a time with the others at their current settings, judged by the
+forward+backward time of delta_rule (bf16, R = 1) at an anchor shape of each key width. Prints
+the chosen entries in the form of chunk.LAUNCH, to paste there with the measured times.
+
+    python kernels/benchmarks/tune_launch.py [--shapes 0,1] [--max-minutes 4]
+"""
+
+import argparse
+import time
+
+from triton.testing import do_bench
+
+from flowhn_kernels import chunk
+from flowhn_kernels.delta_rule import chunk_delta_rule
+
+from bench_delta_rule import SHAPES, inputs
+
+KERNELS = ["prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "combine"]
+# Triton's default (4 warps, 3 stages) is the baseline every candidate must beat by 2%
+CANDIDATES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3) if (w, s) != (4, 3)]
+
+
+def fwd_bwd_ms(xs, do, scan):
+    def step():
+        chunk_delta_rule(*xs, scan=scan)[0].backward(do)
+
+    return do_bench(step, warmup=10, rep=50, grad_to_none=xs, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="0,1")
+    ap.add_argument("--max-minutes", type=float, default=4.0)
+    args = ap.parse_args()
+    stop = time.time() + 60 * args.max_minutes
+    for i in (int(s) for s in args.shapes.split(",")):
+        B, T, H, D = SHAPES[i]
+        width = max(chunk.pow2(D), 64)
+        xs = inputs(B, T, H, D, 1, layout="fla")
+        do = xs[0].detach().clone().normal_()
+        scan = B * H < 32  # the shapes where the plan picks the parallel scan
+        best = fwd_bwd_ms(xs, do, scan)
+        print(f"shape {SHAPES[i]}: {best:.3f} ms with the current settings", flush=True)
+        for name in KERNELS:
+            if name == "combine" and not scan:
+                continue
+            key = (name, width)
+            current = chunk.LAUNCH.get(key)
+            for cand in CANDIDATES:
+                if time.time() > stop:
+                    print("time budget spent", flush=True)
+                    return
+                chunk.LAUNCH[key] = cand
+                try:
+                    ms = fwd_bwd_ms(xs, do, scan)
+                except Exception as e:  # out of shared memory or registers: not a candidate
+                    print(f"  {key} {cand}: {type(e).__name__}", flush=True)
+                    continue
+                if ms < best * 0.98:
+                    best, current = ms, cand
+                print(f"  {key} {cand}: {ms:.3f} ms", flush=True)
+            if current is None:
+                chunk.LAUNCH.pop(key, None)
+            else:
+                chunk.LAUNCH[key] = current
+            print(f"LAUNCH[{key!r}] = {current}  # fwd+bwd {best:.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
