@@ -1,4 +1,5 @@
-"""flowhn-train on CPU: an end-to-end tiny run, exact resume, atomic saves, signals, bad input, the Trainer example."""
+"""flowhn-train on CPU: an end-to-end tiny run, exact resume, DDP and FSDP2 on two processes, --compile, atomic saves,
+signals, bad input, the Trainer example."""
 
 import importlib.util
 import json
