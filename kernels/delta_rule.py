@@ -21,6 +21,9 @@ from .reference import reference_chunked
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_RANK = 4
 MAX_DIM = 256
+# compiled, the kernels' tiles for K or V above this exceed an H100/H200's shared memory; delta_rule
+# runs such heads through the PyTorch reference on the GPU (the interpreter runs the kernels up to MAX_DIM)
+GPU_KERNEL_MAX_DIM = 128
 # without gradients, sequences up to this long run the recurrent kernel (decoding, short prefill)
 RECURRENT_MAX_LEN = 16
 
@@ -156,6 +159,10 @@ def triton_enabled(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _kernels_fit(q, v):
+    return q.device.type != "cuda" or max(q.shape[-1], v.shape[-1]) <= GPU_KERNEL_MAX_DIM
+
+
 def _pack(q, k, v, beta):
     """Canonical [B,T,...] tensors as contiguous [B·T,...] ones, the kernels' packed layout."""
     B, T, H, R, K = k.shape
@@ -203,6 +210,9 @@ def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seq
     q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
     if q.dtype == torch.float64 or not triton_enabled(q.device):
         raise ValueError(f"q: the Triton kernels need float16/bfloat16/float32 tensors on CUDA (or TRITON_INTERPRET=1), got {q.dtype} on {q.device}")
+    if not _kernels_fit(q, v):
+        raise ValueError(f"q, v: on the GPU the Triton kernels take K and V up to {GPU_KERNEL_MAX_DIM}, got K={q.shape[-1]}, "
+                         f"V={v.shape[-1]} (delta_rule runs wider heads through the PyTorch reference)")
     plan = make_plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)
     return q, k, v, beta, scale, init, plan
 
@@ -229,11 +239,11 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
 
     Differentiable in q, k, v, beta and initial_state. On CPU tensors (and for float64) it runs the
     PyTorch reference, except under TRITON_INTERPRET=1 where the Triton kernels run in the
-    interpreter. Without gradients, sequences of at most RECURRENT_MAX_LEN tokens take the
+    interpreter; so do heads wider than GPU_KERNEL_MAX_DIM on the GPU. Without gradients, sequences of at most RECURRENT_MAX_LEN tokens take the
     recurrent kernel, everything else the chunked one.
     """
     q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    if q.dtype == torch.float64 or not triton_enabled(q.device):
+    if q.dtype == torch.float64 or not triton_enabled(q.device) or not _kernels_fit(q, v):
         o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
         return _finish(q, o, state)
     plan = make_plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)
