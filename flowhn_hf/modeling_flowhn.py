@@ -9,6 +9,7 @@ model stays causal, padding-invariant, and incremental decoding reproduces a ful
 import inspect
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -260,19 +261,20 @@ class FlowHNAttention(nn.Module):
         key_mask = valid
         past_length = 0
         if past_key_values is not None:
-            layer = past_key_values.layers[self.layer_idx]
-            past_mask = getattr(layer, "key_mask", None)
-            if past_mask is not None:
-                past_length = past_mask.shape[1]
-                current = torch.ones(input_shape, dtype=torch.bool, device=past_mask.device) if valid is None else valid
-                key_mask = torch.cat([past_mask, current], dim=1)
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
-            layer.key_mask = (
-                torch.ones(input_shape, dtype=torch.bool, device=hidden_states.device) if key_mask is None else key_mask
-            )
+            past_length = key_states.shape[-2] - input_shape[1]
+            layer = past_key_values.layers[self.layer_idx]
+            # the record of fillers starts with the first one; until then (no padding) every cached key is real
+            past_mask = getattr(layer, "key_mask", None)
+            if past_mask is not None or (valid is not None and past_length):
+                ones = partial(torch.ones, dtype=torch.bool, device=key_states.device)
+                past = ones(input_shape[0], past_length) if past_mask is None else past_mask
+                key_mask = torch.cat([past, ones(input_shape) if valid is None else valid], dim=1)
+            layer.key_mask = key_mask
 
         attention_mask = None
-        needs_mask = key_mask is not None or tokens.documents is not None or past_length
+        # one new token over a cache of real keys needs no mask; several do (causality within them)
+        needs_mask = key_mask is not None or tokens.documents is not None or (past_length and input_shape[1] > 1)
         if needs_mask or self.config._attn_implementation != "sdpa":
             attention_mask = _causal_mask(key_mask, tokens.documents, input_shape, past_length, query_states)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
