@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from test_training import SHORT, train_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flowhn_hf import export
+from training import export
 
 PROMPT = "To be, or not to be, that is the question"
 

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
 import flowhn_hf
-from flowhn_hf.export import export
 from training.checkpoint import latest_checkpoint, read_state, save_checkpoint
 from training.corpus import train_bpe_tokenizer
 from training.data import BlockSource, load_text_dataset, model_inputs, pack_documents, unigram_entropy
+from training.export import export
 
 # Launch defaults of each preset; every one can be overridden on the command line.
 PRESET_DEFAULTS = {
