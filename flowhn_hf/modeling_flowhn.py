@@ -215,7 +215,13 @@ def plan_route(
         to_deltanet = ~to_attention
         if real is not None:
             to_attention, to_deltanet = to_attention & real, to_deltanet & real
-        attention, deltanet = _compact(to_attention, documents), _compact(to_deltanet, documents)
+        if length == 1:
+            # Decoding rows that disagree: each branch takes the one place, a filler where the token went to the other
+            # branch; sizing the branches by their counts would cost two host syncs a layer at every step.
+            place = torch.zeros_like(positions)
+            attention, deltanet = BranchTokens(place, to_attention, documents), BranchTokens(place, to_deltanet, documents)
+        else:
+            attention, deltanet = _compact(to_attention, documents), _compact(to_deltanet, documents)
     rank_attention = to_attention.cumsum(-1) - 1
     rank_deltanet = to_deltanet.cumsum(-1) - 1 + attention.size
     merge = torch.where(to_attention, rank_attention, rank_deltanet).clamp(min=0)
