@@ -1,7 +1,9 @@
 """End-to-end throughput of FlowHN against its peers, all of about the same parameter count, on one GPU (issue 6).
 
-Models (each built, trained and decoded in turn, each in its own try/except so one failure fills its row with the
-error and the run goes on):
+Models (each built, trained and decoded in turn, each row in a child process of its own, so that a failure fills
+its row with the error, or a crash (segmentation fault, CUDA error, killed for memory) with how the process ended and
+the last lines of its stderr, and the run goes on; the children inherit the environment, so PYTHONFAULTHANDLER=1
+puts a crash's Python stack in the log):
 
 - FlowHN from preset "135m" in each split mode (none, alternating, flop_aware, flop_aware_circulating), and FAC
   with the split ratio from `flowhn_hf.calibrate_split` when that exists;
@@ -15,10 +17,10 @@ error and the run goes on):
 Measured per model: training tokens/s over the same random batch (fused AdamW, bf16 autocast over fp32 weights by
 default; warmup steps, then timed steps between CUDA synchronizations), eager or under `torch.compile` (`--compile`:
 the model's forward with its loss, the same call for every model, compiled during the untimed warm-up steps; the
-optimizer step and `generate` stay eager), model FLOPs per token and MFU against the
-bf16 matmul rate measured on the card in the same run, peak memory (torch.cuda.max_memory_allocated, weights +
-AdamW state + activations), and decode throughput of `generate` (prompt 2048, 256 new tokens, greedy, batch 1 and
-32, bf16 weights). The FLOP formulas are in `model_flops` and NOTES.md.
+optimizer step and `generate` stay eager), model FLOPs per token and MFU against the bf16 matmul rate measured on
+the card in the same run (once, by the parent process), peak memory (torch.cuda.max_memory_allocated, weights + AdamW
+state + activations), and decode throughput of `generate` (prompt 2048, 256 new tokens, greedy, batch 1 and 32, bf16
+weights). The FLOP formulas are in `model_flops` and NOTES.md.
 
 Writes RESULTS.md, results.json and throughput.png (if matplotlib is installed) to --out-dir (default: beside this
 file; with --smoke: runs/benchmarks-smoke) and to $OUT when that is set, after every row, so a run cut short keeps
@@ -36,9 +38,13 @@ import json
 import math
 import os
 import platform
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,6 +59,7 @@ from flowhn_hf import FlowHNForCausalLM, preset_config
 from training.benchmarks.sequential_hybrid import SequentialHybridForCausalLM, sequential_config
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 SPLIT_MODES = ("none", "alternating", "flop_aware", "flop_aware_circulating")
 SHORT = {"none": "none", "alternating": "alternating", "flop_aware": "FA", "flop_aware_circulating": "FAC"}
 # In order of importance: with --max-minutes, the last ones are the first left out.
@@ -407,8 +414,7 @@ def calibrate(args, device, state):
 
 
 def run_model(name, args, device, batch, state, compiled=False) -> dict:
-    """One row of the table: build `name`, time its training (eager or compiled), then its decoding (always eager;
-    with `--compile both` only in the eager row)."""
+    """One row of the table: build `name`, time its training (eager or compiled), then its decoding (always eager)."""
     row = {"model": name, "compiled": compiled}
     model = None
     if name.endswith("-calibrated") and "calibrated_ratio" not in state and "calibration_note" not in state:
@@ -452,10 +458,6 @@ def run_model(name, args, device, batch, state, compiled=False) -> dict:
                            f"{str(error)[:120]})").strip()  # fmt: skip
             free_memory(device)
             row.update(train_throughput(model, batch, args, device, precision="bf16", compiled=compiled))
-        if "train_flops_per_token" in row:
-            row["mfu"] = row["train_flops_per_token"] * row["train_tokens_per_s"] / state["peak_flops"]
-        # The common shorthand, for comparison with other reports: 6·N per token, whatever a token passes through.
-        row["mfu_6n"] = 6 * row["params"] * row["train_tokens_per_s"] / state["peak_flops"]
         if device.type == "cuda":
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     except Exception as error:  # noqa: BLE001
@@ -463,7 +465,7 @@ def run_model(name, args, device, batch, state, compiled=False) -> dict:
         traceback.print_exc()
     free_memory(device)
 
-    if args.decode_batch_sizes and not (compiled and args.compile == "both"):
+    if args.decode_batch_sizes:
         try:
             model.eval()
             model.zero_grad(set_to_none=True)
@@ -488,6 +490,47 @@ def run_model(name, args, device, batch, state, compiled=False) -> dict:
             traceback.print_exc()
     del model
     free_memory(device)
+    return row
+
+
+def add_mfu(row, peak_flops):
+    """MFU of a measured row by its FLOP count, and by the common shorthand 6·N per token (whatever a token passes
+    through), for comparison with other reports."""
+    if "train_tokens_per_s" not in row:
+        return
+    if "train_flops_per_token" in row:
+        row["mfu"] = row["train_flops_per_token"] * row["train_tokens_per_s"] / peak_flops
+    row["mfu_6n"] = 6 * row["params"] * row["train_tokens_per_s"] / peak_flops
+
+
+def child_command(argv):
+    """The command line of a row's child process: this script, with `argv`."""
+    return [sys.executable, "-m", "training.benchmarks.throughput", *argv]
+
+
+def run_row(name, compiled, argv, args) -> dict:
+    """`run_model` in a child process (this script with `argv`, narrowed to the one row): a crash there fills the
+    row with how the process ended and the last lines of its stderr, which is passed through as it comes."""
+    argv = [*argv, "--models", name, "--compile", "on" if compiled else "off"]
+    if compiled and args.compile == "both":
+        argv += ["--decode-batch-sizes", ""]  # decoding is eager: timed in the eager row only
+    # The parent may have found this repository through sys.path alone (run as a file): so must the child.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "row.json"
+        child = subprocess.Popen(child_command([*argv, "--child-json", str(result)]), env=env,
+                                 stderr=subprocess.PIPE, text=True, errors="replace")  # fmt: skip
+        tail = deque(maxlen=3)
+        for line in child.stderr:
+            sys.stderr.write(line)
+            if line.strip():
+                tail.append(line.strip())
+        code = child.wait()
+        row = json.loads(result.read_text()) if result.exists() else {"model": name, "compiled": compiled}
+    if code:
+        how = f"signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"exit status {code}"
+        stderr = " / ".join(tail)[-400:]
+        row["error"] = (row.get("error", "") + f" crashed: {how}; stderr ends: {stderr}").strip()
     return row
 
 
@@ -695,6 +738,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", type=Path, default=None,
                    help="where RESULTS.md, results.json, throughput.png go (default: beside this script; "
                    "runs/benchmarks-smoke with --smoke)")
+    p.add_argument("--child-json", type=Path, default=None, help=argparse.SUPPRESS)  # set by run_row
     args = p.parse_args(argv)
     smoke = args.smoke
     defaults = dict(preset="tiny" if smoke else "135m", batch_size=2 if smoke else 16, seq_len=64 if smoke else 2048,
@@ -720,20 +764,20 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """The parent process: measures the matmul rate, runs each row in a child process (`run_row`), writes the
+    reports after every row."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu" and args.smoke:
         torch.set_num_threads(1)  # tiny models: one thread, no spinning against other jobs on a shared CI box
+    if args.child_json:
+        return run_child(args, device)
     out_dirs = [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     state = {"start": time.perf_counter()}
     state["peak_flops"], state["peak_how"] = matmul_rate(device, args.smoke)
     print(f"matmul rate: {state['peak_flops'] / 1e12:.4g} TFLOP/s ({state['peak_how']})", flush=True)
-    state["target"] = target_parameters(args)
-    if args.no_calibrate:
-        state["calibration_note"] = "--no-calibrate"
     env = environment(device, state)
-    batch = torch.randint(0, flowhn_config(args, "none").vocab_size, (args.batch_size, args.seq_len),
-                          generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
 
     compiled_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     rows = []
@@ -746,12 +790,25 @@ def main(argv=None):
                 rows.append({"model": name, "compiled": compiled,
                              "skipped": f"not run: would end past --max-minutes {args.max_minutes:g}"})  # fmt: skip
                 continue
-            rows.append(run_model(name, args, device, batch, state, compiled))
+            rows.append(run_row(name, compiled, argv, args))
+            add_mfu(rows[-1], state["peak_flops"])
             rows[-1]["wall_s"] = time.perf_counter() - start
             report_row(rows, args, env, out_dirs)
     text = write_reports(rows, args, env, out_dirs)
     print(text, flush=True)
     return rows
+
+
+def run_child(args, device):
+    """A child process: the one row of `args.models`, written as JSON to --child-json."""
+    state = {"target": target_parameters(args)}
+    if args.no_calibrate:
+        state["calibration_note"] = "--no-calibrate"
+    batch = torch.randint(0, flowhn_config(args, "none").vocab_size, (args.batch_size, args.seq_len),
+                          generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
+    (name,) = args.models
+    row = run_model(name, args, device, batch, state, compiled=args.compile == "on")
+    args.child_json.write_text(json.dumps(row, default=str))
 
 
 def report_row(rows, args, env, out_dirs):
