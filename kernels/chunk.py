@@ -559,7 +559,7 @@ def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_
     """Backward: recompute W, Ũ, the chunk states and U, then the reverse state pass and the gradients."""
     _, H, R, K = k.shape
     V = v.shape[-1]
-    bk, bv = _blocks(K, V)
+    bv = _blocks(K, V)[1]
     w, ut = _prep(k, v, beta, plan, tinv, True)
     u, hs, _ = _states(k, w, ut, initial_state, plan, False, scan)
     del ut
