@@ -8,7 +8,6 @@ in float32 (float64 for float64 inputs), or None unless output_final_state.
 """
 
 import math
-import os
 from numbers import Real
 
 import torch
@@ -17,6 +16,7 @@ from .chunk import chunk_bwd, chunk_fwd, make_plan
 from .naive import naive_recurrence
 from .recurrent import recurrent_fwd
 from .reference import reference_chunked
+from .utils import interpreting
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_RANK = 4
@@ -156,11 +156,18 @@ def delta_rule_reference(q, k, v, beta, *, scale=None, initial_state=None, outpu
 
 def triton_enabled(device: torch.device) -> bool:
     """Whether the Triton kernels run: on CUDA, or anywhere under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return device.type == "cuda" or interpreting()
 
 
-def _kernels_fit(q, v):
-    return q.device.type != "cuda" or max(q.shape[-1], v.shape[-1]) <= GPU_KERNEL_MAX_DIM
+def _why_not_kernels(q, v) -> str | None:
+    """Why the Triton kernels can't take these (canonical) tensors, or None when they can."""
+    if q.dtype == torch.float64 or not triton_enabled(q.device):
+        return (f"q: the Triton kernels need float16/bfloat16/float32 tensors on CUDA (or TRITON_INTERPRET=1), "
+                f"got {q.dtype} on {q.device}")
+    if q.device.type == "cuda" and max(q.shape[-1], v.shape[-1]) > GPU_KERNEL_MAX_DIM:
+        return (f"q, v: on the GPU the Triton kernels take K and V up to {GPU_KERNEL_MAX_DIM}, got K={q.shape[-1]}, "
+                f"V={v.shape[-1]} (delta_rule runs wider heads through the PyTorch reference)")
+    return None
 
 
 def _pack(q, k, v, beta):
@@ -208,11 +215,9 @@ def _recurrent(q, k, v, beta, scale, init, plan, output_final_state):
 
 def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
     q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    if q.dtype == torch.float64 or not triton_enabled(q.device):
-        raise ValueError(f"q: the Triton kernels need float16/bfloat16/float32 tensors on CUDA (or TRITON_INTERPRET=1), got {q.dtype} on {q.device}")
-    if not _kernels_fit(q, v):
-        raise ValueError(f"q, v: on the GPU the Triton kernels take K and V up to {GPU_KERNEL_MAX_DIM}, got K={q.shape[-1]}, "
-                         f"V={v.shape[-1]} (delta_rule runs wider heads through the PyTorch reference)")
+    reason = _why_not_kernels(q, v)
+    if reason is not None:
+        raise ValueError(reason)
     plan = make_plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)
     return q, k, v, beta, scale, init, plan
 
@@ -239,11 +244,11 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
 
     Differentiable in q, k, v, beta and initial_state. On CPU tensors (and for float64) it runs the
     PyTorch reference, except under TRITON_INTERPRET=1 where the Triton kernels run in the
-    interpreter; so do heads wider than GPU_KERNEL_MAX_DIM on the GPU. Without gradients, sequences of at most RECURRENT_MAX_LEN tokens take the
-    recurrent kernel, everything else the chunked one.
+    interpreter; so do heads wider than GPU_KERNEL_MAX_DIM on the GPU. Without gradients, sequences
+    of at most RECURRENT_MAX_LEN tokens take the recurrent kernel, everything else the chunked one.
     """
     q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    if q.dtype == torch.float64 or not triton_enabled(q.device) or not _kernels_fit(q, v):
+    if _why_not_kernels(q, v) is not None:
         o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
         return _finish(q, o, state)
     plan = make_plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)

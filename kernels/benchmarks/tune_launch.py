@@ -10,6 +10,7 @@ the chosen entries in the form of chunk.LAUNCH, to paste there with the measured
 import argparse
 import time
 
+import triton
 from triton.testing import do_bench
 
 from flowhn_kernels import chunk
@@ -22,9 +23,9 @@ KERNELS = ["prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", 
 CANDIDATES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3) if (w, s) != (4, 3)]
 
 
-def fwd_bwd_ms(xs, do, scan):
+def fwd_bwd_ms(xs, do):
     def step():
-        chunk_delta_rule(*xs, scan=scan)[0].backward(do)
+        chunk_delta_rule(*xs)[0].backward(do)
 
     return do_bench(step, warmup=10, rep=50, grad_to_none=xs, return_mode="median")
 
@@ -40,8 +41,9 @@ def main():
         width = max(chunk.pow2(D), 64)
         xs = inputs(B, T, H, D, 1, layout="fla")
         do = xs[0].detach().clone().normal_()
-        scan = B * H < 32  # the shapes where the plan picks the parallel scan
-        best = fwd_bwd_ms(xs, do, scan)
+        v_blocks = triton.cdiv(D, chunk._blocks(D, D)[1])
+        scan = chunk.make_plan(B, T, 1, xs[0].device).use_scan(H, v_blocks, None)  # as delta_rule will choose
+        best = fwd_bwd_ms(xs, do)
         print(f"shape {SHAPES[i]}: {best:.3f} ms with the current settings", flush=True)
         for name in KERNELS:
             if name == "combine" and not scan:
@@ -54,7 +56,7 @@ def main():
                     return
                 chunk.LAUNCH[key] = cand
                 try:
-                    ms = fwd_bwd_ms(xs, do, scan)
+                    ms = fwd_bwd_ms(xs, do)
                 except Exception as e:  # out of shared memory or registers: not a candidate
                     print(f"  {key} {cand}: {type(e).__name__}", flush=True)
                     continue
