@@ -458,15 +458,15 @@ class Plan:
             self._segments = (Plan(self.rank, self.device, offsets), seg_off)
         return self._segments
 
-    def use_scan(self, heads, v_blocks, scan):
+    def use_scan(self, heads, K, V, scan):
         """Parallel scan over segment flows when the sequential pass has too few programs to fill
-        the GPU (few sequences × heads) and the sequences are long; `scan` forces either way."""
+        the GPU (few sequences × heads × V blocks) and the sequences are long; `scan` forces either way."""
         if scan is not None:
             return scan
         if self.device.type != "cuda" or self.max_chunks < 64:
             return False
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return self.n * heads * v_blocks <= sms // 4
+        return self.n * heads * triton.cdiv(V, _blocks(K, V)[1]) <= sms // 4
 
 
 def _blocks(K, V):
@@ -514,7 +514,7 @@ def _states(k, w, ut, initial_state, plan, output_final_state, scan):
     u = torch.empty_like(ut)
     hs = k.new_empty(plan.nc, H, K, V)
     final = k.new_empty(plan.n, H, K, V, dtype=torch.float32) if output_final_state else None
-    if not plan.use_scan(H, triton.cdiv(V, _blocks(K, V)[1]), scan):
+    if not plan.use_scan(H, K, V, scan):
         _state_pass(k, w, ut, initial_state, plan, final, False, u, hs)
         return u, hs, final
     seg, seg_off = plan.segments()
@@ -559,7 +559,6 @@ def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_
     """Backward: recompute W, Ũ, the chunk states and U, then the reverse state pass and the gradients."""
     _, H, R, K = k.shape
     V = v.shape[-1]
-    bv = _blocks(K, V)[1]
     w, ut = _prep(k, v, beta, plan, tinv, True)
     u, hs, _ = _states(k, w, ut, initial_state, plan, False, scan)
     del ut
@@ -568,7 +567,7 @@ def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_
     dhs = torch.empty_like(hs)
     dinit = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if need_dinit else None
     do = do.contiguous()
-    if plan.use_scan(H, triton.cdiv(V, bv), scan):
+    if plan.use_scan(H, K, V, scan):
         seg, seg_off = plan.segments()
         flows = q.new_empty(seg.n, H, K, K + V, dtype=torch.float32)
         _reverse_pass(q, k, w, do, scale, None, seg, flows, True)

@@ -10,7 +10,6 @@ the chosen entries in the form of chunk.LAUNCH, to paste there with the measured
 import argparse
 import time
 
-import triton
 from triton.testing import do_bench
 
 from flowhn_kernels import chunk
@@ -41,8 +40,7 @@ def main():
         width = max(chunk.pow2(D), 64)
         xs = inputs(B, T, H, D, 1, layout="fla")
         do = xs[0].detach().clone().normal_()
-        v_blocks = triton.cdiv(D, chunk._blocks(D, D)[1])
-        scan = chunk.make_plan(B, T, 1, xs[0].device).use_scan(H, v_blocks, None)  # as delta_rule will choose
+        scan = chunk.make_plan(B, T, 1, xs[0].device).use_scan(H, D, D, None)  # as delta_rule will choose
         best = fwd_bwd_ms(xs, do)
         print(f"shape {SHAPES[i]}: {best:.3f} ms with the current settings", flush=True)
         for name in KERNELS:
