@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
 
-from flowhn_hf import FlowHNForCausalLM, preset_config
+from flowhn_hf import FlowHNForCausalLM, count_parameters, preset_config
+from training.benchmarks.sequential_hybrid import matched_width
 from training.benchmarks.throughput import compile_model
 
 HERE = Path(__file__).resolve().parent
@@ -67,15 +68,7 @@ def llama_config(args, vocab_size) -> LlamaConfig:
             bos_token_id=None, eos_token_id=None, pad_token_id=None,
         )  # fmt: skip
 
-    def count(config):
-        with torch.device("meta"):
-            return sum(p.numel() for p in LlamaForCausalLM(config).parameters())
-
-    with torch.device("meta"):
-        target = sum(p.numel() for p in FlowHNForCausalLM(flowhn).parameters())
-    base = count(config_with(64))
-    step = count(config_with(128)) - base
-    return config_with(max(1, round((target - base) / step) + 1) * 64)
+    return matched_width(config_with, LlamaForCausalLM, count_parameters(flowhn))
 
 
 def build_model(name, args, vocab_size):
@@ -156,17 +149,16 @@ def train(model, batches, args, device, deadline) -> list[float]:
 def evaluate(model, ids, labels, device, batch_size) -> tuple[float, float]:
     """(mean loss over the labelled tokens, share of them predicted exactly) in eval mode."""
     model.eval()
-    total, correct, count = 0.0, 0, 0
+    total, correct, count = 0.0, 0, 0  # summed on the device, read once at the end
     for start in range(0, len(ids), batch_size):
         x, y = ids[start : start + batch_size].to(device), labels[start : start + batch_size].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(input_ids=x).logits[:, :-1].float()
         target = y[:, 1:]
-        keep = target != -100
-        total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
-        correct += (logits.argmax(-1)[keep] == target[keep]).sum().item()
-        count += keep.sum().item()
-    return total / count, correct / count
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+        correct += ((logits.argmax(-1) == target) & (target != -100)).sum()
+        count += (target != -100).sum()
+    return float(total / count), float(correct / count)
 
 
 def run_task(task, name, args, device, data, deadline) -> dict:

@@ -16,7 +16,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from flowhn_hf import FlowHNConfig, preset_config
+from flowhn_hf import FlowHNConfig
+from flowhn_hf import count_parameters as flowhn_parameters
 from flowhn_hf import modeling_flowhn as mf
 from flowhn_hf.modeling_flowhn import (
     BranchTokens,
@@ -27,8 +28,7 @@ from flowhn_hf.modeling_flowhn import (
     FlowHNRMSNorm,
     FlowHNRotaryEmbedding,
 )
-
-MLP_MULTIPLE = 64
+from flowhn_hf.presets import MLP_MULTIPLE
 
 
 class SequentialHybridModel(nn.Module):
@@ -107,19 +107,30 @@ class SequentialHybridForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
 
 
+def meta_parameters(model_class, config) -> int:
+    """Parameters of `model_class(config)`, tied embeddings counted once, without allocating them."""
+    with torch.device("meta"):
+        model = model_class(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def count_parameters(config: FlowHNConfig) -> int:
     """Parameters of SequentialHybridForCausalLM(config), tied embeddings counted once, without allocating them."""
-    with torch.device("meta"):
-        model = SequentialHybridForCausalLM(config)
-    return sum(p.numel() for p in model.parameters())
+    return meta_parameters(SequentialHybridForCausalLM, config)
+
+
+def matched_width(config_with, model_class, target_parameters: int):
+    """`config_with(width)` for the SwiGLU width (a multiple of 64) that brings `model_class`'s parameter count
+    closest to `target_parameters`: the count is linear in the width (as in `flowhn_hf.preset_config`)."""
+    base = meta_parameters(model_class, config_with(MLP_MULTIPLE))
+    step = meta_parameters(model_class, config_with(2 * MLP_MULTIPLE)) - base
+    return config_with(max(1, round((target_parameters - base) / step) + 1) * MLP_MULTIPLE)
 
 
 def sequential_config(flowhn_config: FlowHNConfig, target_parameters: int | None = None) -> FlowHNConfig:
     """The sequential hybrid of `flowhn_config`'s shapes: one attention block and one DeltaNet block per FlowHN layer,
     the SwiGLU width solved (to a multiple of 64) so the parameter count is closest to `target_parameters`
     (default: FlowHN's own count)."""
-    from flowhn_hf import count_parameters as flowhn_parameters
-
     if target_parameters is None:
         target_parameters = flowhn_parameters(flowhn_config)
     fields = flowhn_config.to_dict()
@@ -134,12 +145,4 @@ def sequential_config(flowhn_config: FlowHNConfig, target_parameters: int | None
     def config_with(width):
         return FlowHNConfig(**fields, intermediate_size=width)
 
-    base = count_parameters(config_with(MLP_MULTIPLE))
-    step = count_parameters(config_with(2 * MLP_MULTIPLE)) - base
-    multiples = max(1, round((target_parameters - base) / step) + 1)
-    return config_with(multiples * MLP_MULTIPLE)
-
-
-def build_sequential_hybrid(preset: str = "135m", **overrides) -> SequentialHybridForCausalLM:
-    """The sequential hybrid matched to FlowHN preset `preset` (flop_aware_circulating) in parameters."""
-    return SequentialHybridForCausalLM(sequential_config(preset_config(preset, **overrides)))
+    return matched_width(config_with, SequentialHybridForCausalLM, target_parameters)

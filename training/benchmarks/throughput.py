@@ -6,7 +6,7 @@ the last lines of its stderr, and the run goes on; the children inherit the envi
 puts a crash's Python stack in the log):
 
 - FlowHN from preset "135m" in each split mode (none, alternating, flop_aware, flop_aware_circulating), and FAC
-  with the split ratio from `flowhn_hf.calibrate_split` when that exists;
+  with the split ratio from `flowhn_hf.calibrate_split`;
 - a sequential hybrid of FlowHN's own blocks (attention block, DeltaNet block, ...; `sequential_hybrid.py`), its
   SwiGLU width solved to FlowHN's parameter count;
 - transformers' Llama in SmolLM-135M's shape (d 576, 30 layers, 9 heads / 3 KV heads, SwiGLU 1536, vocab 49152,
@@ -33,11 +33,11 @@ its finished rows. `--max-minutes` starts no row that the mean time of the finis
 
 import argparse
 import gc
-import inspect
 import json
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,20 +55,19 @@ import torch
 
 import flowhn_hf
 from flowhn_hf import FlowHNForCausalLM, preset_config
+from flowhn_hf import modeling_flowhn as mf
+from flowhn_hf.configuration_flowhn import DELTA_CHUNK_SIZE
 
-from training.benchmarks.sequential_hybrid import SequentialHybridForCausalLM, sequential_config
+from training.benchmarks.sequential_hybrid import SequentialHybridForCausalLM, matched_width, sequential_config
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-SPLIT_MODES = ("none", "alternating", "flop_aware", "flop_aware_circulating")
 SHORT = {"none": "none", "alternating": "alternating", "flop_aware": "FA", "flop_aware_circulating": "FAC"}
 # In order of importance: with --max-minutes, the last ones are the first left out.
 DEFAULT_MODELS = (
     "llama", "flowhn-FAC", "flowhn-none", "sequential", "flowhn-FA", "fla-deltanet", "flowhn-alternating",
     "flowhn-FAC-calibrated",
 )  # fmt: skip
-DELTA_CHUNK = 64  # chunk length of the chunked DeltaNet kernels (ours and fla's), for the FLOP count
-MLP_MULTIPLE = 64
 
 
 # --------------------------------------------------------------------------------------------------- model builders
@@ -123,15 +122,9 @@ def fla_config(args, target):
             bos_token_id=None, eos_token_id=None, pad_token_id=None,
         )  # fmt: skip
 
-    def count(config):
-        from fla.models import DeltaNetForCausalLM
+    from fla.models import DeltaNetForCausalLM
 
-        with torch.device("meta"):
-            return sum(p.numel() for p in DeltaNetForCausalLM(config).parameters())
-
-    base = count(config_with(MLP_MULTIPLE))
-    step = count(config_with(2 * MLP_MULTIPLE)) - base
-    return config_with(max(1, round((target - base) / step) + 1) * MLP_MULTIPLE)
+    return matched_width(config_with, DeltaNetForCausalLM, target)
 
 
 def build_model(name, args, state):
@@ -185,25 +178,13 @@ def attention_core_flops(tokens, heads, head_dim):
     return 2 * heads * head_dim * tokens**2
 
 
-def deltanet_core_flops(tokens, heads, key_dim, value_dim, rank=1, chunk=DELTA_CHUNK):
+def deltanet_core_flops(tokens, heads, key_dim, value_dim, rank=1, chunk=DELTA_CHUNK_SIZE):
     """Forward FLOPs of the chunked delta rule over `tokens` tokens, beyond the projections: per token and head,
     2 x the multiply-adds of the UT transform (R²·C·(2K+V)/2), the state read and write (2·R·K·V), the output's
     state term (K·V) and its intra-chunk term (R·C·(K+V)/2), with C the chunk length (64)."""
     r, c, k, v = rank, chunk, key_dim, value_dim
     macs = r * r * c * (2 * k + v) / 2 + 2 * r * k * v + k * v + r * c * (k + v) / 2
     return 2 * heads * tokens * macs
-
-
-def _attention_tokens(config, layer_idx, seq_len):
-    """Tokens of a sequence that FlowHN layer `layer_idx` routes to attention."""
-    if config.split_mode == "none":
-        return seq_len
-    from flowhn_hf import modeling_flowhn
-
-    route = getattr(modeling_flowhn, "route_to_attention", None)
-    if route is not None:
-        return int(route(torch.arange(seq_len), layer_idx, config).sum())
-    return round(config.resolved_attention_ratio * seq_len)  # API changed: the nominal share
 
 
 def model_flops(name, model, seq_len) -> dict:
@@ -217,7 +198,7 @@ def model_flops(name, model, seq_len) -> dict:
     config = model.config
     if isinstance(model, FlowHNForCausalLM):
         for i, layer in enumerate(model.model.layers):
-            n_att = _attention_tokens(config, i, seq_len)
+            n_att = mf.attention_count(0, seq_len, i, config)  # all of them with split_mode "none"
             n_del = seq_len if config.split_mode == "none" else seq_len - n_att
             dense += 2 * _params(layer.attention_branch) * n_att + 2 * _params(layer.deltanet_branch) * n_del
             dense += 2 * _params(layer.fusion) * seq_len
@@ -384,27 +365,15 @@ def decode_throughput(model, args, device, batch_size) -> dict:
 
 
 def calibrate(args, device, state):
-    """The split ratio `flowhn_hf.calibrate_split` measures for FAC at this sequence length, where it exists."""
-    calibrate_split = getattr(flowhn_hf, "calibrate_split", None)
-    if calibrate_split is None:
-        state["calibration_note"] = "flowhn_hf.calibrate_split does not exist"
-        return
+    """The split ratio `flowhn_hf.calibrate_split` measures for FAC at this sequence length."""
     config = flowhn_config(args, "flop_aware_circulating")  # calibrate_split sets the ratio on this copy
     # A bare config has no attention implementation: the branches would fall back to eager attention, which
     # materialises the T x T scores. Time the one the models run with.
     config._attn_implementation = "sdpa"
-    kwargs = {}
-    parameters = inspect.signature(calibrate_split).parameters
-    if args.smoke and "steps" in parameters:
-        kwargs["steps"] = 3
-    if "batch_size" in parameters and not args.smoke:
-        kwargs["batch_size"] = args.batch_size
+    kwargs = {"steps": 3} if args.smoke else {"batch_size": args.batch_size}
     start = time.perf_counter()
     try:
-        result = calibrate_split(config, args.seq_len, device, **kwargs)
-        ratio = result if isinstance(result, (int, float)) else getattr(result, "attention_ratio", None)
-        if not isinstance(ratio, (int, float)):
-            ratio = config.attention_ratio
+        ratio = flowhn_hf.calibrate_split(config, args.seq_len, device, **kwargs)
         state["calibrated_ratio"] = float(ratio)
         print(f"calibrate_split: attention_ratio {ratio:.4f} in {time.perf_counter() - start:.1f} s", flush=True)
     except Exception as error:  # noqa: BLE001
@@ -648,12 +617,15 @@ def write_reports(rows, args, env, out_dirs):
         markdown_table(rows, args),
         "",
     ])  # fmt: skip
-    for out in out_dirs:
+    record = json.dumps({"environment": env, "args": vars(args), "rows": rows}, indent=1, default=str)
+    for i, out in enumerate(out_dirs):
         out.mkdir(parents=True, exist_ok=True)
         (out / "RESULTS.md").write_text(text)
-        record = {"environment": env, "args": vars(args), "rows": rows}
-        (out / "results.json").write_text(json.dumps(record, indent=1, default=str))
-        plot(rows, out / "throughput.png", env, args)
+        (out / "results.json").write_text(record)
+        if i == 0:
+            plotted = plot(rows, out / "throughput.png", env, args)
+        elif plotted:  # drawn once, copied
+            shutil.copyfile(out_dirs[0] / "throughput.png", out / "throughput.png")
     return text
 
 
@@ -759,7 +731,7 @@ def parse_args(argv=None):
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2")
     if args.out_dir is None:
-        args.out_dir = (HERE.parents[1] / "runs" / "benchmarks-smoke") if smoke else HERE
+        args.out_dir = (ROOT / "runs" / "benchmarks-smoke") if smoke else HERE
     return args
 
 
