@@ -152,13 +152,12 @@ class BlockSource:
                 raise ValueError(f"streamed blocks are read forward only: block {start} is behind {self._stream_pos}")
             while self._stream_pos < start:
                 self._next_streamed()
-            rows = [self._next_streamed() for _ in range(count)]
-        else:
-            rows = []
-            for g in range(start, start + count):
-                epoch, pos = divmod(g, self.num_train)
-                rows.append(self.blocks[self.eval_blocks + int(self._permutation(epoch)[pos])]["input_ids"])
-        return torch.tensor(np.array(rows), dtype=torch.long)
+            rows = np.array([self._next_streamed() for _ in range(count)])
+        else:  # one read of the dataset for the whole batch
+            index = [self.eval_blocks + int(self._permutation(epoch)[pos])
+                     for epoch, pos in (divmod(g, self.num_train) for g in range(start, start + count))]
+            rows = self.blocks[index]["input_ids"]
+        return torch.as_tensor(rows, dtype=torch.long)
 
 
 def model_inputs(blocks: torch.Tensor, eos_token_id: int | None) -> dict:

@@ -256,14 +256,13 @@ def evaluate(model, source: BlockSource, accelerator, batch_size: int, eos_token
     world = accelerator.num_processes
     usable = len(source.eval) // world * world  # the same number of batches on every process (FSDP needs it)
     mine = source.eval[:usable][accelerator.process_index::world]
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for i in range(0, len(mine), batch_size):
         batch = mine[i:i + batch_size].to(accelerator.device)
-        loss = model(**model_inputs(batch, eos_token_id)).loss
-        total += torch.stack([loss.double() * len(batch), torch.tensor(len(batch), device=total.device)])
+        total += model(**model_inputs(batch, eos_token_id)).loss.double() * len(batch)
     total = accelerator.reduce(total, "sum")
     model.train()
-    return float(total[0] / total[1])
+    return float(total) / usable
 
 
 def train(args) -> dict:
@@ -322,14 +321,14 @@ def train(args) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    step, tokens_seen, elapsed = 0, 0, 0.0
+    step, elapsed = 0, 0.0
+    tokens_per_step = global_blocks * args.seq_len
     state = {"step": step, "train_loss": None, "eval_loss": None}
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         saved = read_state(resume_from)
         step, elapsed = saved["step"], saved["elapsed_s"]
         state = {key: saved[key] for key in state}
-        tokens_seen = step * global_blocks * args.seq_len
         accelerator.print(f"resuming from {resume_from} (step {step})")
     accelerator.init_trackers("flowhn", config={k: str(v) for k, v in vars(args).items()})
 
@@ -354,7 +353,7 @@ def train(args) -> dict:
     stop = StopFlag()
 
     def checkpoint_state():
-        return {**state, "tokens_seen": tokens_seen, "elapsed_s": elapsed, "preset": args.preset,
+        return {**state, "tokens_seen": step * tokens_per_step, "elapsed_s": elapsed, "preset": args.preset,
                 "run": run_identity(args), "hardware": hardware, "num_parameters": num_params,
                 "optimization": {"lr": args.lr, "min_lr_ratio": args.min_lr_ratio, "warmup": args.warmup,
                                  "weight_decay": args.weight_decay, "beta2": args.beta2, "grad_clip": args.grad_clip,
@@ -365,7 +364,6 @@ def train(args) -> dict:
     bar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                desc="train", dynamic_ncols=True)
     model.train()
-    last_saved = step
     while step < args.max_steps:
         t0 = time.perf_counter()
         losses = []
@@ -383,16 +381,19 @@ def train(args) -> dict:
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
-        tokens_seen += global_blocks * args.seq_len
         state["step"] = step
-        state["train_loss"] = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+        # One all-reduce and one host sync per step: the summed mean losses, and how many processes were signalled.
+        flag = torch.tensor(float(stop.signum is not None), device=device)
+        loss_sum, signalled = accelerator.reduce(torch.stack([torch.stack(losses).mean(), flag]), "sum").tolist()
+        state["train_loss"] = loss_sum / world
+        stopping = signalled > 0
         if not math.isfinite(state["train_loss"]):
             raise TrainingDiverged(f"the train loss is {state['train_loss']} at step {step}; stopped without saving, "
                                f"the last checkpoint (if any) is the latest in {args.output_dir}/checkpoints")
         dt = time.perf_counter() - t0
         elapsed += dt
-        tps = global_blocks * args.seq_len / dt
-        metrics = {"train/loss": state["train_loss"], "train/lr": lr, "train/tokens": tokens_seen,
+        tps = tokens_per_step / dt
+        metrics = {"train/loss": state["train_loss"], "train/lr": lr, "train/tokens": step * tokens_per_step,
                    "perf/tokens_per_s": tps}
         postfix = {"loss": f"{state['train_loss']:.3f}", "tok/s": f"{tps:,.0f}"}
         if peak is not None:
@@ -410,11 +411,9 @@ def train(args) -> dict:
         if accelerator.is_main_process:
             with log_file.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
-        stopping = accelerator.reduce(torch.tensor(float(stop.signum is not None), device=device), "max").item() > 0
         if step % args.save_every == 0 or step == args.max_steps or stopping:
             path = save_checkpoint(accelerator, args.output_dir, step, checkpoint_state(), config, tokenizer,
                                    args.keep_checkpoints)
-            last_saved = step
             say(f"saved {path}")
         if stopping:
             break
@@ -425,11 +424,12 @@ def train(args) -> dict:
     accelerator.end_training()
     final = checkpoint_state()
     if stop.signum is not None:
-        accelerator.print(f"stopped by {signal.Signals(stop.signum).name} after step {last_saved}; "
+        accelerator.print(f"stopped by {signal.Signals(stop.signum).name} after step {step}; "
                           f"continue with --resume --output-dir {args.output_dir}")
         return final
     if device.type == "cuda":
         final["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    tokens_seen = step * tokens_per_step
     accelerator.print(
         f"done: {step} steps, {tokens_seen:,} tokens, train loss {state['train_loss']:.4f}, "
         f"eval loss {state['eval_loss']:.4f}, {tokens_seen / max(elapsed, 1e-9):,.0f} tokens/s"
