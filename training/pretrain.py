@@ -364,6 +364,7 @@ def train(args) -> dict:
     bar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                desc="train", dynamic_ncols=True)
     model.train()
+    stopping = False  # agreed by all processes: a signal reached at least one of them
     while step < args.max_steps:
         t0 = time.perf_counter()
         losses = []
@@ -418,13 +419,14 @@ def train(args) -> dict:
         if stopping:
             break
     bar.close()
-    if stop.signum is None and accelerator.is_main_process:
+    if not stopping and accelerator.is_main_process:
         export_run(args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     final = checkpoint_state()
-    if stop.signum is not None:
-        accelerator.print(f"stopped by {signal.Signals(stop.signum).name} after step {step}; "
+    if stopping:
+        how = "a signal to another process" if stop.signum is None else signal.Signals(stop.signum).name
+        accelerator.print(f"stopped by {how} after step {step}; "
                           f"continue with --resume --output-dir {args.output_dir}")
         return final
     if device.type == "cuda":
