@@ -6,10 +6,11 @@ described by cu_seqlens (a batch of B equal sequences is B packed documents), so
 kernels covers both layouts. Per chunk g and head h the kernels keep:
 
   tinv [NC,H,ROWS,ROWS] fp32   T = (I + strict ⊙ diag(β) K Kᵀ)⁻¹ (saved for backward)
-  w, ut [NC,H,ROWS,K|V]        W = T diag(β) K, Ũ = T diag(β) V (recomputed in backward)
-  hs [NC,H,K,V]                the state entering the chunk (recomputed in backward)
-  u [NC,H,ROWS,V]              U = Ũ − W S_start
-Nothing per token and K×V is ever stored.
+  w, ut [NC,H,ROWS,K|V]        W = T diag(β) K (recomputed in backward), Ũ = T diag(β) V (forward only)
+  hs [NC,H,K,V]                the state entering the chunk (saved for backward)
+  u [NC,H,ROWS,V]              U = Ũ − W S_start (saved for backward)
+Saving hs and U costs (K + ROWS)·V values per chunk and head, and spares the backward a second
+sequential pass over the chunks. Nothing per token and K×V is ever stored.
 """
 
 import functools
@@ -40,8 +41,8 @@ def launch(name, K):
 @kernel
 def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                LOAD_TINV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """UT transform of one chunk: T (computed, or loaded in backward), then W and Ũ."""
+                FWD: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """UT transform of one chunk: forward, T, W and Ũ; backward (not FWD), W from the saved T."""
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     ROWS: tl.constexpr = BT * RP
@@ -58,7 +59,7 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.c
     b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
     tile = (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]
-    if LOAD_TINV:
+    if not FWD:
         b_t = tl.load(tinv + tile)
     else:
         a = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_beta[:, None]
@@ -86,11 +87,12 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.c
     base = (g * H + h) * ROWS + r
     b_w = tl.dot(b_tl, (b_k * b_beta[:, None]).to(DT), input_precision=PREC)
     tl.store(w + base[:, None] * K + kk[None, :], b_w.to(w.dtype.element_ty), mask=kk[None, :] < K)
-    for iv in range((V + BV - 1) // BV):
-        vv = iv * BV + tl.arange(0, BV)
-        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & (vv[None, :] < V), other=0.0).to(DT)
-        b_ut = tl.dot(b_tl, (b_v * b_beta[:, None]).to(DT), input_precision=PREC)
-        tl.store(ut + base[:, None] * V + vv[None, :], b_ut.to(ut.dtype.element_ty), mask=vv[None, :] < V)
+    if FWD:
+        for iv in range((V + BV - 1) // BV):
+            vv = iv * BV + tl.arange(0, BV)
+            b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & (vv[None, :] < V), other=0.0).to(DT)
+            b_ut = tl.dot(b_tl, (b_v * b_beta[:, None]).to(DT), input_precision=PREC)
+            tl.store(ut + base[:, None] * V + vv[None, :], b_ut.to(ut.dtype.element_ty), mask=vv[None, :] < V)
 
 
 @kernel
@@ -459,14 +461,19 @@ class Plan:
         return self._segments
 
     def use_scan(self, heads, K, V, scan):
-        """Parallel scan over segment flows when the sequential pass has too few programs to fill
-        the GPU (few sequences × heads × V blocks) and the sequences are long; `scan` forces either way."""
+        """Parallel scan over segment flows when even the narrowest V blocks leave the sequential pass
+        too few programs to fill the GPU (few sequences × heads) and the sequences are long; `scan`
+        forces either way."""
         if scan is not None:
             return scan
         if self.device.type != "cuda" or self.max_chunks < 64:
             return False
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return self.n * heads * triton.cdiv(V, _blocks(K, V)[1]) <= sms // 4
+        return self.n * heads * triton.cdiv(V, 16) <= _sm_count(self.device) // 2
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 def _blocks(K, V):
@@ -474,22 +481,33 @@ def _blocks(K, V):
     return bk, min(pow2(V), 64 if bk <= 128 else 32)
 
 
-def _prep(k, v, beta, plan, tinv, load_tinv):
+def _pass_blocks(plan, H, K, cols):
+    """Key and value blocks of a sequential pass over `cols` state columns. The columns evolve
+    independently, so the V block is halved (down to 16) while sequences × heads × V blocks is below
+    the GPU's SM count: more programs, each walking the chunks with a narrower state."""
+    bk, bv = _blocks(K, cols)
+    while bv > 16 and plan.n * H * triton.cdiv(cols, bv) < _sm_count(plan.device):
+        bv //= 2
+    return bk, bv
+
+
+def _prep(k, v, beta, plan, tinv, fwd):
+    """W, and in the forward (fwd) also T (into tinv) and Ũ; the backward reads T and needs only W."""
     _, H, R, K = k.shape
     V = v.shape[-1]
     bk, bv = _blocks(K, V)
     w = k.new_empty(plan.nc, H, ROWS, K)
-    ut = v.new_empty(plan.nc, H, ROWS, V)
+    ut = v.new_empty(plan.nc, H, ROWS, V) if fwd else None
     prep_kernel[(plan.nc, H)](k, v, beta, tinv, w, ut, plan.cu, plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk,
-                              bv, load_tinv, dot_dtype(k.dtype), dot_precision(k.dtype), **launch("prep", K))
+                              bv, fwd, dot_dtype(k.dtype), dot_precision(k.dtype), **launch("prep", K))
     return w, ut
 
 
 def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
     _, H, R, K = k.shape
     V = ut.shape[-1]
-    bk, bv = _blocks(K, V)
     va = K + V if aug else V
+    bk, bv = _pass_blocks(plan, H, K, va)
     state_fwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
         k, w, ut, u, hs, init, final, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
         init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
@@ -529,39 +547,39 @@ def _states(k, w, ut, initial_state, plan, output_final_state, scan):
 def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, scan=None):
     """Forward on packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V], beta [N,H,R].
 
-    Returns o [N,H,V], the final state (or None) and T, which backward reuses.
+    Returns o [N,H,V], the final state (or None) and what backward reuses: T, U and the chunk states.
     """
     _, H, R, K = k.shape
     V = v.shape[-1]
     tinv = k.new_empty(plan.nc, H, ROWS, ROWS, dtype=torch.float32)
-    w, ut = _prep(k, v, beta, plan, tinv, False)
+    w, ut = _prep(k, v, beta, plan, tinv, True)
     u, hs, final = _states(k, w, ut, initial_state, plan, output_final_state, scan)
+    del w, ut
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = pow2(K), min(pow2(V), 64)
     output_kernel[(plan.nc, H, triton.cdiv(V, bv))](q, k, u, hs, o, scale, plan.cu, plan.chunk_idx, H, R, K, V,
                                                     plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype),
                                                     **launch("output", K))
-    return o, final, tinv
+    return o, final, (tinv, u, hs)
 
 
 def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None):
     _, H, R, K = k.shape
     V = do.shape[-1]
-    bk, bv = _blocks(K, V)
     va = K + V if aug else V
+    bk, bv = _pass_blocks(plan, H, K, va)
     state_bwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
         q, k, w, do, du, dhs, dfinal, dinit, scale, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
         dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
         **launch("state_bwd", K))
 
 
-def chunk_bwd(q, k, v, beta, scale, initial_state, tinv, do, dfinal, plan, need_dinit, scan=None):
-    """Backward: recompute W, Ũ, the chunk states and U, then the reverse state pass and the gradients."""
+def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):
+    """Backward from the forward's T, U and chunk states: W again, the reverse state pass, the gradients."""
     _, H, R, K = k.shape
     V = v.shape[-1]
-    w, ut = _prep(k, v, beta, plan, tinv, True)
-    u, hs, _ = _states(k, w, ut, initial_state, plan, False, scan)
-    del ut
+    tinv, u, hs = saved
+    w, _ = _prep(k, v, beta, plan, tinv, False)
     # input dtype, like hs: the gradient kernels multiply them in that dtype
     du = torch.empty_like(u)
     dhs = torch.empty_like(hs)

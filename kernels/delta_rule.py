@@ -178,27 +178,28 @@ def _pack(q, k, v, beta):
 
 
 class ChunkDeltaRule(torch.autograd.Function):
-    """Chunked Triton forward; backward recomputes the chunk states instead of saving them."""
+    """Chunked Triton forward; backward from the chunk states and U it saves (never per-token states)."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, initial_state, scale, plan, output_final_state, scan):
         B, T, H = q.shape[:3]
         packed = _pack(q, k, v, beta)
         init = None if initial_state is None else initial_state.contiguous()
-        o, final, tinv = chunk_fwd(*packed, scale, init, plan, output_final_state, scan)
-        ctx.save_for_backward(*packed, init, tinv)
+        o, final, saved = chunk_fwd(*packed, scale, init, plan, output_final_state, scan)
+        ctx.save_for_backward(*packed, *saved)
+        ctx.has_init, ctx.init_dtype = init is not None, None if init is None else init.dtype
         ctx.scale, ctx.plan, ctx.scan, ctx.shapes = scale, plan, scan, (q.shape, k.shape, v.shape, beta.shape)
         return o.view(B, T, H, -1), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, beta, init, tinv = ctx.saved_tensors
-        need_dinit = init is not None and ctx.needs_input_grad[4]
+        q, k, v, beta, *saved = ctx.saved_tensors
+        need_dinit = ctx.has_init and ctx.needs_input_grad[4]
         dfinal = None if dfinal is None else dfinal.contiguous()
-        dq, dk, dv, dbeta, dinit = chunk_bwd(q, k, v, beta, ctx.scale, init, tinv, do.reshape(q.shape[0], *do.shape[2:]),
+        dq, dk, dv, dbeta, dinit = chunk_bwd(q, k, v, beta, ctx.scale, saved, do.reshape(q.shape[0], *do.shape[2:]),
                                              dfinal, ctx.plan, need_dinit, ctx.scan)
         grads = (g.view(s) for g, s in zip((dq, dk, dv, dbeta), ctx.shapes))
-        return (*grads, None if dinit is None else dinit.to(init.dtype), None, None, None, None)
+        return (*grads, None if dinit is None else dinit.to(ctx.init_dtype), None, None, None, None)
 
 
 def _chunked(q, k, v, beta, scale, init, plan, output_final_state, scan=None):
