@@ -6,11 +6,12 @@ described by cu_seqlens (a batch of B equal sequences is B packed documents), so
 kernels covers both layouts. Per chunk g and head h the kernels keep:
 
   tinv [NC,H,ROWS,ROWS] fp32   T = (I + strict ⊙ diag(β) K Kᵀ)⁻¹ (saved for backward)
-  w, ut [NC,H,ROWS,K|V]        W = T diag(β) K (recomputed in backward), Ũ = T diag(β) V (forward only)
+  w [NC,H,ROWS,K]              W = T diag(β) K (saved for backward)
+  ut [NC,H,ROWS,V]             Ũ = T diag(β) V (forward only)
   hs [NC,H,K,V]                the state entering the chunk (saved for backward)
   u [NC,H,ROWS,V]              U = Ũ − W S_start (saved for backward)
-Saving hs and U costs (K + ROWS)·V values per chunk and head, and spares the backward a second
-sequential pass over the chunks. Nothing per token and K×V is ever stored.
+Saving W, U and hs costs (K + ROWS)·(K + V) values per chunk and head; it spares the backward the
+UT transform and a second sequential pass over the chunks. Nothing per token and K×V is stored.
 """
 
 import functools
@@ -33,6 +34,10 @@ LAUNCH = {
 }
 
 
+# operands of grad_wy's dT products, which cancel: fp32 (tf32) when True, else the input dtype
+WY_CANCELLING_FP32 = True
+
+
 def launch(name, K):
     """Launch keywords of kernel `name` at key dimension K (Triton's defaults when not tuned)."""
     return LAUNCH.get((name, max(pow2(K), 64)), {})
@@ -41,8 +46,8 @@ def launch(name, K):
 @kernel
 def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                FWD: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """UT transform of one chunk: forward, T, W and Ũ; backward (not FWD), W from the saved T."""
+                DT: tl.constexpr, PREC: tl.constexpr):
+    """UT transform of one chunk: T, W and Ũ."""
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     ROWS: tl.constexpr = BT * RP
@@ -59,40 +64,37 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.c
     b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
     tile = (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]
-    if not FWD:
-        b_t = tl.load(tinv + tile)
-    else:
-        a = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_beta[:, None]
-        a = tl.where((r // RP)[:, None] > (r // RP)[None, :], a, 0.0)
-        # (I + N)⁻¹ = (I − N)(I + N²)(I + N⁴) for N nilpotent of index ≤ 8. Over all 64 rows at once the factors grow
-        # like binomial coefficients when keys are alike (as in real text) and cancel catastrophically, so A is split
-        # into its 8×8 diagonal blocks D and the rest E: (I + A)⁻¹ = (I + (I + D)⁻¹E)⁻¹ (I + D)⁻¹, where D is
-        # nilpotent within a block and (I + D)⁻¹E across the 8 blocks of the chunk. The factors still reach ~C(7,3):
-        # products near fp32 accuracy (tf32x3) whatever the input dtype.
-        eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-        same_block = (r // 8)[:, None] == (r // 8)[None, :]
-        d = tl.where(same_block, a, 0.0)
-        t_d = eye - d
-        for _ in tl.static_range(2):
-            d = tl.dot(d, d, input_precision="tf32x3")
-            t_d = t_d + tl.dot(t_d, d, input_precision="tf32x3")
-        f = tl.dot(t_d, tl.where(same_block, 0.0, a), input_precision="tf32x3")
-        t_f = eye - f
-        for _ in tl.static_range(2):
-            f = tl.dot(f, f, input_precision="tf32x3")
-            t_f = t_f + tl.dot(t_f, f, input_precision="tf32x3")
-        b_t = tl.dot(t_f, t_d, input_precision="tf32x3")
-        tl.store(tinv + tile, b_t)
+    a = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_beta[:, None]
+    a = tl.where((r // RP)[:, None] > (r // RP)[None, :], a, 0.0)
+    # (I + N)⁻¹ = (I − N)(I + N²)(I + N⁴) for N nilpotent of index ≤ 8. Over all 64 rows at once the factors grow
+    # like binomial coefficients when keys are alike (as in real text) and cancel catastrophically, so A is split
+    # into its 8×8 diagonal blocks D and the rest E: (I + A)⁻¹ = (I + (I + D)⁻¹E)⁻¹ (I + D)⁻¹, where D is
+    # nilpotent within a block and (I + D)⁻¹E across the 8 blocks of the chunk. The factors still reach ~C(7,3)
+    # (16×16 blocks, C(15,7), lost 13% of o in exact fp32 with β near 2): products near fp32 accuracy (tf32x3)
+    # whatever the input dtype.
+    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    same_block = (r // 8)[:, None] == (r // 8)[None, :]
+    d = tl.where(same_block, a, 0.0)
+    t_d = eye - d
+    for _ in tl.static_range(2):
+        d = tl.dot(d, d, input_precision="tf32x3")
+        t_d = t_d + tl.dot(t_d, d, input_precision="tf32x3")
+    f = tl.dot(t_d, tl.where(same_block, 0.0, a), input_precision="tf32x3")
+    t_f = eye - f
+    for _ in tl.static_range(2):
+        f = tl.dot(f, f, input_precision="tf32x3")
+        t_f = t_f + tl.dot(t_f, f, input_precision="tf32x3")
+    b_t = tl.dot(t_f, t_d, input_precision="tf32x3")
+    tl.store(tinv + tile, b_t)
     b_tl = b_t.to(DT)
     base = (g * H + h) * ROWS + r
     b_w = tl.dot(b_tl, (b_k * b_beta[:, None]).to(DT), input_precision=PREC)
     tl.store(w + base[:, None] * K + kk[None, :], b_w.to(w.dtype.element_ty), mask=kk[None, :] < K)
-    if FWD:
-        for iv in range((V + BV - 1) // BV):
-            vv = iv * BV + tl.arange(0, BV)
-            b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & (vv[None, :] < V), other=0.0).to(DT)
-            b_ut = tl.dot(b_tl, (b_v * b_beta[:, None]).to(DT), input_precision=PREC)
-            tl.store(ut + base[:, None] * V + vv[None, :], b_ut.to(ut.dtype.element_ty), mask=vv[None, :] < V)
+    for iv in range((V + BV - 1) // BV):
+        vv = iv * BV + tl.arange(0, BV)
+        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & (vv[None, :] < V), other=0.0).to(DT)
+        b_ut = tl.dot(b_tl, (b_v * b_beta[:, None]).to(DT), input_precision=PREC)
+        tl.store(ut + base[:, None] * V + vv[None, :], b_ut.to(ut.dtype.element_ty), mask=vv[None, :] < V)
 
 
 @kernel
@@ -350,7 +352,7 @@ def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx
 @kernel
 def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+                   BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, LOW: tl.constexpr, CD: tl.constexpr):
     """Back through one chunk's UT transform W = T diag(β) K, Ũ = T diag(β) V, T = (I + A)⁻¹:
     dv and dβ, and dk = (grad_state_kernel's part) + the parts through W and A."""
     g = tl.program_id(0).to(tl.int64)
@@ -367,8 +369,10 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
     base = (g * H + h) * ROWS + r
     b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
     b_tt = tl.trans(tl.load(tinv + (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]))
-    # row sums as products with ones; every one of the 16 columns holds the sum.
-    # Products in fp32 operands (tf32 or better): dT = dU (βV)ᵀ − dW (βK)ᵀ cancels
+    b_tl = b_tt.to(LOW)
+    # row sums as products with ones; every one of the 16 columns holds the sum (near fp32: tf32x3).
+    # dT = dU (βV)ᵀ − dW (βK)ᵀ is a difference of products that cancel: its operands are CD (fp32 for
+    # 16-bit inputs), the other products' LOW (the input dtype)
     b_dbeta = tl.full([ROWS, 16], 0.0, tl.float32)
     b_dtv = tl.full([ROWS, ROWS], 0.0, tl.float32)
     b_kk = tl.full([ROWS, ROWS], 0.0, tl.float32)
@@ -378,35 +382,36 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
         vv = iv * BV + tl.arange(0, BV)
         v_ok = vv < V
         b_du = tl.load(du + base[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0)
-        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & v_ok[None, :], other=0.0)
-        b_dvt = tl.dot(b_tt, b_du.to(tl.float32), input_precision=PREC)
+        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        b_dvt = tl.dot(b_tl, b_du.to(LOW), input_precision=PREC)
         tl.store(dv + sub[:, None] * V + vv[None, :], (b_dvt * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
-        b_dbeta += tl.dot(b_dvt * b_v.to(tl.float32), ones_v, input_precision="tf32x3")
-        b_dtv += tl.dot(b_du.to(tl.float32), tl.trans(b_v.to(tl.float32) * b_beta[:, None]), input_precision=PREC)
+        b_dbeta += tl.dot(b_dvt * b_v, ones_v, input_precision="tf32x3")
+        b_dtv += tl.dot(b_du.to(CD), tl.trans((b_v * b_beta[:, None]).to(CD)), input_precision=PREC)
     for ik in range((K + BK - 1) // BK):
         kk = ik * BK + tl.arange(0, BK)
         k_ok = kk < K
         b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         b_dw = tl.load(dw + base[:, None] * K + kk[None, :], mask=k_ok[None, :], other=0.0)
-        b_dtv -= tl.dot(b_dw.to(tl.float32), tl.trans(b_k * b_beta[:, None]), input_precision=PREC)
+        b_dtv -= tl.dot(b_dw.to(CD), tl.trans((b_k * b_beta[:, None]).to(CD)), input_precision=PREC)
         b_kk += tl.dot(b_k.to(DT), tl.trans(b_k.to(DT)), input_precision=PREC)
     # dA = −Tᵀ dT Tᵀ on the strict mask, A = diag(β) K Kᵀ
-    b_da = -tl.dot(tl.dot(b_tt, b_dtv, input_precision=PREC), b_tt, input_precision=PREC)
+    b_tc = b_tt.to(CD)
+    b_da = -tl.dot(tl.dot(b_tc, b_dtv.to(CD), input_precision=PREC).to(CD), b_tc, input_precision=PREC)
     b_da = tl.where((r // RP)[:, None] > (r // RP)[None, :], b_da, 0.0)
     b_dbeta += tl.dot(b_da * b_kk, tl.full([ROWS, 16], 1.0, tl.float32), input_precision="tf32x3")
     b_da = b_da * b_beta[:, None]
-    b_da = b_da + tl.trans(b_da)
+    b_da = (b_da + tl.trans(b_da)).to(LOW)
     for ik in range((K + BK - 1) // BK):
         kk = ik * BK + tl.arange(0, BK)
         k_mask = row_ok[:, None] & (kk[None, :] < K)
-        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=k_mask, other=0.0).to(tl.float32)
-        b_dw = tl.load(dw + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(tl.float32)
+        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=k_mask, other=0.0)
+        b_dw = tl.load(dw + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
         b_dk = tl.load(dk + sub[:, None] * K + kk[None, :], mask=k_mask, other=0.0).to(tl.float32)
         # W = T diag(β) K with dW = −dU S_startᵀ
-        b_tdw = tl.dot(b_tt, b_dw, input_precision=PREC)
-        b_dbeta -= tl.dot(b_tdw * b_k, ones_k, input_precision="tf32x3")
-        b_dk += tl.dot(b_da, b_k, input_precision=PREC) - b_tdw * b_beta[:, None]
+        b_tdw = tl.dot(b_tl, b_dw.to(LOW), input_precision=PREC)
+        b_dbeta -= tl.dot(b_tdw * b_k.to(tl.float32), ones_k, input_precision="tf32x3")
+        b_dk += tl.dot(b_da, b_k.to(LOW), input_precision=PREC) - b_tdw * b_beta[:, None]
         tl.store(dk + sub[:, None] * K + kk[None, :], b_dk.to(dk.dtype.element_ty), mask=k_mask)
     col = tl.arange(0, 16)
     tl.store(dbeta + sub[:, None] + 0 * col[None, :], b_dbeta.to(dbeta.dtype.element_ty),
@@ -461,53 +466,43 @@ class Plan:
         return self._segments
 
     def use_scan(self, heads, K, V, scan):
-        """Parallel scan over segment flows when even the narrowest V blocks leave the sequential pass
-        too few programs to fill the GPU (few sequences × heads) and the sequences are long; `scan`
-        forces either way."""
+        """Parallel scan over segment flows when the sequential pass has too few programs to fill
+        the GPU (few sequences × heads × V blocks) and the sequences are long; `scan` forces either way."""
         if scan is not None:
             return scan
         if self.device.type != "cuda" or self.max_chunks < 64:
             return False
-        return self.n * heads * triton.cdiv(V, 16) <= _sm_count(self.device) // 2
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return self.n * heads * triton.cdiv(V, _blocks(K, V)[1]) <= sms // 4
 
 
 def _blocks(K, V):
+    # V blocks of 16 or 32 in these many-dot kernels hit a Triton 3.6 miscompile on Hopper with 16-bit
+    # operands (wrong results, illegal addresses; seen on the H200, 2026-12-01), so the GPU keeps 64
+    # (K = 256, whose 32 only the interpreter runs, is refused there)
     bk = pow2(K)
     return bk, min(pow2(V), 64 if bk <= 128 else 32)
 
 
-def _pass_blocks(plan, H, K, cols):
-    """Key and value blocks of a sequential pass over `cols` state columns. The columns evolve
-    independently, so the V block is halved (down to 16) while sequences × heads × V blocks is below
-    the GPU's SM count: more programs, each walking the chunks with a narrower state."""
-    bk, bv = _blocks(K, cols)
-    while bv > 16 and plan.n * H * triton.cdiv(cols, bv) < _sm_count(plan.device):
-        bv //= 2
-    return bk, bv
 
-
-def _prep(k, v, beta, plan, tinv, fwd):
-    """W, and in the forward (fwd) also T (into tinv) and Ũ; the backward reads T and needs only W."""
+def _prep(k, v, beta, plan):
+    """The UT transform of every chunk: T, W and Ũ."""
     _, H, R, K = k.shape
     V = v.shape[-1]
     bk, bv = _blocks(K, V)
+    tinv = k.new_empty(plan.nc, H, ROWS, ROWS, dtype=torch.float32)
     w = k.new_empty(plan.nc, H, ROWS, K)
-    ut = v.new_empty(plan.nc, H, ROWS, V) if fwd else None
+    ut = v.new_empty(plan.nc, H, ROWS, V)
     prep_kernel[(plan.nc, H)](k, v, beta, tinv, w, ut, plan.cu, plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk,
-                              bv, fwd, dot_dtype(k.dtype), dot_precision(k.dtype), **launch("prep", K))
-    return w, ut
+                              bv, dot_dtype(k.dtype), dot_precision(k.dtype), **launch("prep", K))
+    return tinv, w, ut
 
 
 def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
     _, H, R, K = k.shape
     V = ut.shape[-1]
     va = K + V if aug else V
-    bk, bv = _pass_blocks(plan, H, K, va)
+    bk, bv = _blocks(K, va)
     state_fwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
         k, w, ut, u, hs, init, final, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
         init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
@@ -547,27 +542,26 @@ def _states(k, w, ut, initial_state, plan, output_final_state, scan):
 def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, scan=None):
     """Forward on packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V], beta [N,H,R].
 
-    Returns o [N,H,V], the final state (or None) and what backward reuses: T, U and the chunk states.
+    Returns o [N,H,V], the final state (or None) and what backward reuses: T, W, U and the chunk states.
     """
     _, H, R, K = k.shape
     V = v.shape[-1]
-    tinv = k.new_empty(plan.nc, H, ROWS, ROWS, dtype=torch.float32)
-    w, ut = _prep(k, v, beta, plan, tinv, True)
+    tinv, w, ut = _prep(k, v, beta, plan)
     u, hs, final = _states(k, w, ut, initial_state, plan, output_final_state, scan)
-    del w, ut
+    del ut
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = pow2(K), min(pow2(V), 64)
     output_kernel[(plan.nc, H, triton.cdiv(V, bv))](q, k, u, hs, o, scale, plan.cu, plan.chunk_idx, H, R, K, V,
                                                     plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype),
                                                     **launch("output", K))
-    return o, final, (tinv, u, hs)
+    return o, final, (tinv, w, u, hs)
 
 
 def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None):
     _, H, R, K = k.shape
     V = do.shape[-1]
     va = K + V if aug else V
-    bk, bv = _pass_blocks(plan, H, K, va)
+    bk, bv = _blocks(K, va)
     state_bwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
         q, k, w, do, du, dhs, dfinal, dinit, scale, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
         dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
@@ -575,11 +569,10 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):
-    """Backward from the forward's T, U and chunk states: W again, the reverse state pass, the gradients."""
+    """Backward from the forward's T, W, U and chunk states: the reverse state pass, then the gradients."""
     _, H, R, K = k.shape
     V = v.shape[-1]
-    tinv, u, hs = saved
-    w, _ = _prep(k, v, beta, plan, tinv, False)
+    tinv, w, u, hs = saved
     # input dtype, like hs: the gradient kernels multiply them in that dtype
     du = torch.empty_like(u)
     dhs = torch.empty_like(hs)
@@ -594,7 +587,7 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
         _reverse_pass(q, k, w, do, scale, ends, seg, None, False, du, dhs)
     else:
         _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, du, dhs)
-    dw = w  # W's buffer is free now: it takes dW = dU S_startᵀ
+    dw = torch.empty_like(w)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)
     gk, gv = min(pow2(K), 64), min(pow2(V), 64)
@@ -602,6 +595,7 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     grad_state_kernel[(plan.nc, H, triton.cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, plan.cu,
                                                         plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
                                                         **launch("grad_state", K))
+    cd = tl.float32 if WY_CANCELLING_FP32 else dt
     grad_wy_kernel[(plan.nc, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, plan.cu, plan.chunk_idx, H, R, K, V,
-                                 plan.rp, plan.bt, gk, gv, dt, prec, **launch("grad_wy", K))
+                                 plan.rp, plan.bt, gk, gv, dt, prec, dt, cd, **launch("grad_wy", K))
     return dq, dk, dv, dbeta, dinit
