@@ -34,8 +34,11 @@ LAUNCH = {
 }
 
 
-# operands of grad_wy's dT products, which cancel: fp32 (tf32) when True, else the input dtype
-WY_CANCELLING_FP32 = True
+# operands of grad_wy's products for 16-bit inputs (fp32 inputs always take fp32, tf32x3): the input dtype
+# (faster), or fp32 with one tf32 pass. Tᵀ dU and Tᵀ dW in 16 bits cost dβ a digit with alike keys (2.5e-2
+# in bf16 on the H200); the products of dT = dU (βV)ᵀ − dW (βK)ᵀ cancel.
+WY_TRANSPOSE_16BIT = False
+WY_CANCELLING_16BIT = False
 
 
 def launch(name, K):
@@ -66,25 +69,23 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.c
     tile = (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]
     a = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_beta[:, None]
     a = tl.where((r // RP)[:, None] > (r // RP)[None, :], a, 0.0)
-    # (I + N)⁻¹ = (I − N)(I + N²)(I + N⁴) for N nilpotent of index ≤ 8. Over all 64 rows at once the factors grow
-    # like binomial coefficients when keys are alike (as in real text) and cancel catastrophically, so A is split
-    # into its 8×8 diagonal blocks D and the rest E: (I + A)⁻¹ = (I + (I + D)⁻¹E)⁻¹ (I + D)⁻¹, where D is
-    # nilpotent within a block and (I + D)⁻¹E across the 8 blocks of the chunk. The factors still reach ~C(7,3)
-    # (16×16 blocks, C(15,7), lost 13% of o in exact fp32 with β near 2): products near fp32 accuracy (tf32x3)
-    # whatever the input dtype.
+    # T in two stages. The 8×8 diagonal blocks D by the doubling product (I + D)⁻¹ = (I − D)(I + D²)(I + D⁴) (D is
+    # nilpotent within a block): its factors grow like binomial coefficients, up to C(7,3), when keys are alike (as
+    # in real text) and cancel, so products near fp32 accuracy (tf32x3); over 16×16 blocks, C(15,7), this lost
+    # 13% of o in exact fp32 with β near 2. Then three merges of neighbouring blocks, 8 → 16 → 32 → 64 rows: with X
+    # the inverses of the diagonal blocks and E the part of A below them, [[M₁, 0], [E, M₂]]⁻¹ = X − X E X. Those
+    # products combine true inverses, nothing grows: the input's precision (one tf32 pass for 16-bit inputs).
     eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    same_block = (r // 8)[:, None] == (r // 8)[None, :]
-    d = tl.where(same_block, a, 0.0)
-    t_d = eye - d
+    d = tl.where((r // 8)[:, None] == (r // 8)[None, :], a, 0.0)
+    b_t = eye - d
     for _ in tl.static_range(2):
         d = tl.dot(d, d, input_precision="tf32x3")
-        t_d = t_d + tl.dot(t_d, d, input_precision="tf32x3")
-    f = tl.dot(t_d, tl.where(same_block, 0.0, a), input_precision="tf32x3")
-    t_f = eye - f
-    for _ in tl.static_range(2):
-        f = tl.dot(f, f, input_precision="tf32x3")
-        t_f = t_f + tl.dot(t_f, f, input_precision="tf32x3")
-    b_t = tl.dot(t_f, t_d, input_precision="tf32x3")
+        b_t = b_t + tl.dot(b_t, d, input_precision="tf32x3")
+    for level in tl.static_range(3):
+        size = 8 << level
+        below = ((r // size) % 2 == 1)[:, None] & ((r // size)[:, None] == (r // size)[None, :] + 1)
+        e = tl.where(below, a, 0.0)
+        b_t = b_t - tl.dot(tl.dot(b_t, e, input_precision=PREC), b_t, input_precision=PREC)
     tl.store(tinv + tile, b_t)
     b_tl = b_t.to(DT)
     base = (g * H + h) * ROWS + r
@@ -371,8 +372,7 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
     b_tt = tl.trans(tl.load(tinv + (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]))
     b_tl = b_tt.to(LOW)
     # row sums as products with ones; every one of the 16 columns holds the sum (near fp32: tf32x3).
-    # dT = dU (βV)ᵀ − dW (βK)ᵀ is a difference of products that cancel: its operands are CD (fp32 for
-    # 16-bit inputs), the other products' LOW (the input dtype)
+    # Operands: LOW for Tᵀ dU and Tᵀ dW, CD for the products of dT, the input dtype for dA K (see WY_TRANSPOSE_16BIT)
     b_dbeta = tl.full([ROWS, 16], 0.0, tl.float32)
     b_dtv = tl.full([ROWS, ROWS], 0.0, tl.float32)
     b_kk = tl.full([ROWS, ROWS], 0.0, tl.float32)
@@ -401,7 +401,7 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
     b_da = tl.where((r // RP)[:, None] > (r // RP)[None, :], b_da, 0.0)
     b_dbeta += tl.dot(b_da * b_kk, tl.full([ROWS, 16], 1.0, tl.float32), input_precision="tf32x3")
     b_da = b_da * b_beta[:, None]
-    b_da = (b_da + tl.trans(b_da)).to(LOW)
+    b_da = (b_da + tl.trans(b_da)).to(DT)
     for ik in range((K + BK - 1) // BK):
         kk = ik * BK + tl.arange(0, BK)
         k_mask = row_ok[:, None] & (kk[None, :] < K)
@@ -411,7 +411,7 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
         # W = T diag(β) K with dW = −dU S_startᵀ
         b_tdw = tl.dot(b_tl, b_dw.to(LOW), input_precision=PREC)
         b_dbeta -= tl.dot(b_tdw * b_k.to(tl.float32), ones_k, input_precision="tf32x3")
-        b_dk += tl.dot(b_da, b_k.to(LOW), input_precision=PREC) - b_tdw * b_beta[:, None]
+        b_dk += tl.dot(b_da, b_k.to(DT), input_precision=PREC) - b_tdw * b_beta[:, None]
         tl.store(dk + sub[:, None] * K + kk[None, :], b_dk.to(dk.dtype.element_ty), mask=k_mask)
     col = tl.arange(0, 16)
     tl.store(dbeta + sub[:, None] + 0 * col[None, :], b_dbeta.to(dbeta.dtype.element_ty),
@@ -595,7 +595,7 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     grad_state_kernel[(plan.nc, H, triton.cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, plan.cu,
                                                         plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
                                                         **launch("grad_state", K))
-    cd = tl.float32 if WY_CANCELLING_FP32 else dt
     grad_wy_kernel[(plan.nc, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, plan.cu, plan.chunk_idx, H, R, K, V,
-                                 plan.rp, plan.bt, gk, gv, dt, prec, dt, cd, **launch("grad_wy", K))
+                                 plan.rp, plan.bt, gk, gv, dt, prec, dt if WY_TRANSPOSE_16BIT else tl.float32,
+                                 dt if WY_CANCELLING_16BIT else tl.float32, **launch("grad_wy", K))
     return dq, dk, dv, dbeta, dinit
