@@ -178,7 +178,7 @@ def _pack(q, k, v, beta):
 
 
 class ChunkDeltaRule(torch.autograd.Function):
-    """Chunked Triton forward; backward from the chunk states and U it saves (never per-token states)."""
+    """Chunked Triton forward; the backward starts from the T, W, U and chunk states it saves (never per-token states)."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, initial_state, scale, plan, output_final_state, scan):
