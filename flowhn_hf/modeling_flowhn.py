@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -139,39 +140,45 @@ class BranchTokens:
 @dataclass
 class LayerRoute:
     """How one layer splits its tokens: the two branches' subsequences, and where each token's output comes from
-    in the concatenation of the attention outputs and the DeltaNet outputs (None when every token goes to both)."""
+    in the concatenation of the attention outputs and the DeltaNet outputs (None when every token goes to both, or
+    every token to one branch and none to the other)."""
 
     attention: BranchTokens
     deltanet: BranchTokens
     merge_index: torch.Tensor | None
 
 
-def attention_window(layer_idx: int, config: FlowHNConfig) -> tuple[int, int]:
-    """(offset, width): layer `layer_idx` routes to attention the positions p with (p - offset) mod P < width."""
+class AttentionWindow(NamedTuple):
+    """One layer's routing: the positions p with (p - offset) mod period < width go to attention, the others to
+    DeltaNet; width = period means every token goes to both (split_mode "none")."""
+
+    offset: int
+    width: int
+    period: int
+
+    def routes(self, positions: torch.Tensor) -> torch.Tensor:
+        """True where the token at absolute position `positions` goes to attention."""
+        return (positions - self.offset) % self.period < self.width
+
+    def count(self, start: int, length: int) -> int:
+        """How many of the positions start, ..., start + length - 1 go to attention."""
+
+        def below(m: int) -> int:  # routed positions in [0, m), extended to negative m by periodicity
+            return (m // self.period) * self.width + min(m % self.period, self.width)
+
+        return below(start + length - self.offset) - below(start - self.offset)
+
+
+def attention_window(layer_idx: int, config: FlowHNConfig) -> AttentionWindow:
+    """The routing of layer `layer_idx`: a function of the config alone, worked out once when the model is built."""
     period = config.split_period
     if config.split_mode == "none":
-        return 0, period
+        return AttentionWindow(0, period, period)
     if config.split_mode == "alternating":
-        return (0, period // 2) if layer_idx % 2 == 0 else (period // 2, period - period // 2)
+        half = period // 2
+        return AttentionWindow(0, half, period) if layer_idx % 2 == 0 else AttentionWindow(half, period - half, period)
     width = min(period - 1, max(1, round(config.resolved_attention_ratio * period)))
-    return (0 if config.split_mode == "flop_aware" else (layer_idx * width) % period), width
-
-
-def route_to_attention(positions: torch.Tensor, layer_idx: int, config: FlowHNConfig) -> torch.Tensor:
-    """True where the token at absolute position `positions` goes to the attention branch of layer `layer_idx`."""
-    offset, width = attention_window(layer_idx, config)
-    return (positions - offset) % config.split_period < width
-
-
-def attention_count(start: int, length: int, layer_idx: int, config: FlowHNConfig) -> int:
-    """How many of the positions start, ..., start + length - 1 layer `layer_idx` routes to attention."""
-    offset, width = attention_window(layer_idx, config)
-    period = config.split_period
-
-    def below(m: int) -> int:  # routed positions in [0, m), extended to negative m by periodicity
-        return (m // period) * width + min(m % period, width)
-
-    return below(start + length - offset) - below(start - offset)
+    return AttentionWindow(0 if config.split_mode == "flop_aware" else (layer_idx * width) % period, width, period)
 
 
 def _compact(selected: torch.Tensor, documents: torch.Tensor | None) -> BranchTokens:
@@ -184,8 +191,7 @@ def _compact(selected: torch.Tensor, documents: torch.Tensor | None) -> BranchTo
 
 
 def plan_route(
-    layer_idx: int,
-    config: FlowHNConfig,
+    window: AttentionWindow,
     positions: torch.Tensor,
     real: torch.Tensor | None,
     start: int | None,
@@ -197,21 +203,25 @@ def plan_route(
     numbers packed documents (None: one per row). When every row has the positions `start, start + 1, ...` and no
     padding, the split is worked out on the host, with no device sync.
     """
-    if config.split_mode == "none":
+    if window.width == window.period:
         everything = BranchTokens(None, real, documents)
         return LayerRoute(everything, everything, None)
     batch, length = positions.shape
     if start is not None:
+        attention_size = window.count(start, length)
+        if attention_size in (0, length):
+            # every token to one branch, in place (a decoding step): nothing to gather, route or merge
+            everything, nothing = BranchTokens(None, None), BranchTokens(positions.new_empty(batch, 0), None)
+            return LayerRoute(everything, nothing, None) if attention_size else LayerRoute(nothing, everything, None)
         # Every row alike: the branch sizes come from the host and the indices are built on the device, so neither
         # side waits for the other.
-        attention_size = attention_count(start, length, layer_idx, config)
-        to_attention = route_to_attention(positions[0], layer_idx, config)
+        to_attention = window.routes(positions[0])
         order = torch.argsort((~to_attention).to(torch.int8), stable=True)[None].expand(batch, -1)
         attention = BranchTokens(order[:, :attention_size], None)
         deltanet = BranchTokens(order[:, attention_size:], None)
         to_deltanet = ~to_attention
     else:
-        to_attention = route_to_attention(positions, layer_idx, config)
+        to_attention = window.routes(positions)
         to_deltanet = ~to_attention
         if real is not None:
             to_attention, to_deltanet = to_attention & real, to_deltanet & real
@@ -467,7 +477,9 @@ class FlowHNFusion(nn.Module):
     def forward(self, x: torch.Tensor, attention_out: torch.Tensor, deltanet_out: torch.Tensor, route: LayerRoute):
         if self.normalized:
             attention_out, deltanet_out = self.attention_norm(attention_out), self.deltanet_norm(deltanet_out)
-        if route.merge_index is None:
+        if route.merge_index is None and 0 in (attention_out.shape[1], deltanet_out.shape[1]):
+            m = deltanet_out if attention_out.shape[1] == 0 else attention_out  # one branch took every token
+        elif route.merge_index is None:
             m = (attention_out + deltanet_out) / 2 if self.normalized else torch.cat([attention_out, deltanet_out], -1)
         else:
             both = torch.cat([attention_out, deltanet_out], dim=1)
@@ -582,6 +594,8 @@ class FlowHNModel(FlowHNPreTrainedModel):
         self.layers = nn.ModuleList(FlowHNDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = FlowHNRotaryEmbedding(config)
+        # routing is fixed by the config the model is built from
+        self.attention_windows = [attention_window(i, config) for i in range(config.num_hidden_layers)]
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -621,7 +635,7 @@ class FlowHNModel(FlowHNPreTrainedModel):
         position_embeddings = self.rotary_emb(inputs_embeds, positions)
         hidden_states = inputs_embeds
         for layer_idx, decoder_layer in enumerate(self.layers):
-            route = plan_route(layer_idx, self.config, positions, real, start, documents)
+            route = plan_route(self.attention_windows[layer_idx], positions, real, start, documents)
             hidden_states = decoder_layer(
                 hidden_states,
                 route=route,

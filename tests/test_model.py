@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowhn_hf import FlowHNConfig, FlowHNForCausalLM, count_parameters, preset_config
-from flowhn_hf.modeling_flowhn import attention_count, route_to_attention
+from flowhn_hf.modeling_flowhn import attention_window
 from transformers import DynamicCache
 
 MODES = ["none", "alternating", "flop_aware", "flop_aware_circulating"]
@@ -25,7 +25,7 @@ def tokens(batch, length, seed=1, vocab=1024):
 def test_routing_depends_on_position_layer_and_config_only(mode):
     config = preset_config("tiny", split_mode=mode, split_period=8, attention_ratio=0.25)
     positions = torch.arange(64)
-    routes = torch.stack([route_to_attention(positions, layer, config) for layer in range(4)])
+    routes = torch.stack([attention_window(layer, config).routes(positions) for layer in range(4)])
     assert torch.equal(routes[:, :8].repeat(1, 8), routes), "periodic in the position"
     if mode == "none":
         assert routes.all()
@@ -45,14 +45,14 @@ def test_attention_count_matches_the_route(mode):
     config = preset_config("tiny", split_mode=mode, split_period=10, attention_ratio=0.37)
     for layer in range(3):
         for start, length in [(0, 1), (0, 97), (3, 8), (17, 33), (1234, 5)]:
-            route = route_to_attention(torch.arange(start, start + length), layer, config)
-            assert attention_count(start, length, layer, config) == int(route.sum())
+            route = attention_window(layer, config).routes(torch.arange(start, start + length))
+            assert attention_window(layer, config).count(start, length) == int(route.sum())
 
 
 def test_single_period_reproduces_the_papers_split():
     """With one period spanning the sequence, FA_Split gives attention the first ρT tokens, the rest to DeltaNet."""
     config = preset_config("tiny", split_mode="flop_aware", split_period=100, attention_ratio=0.3)
-    route = route_to_attention(torch.arange(100), 5, config)
+    route = attention_window(5, config).routes(torch.arange(100))
     assert route[:30].all() and not route[30:].any()
 
 

@@ -198,7 +198,7 @@ def model_flops(name, model, seq_len) -> dict:
     config = model.config
     if isinstance(model, FlowHNForCausalLM):
         for i, layer in enumerate(model.model.layers):
-            n_att = mf.attention_count(0, seq_len, i, config)  # all of them with split_mode "none"
+            n_att = mf.attention_window(i, config).count(0, seq_len)  # all of them with split_mode "none"
             n_del = seq_len if config.split_mode == "none" else seq_len - n_att
             dense += 2 * _params(layer.attention_branch) * n_att + 2 * _params(layer.deltanet_branch) * n_del
             dense += 2 * _params(layer.fusion) * seq_len
