@@ -40,11 +40,9 @@ class FlowHNRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        # Llama's RMSNorm (in float32, the weight applied in the input dtype) through torch's fused op
+        normed = F.rms_norm(hidden_states.float(), hidden_states.shape[-1:], eps=self.variance_epsilon)
+        return self.weight * normed.to(hidden_states.dtype)
 
 
 class FlowHNRotaryEmbedding(nn.Module):
@@ -399,7 +397,10 @@ class FlowHNDeltaNet(nn.Module):
             if conv_window is None:
                 conv_window = x.new_zeros(batch, x.shape[1], self.conv_size - 1)
             x = torch.cat([conv_window.to(x.dtype), x], dim=2)
-            conv = F.conv1d(x, self.conv1d.weight, groups=x.shape[1])
+            if length == 1:  # one step: a product with the taps, far cheaper to launch than a convolution
+                conv = (x * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)
+            else:
+                conv = F.conv1d(x, self.conv1d.weight, groups=x.shape[1])
             layer.update_conv_state(self._last_inputs(x, tokens.valid))
         qkv = F.silu(conv).transpose(1, 2)
         q, k, v = qkv.split(self.split_sizes, dim=-1)

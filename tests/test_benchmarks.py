@@ -216,3 +216,22 @@ def test_build_corpus_reads_html_as_text_and_expands_alternatives(tmp_path):
                     "<h1>Title</h1><p>One &amp; two.</p><p>Three</p></body></html>")  # fmt: skip
     assert read_document(page) == "Title\n\nOne & two.\n\nThree"
     assert expand("a/{b,c}/**/*.{rst,txt}") == ["a/b/**/*.rst", "a/b/**/*.txt", "a/c/**/*.rst", "a/c/**/*.txt"]
+
+
+def test_decode_host_prints_every_model_with_its_operation_count(capsys, monkeypatch):
+    from flowhn_hf import modeling_flowhn
+    from training.benchmarks import decode_host
+
+    monkeypatch.setattr(modeling_flowhn, "opaque_delta_rule", modeling_flowhn.opaque_delta_rule)  # restored after
+    threads = torch.get_num_threads()
+    try:
+        decode_host.main(["--batch-sizes", "1", "--rounds", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| FlowHN") or
+            line.startswith("| Llama")]
+    assert len(rows) == len(decode_host.MODES) + 1
+    ops = {row[0][2:]: int(row[-1].rstrip(" |")) for row in rows}
+    assert all(count > 0 for count in ops.values())
+    # FlowHN's split modes decode each token through one branch per layer, `none` through both
+    assert ops["FlowHN none (15 layers)"] > ops["FlowHN flop_aware_circulating (15 layers)"]

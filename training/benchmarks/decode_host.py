@@ -1,0 +1,111 @@
+"""Host time of one decoding step: FlowHN in each split mode against a Llama of the 135M models' depth.
+
+On a GPU, decoding a ~135M model one token at a time is bound by the host (Python, op dispatch, kernel launches),
+not by the card: throughput.py's decode rows run at 16-26 tokens/s on an H200. This measures that host side on the
+CPU, where it can be timed without a GPU: the models keep the 135M presets' depth (FlowHN 15 layers, the Llama 30)
+at tiny widths, so arithmetic is negligible, and FlowHN's DeltaNet kernel call is replaced by its argument checks
+and packing, as the GPU runs it (the kernel itself is one launch there; on the CPU the PyTorch reference would run
+instead and dominate). Prints a markdown table: ms per decoding step, and the number of tensor operations that are
+not views or allocations per step (on a GPU each is a kernel launch; unlike the times, it does not move between runs).
+
+    python -m training.benchmarks.decode_host [--batch-sizes 1,8] [--threads 1] [--rounds 7]
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import flowhn_hf.modeling_flowhn as modeling
+from flowhn_hf.presets import preset_config
+
+MODES = ["flop_aware_circulating", "flop_aware", "alternating", "none"]
+# STEPS: one split period of the tiny preset, so every round decodes the same mix of routes
+PROMPT, STEPS = 64, 32
+
+
+def host_side_delta_rule(q, k, v, beta, *, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """What delta_rule does on the host before its kernel launch on a GPU, then one operation in the kernel's place
+    (filling the output) and the state passed through."""
+    kernels = sys.modules[modeling.delta_rule.__module__]
+    q, k, v, beta, _, init, _, _ = kernels._prepare(q, k, v, beta, None, initial_state, output_final_state, cu_seqlens)
+    kernels._pack(q, k, v, beta)
+    state = init if init is not None else q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1])
+    return q.new_zeros(*q.shape[:3], v.shape[-1]), state
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the tensor operations that would launch work on a device: not views, not allocations."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and not func.__name__.startswith(("empty", "new_empty", "_unsafe_view")):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Decoder:
+    """A model with its cache after a prompt, stepping one new token per row."""
+
+    def __init__(self, model, batch):
+        self.model = model.eval()
+        prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
+        self.mask = torch.ones_like(prompt)
+        self.cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            self.token = model(input_ids=prompt, attention_mask=self.mask, past_key_values=self.cache).logits[:, -1:]
+        self.token = self.token.argmax(-1)
+
+    def seconds(self, steps) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(steps):
+                self.mask = torch.cat([self.mask, self.mask[:, :1]], dim=1)
+                self.model(input_ids=self.token, attention_mask=self.mask, past_key_values=self.cache)
+        return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: host cost, not arithmetic)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds of each model, taking turns")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    modeling.opaque_delta_rule = host_side_delta_rule
+    models = {f"FlowHN {mode} (15 layers)": modeling.FlowHNForCausalLM(
+        preset_config("tiny", num_hidden_layers=15, split_mode=mode)) for mode in MODES}
+    models["Llama, transformers (30 layers)"] = LlamaForCausalLM(LlamaConfig(
+        vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=30, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=None))
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    decoders = {(name, b): Decoder(model, b) for name, model in models.items() for b in sizes}
+    best = dict.fromkeys(decoders, float("inf"))
+    ops = {}
+    for (name, b), decoder in decoders.items():
+        with CountOps() as counter:
+            decoder.seconds(STEPS)
+        ops[name, b] = counter.count / STEPS
+    for round_ in range(args.rounds + 1):  # the models take turns, so a busy spell of the machine hits them all
+        for key, decoder in decoders.items():
+            seconds = decoder.seconds(STEPS)
+            if round_:  # round 0 warms up
+                best[key] = min(best[key], seconds / STEPS)
+    print(f"torch {torch.__version__}, {args.threads} CPU thread(s); ms of host time per decoding step (best of "
+          f"{args.rounds} rounds of {STEPS} steps after a {PROMPT}-token prompt)\n")
+    print("| model | " + " | ".join(f"ms, batch {b}" for b in sizes) + f" | operations per step, batch {sizes[0]} |")
+    print("|---|" + "---|" * (len(sizes) + 1))
+    for name in models:
+        times = " | ".join(f"{best[name, b] * 1e3:.2f}" for b in sizes)
+        print(f"| {name} | {times} | {ops[name, sizes[0]]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
