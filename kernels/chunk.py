@@ -10,7 +10,7 @@ kernels covers both layouts. Per chunk g and head h the kernels keep:
   ut [NC,H,ROWS,V]             Ũ = T diag(β) V (forward only)
   hs [NC,H,K,V]                the state entering the chunk (saved for backward)
   u [NC,H,ROWS,V]              U = Ũ − W S_start (saved for backward)
-Saving W, U and hs costs (K + ROWS)·(K + V) values per chunk and head; it spares the backward the
+Saving W, U and hs costs ROWS·(K + V) + K·V values per chunk and head; it spares the backward the
 UT transform and a second sequential pass over the chunks. Nothing per token and K×V is stored.
 """
 
@@ -482,7 +482,6 @@ def _blocks(K, V):
     # (K = 256, whose 32 only the interpreter runs, is refused there)
     bk = pow2(K)
     return bk, min(pow2(V), 64 if bk <= 128 else 32)
-
 
 
 def _prep(k, v, beta, plan):
