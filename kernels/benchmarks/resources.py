@@ -1,0 +1,92 @@
+"""Registers, spills and shared memory of every chunked kernel, compiled for Hopper (sm_90a) without a GPU.
+
+Triton compiles to PTX on any machine and ships ptxas, whose report is what the device would load: registers per
+thread, spill stores and loads (bytes per thread, local memory: slow), and Triton's own shared-memory figure (the
+H100/H200 give a block 227 KB). Each kernel at key and value width D in {64, 128}, bf16, R = 1, with the launch
+settings of chunk.LAUNCH and with 8 warps. Prints a markdown table; nothing runs, so it needs no device time.
+
+    python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16]
+"""
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flowhn_kernels import chunk
+from flowhn_kernels.utils import pow2
+
+STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
+INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
+DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+
+
+def constexprs(name, D, dtype):
+    """The compile-time arguments the launch code passes at width D (R = 1), by kernel."""
+    bk, bv = chunk._blocks(D, D)
+    g = min(pow2(D), 64)
+    common = dict(H=16, R=1, K=D, V=D, RP=1, BT=chunk.ROWS, DT=DTYPES[dtype], PREC="tf32x3" if dtype == "fp32" else "tf32")
+    return {
+        "prep": dict(common, BK=bk, BV=bv),
+        "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
+        "output": dict(common, BK=pow2(D), BV=min(pow2(D), 64)),
+        "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D),
+        "grad_state": dict(common, BK=g, BV=g),
+        "grad_wy": dict(common, BK=g, BV=g, LOW=DTYPES[dtype] if chunk.WY_TRANSPOSE_16BIT else tl.float32,
+                        CD=DTYPES[dtype] if chunk.WY_CANCELLING_16BIT else tl.float32),
+    }[name]
+
+
+def report(name, D, dtype, launch) -> dict:
+    fn = triton.runtime.jit.JITFunction(getattr(chunk, f"{name}_kernel").fn)
+    fixed = constexprs(name, D, dtype)
+    params = inspect.signature(fn.fn).parameters
+    signature = {}
+    for arg in params:
+        if arg in fixed:
+            signature[arg] = "constexpr"
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "*fp32" if arg in STATE_F32 else "*i32" if arg in INDEX_I32 else f"*{dtype}"
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(a),): v for a, v in fixed.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        info = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull], capture_output=True,
+                              text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    return dict(regs=int(regs.group(1)), spill_st=int(spills.group(1)), spill_ld=int(spills.group(2)),
+                smem_kb=compiled.metadata.shared / 1024)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    args = parser.parse_args()
+    print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = 1\n")
+    print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB |")
+    print("|---|---|---|---|---|---|")
+    for D in (int(d) for d in args.dims.split(",")):
+        for name in ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy"):
+            tuned = {"num_warps": 4, "num_stages": 3, **chunk.launch(name, D)}
+            for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
+                r = report(name, D, args.dtype, launch)
+                print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']} | {r['regs']} | "
+                      f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
