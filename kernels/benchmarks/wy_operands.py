@@ -1,0 +1,53 @@
+"""grad_wy's operand choice on the GPU: speed against accuracy for the four settings of chunk.WY_TRANSPOSE_16BIT and
+chunk.WY_CANCELLING_16BIT (16-bit or fp32 operands for Tᵀ dU, Tᵀ dW and for the cancelling products of dT).
+
+For each: fwd+bwd at (8, 2048, 16, 128) in bf16, the error at that anchor shape, and the largest error of the bf16
+alike-keys test of tests/test_kernels.py over three seeds (its tolerance is 2e-2). NOTES.md v6 has the table.
+
+    python kernels/benchmarks/wy_operands.py
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
+import bench_delta_rule as bench  # noqa: E402
+import test_kernels as tk  # noqa: E402
+from flowhn_kernels import chunk  # noqa: E402
+from flowhn_kernels.delta_rule import chunk_delta_rule  # noqa: E402
+
+
+def alike_keys_error(seed):
+    """The largest relative error over o, the state and the gradients, alike keys and β near 1, bf16."""
+    torch.manual_seed(seed)
+    xs = tk.make_inputs(1, 130, 4, 1, 128, 64, device="cuda")
+    base = torch.randn(1, 1, 4, 1, 128, device="cuda")
+    xs[1] = torch.nn.functional.normalize(base + 0.05 * torch.randn_like(xs[1]), dim=-1)
+    xs[3] = torch.full_like(xs[3], 0.98)
+    xs[:4] = [x.to(torch.bfloat16) for x in xs[:4]]
+    do = torch.randn(1, 130, 4, 64, dtype=torch.float64, device="cuda")
+    ds = torch.randn(1, 4, 128, 64, dtype=torch.float64, device="cuda")
+    got = tk.run(chunk_delta_rule, xs, do, ds)
+    want = tk.run(tk.fk.delta_rule_naive, xs, do, ds, dtype=torch.float64)
+    return max(tk.rel(g, w) for g, w in zip(got, want))
+
+
+def main():
+    xs = bench.inputs(8, 2048, 16, 128, 1, layout="fla")
+    print("| Tᵀ products | dT products | fwd+bwd ms | anchor error | alike keys, max of 3 seeds |")
+    print("|---|---|---|---|---|")
+    for transpose in (False, True):
+        for cancelling in (False, True):
+            chunk.WY_TRANSPOSE_16BIT, chunk.WY_CANCELLING_16BIT = transpose, cancelling
+            ms = bench.time_fwd_bwd(bench.ours, xs)
+            err, finite = bench.accuracy(8, 2048, 16, 128, 1)
+            alike = max(alike_keys_error(seed) for seed in range(3))
+            name = {False: "fp32", True: "16-bit"}
+            print(f"| {name[transpose]} | {name[cancelling]} | {ms:.3f} | {err:.1e}{'' if finite else ' NaN/Inf'} | "
+                  f"{alike:.2e}{' (fails)' if alike >= tk.TOL[torch.bfloat16] else ''} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
