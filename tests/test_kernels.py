@@ -131,16 +131,20 @@ def test_chunked_against_naive(triton_env, T, R, dtype):
 def test_chunked_with_alike_keys(triton_env, R, dtype):
     """Keys close to one another and β near its bound, as in real text: (I + A)⁻¹ stays bounded but the powers of A
     grow like binomial coefficients, which broke an unblocked Neumann-product inverse (NaN on the first real batch)."""
-    H, K, V = dims(triton_env)
-    xs = make_inputs(1, 130, H, R, K, V, device=triton_env)
-    base = torch.randn(1, 1, H, 1, K, device=triton_env)
+    check_against_naive(chunk_delta_rule, alike_keys_inputs(R, dtype, triton_env), TOL[dtype])
+
+
+def alike_keys_inputs(R, dtype, device):
+    """Inputs whose keys are close to one another, β near its bound: 2 (negative eigenvalues) in fp32; in 16 bits
+    near 1, the model's default bound. With β near 2 the updates are near-reflections that carry each chunk's
+    bf16-rounded state product undamped (5e-2 error on the H200): fp32 inputs there."""
+    H, K, V = dims(device)
+    xs = make_inputs(1, 130, H, R, K, V, device=device)
+    base = torch.randn(1, 1, H, 1, K, device=device)
     xs[1] = torch.nn.functional.normalize(base + 0.05 * torch.randn_like(xs[1]), dim=-1)
-    # β near its bound: 2 (negative eigenvalues) in fp32; in bf16 near 1, the model's default bound. With β
-    # near 2 the updates are near-reflections that carry each chunk's bf16-rounded state product undamped
-    # (5e-2 error on the H200): use fp32 inputs there.
     xs[3] = torch.full_like(xs[3], 0.98 * (2 if dtype == torch.float32 else 1) / R)
     xs[:4] = [x.to(dtype) for x in xs[:4]]
-    check_against_naive(chunk_delta_rule, xs, TOL[dtype])
+    return xs
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)

@@ -20,15 +20,11 @@ from flowhn_kernels.delta_rule import chunk_delta_rule  # noqa: E402
 
 
 def alike_keys_error(seed):
-    """The largest relative error over o, the state and the gradients, alike keys and β near 1, bf16."""
+    """The largest relative error over o, the state and the gradients of the bf16 alike-keys test's inputs."""
     torch.manual_seed(seed)
-    xs = tk.make_inputs(1, 130, 4, 1, 128, 64, device="cuda")
-    base = torch.randn(1, 1, 4, 1, 128, device="cuda")
-    xs[1] = torch.nn.functional.normalize(base + 0.05 * torch.randn_like(xs[1]), dim=-1)
-    xs[3] = torch.full_like(xs[3], 0.98)
-    xs[:4] = [x.to(torch.bfloat16) for x in xs[:4]]
-    do = torch.randn(1, 130, 4, 64, dtype=torch.float64, device="cuda")
-    ds = torch.randn(1, 4, 128, 64, dtype=torch.float64, device="cuda")
+    xs = tk.alike_keys_inputs(1, torch.bfloat16, "cuda")
+    do = torch.randn(*xs[0].shape[:3], xs[2].shape[-1], dtype=torch.float64, device="cuda")
+    ds = torch.randn_like(xs[4], dtype=torch.float64)
     got = tk.run(chunk_delta_rule, xs, do, ds)
     want = tk.run(tk.fk.delta_rule_naive, xs, do, ds, dtype=torch.float64)
     return max(tk.rel(g, w) for g, w in zip(got, want))
