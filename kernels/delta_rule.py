@@ -187,14 +187,14 @@ class ChunkDeltaRule(torch.autograd.Function):
         init = None if initial_state is None else initial_state.contiguous()
         o, final, saved = chunk_fwd(*packed, scale, init, plan, output_final_state, scan)
         ctx.save_for_backward(*packed, *saved)
-        ctx.has_init, ctx.init_dtype = init is not None, None if init is None else init.dtype
+        ctx.init_dtype = None if init is None else init.dtype
         ctx.scale, ctx.plan, ctx.scan, ctx.shapes = scale, plan, scan, (q.shape, k.shape, v.shape, beta.shape)
         return o.view(B, T, H, -1), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, beta, *saved = ctx.saved_tensors
-        need_dinit = ctx.has_init and ctx.needs_input_grad[4]
+        need_dinit = ctx.init_dtype is not None and ctx.needs_input_grad[4]
         dfinal = None if dfinal is None else dfinal.contiguous()
         dq, dk, dv, dbeta, dinit = chunk_bwd(q, k, v, beta, ctx.scale, saved, do.reshape(q.shape[0], *do.shape[2:]),
                                              dfinal, ctx.plan, need_dinit, ctx.scan)

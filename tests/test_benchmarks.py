@@ -218,16 +218,13 @@ def test_build_corpus_reads_html_as_text_and_expands_alternatives(tmp_path):
     assert expand("a/{b,c}/**/*.{rst,txt}") == ["a/b/**/*.rst", "a/b/**/*.txt", "a/c/**/*.rst", "a/c/**/*.txt"]
 
 
-def test_decode_host_prints_every_model_with_its_operation_count(capsys, monkeypatch):
+def test_decode_host_prints_every_model_with_its_operation_count(capsys):
     from flowhn_hf import modeling_flowhn
     from training.benchmarks import decode_host
 
-    monkeypatch.setattr(modeling_flowhn, "opaque_delta_rule", modeling_flowhn.opaque_delta_rule)  # restored after
-    threads = torch.get_num_threads()
-    try:
-        decode_host.main(["--batch-sizes", "1", "--rounds", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    kernel_call, threads = modeling_flowhn.opaque_delta_rule, torch.get_num_threads()
+    decode_host.main(["--batch-sizes", "1", "--rounds", "1"])
+    assert modeling_flowhn.opaque_delta_rule is kernel_call and torch.get_num_threads() == threads, "left as found"
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| FlowHN") or
             line.startswith("| Llama")]
     assert len(rows) == len(decode_host.MODES) + 1

@@ -77,34 +77,45 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: host cost, not arithmetic)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds of each model, taking turns")
     args = parser.parse_args(argv)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    threads, kernel_call = torch.get_num_threads(), modeling.opaque_delta_rule
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     modeling.opaque_delta_rule = host_side_delta_rule
+    try:
+        best, ops = measure(sizes, args.rounds)
+    finally:  # the caller's process gets its model and threads back
+        modeling.opaque_delta_rule = kernel_call
+        torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {args.threads} CPU thread(s); ms of host time per decoding step (best of "
+          f"{args.rounds} rounds of {STEPS} steps after a {PROMPT}-token prompt)\n")
+    print("| model | " + " | ".join(f"ms, batch {b}" for b in sizes) + f" | operations per step, batch {sizes[0]} |")
+    print("|---|" + "---|" * (len(sizes) + 1))
+    for name in ops:
+        times = " | ".join(f"{best[name, b] * 1e3:.2f}" for b in sizes)
+        print(f"| {name} | {times} | {ops[name]:.0f} |")
+
+
+def measure(sizes, rounds):
+    """Best seconds per step for every (model, batch size), and operations per step at the first batch size."""
+    torch.manual_seed(0)
     models = {f"FlowHN {mode} (15 layers)": modeling.FlowHNForCausalLM(
         preset_config("tiny", num_hidden_layers=15, split_mode=mode)) for mode in MODES}
     models["Llama, transformers (30 layers)"] = LlamaForCausalLM(LlamaConfig(
         vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=30, num_attention_heads=4,
         num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=None))
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
     decoders = {(name, b): Decoder(model, b) for name, model in models.items() for b in sizes}
-    best = dict.fromkeys(decoders, float("inf"))
     ops = {}
-    for (name, b), decoder in decoders.items():
+    for name in models:
         with CountOps() as counter:
-            decoder.seconds(STEPS)
-        ops[name, b] = counter.count / STEPS
-    for round_ in range(args.rounds + 1):  # the models take turns, so a busy spell of the machine hits them all
+            decoders[name, sizes[0]].seconds(STEPS)
+        ops[name] = counter.count / STEPS
+    best = dict.fromkeys(decoders, float("inf"))
+    for round_ in range(rounds + 1):  # the models take turns, so a busy spell of the machine hits them all
         for key, decoder in decoders.items():
             seconds = decoder.seconds(STEPS)
             if round_:  # round 0 warms up
                 best[key] = min(best[key], seconds / STEPS)
-    print(f"torch {torch.__version__}, {args.threads} CPU thread(s); ms of host time per decoding step (best of "
-          f"{args.rounds} rounds of {STEPS} steps after a {PROMPT}-token prompt)\n")
-    print("| model | " + " | ".join(f"ms, batch {b}" for b in sizes) + f" | operations per step, batch {sizes[0]} |")
-    print("|---|" + "---|" * (len(sizes) + 1))
-    for name in models:
-        times = " | ".join(f"{best[name, b] * 1e3:.2f}" for b in sizes)
-        print(f"| {name} | {times} | {ops[name, sizes[0]]:.0f} |")
+    return best, ops
 
 
 if __name__ == "__main__":

@@ -197,8 +197,8 @@ def model_flops(name, model, seq_len) -> dict:
     dense = attention = deltanet = 0.0
     config = model.config
     if isinstance(model, FlowHNForCausalLM):
-        for i, layer in enumerate(model.model.layers):
-            n_att = mf.attention_window(i, config).count(0, seq_len)  # all of them with split_mode "none"
+        for layer, window in zip(model.model.layers, model.model.attention_windows):
+            n_att = window.count(0, seq_len)  # all of them with split_mode "none"
             n_del = seq_len if config.split_mode == "none" else seq_len - n_att
             dense += 2 * _params(layer.attention_branch) * n_att + 2 * _params(layer.deltanet_branch) * n_del
             dense += 2 * _params(layer.fusion) * seq_len
