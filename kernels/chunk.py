@@ -371,13 +371,10 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
     b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
     b_tt = tl.trans(tl.load(tinv + (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]))
     b_tl = b_tt.to(LOW)
-    # row sums as products with ones; every one of the 16 columns holds the sum (near fp32: tf32x3).
     # Operands: LOW for Tᵀ dU and Tᵀ dW, CD for the products of dT, the input dtype for dA K (see WY_TRANSPOSE_16BIT)
-    b_dbeta = tl.full([ROWS, 16], 0.0, tl.float32)
+    b_dbeta = tl.full([ROWS], 0.0, tl.float32)
     b_dtv = tl.full([ROWS, ROWS], 0.0, tl.float32)
     b_kk = tl.full([ROWS, ROWS], 0.0, tl.float32)
-    ones_v = tl.full([BV, 16], 1.0, tl.float32)
-    ones_k = tl.full([BK, 16], 1.0, tl.float32)
     for iv in range((V + BV - 1) // BV):
         vv = iv * BV + tl.arange(0, BV)
         v_ok = vv < V
@@ -386,7 +383,7 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
         b_dvt = tl.dot(b_tl, b_du.to(LOW), input_precision=PREC)
         tl.store(dv + sub[:, None] * V + vv[None, :], (b_dvt * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
-        b_dbeta += tl.dot(b_dvt * b_v, ones_v, input_precision="tf32x3")
+        b_dbeta += tl.sum(b_dvt * b_v, axis=1)
         b_dtv += tl.dot(b_du.to(CD), tl.trans((b_v * b_beta[:, None]).to(CD)), input_precision=PREC)
     for ik in range((K + BK - 1) // BK):
         kk = ik * BK + tl.arange(0, BK)
@@ -399,7 +396,7 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
     b_tc = b_tt.to(CD)
     b_da = -tl.dot(tl.dot(b_tc, b_dtv.to(CD), input_precision=PREC).to(CD), b_tc, input_precision=PREC)
     b_da = tl.where((r // RP)[:, None] > (r // RP)[None, :], b_da, 0.0)
-    b_dbeta += tl.dot(b_da * b_kk, tl.full([ROWS, 16], 1.0, tl.float32), input_precision="tf32x3")
+    b_dbeta += tl.sum(b_da * b_kk, axis=1)
     b_da = b_da * b_beta[:, None]
     b_da = (b_da + tl.trans(b_da)).to(DT)
     for ik in range((K + BK - 1) // BK):
@@ -410,12 +407,10 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
         b_dk = tl.load(dk + sub[:, None] * K + kk[None, :], mask=k_mask, other=0.0).to(tl.float32)
         # W = T diag(β) K with dW = −dU S_startᵀ
         b_tdw = tl.dot(b_tl, b_dw.to(LOW), input_precision=PREC)
-        b_dbeta -= tl.dot(b_tdw * b_k.to(tl.float32), ones_k, input_precision="tf32x3")
+        b_dbeta -= tl.sum(b_tdw * b_k.to(tl.float32), axis=1)
         b_dk += tl.dot(b_da, b_k.to(DT), input_precision=PREC) - b_tdw * b_beta[:, None]
         tl.store(dk + sub[:, None] * K + kk[None, :], b_dk.to(dk.dtype.element_ty), mask=k_mask)
-    col = tl.arange(0, 16)
-    tl.store(dbeta + sub[:, None] + 0 * col[None, :], b_dbeta.to(dbeta.dtype.element_ty),
-             mask=row_ok[:, None] & (col[None, :] == 0))
+    tl.store(dbeta + sub, b_dbeta.to(dbeta.dtype.element_ty), mask=row_ok)
 
 
 def make_plan(batch, length, rank, device, offsets=None):

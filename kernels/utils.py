@@ -1,5 +1,7 @@
 """Helpers shared by the Triton modules: interpreter-aware kernel launching and block sizes."""
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -15,10 +17,10 @@ class kernel:
     """A Triton kernel that picks the compiled or the interpreted form when it is launched.
 
     triton.jit decides at decoration (import) time from TRITON_INTERPRET; deciding per launch
-    keeps CPU tests valid whatever order pytest imports modules in. Kernels built this way must
-    not call jitted functions, triton.language's own included (tl.sum, tl.zeros, tl.cdiv): those
-    were decided at triton's import. Use tl.full, row sums as products with ones, and while loops
-    for run-time trip counts (the interpreter cannot index with its 1-element scalars).
+    keeps CPU tests valid whatever order pytest imports modules in. triton.language's own jitted
+    helpers (tl.sum, tl.cdiv, ...) were decided at triton's import too: an interpreted launch swaps
+    in their interpreted forms for its duration. Use while loops for run-time trip counts (the
+    interpreter cannot index with its 1-element scalars).
     """
 
     def __init__(self, fn):
@@ -37,7 +39,38 @@ class kernel:
         return self._forms[interp]
 
     def __getitem__(self, grid):
-        return self._form()[grid]
+        launcher = self._form()[grid]
+        if not interpreting():
+            return launcher
+
+        def interpreted(*args, **kwargs):
+            with _interpreted_language():
+                return launcher(*args, **kwargs)
+
+        return interpreted
+
+
+@functools.cache
+def _interpreted_helpers():
+    """(module, name, jitted, interpreted) for every jitted helper of triton.language."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return [(module, name, value, InterpretedFunction(value.fn)) for module in (tl, tl.standard)
+            for name, value in vars(module).items() if isinstance(value, JITFunction)]  # fmt: skip
+
+
+@contextlib.contextmanager
+def _interpreted_language():
+    helpers = _interpreted_helpers()
+    for module, name, _, interpreted in helpers:
+        setattr(module, name, interpreted)
+    try:
+        yield
+    finally:
+        for module, name, jitted, _ in helpers:
+            setattr(module, name, jitted)
 
 
 def pow2(n: int, least: int = 16) -> int:
@@ -53,7 +86,6 @@ def dot_dtype(dtype):
     if dtype == torch.bfloat16:
         return tl.float32 if interpreting() else tl.bfloat16
     return {torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
-
 
 
 def dot_precision(dtype) -> str:

@@ -5,7 +5,7 @@ thread, spill stores and loads (bytes per thread, local memory: slow), and Trito
 H100/H200 give a block 227 KB). Each kernel at key and value width D in {64, 128}, bf16, R = 1, with the launch
 settings of chunk.LAUNCH and with 8 warps. Prints a markdown table; nothing runs, so it needs no device time.
 
-    python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16]
+    python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--kernels grad_wy,prep]
 """
 
 import argparse
@@ -25,6 +25,7 @@ from flowhn_kernels.utils import pow2
 
 STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
 INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
+KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy")
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 
 
@@ -75,12 +76,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = 1\n")
     print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB |")
     print("|---|---|---|---|---|---|")
     for D in (int(d) for d in args.dims.split(",")):
-        for name in ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy"):
+        for name in args.kernels.split(","):
             tuned = {"num_warps": 4, "num_stages": 3, **chunk.launch(name, D)}
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, launch)

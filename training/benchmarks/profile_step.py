@@ -1,0 +1,142 @@
+"""Where a training step's GPU time goes: torch.profiler over a few steps of one benchmark model (issue 6).
+
+Builds a model exactly as `throughput.py` does (same names, same batch, same precision, eager or compiled), runs its
+warm-up steps, then profiles `--steps` training steps and prints the kernels by total GPU time, with each kernel
+put in a group (DeltaNet kernels, matmuls, attention, Inductor-fused code, other element-wise, optimizer, copies), so
+that what to fuse or speed up next is read off one table. Writes the table to --out-dir (and $OUT) as
+profile_<model>.md, and a Chrome trace when --trace is given.
+
+    python -m training.benchmarks.profile_step --models flowhn-FAC,llama --compile on
+    python -m training.benchmarks.profile_step --smoke --models flowhn-FAC      # CPU: tests the script
+"""
+
+import argparse
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from training.benchmarks import throughput as tp
+
+# First match wins: the order puts the specific names before the generic ones.
+GROUPS = (
+    ("deltanet", r"delta|_wy_|prep_kernel|state_(fwd|bwd)|grad_(wy|state)|output_kernel|combine_kernel|chunk_"),
+    ("attention", r"flash|fmha|attention|sdpa|efficient_attention"),
+    ("matmul", r"gemm|matmul|cutlass|sm90_xmma|nvjet|cublas|wgmma"),
+    ("optimizer", r"adam|multi_tensor"),
+    ("inductor", r"^triton_"),
+    ("copy", r"copy|memcpy|memset|cat|index|scatter|gather|fill"),
+    ("element-wise", r"elementwise|reduce|vectorized|unrolled|softmax|norm"),
+)
+
+
+def group_of(name):
+    low = name.lower()
+    for group, pattern in GROUPS:
+        if re.search(pattern, low):
+            return group
+    return "other"
+
+
+def kernel_rows(prof, steps, device_type):
+    """(name, group, calls per step, µs per step) of every device kernel, biggest first."""
+    rows = []
+    for event in prof.key_averages():
+        if device_type == "cuda":
+            total = event.self_device_time_total
+            if total <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+        else:
+            total = event.self_cpu_time_total
+            if total <= 0 or event.key.startswith("ProfilerStep"):
+                continue
+        rows.append((event.key, group_of(event.key), event.count / steps, total / steps))
+    return sorted(rows, key=lambda r: -r[3])
+
+
+def report(name, rows, step_ms, top):
+    total = sum(r[3] for r in rows)
+    by_group = defaultdict(lambda: [0.0, 0.0])
+    for _, group, calls, us in rows:
+        by_group[group][0] += calls
+        by_group[group][1] += us
+    lines = [f"## {name}: {step_ms:.1f} ms a step (wall, unprofiled), kernels {total / 1000:.1f} ms a step", "",
+             "| group | launches/step | ms/step | share |", "|---|---|---|---|"]  # fmt: skip
+    for group, (calls, us) in sorted(by_group.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"| {group} | {calls:.0f} | {us / 1000:.2f} | {100 * us / total:.1f}% |")
+    lines += ["", "| kernel | group | calls/step | µs/step | share |", "|---|---|---|---|---|"]
+    for kernel, group, calls, us in rows[:top]:
+        short = kernel if len(kernel) <= 90 else kernel[:87] + "..."
+        lines.append(f"| `{short.replace('|', '/')}` | {group} | {calls:.0f} | {us:.0f} | {100 * us / total:.1f}% |")
+    return "\n".join(lines)
+
+
+def profile_model(name, args, extra, device, batch):
+    state = {"target": tp.target_parameters(args), "calibration_note": "not calibrated when profiling"}
+    torch.manual_seed(0)
+    with torch.device(device):
+        model, _ = tp.build_model(name, args, state)
+    forward = tp.compile_model(model, args.compile_backend) if args.compile == "on" else model
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    autocast = args.precision == "autocast"
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    tp.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    tp.synchronize(device)
+    step_ms = 1000 * (time.perf_counter() - start) / args.steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        tp.synchronize(device)
+    if extra.trace:
+        prof.export_chrome_trace(str(extra.trace_dir / f"trace_{name}.json"))
+    torch._dynamo.reset()
+    return report(name + (" (compiled)" if args.compile == "on" else ""), kernel_rows(prof, args.steps, device.type),
+                  step_ms, extra.top)  # fmt: skip
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--top", type=int, default=30, help="kernels listed per model")
+    p.add_argument("--trace", action="store_true", help="also write a Chrome trace per model")
+    extra, rest = p.parse_known_args(argv)
+    args = tp.parse_args(rest)  # throughput's own options: --models, --compile, --smoke, --batch-size, ...
+    if args.compile == "both":
+        raise SystemExit("--compile: choose on or off here")
+    device = torch.device(args.device)
+    out_dirs = [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    extra.trace_dir = out_dirs[-1]
+    batch = torch.randint(0, tp.flowhn_config(args, "none").vocab_size, (args.batch_size, args.seq_len),
+                          generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
+    for name in args.models:
+        text = profile_model(name, args, extra, device, batch)
+        print(text, "\n", flush=True)
+        for out in out_dirs:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"profile_{name}.md").write_text(text + "\n")
+        tp.free_memory(device)
+
+
+if __name__ == "__main__":
+    main()
