@@ -29,8 +29,9 @@ try:  # a Hub checkpoint carries the kernel modules flat beside this file
 except ImportError:  # the installed package
     from flowhn_kernels import delta_rule
 
-# torch.compile leaves the kernel call alone and compiles the code around it.
-opaque_delta_rule = torch.compiler.disable(delta_rule)
+# delta_rule's kernels are custom ops that torch.compile traces through; packed documents are the exception: their
+# offsets are read on the host, and a compiled graph would be specialised on every batch's.
+packed_delta_rule = torch.compiler.disable(delta_rule)
 
 
 class FlowHNRMSNorm(nn.Module):
@@ -331,19 +332,27 @@ def _linear_states(layer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return conv, recurrent
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, documents: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise causal convolution of x (B, C, n), zeros before the first token; with `documents` (B, n) no tap
-    reaches into an earlier packed document."""
-    width, length = weight.shape[-1], x.shape[2]
-    if documents is None:
-        return F.conv1d(x, weight, padding=width - 1, groups=x.shape[1])[..., :length]
-    x = F.pad(x, (width - 1, 0))
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal convolution along the tokens of x (B, width - 1 + n, C), whose first width - 1 entries are the
+    inputs before the first token (zeros, or a cache's window), with taps `weight` (C, 1, width): (B, n, C). With
+    `documents` (B, n) no tap reaches into an earlier packed document.
+
+    A sum of shifted products over the channels-last layout the projection gives, float32 sums: torch.compile fuses
+    it into one kernel (a depthwise F.conv1d costs a transpose and a slow cuDNN kernel). One token is one product."""
+    width = weight.shape[-1]
+    length = x.shape[1] - width + 1
+    taps = weight[:, 0].T  # (width, C): taps[j] multiplies the input width - 1 - j tokens back
+    if length == 1:
+        return (x * taps.to(x.dtype)).sum(1, keepdim=True)
     out = 0
-    for back in range(width):  # the tap that reads `back` tokens back
-        same = F.pad(documents[:, back:] == documents[:, : length - back], (back, 0))
-        taps = x[:, :, width - 1 - back : width - 1 - back + length] * same[:, None, :]
-        out = out + weight[:, 0, width - 1 - back, None] * taps
-    return out
+    for j in range(width):
+        shifted = x[:, j : j + length]
+        back = width - 1 - j
+        if documents is not None and back:
+            same = F.pad(documents[:, back:] == documents[:, : length - back], (back, 0))
+            shifted = shifted * same[..., None]
+        out = out + shifted * taps[j].float()
+    return out.to(x.dtype)
 
 
 def document_offsets(documents: torch.Tensor) -> torch.Tensor:
@@ -390,19 +399,16 @@ class FlowHNDeltaNet(nn.Module):
         layer = None if past_key_values is None else past_key_values.layers[self.layer_idx]
         conv_window, state = (None, None) if layer is None else _linear_states(layer)
 
-        x = self.qkv_proj(hidden_states).transpose(1, 2)
+        x = self.qkv_proj(hidden_states)
         if layer is None:
-            conv = causal_conv(x, self.conv1d.weight, tokens.documents)
-        else:  # decoding: the cached inputs before the first token lead
+            conv = causal_conv(F.pad(x, (0, 0, self.conv_size - 1, 0)), self.conv1d.weight, tokens.documents)
+        else:  # decoding: the cached inputs before the first token lead (the cache keeps time on its last axis)
             if conv_window is None:
-                conv_window = x.new_zeros(batch, x.shape[1], self.conv_size - 1)
-            x = torch.cat([conv_window.to(x.dtype), x], dim=2)
-            if length == 1:  # one step: a product with the taps, far cheaper to launch than a convolution
-                conv = (x * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)
-            else:
-                conv = F.conv1d(x, self.conv1d.weight, groups=x.shape[1])
+                conv_window = x.new_zeros(batch, x.shape[2], self.conv_size - 1)
+            x = torch.cat([conv_window.to(x.dtype), x.transpose(1, 2)], dim=2)
+            conv = causal_conv(x.transpose(1, 2), self.conv1d.weight)
             layer.update_conv_state(self._last_inputs(x, tokens.valid))
-        qkv = F.silu(conv).transpose(1, 2)
+        qkv = F.silu(conv)
         q, k, v = qkv.split(self.split_sizes, dim=-1)
         v = v.reshape(batch, length, self.num_heads, self.rank, self.value_dim)
         # autocast runs normalize in float32; the kernel takes q, k and v in one dtype
@@ -414,10 +420,10 @@ class FlowHNDeltaNet(nn.Module):
             beta = beta * tokens.valid[..., None, None].to(beta.dtype)
 
         if tokens.documents is None:
-            o, final_state = opaque_delta_rule(q, k, v, beta, initial_state=state, output_final_state=layer is not None)
+            o, final_state = delta_rule(q, k, v, beta, initial_state=state, output_final_state=layer is not None)
         else:  # the rows' documents packed along one sequence, the state reset at each
             packed = (t.flatten(0, 1)[None] for t in (q, k, v, beta))
-            o = opaque_delta_rule(*packed, cu_seqlens=document_offsets(tokens.documents))[0].view(v.shape[:3] + (-1,))
+            o = packed_delta_rule(*packed, cu_seqlens=document_offsets(tokens.documents))[0].view(v.shape[:3] + (-1,))
         if layer is not None:
             layer.update_recurrent_state(final_state)
 
@@ -567,12 +573,11 @@ def token_positions(inputs_embeds, attention_mask, position_ids, past_key_values
     real = None
     if attention_mask is not None:
         real = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+    if position_ids is None and attention_mask is None:  # every row counts on from the cache: known on the host
+        seen = getattr(past_key_values, "flowhn_seen_tokens", 0) if past_key_values is not None else 0
+        return torch.arange(seen, seen + length, device=device).expand(batch, -1), None, seen, None
     if position_ids is None:
-        if attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-        else:
-            seen = getattr(past_key_values, "flowhn_seen_tokens", 0) if past_key_values is not None else 0
-            position_ids = torch.arange(seen, seen + length, device=device)[None]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
     positions = position_ids.to(device).expand(batch, -1)
     steps = positions[:, :1] + torch.arange(length, device=device)
     uniform = (positions == steps).all() & (positions[:, :1] == positions[:1, :1]).all()
@@ -581,7 +586,7 @@ def token_positions(inputs_embeds, attention_mask, position_ids, past_key_values
         uniform = uniform & real.all()
         continues = continues | ~(real[:, 1:] & real[:, :-1])  # only a step between real tokens starts a document
     flags = torch.stack([uniform.long(), continues.all().long(), positions[0, 0]])
-    uniform, unpacked, start = flags.tolist()  # the one device sync of a forward
+    uniform, unpacked, start = flags.tolist()  # the one device sync of a forward given a mask or positions
     documents = None if unpacked else F.pad(~continues, (1, 0)).cumsum(1)
     return positions, None if uniform else real, start if uniform else None, documents
 

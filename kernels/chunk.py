@@ -25,11 +25,13 @@ from .utils import dot_dtype, dot_precision, kernel, pow2
 ROWS = 64
 # launch settings (num_warps, num_stages) per kernel and key width pow2(K): 64, 128 or 256.
 # kernels/benchmarks/tune_launch.py times the alternatives on a GPU and prints this table.
-# Measured on an H200 (2026-11-22): fwd+bwd at (8, 2048, 16, 128) 1.975 → 1.869 ms, at (8, 2048, 12, 64) 0.913 → 0.836.
+# Measured on an H200 (2026-11-22): fwd+bwd at (8, 2048, 16, 128) 1.975 → 1.869 ms, at (8, 2048, 12, 64) 0.913 → 0.836;
+# grad_wy and grad_state retuned after grad_wy's row sums became tl.sum (2026-12-02): (8, 2048, 12, 64) 1.132 → 0.866 ms,
+# (8, 2048, 16, 128) 1.387 → 1.357 ms.
 LAUNCH = {
     ("state_fwd", 64): dict(num_warps=4, num_stages=2),
-    ("grad_state", 128): dict(num_warps=4, num_stages=1),
-    ("grad_wy", 64): dict(num_warps=4, num_stages=1),
+    ("grad_state", 128): dict(num_warps=4, num_stages=2),
+    ("grad_wy", 64): dict(num_warps=8, num_stages=2),
     ("grad_wy", 128): dict(num_warps=4, num_stages=1),
 }
 
@@ -420,6 +422,11 @@ def make_plan(batch, length, rank, device, offsets=None):
     return Plan(rank, device, offsets)
 
 
+def tokens_per_chunk(rank):
+    """BT: a chunk's ROWS rows hold this many tokens of RP = next_power_of_2(rank) components."""
+    return ROWS // triton.next_power_of_2(rank)
+
+
 @functools.lru_cache(maxsize=64)
 def _uniform_plan(batch, length, rank, device):
     return Plan(rank, device, [b * length for b in range(batch + 1)])
@@ -431,7 +438,7 @@ class Plan:
     def __init__(self, rank, device, offsets):
         self.rank, self.device, self.offsets = rank, device, offsets
         self.rp = triton.next_power_of_2(rank)
-        self.bt = ROWS // self.rp
+        self.bt = tokens_per_chunk(rank)
         lens = [b - a for a, b in zip(offsets, offsets[1:])]
         ncs = [triton.cdiv(n, self.bt) for n in lens]
         self.n, self.nc, self.max_chunks, self.max_len = len(lens), sum(ncs), max(ncs), max(lens)

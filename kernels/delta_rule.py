@@ -12,9 +12,8 @@ from numbers import Real
 
 import torch
 
-from .chunk import chunk_bwd, chunk_fwd, make_plan
 from .naive import naive_recurrence
-from .recurrent import recurrent_fwd
+from .ops import chunk_forward, recurrent_forward
 from .reference import reference_chunked
 from .utils import interpreting
 
@@ -170,48 +169,14 @@ def _why_not_kernels(q, v) -> str | None:
     return None
 
 
-def _pack(q, k, v, beta):
-    """Canonical [B,T,...] tensors as contiguous [B·T,...] ones, the kernels' packed layout."""
-    B, T, H, R, K = k.shape
-    return (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, R, K).contiguous(),
-            v.reshape(B * T, H, R, -1).contiguous(), beta.reshape(B * T, H, R).contiguous())
+def _chunked(q, k, v, beta, scale, init, offsets, output_final_state, scan=None):
+    o, final, *_ = chunk_forward(q, k, v, beta, init, scale, offsets, output_final_state, scan)
+    return _finish(q, o, final if output_final_state else None)
 
 
-class ChunkDeltaRule(torch.autograd.Function):
-    """Chunked Triton forward; the backward starts from the T, W, U and chunk states it saves (never per-token states)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, beta, initial_state, scale, plan, output_final_state, scan):
-        B, T, H = q.shape[:3]
-        packed = _pack(q, k, v, beta)
-        init = None if initial_state is None else initial_state.contiguous()
-        o, final, saved = chunk_fwd(*packed, scale, init, plan, output_final_state, scan)
-        ctx.save_for_backward(*packed, *saved)
-        ctx.init_dtype = None if init is None else init.dtype
-        ctx.scale, ctx.plan, ctx.scan, ctx.shapes = scale, plan, scan, (q.shape, k.shape, v.shape, beta.shape)
-        return o.view(B, T, H, -1), final
-
-    @staticmethod
-    def backward(ctx, do, dfinal):
-        q, k, v, beta, *saved = ctx.saved_tensors
-        need_dinit = ctx.init_dtype is not None and ctx.needs_input_grad[4]
-        dfinal = None if dfinal is None else dfinal.contiguous()
-        dq, dk, dv, dbeta, dinit = chunk_bwd(q, k, v, beta, ctx.scale, saved, do.reshape(q.shape[0], *do.shape[2:]),
-                                             dfinal, ctx.plan, need_dinit, ctx.scan)
-        grads = (g.view(s) for g, s in zip((dq, dk, dv, dbeta), ctx.shapes))
-        return (*grads, None if dinit is None else dinit.to(ctx.init_dtype), None, None, None, None)
-
-
-def _chunked(q, k, v, beta, scale, init, plan, output_final_state, scan=None):
-    o, state = ChunkDeltaRule.apply(q, k, v, beta, init, scale, plan, output_final_state, scan)
-    return _finish(q, o, state)
-
-
-def _recurrent(q, k, v, beta, scale, init, plan, output_final_state):
-    B, T, H = q.shape[:3]
-    init = None if init is None else init.contiguous()
-    o, state = recurrent_fwd(*_pack(q, k, v, beta), scale, init, plan.cu, plan.n, output_final_state)
-    return _finish(q, o.view(B, T, H, -1), state)
+def _recurrent(q, k, v, beta, scale, init, offsets, output_final_state):
+    o, final = recurrent_forward(q, k, v, beta, init, scale, offsets, output_final_state)
+    return _finish(q, o, final if output_final_state else None)
 
 
 def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
@@ -219,8 +184,7 @@ def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seq
     reason = _why_not_kernels(q, v)
     if reason is not None:
         raise ValueError(reason)
-    plan = make_plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)
-    return q, k, v, beta, scale, init, plan
+    return q, k, v, beta, scale, init, offsets
 
 
 def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -230,14 +194,16 @@ def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_fi
     scan: True or False forces the parallel scan over segment flows on or off; None lets the
     plan choose (on when few sequences × heads leave the GPU idle during the sequential pass).
     """
-    q, k, v, beta, scale, init, plan = _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    return _chunked(q, k, v, beta, scale, init, plan, output_final_state, scan)
+    q, k, v, beta, scale, init, offsets = _triton_args(q, k, v, beta, scale, initial_state, output_final_state,
+                                                       cu_seqlens)
+    return _chunked(q, k, v, beta, scale, init, offsets, output_final_state, scan)
 
 
 def recurrent_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """The recurrent Triton path (decoding); forward only."""
-    q, k, v, beta, scale, init, plan = _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    return _recurrent(q, k, v, beta, scale, init, plan, output_final_state)
+    q, k, v, beta, scale, init, offsets = _triton_args(q, k, v, beta, scale, initial_state, output_final_state,
+                                                       cu_seqlens)
+    return _recurrent(q, k, v, beta, scale, init, offsets, output_final_state)
 
 
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -252,8 +218,8 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     if _why_not_kernels(q, v) is not None:
         o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
         return _finish(q, o, state)
-    plan = make_plan(k.shape[0], k.shape[1], k.shape[3], q.device, offsets)
+    longest = q.shape[1] if offsets is None else max(b - a for a, b in zip(offsets, offsets[1:]))
     tensors = (q, k, v, beta) if init is None else (q, k, v, beta, init)
-    if plan.max_len <= RECURRENT_MAX_LEN and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
-        return _recurrent(q, k, v, beta, scale, init, plan, output_final_state)
-    return _chunked(q, k, v, beta, scale, init, plan, output_final_state)
+    if longest <= RECURRENT_MAX_LEN and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
+        return _recurrent(q, k, v, beta, scale, init, offsets, output_final_state)
+    return _chunked(q, k, v, beta, scale, init, offsets, output_final_state)

@@ -25,7 +25,7 @@ def bare_python(tmp_path_factory) -> Path:
         [str(python), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt"), *REMOTE_CODE_PACKAGES],
         check=True,
     )
-    probe = subprocess.run([str(python), "-c", "import flowhn_hf"], capture_output=True)
+    probe = run_bare(python, "import flowhn_hf", env_dir)
     assert probe.returncode != 0, "the bare virtualenv must not see flowhn_hf"
     return python
 

@@ -222,9 +222,9 @@ def test_decode_host_prints_every_model_with_its_operation_count(capsys):
     from flowhn_hf import modeling_flowhn
     from training.benchmarks import decode_host
 
-    kernel_call, threads = modeling_flowhn.opaque_delta_rule, torch.get_num_threads()
+    kernel_call, threads = modeling_flowhn.delta_rule, torch.get_num_threads()
     decode_host.main(["--batch-sizes", "1", "--rounds", "1"])
-    assert modeling_flowhn.opaque_delta_rule is kernel_call and torch.get_num_threads() == threads, "left as found"
+    assert modeling_flowhn.delta_rule is kernel_call and torch.get_num_threads() == threads, "left as found"
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| FlowHN") or
             line.startswith("| Llama")]
     assert len(rows) == len(decode_host.MODES) + 1

@@ -329,3 +329,26 @@ def test_resource_report_compiles_for_hopper_without_a_gpu():
 
     r = resources.report("state_fwd", 64, "bf16", dict(num_warps=4, num_stages=2))
     assert 0 < r["regs"] <= 255 and r["smem_kb"] > 0 and r["spill_st"] >= 0
+
+
+@pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
+def test_custom_ops_pass_torch_library_opcheck(triton_env):
+    """The kernels' custom ops: schema, fake (meta) shapes, autograd registration and AOT dispatch, as torch.compile
+    relies on them."""
+    from flowhn_kernels import ops
+
+    q, k, v, beta, s0 = make_inputs(2, 37, 2, 2, 16, 8)
+    grads = [x.requires_grad_() for x in (q, k, v, beta, s0)]
+    torch.library.opcheck(ops.chunk_forward, (*grads, 0.25, None, True, None))
+    packed = [x[:1].detach().requires_grad_() for x in (q, k, v, beta)]  # two documents of 20 and 17 tokens
+    torch.library.opcheck(ops.chunk_forward, (*packed, None, 0.25, [0, 20, 37], False, None))
+    # the backward as Inductor may call it: a saved input in another memory layout, outputs contiguous all the same
+    # (no double backward: its inputs need no gradient)
+    with torch.no_grad():
+        o, final, *saved = ops.chunk_forward(q, k, v, beta, s0, 0.25, None, True, None)
+    permuted_q = q.detach().permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    rest = [x.detach() for x in (k, v, beta)]
+    torch.library.opcheck(ops.chunk_backward, (permuted_q, *rest, *saved, torch.randn_like(o), torch.randn_like(final),
+                                               0.25, None, True, None))  # fmt: skip
+    torch.library.opcheck(ops.recurrent_forward, tuple(x.detach()[:, :3] for x in (q, k, v, beta)) +
+                          (s0.detach(), 0.25, None, True))  # fmt: skip

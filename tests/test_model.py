@@ -292,3 +292,40 @@ def test_packed_documents_refuse_a_cache():
     with pytest.raises(ValueError, match="packed"):
         model(tokens(1, 5), position_ids=position_ids, past_key_values=DynamicCache(config=model.config))
     assert model(tokens(1, 5), position_ids=position_ids).past_key_values is None
+
+
+def test_causal_conv_matches_a_depthwise_conv1d():
+    """The shifted-product convolution equals F.conv1d with left padding, and with packed documents equals each
+    document convolved alone."""
+    from flowhn_hf.modeling_flowhn import causal_conv
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 29, 6), torch.randn(6, 1, 4)
+    want = torch.nn.functional.conv1d(x.transpose(1, 2), weight, padding=3, groups=6)[..., :29].transpose(1, 2)
+    got = causal_conv(torch.nn.functional.pad(x, (0, 0, 3, 0)), weight)
+    torch.testing.assert_close(got, want)
+    documents = torch.tensor([[0] * 10 + [1] * 19, [0] * 29])
+    packed = causal_conv(torch.nn.functional.pad(x, (0, 0, 3, 0)), weight, documents)
+    second = causal_conv(torch.nn.functional.pad(x[:1, 10:], (0, 0, 3, 0)), weight)
+    torch.testing.assert_close(packed[:1, 10:], second)
+    torch.testing.assert_close(packed[1:], want[1:])
+
+
+@pytest.mark.parametrize("mode", ["none", "flop_aware_circulating"])
+def test_training_step_compiles_into_one_graph(mode, monkeypatch):
+    """torch.compile(fullgraph=True) of a training forward: no graph break anywhere, the DeltaNet kernels included
+    (custom ops, run here in Triton's interpreter); loss and gradients as eager."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = tiny_model(split_mode=mode).train()
+    ids = tokens(2, 70)
+    model(input_ids=ids, labels=ids).loss.backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    torch._dynamo.reset()
+    try:
+        loss = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids, labels=ids).loss
+        loss.backward()
+    finally:
+        torch._dynamo.reset()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, eager[name], rtol=1e-4, atol=1e-6, msg=name)

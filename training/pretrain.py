@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer in place (checkpoint keys are unchanged; the DeltaNet "
-                        "kernel call stays outside the graph)")
+                        "kernels are custom ops inside the graph, except with --document-masking)")
     p.add_argument("--document-masking", action="store_true",
                    help="keep packed documents apart: position ids restart after each EOS, so attention and the "
                         "DeltaNet state stop at document boundaries")

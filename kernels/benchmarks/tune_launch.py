@@ -4,7 +4,7 @@ Greedy, one kernel at a time with the others at their current settings, judged b
 forward+backward time of delta_rule (bf16, R = 1) at an anchor shape of each key width. Prints
 the chosen entries in the form of chunk.LAUNCH, to paste there with the measured times.
 
-    python kernels/benchmarks/tune_launch.py [--shapes 0,1] [--max-minutes 4]
+    python kernels/benchmarks/tune_launch.py [--shapes 0,1] [--kernels grad_wy,prep] [--max-minutes 4]
 """
 
 import argparse
@@ -32,6 +32,7 @@ def fwd_bwd_ms(xs, do):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="0,1")
+    ap.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset, tuned in this order")
     ap.add_argument("--max-minutes", type=float, default=4.0)
     args = ap.parse_args()
     stop = time.time() + 60 * args.max_minutes
@@ -43,7 +44,7 @@ def main():
         scan = chunk.make_plan(B, T, 1, xs[0].device).use_scan(H, D, D, None)  # as delta_rule will choose
         best = fwd_bwd_ms(xs, do)
         print(f"shape {SHAPES[i]}: {best:.3f} ms with the current settings", flush=True)
-        for name in KERNELS:
+        for name in args.kernels.split(","):
             if name == "combine" and not scan:
                 continue
             key = (name, width)

@@ -12,7 +12,6 @@ not views or allocations per step (on a GPU each is a kernel launch; unlike the 
 """
 
 import argparse
-import sys
 import time
 
 import torch
@@ -20,6 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import flowhn_hf.modeling_flowhn as modeling
+from flowhn_kernels.delta_rule import _prepare
+from flowhn_kernels.ops import pack
 from flowhn_hf.presets import preset_config
 
 MODES = ["flop_aware_circulating", "flop_aware", "alternating", "none"]
@@ -30,9 +31,8 @@ PROMPT, STEPS = 64, 32
 def host_side_delta_rule(q, k, v, beta, *, initial_state=None, output_final_state=False, cu_seqlens=None):
     """What delta_rule does on the host before its kernel launch on a GPU, then one operation in the kernel's place
     (filling the output) and the state passed through."""
-    kernels = sys.modules[modeling.delta_rule.__module__]
-    q, k, v, beta, _, init, _, _ = kernels._prepare(q, k, v, beta, None, initial_state, output_final_state, cu_seqlens)
-    kernels._pack(q, k, v, beta)
+    q, k, v, beta, _, init, _, _ = _prepare(q, k, v, beta, None, initial_state, output_final_state, cu_seqlens)
+    pack(q, k, v, beta)
     state = init if init is not None else q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1])
     return q.new_zeros(*q.shape[:3], v.shape[-1]), state
 
@@ -78,13 +78,13 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds of each model, taking turns")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    threads, kernel_call = torch.get_num_threads(), modeling.opaque_delta_rule
+    threads, kernel_call = torch.get_num_threads(), modeling.delta_rule
     torch.set_num_threads(args.threads)
-    modeling.opaque_delta_rule = host_side_delta_rule
+    modeling.delta_rule = host_side_delta_rule
     try:
         best, ops = measure(sizes, args.rounds)
     finally:  # the caller's process gets its model and threads back
-        modeling.opaque_delta_rule = kernel_call
+        modeling.delta_rule = kernel_call
         torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {args.threads} CPU thread(s); ms of host time per decoding step (best of "
           f"{args.rounds} rounds of {STEPS} steps after a {PROMPT}-token prompt)\n")

@@ -274,9 +274,10 @@ def matmul_rate(device, smoke) -> tuple[float, str]:
 
 
 def compile_model(model, backend="inductor"):
-    """`torch.compile(model)` with room for a graph per layer: FlowHN's layers share one forward, which Dynamo may
-    specialise per layer around the graph breaks (the Triton kernel, the host sync), and past the recompile limit
-    (default 8) it would run the rest eagerly without a word. Call `torch._dynamo.reset()` when done with it."""
+    """`torch.compile(model)` with room for a graph per layer. FlowHN compiles into one graph (its kernels are custom
+    ops, and a batch without a mask or position ids needs no host sync), but a model that breaks inside its layers
+    gets a graph per layer specialisation, and past the recompile limit (default 8) Dynamo would run the rest
+    eagerly without a word. Call `torch._dynamo.reset()` when done with it."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(model, backend=backend)
 

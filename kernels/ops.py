@@ -1,0 +1,128 @@
+"""The chunked and recurrent kernels as torch.library custom ops, with autograd.
+
+torch.compile sees each call as one opaque node whose output shapes come from the fake implementations below, so a
+model that calls delta_rule compiles into whole graphs around its DeltaNet layers instead of breaking at each.
+Tensors arrive in the canonical shapes of delta_rule (q [B,T,H,K], k [B,T,H,R,K], v [B,T,H,R,V], beta [B,T,H,R]);
+`offsets` are the packed documents' cu_seqlens as host integers (None: B equal sequences). A final state that was
+not asked for, and an initial-state gradient that is not needed, come back as empty tensors (an op can't return None).
+"""
+
+import re
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .chunk import ROWS, chunk_bwd, chunk_fwd, make_plan, tokens_per_chunk
+from .recurrent import recurrent_fwd
+
+# Each copy of this module registers its own ops: the installed package and a Hub checkpoint's flat copy of these
+# files can be loaded side by side.
+NAMESPACE = "flowhn_" + re.sub(r"\W", "_", __name__)
+
+
+def pack(q, k, v, beta):
+    """Canonical [B,T,...] tensors as contiguous [B·T,...] ones, the kernels' packed layout."""
+    B, T, H, R, K = k.shape
+    return (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, R, K).contiguous(),
+            v.reshape(B * T, H, R, -1).contiguous(), beta.reshape(B * T, H, R).contiguous())  # fmt: skip
+
+
+def _plan(k, offsets):
+    B, T, _, R, _ = k.shape
+    return make_plan(B, T, R, k.device, offsets)
+
+
+def _state_or_empty(state, like):
+    return like.new_empty(0, dtype=torch.float32) if state is None else state
+
+
+def _chunk_count(k, offsets) -> int:
+    B, T, _, R, _ = k.shape
+    bt = tokens_per_chunk(R)
+    lengths = [T] * B if offsets is None else [b - a for a, b in zip(offsets, offsets[1:])]
+    return sum((n + bt - 1) // bt for n in lengths)
+
+
+def _state_shape(k, v, offsets):
+    B, _, H, _, K = k.shape
+    return (B if offsets is None else len(offsets) - 1, H, K, v.shape[-1])
+
+
+@torch.library.custom_op(f"{NAMESPACE}::chunk_forward", mutates_args=())
+def chunk_forward(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, initial_state: Optional[Tensor], scale: float,
+    offsets: Optional[List[int]], output_final_state: bool, scan: Optional[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(o, final state, and what the backward reuses: T, W, U and the chunk-entry states)."""
+    B, T, H = q.shape[:3]
+    init = None if initial_state is None else initial_state.contiguous()
+    o, final, saved = chunk_fwd(*pack(q, k, v, beta), scale, init, _plan(k, offsets), output_final_state, scan)
+    return (o.view(B, T, H, -1), _state_or_empty(final, q), *saved)
+
+
+@chunk_forward.register_fake
+def _(q, k, v, beta, initial_state, scale, offsets, output_final_state, scan):
+    nc, H, K, V = _chunk_count(k, offsets), q.shape[2], k.shape[-1], v.shape[-1]
+    final = q.new_empty(_state_shape(k, v, offsets) if output_final_state else (0,), dtype=torch.float32)
+    return (q.new_empty(*q.shape[:3], V), final, q.new_empty(nc, H, ROWS, ROWS, dtype=torch.float32),
+            k.new_empty(nc, H, ROWS, K), v.new_empty(nc, H, ROWS, V), k.new_empty(nc, H, K, V))  # fmt: skip
+
+
+@torch.library.custom_op(f"{NAMESPACE}::chunk_backward", mutates_args=())
+def chunk_backward(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, tinv: Tensor, w: Tensor, u: Tensor, hs: Tensor, do: Tensor,
+    dfinal: Optional[Tensor], scale: float, offsets: Optional[List[int]], need_dinit: bool, scan: Optional[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dq, dk, dv, dβ, d initial state)."""
+    B, T, H = q.shape[:3]
+    dfinal = None if dfinal is None else dfinal.contiguous()
+    grads = chunk_bwd(*pack(q, k, v, beta), scale, (tinv, w, u, hs), do.reshape(B * T, H, -1), dfinal,
+                      _plan(k, offsets), need_dinit, scan)  # fmt: skip
+    *grads, dinit = grads
+    return (*(g.view(x.shape) for g, x in zip(grads, (q, k, v, beta))), _state_or_empty(dinit, q))
+
+
+@chunk_backward.register_fake
+def _(q, k, v, beta, tinv, w, u, hs, do, dfinal, scale, offsets, need_dinit, scan):
+    dinit = q.new_empty(_state_shape(k, v, offsets) if need_dinit else (0,), dtype=torch.float32)
+    # contiguous, as the kernels write them (empty_like would copy a saved input's layout, which Inductor may permute)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), beta.new_empty(beta.shape), dinit
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, beta, initial_state, scale, offsets, _, scan = inputs
+    ctx.save_for_backward(q, k, v, beta, *output[2:])
+    ctx.scale, ctx.offsets, ctx.scan = scale, offsets, scan
+    ctx.init_dtype = None if initial_state is None else initial_state.dtype
+
+
+def _backward(ctx, do, dfinal, *_):
+    q, k, v, beta, *saved = ctx.saved_tensors
+    need_dinit = ctx.init_dtype is not None and ctx.needs_input_grad[4]
+    if dfinal is not None and dfinal.numel() == 0:  # no final state was asked for
+        dfinal = None
+    *grads, dinit = chunk_backward(q, k, v, beta, *saved, do, dfinal, ctx.scale, ctx.offsets, need_dinit, ctx.scan)
+    return (*grads, dinit.to(ctx.init_dtype) if need_dinit else None, None, None, None, None)
+
+
+chunk_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::recurrent_forward", mutates_args=())
+def recurrent_forward(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, initial_state: Optional[Tensor], scale: float,
+    offsets: Optional[List[int]], output_final_state: bool,
+) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """(o, final state), one token at a time; forward only."""
+    B, T, H = q.shape[:3]
+    init = None if initial_state is None else initial_state.contiguous()
+    plan = _plan(k, offsets)
+    o, final = recurrent_fwd(*pack(q, k, v, beta), scale, init, plan.cu, plan.n, output_final_state)
+    return o.view(B, T, H, -1), _state_or_empty(final, q)
+
+
+@recurrent_forward.register_fake
+def _(q, k, v, beta, initial_state, scale, offsets, output_final_state):
+    final = q.new_empty(_state_shape(k, v, offsets) if output_final_state else (0,), dtype=torch.float32)
+    return q.new_empty(*q.shape[:3], v.shape[-1]), final
