@@ -136,6 +136,15 @@ def test_compile_both_and_a_crashing_row(tmp_path, monkeypatch, one_thread):
     assert "| FlowHN flop_aware_circulating (compiled) |" in text and "crashed: signal 11 (SIGSEGV)" in text
 
 
+def test_profile_step_groups_the_kernels_of_a_training_step(tmp_path, one_thread):
+    from training.benchmarks import profile_step
+
+    profile_step.main(["--smoke", "--models", "flowhn-FAC", "--top", "5", "--out-dir", str(tmp_path)])
+    text = (tmp_path / "profile_flowhn-FAC.md").read_text()
+    assert "ms a step" in text and "| group | launches/step | ms/step | share |" in text
+    assert len([line for line in text.splitlines() if line.startswith("| `")]) == 5
+
+
 def test_max_minutes_leaves_out_rows_that_would_not_finish(tmp_path, one_thread):
     rows = tb.main(["--smoke", "--models", "llama,flowhn-FAC", "--max-minutes", "0", "--out-dir", str(tmp_path)])
     assert all(r["skipped"].startswith("not run") for r in rows) and len(rows) == 2
