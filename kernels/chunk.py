@@ -441,7 +441,7 @@ class Plan:
         self.bt = tokens_per_chunk(rank)
         lens = [b - a for a, b in zip(offsets, offsets[1:])]
         ncs = [triton.cdiv(n, self.bt) for n in lens]
-        self.n, self.nc, self.max_chunks, self.max_len = len(lens), sum(ncs), max(ncs), max(lens)
+        self.n, self.nc, self.max_chunks = len(lens), sum(ncs), max(ncs)
         starts = [0]
         for n in ncs:
             starts.append(starts[-1] + n)
