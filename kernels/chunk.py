@@ -416,10 +416,9 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
 
 
 def make_plan(batch, length, rank, device, offsets=None):
-    """The Plan for a call; equal-length batches reuse theirs (decoding calls this every token)."""
-    if offsets is None:
-        return _uniform_plan(batch, length, rank, device)
-    return Plan(rank, device, offsets)
+    """The Plan for a call, cached: decoding makes one every token, and a backward the one its forward made."""
+    offsets = tuple(range(0, (batch + 1) * length, length)) if offsets is None else tuple(offsets)
+    return _cached_plan(rank, device, offsets)
 
 
 def tokens_per_chunk(rank):
@@ -427,9 +426,15 @@ def tokens_per_chunk(rank):
     return ROWS // triton.next_power_of_2(rank)
 
 
+def chunk_counts(lengths, rank):
+    """How many chunks each sequence of these lengths takes."""
+    bt = tokens_per_chunk(rank)
+    return [(n + bt - 1) // bt for n in lengths]
+
+
 @functools.lru_cache(maxsize=64)
-def _uniform_plan(batch, length, rank, device):
-    return Plan(rank, device, [b * length for b in range(batch + 1)])
+def _cached_plan(rank, device, offsets):
+    return Plan(rank, device, offsets)
 
 
 class Plan:
@@ -440,7 +445,7 @@ class Plan:
         self.rp = triton.next_power_of_2(rank)
         self.bt = tokens_per_chunk(rank)
         lens = [b - a for a, b in zip(offsets, offsets[1:])]
-        ncs = [triton.cdiv(n, self.bt) for n in lens]
+        ncs = chunk_counts(lens, rank)
         self.n, self.nc, self.max_chunks = len(lens), sum(ncs), max(ncs)
         starts = [0]
         for n in ncs:

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .chunk import ROWS, chunk_bwd, chunk_fwd, make_plan, tokens_per_chunk
+from .chunk import ROWS, chunk_bwd, chunk_counts, chunk_fwd, make_plan
 from .recurrent import recurrent_fwd
 
 # Each copy of this module registers its own ops: the installed package and a Hub checkpoint's flat copy of these
@@ -39,9 +39,7 @@ def _state_or_empty(state, like):
 
 def _chunk_count(k, offsets) -> int:
     B, T, _, R, _ = k.shape
-    bt = tokens_per_chunk(R)
-    lengths = [T] * B if offsets is None else [b - a for a, b in zip(offsets, offsets[1:])]
-    return sum((n + bt - 1) // bt for n in lengths)
+    return sum(chunk_counts([T] * B if offsets is None else [b - a for a, b in zip(offsets, offsets[1:])], R))
 
 
 def _state_shape(k, v, offsets):

@@ -33,6 +33,7 @@ GROUPS = (
     ("matmul", r"gemm|matmul|cutlass|sm90_xmma|nvjet|cublas|wgmma"),
     ("optimizer", r"adam|multi_tensor"),
     ("inductor", r"^triton_"),
+    ("convolution", r"conv"),
     ("copy", r"copy|memcpy|memset|cat|index|scatter|gather|fill"),
     ("element-wise", r"elementwise|reduce|vectorized|unrolled|softmax|norm"),
 )
@@ -84,18 +85,7 @@ def profile_model(name, args, extra, device, batch):
     torch.manual_seed(0)
     with torch.device(device):
         model, _ = tp.build_model(name, args, state)
-    forward = tp.compile_model(model, args.compile_backend) if args.compile == "on" else model
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    autocast = args.precision == "autocast"
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = forward(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = tp.training_step(model, batch, args, device, compiled=args.compile == "on")
     for _ in range(args.warmup):
         step()
     tp.synchronize(device)

@@ -282,10 +282,9 @@ def compile_model(model, backend="inductor"):
     return torch.compile(model, backend=backend)
 
 
-def train_throughput(model, batch, args, device, precision=None, compiled=False) -> dict:
-    """Tokens/s of full training steps (forward, backward, fused AdamW step) on `batch`, timed between
-    synchronizations after `args.warmup` untimed steps. With `compiled`, the forward with its loss runs under
-    `torch.compile(model)`: the warm-up steps compile it (their time, `warmup_s`, is reported apart)."""
+def training_step(model, batch, args, device, precision=None, compiled=False):
+    """A function running one full training step (forward with its loss, backward, fused AdamW step) on `batch`
+    and returning the detached loss: every model's step, timed here and profiled by profile_step.py alike."""
     precision = precision or args.precision
     forward = compile_model(model, args.compile_backend) if compiled else model
     model.train()
@@ -304,6 +303,14 @@ def train_throughput(model, batch, args, device, precision=None, compiled=False)
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    return step
+
+
+def train_throughput(model, batch, args, device, precision=None, compiled=False) -> dict:
+    """Tokens/s of full training steps (`training_step`) on `batch`, timed between synchronizations after
+    `args.warmup` untimed steps. With `compiled`, the forward with its loss runs under `torch.compile(model)`: the
+    warm-up steps compile it (their time, `warmup_s`, is reported apart)."""
+    step = training_step(model, batch, args, device, precision, compiled)
     start = time.perf_counter()
     for _ in range(args.warmup):
         loss = step()
@@ -315,7 +322,7 @@ def train_throughput(model, batch, args, device, precision=None, compiled=False)
     synchronize(device)
     seconds = time.perf_counter() - start
     loss = float(loss)
-    del optimizer
+    del step  # and the optimizer state it holds
     if compiled:  # the next model starts with no cached graphs, none counting toward its recompile limit
         torch._dynamo.reset()
     tokens = batch.numel() * args.steps
