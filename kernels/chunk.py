@@ -33,6 +33,10 @@ LAUNCH = {
     ("grad_state", 128): dict(num_warps=4, num_stages=2),
     ("grad_wy", 64): dict(num_warps=8, num_stages=2),
     ("grad_wy", 128): dict(num_warps=4, num_stages=1),
+    # the scan's kernels at 8 warps: at 4 they spill 0.2-0.4 KB per thread at D = 128 (resources.py), at 8 none
+    ("state_fwd_aug", 128): dict(num_warps=8),
+    ("state_bwd_aug", 128): dict(num_warps=8),
+    ("combine", 128): dict(num_warps=8),
 }
 
 
@@ -259,12 +263,14 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
 
 @kernel
 def combine_kernel(flows, x0, xs, xout, seg_off, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, HAS_X0: tl.constexpr, STORE_OUT: tl.constexpr,
-                   REVERSE: tl.constexpr):
+                   BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr, HAS_X0: tl.constexpr,
+                   STORE_OUT: tl.constexpr, REVERSE: tl.constexpr):
     """Walk one sequence's segment flows [M | c]: store X entering each segment, X ← M X + c.
 
     Forward flows give the state at each segment start; reverse (REVERSE) flows give the state
     gradient at each segment end. K×K products near fp32 accuracy (tf32x3): the chain must not drift.
+    M X is summed over KB-row slices of the X just stored (read back from cache): a whole fp32 M
+    beside X and tf32x3's splits of both spills kilobytes per thread.
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -272,6 +278,7 @@ def combine_kernel(flows, x0, xs, xout, seg_off, H: tl.constexpr, K: tl.constexp
     s0 = tl.load(seg_off + seq)
     n = tl.load(seg_off + seq + 1) - s0
     kk = tl.arange(0, BK)
+    kb = tl.arange(0, KB)
     vv = iv * BV + tl.arange(0, BV)
     kv_mask = (kk[:, None] < K) & (vv[None, :] < V)
     kv = kk[:, None] * V + vv[None, :]
@@ -286,11 +293,17 @@ def combine_kernel(flows, x0, xs, xout, seg_off, H: tl.constexpr, K: tl.constexp
             s = (s0 + n - 1 - i).to(tl.int64)
         else:
             s = (s0 + i).to(tl.int64)
-        tl.store(xs + (s * H + h) * K * V + kv, X, mask=kv_mask)
+        x_s = xs + (s * H + h) * K * V
+        tl.store(x_s + kv, X, mask=kv_mask)
+        tl.debug_barrier()  # the slices below read what every thread of the program just stored
         flow = flows + (s * H + h) * K * (K + V)
-        b_m = tl.load(flow + kk[:, None] * (K + V) + kk[None, :], mask=(kk[:, None] < K) & (kk[None, :] < K), other=0.0)
-        b_c = tl.load(flow + kk[:, None] * (K + V) + K + vv[None, :], mask=kv_mask, other=0.0)
-        X = tl.dot(b_m, X, input_precision="tf32x3") + b_c
+        X = tl.load(flow + kk[:, None] * (K + V) + K + vv[None, :], mask=kv_mask, other=0.0)
+        for j in tl.static_range(0, BK, KB):
+            b_m = tl.load(flow + kk[:, None] * (K + V) + j + kb[None, :],
+                          mask=(kk[:, None] < K) & (j + kb[None, :] < K), other=0.0)
+            b_x = tl.load(x_s + (j + kb)[:, None] * V + vv[None, :], mask=(j + kb[:, None] < K) & (vv[None, :] < V),
+                          other=0.0)
+            X += tl.dot(b_m, b_x, input_precision="tf32x3")
         i += 1
     if STORE_OUT:
         tl.store(xout + state + kv, X, mask=kv_mask)
@@ -512,14 +525,14 @@ def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
     state_fwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
         k, w, ut, u, hs, init, final, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
         init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
-        **launch("state_fwd", K))
+        **launch("state_fwd_aug" if aug else "state_fwd", K))
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
     _, H, K, V = xs.shape
     bk, bv = _blocks(K, V)
-    combine_kernel[(n, H, triton.cdiv(V, bv))](flows, x0, xs, xout, seg_off, H, K, V, bk, bv, x0 is not None,
-                                               xout is not None, reverse, **launch("combine", K))
+    combine_kernel[(n, H, triton.cdiv(V, bv))](flows, x0, xs, xout, seg_off, H, K, V, bk, bv, min(bk, 32),
+                                               x0 is not None, xout is not None, reverse, **launch("combine", K))
 
 
 def _states(k, w, ut, initial_state, plan, output_final_state, scan):
@@ -571,7 +584,7 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
     state_bwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
         q, k, w, do, du, dhs, dfinal, dinit, scale, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
         dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
-        **launch("state_bwd", K))
+        **launch("state_bwd_aug" if aug else "state_bwd", K))
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):

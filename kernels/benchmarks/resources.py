@@ -25,13 +25,14 @@ from flowhn_kernels.utils import pow2
 
 STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
 INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
-KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy")
+KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "state_fwd_aug", "state_bwd_aug", "combine")
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 
 
 def constexprs(name, D, dtype):
     """The compile-time arguments the launch code passes at width D (R = 1), by kernel."""
     bk, bv = chunk._blocks(D, D)
+    bka, bva = chunk._blocks(D, 2 * D)  # the scan's flow passes run on K + V columns
     g = min(pow2(D), 64)
     common = dict(H=16, R=1, K=D, V=D, RP=1, BT=chunk.ROWS, DT=DTYPES[dtype], PREC="tf32x3" if dtype == "fp32" else "tf32")
     return {
@@ -40,13 +41,16 @@ def constexprs(name, D, dtype):
         "output": dict(common, BK=pow2(D), BV=min(pow2(D), 64)),
         "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D),
         "grad_state": dict(common, BK=g, BV=g),
+        "state_fwd_aug": dict(common, BK=bka, BV=bva, HAS_INIT=False, STORE_FINAL=True, AUG=True, VA=2 * D),
+        "state_bwd_aug": dict(common, BK=bka, BV=bva, HAS_DFINAL=False, STORE_DINIT=True, AUG=True, VA=2 * D),
+        "combine": dict(H=16, K=D, V=D, BK=bk, BV=bv, KB=min(bk, 32), HAS_X0=True, STORE_OUT=True, REVERSE=False),
         "grad_wy": dict(common, BK=g, BV=g, LOW=DTYPES[dtype] if chunk.WY_TRANSPOSE_16BIT else tl.float32,
                         CD=DTYPES[dtype] if chunk.WY_CANCELLING_16BIT else tl.float32),
     }[name]
 
 
 def report(name, D, dtype, launch) -> dict:
-    fn = triton.runtime.jit.JITFunction(getattr(chunk, f"{name}_kernel").fn)
+    fn = triton.runtime.jit.JITFunction(getattr(chunk, f"{name.removesuffix('_aug')}_kernel").fn)
     fixed = constexprs(name, D, dtype)
     params = inspect.signature(fn.fn).parameters
     signature = {}
@@ -83,7 +87,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for D in (int(d) for d in args.dims.split(",")):
         for name in args.kernels.split(","):
-            tuned = {"num_warps": 4, "num_stages": 3, **chunk.launch(name, D)}
+            tuned = {"num_warps": 4, "num_stages": 3, **chunk.launch(name.removesuffix("_aug"), D)}
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, launch)
                 print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']} | {r['regs']} | "

@@ -17,7 +17,9 @@ from flowhn_kernels.delta_rule import chunk_delta_rule
 
 from bench_delta_rule import SHAPES, inputs
 
-KERNELS = ["prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "combine"]
+KERNELS = ["prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "combine", "state_fwd_aug",
+           "state_bwd_aug"]
+SCAN_ONLY = {"combine", "state_fwd_aug", "state_bwd_aug"}
 # Triton's default (4 warps, 3 stages) is the baseline every candidate must beat by 2%
 CANDIDATES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3) if (w, s) != (4, 3)]
 
@@ -45,7 +47,7 @@ def main():
         best = fwd_bwd_ms(xs, do)
         print(f"shape {SHAPES[i]}: {best:.3f} ms with the current settings", flush=True)
         for name in args.kernels.split(","):
-            if name == "combine" and not scan:
+            if name in SCAN_ONLY and not scan:
                 continue
             key = (name, width)
             current = chunk.LAUNCH.get(key)
