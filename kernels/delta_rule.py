@@ -13,7 +13,7 @@ from numbers import Real
 import torch
 
 from .naive import naive_recurrence
-from .ops import chunk_forward, recurrent_forward
+from .ops import chunk_forward, recurrent
 from .reference import reference_chunked
 from .utils import interpreting
 
@@ -175,7 +175,7 @@ def _chunked(q, k, v, beta, scale, init, offsets, output_final_state, scan=None)
 
 
 def _recurrent(q, k, v, beta, scale, init, offsets, output_final_state):
-    o, final = recurrent_forward(q, k, v, beta, init, scale, offsets, output_final_state)
+    o, final = recurrent(q, k, v, beta, init, scale, offsets, output_final_state)
     return _finish(q, o, final if output_final_state else None)
 
 

@@ -114,6 +114,7 @@ CASES = [
     (65, 1, torch.float32),
     (130, 2, torch.float32),
     (65, 3, torch.bfloat16),
+    (130, 2, torch.bfloat16),
     (33, 1, torch.float16),
 ]
 
@@ -124,6 +125,22 @@ def test_chunked_against_naive(triton_env, T, R, dtype):
     H, K, V = dims(triton_env)
     xs = make_inputs(2, T, H, R, K, V, dtype=dtype, device=triton_env)
     check_against_naive(chunk_delta_rule, xs, TOL[dtype])
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+def test_loss_on_the_final_state_alone(triton_env):
+    """No gradient flows into o: the backward gets None for it (autograd materialises no zeros) and still works."""
+    H, K, V = dims(triton_env)
+    xs = make_inputs(1, 70, H, 1, K, V, device=triton_env)[1:4]
+    q = torch.randn(1, 70, H, K, device=triton_env, requires_grad=True)
+    grads = []
+    for fn, dtype in ((chunk_delta_rule, torch.float32), (fk.delta_rule_naive, torch.float64)):
+        ins = [q.detach().to(dtype).requires_grad_()] + [x.detach().to(dtype).requires_grad_() for x in xs]
+        _, s = fn(*ins, output_final_state=True)
+        s.square().sum().backward()
+        grads.append([x.grad for x in ins[1:]])
+    for got, want in zip(*grads):
+        assert rel(got, want) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
