@@ -17,20 +17,20 @@ UT transform and a second sequential pass over the chunks. Nothing per token and
 import functools
 
 import torch
-import triton
 import triton.language as tl
 
-from .utils import dot_dtype, dot_precision, kernel, pow2
+from .utils import cdiv, dot_dtype, dot_precision, kernel, pow2
 
 ROWS = 64
 # launch settings (num_warps, num_stages) per kernel and key width pow2(K): 64, 128 or 256.
 # kernels/benchmarks/tune_launch.py times the alternatives on a GPU and prints this table.
 # Measured on an H200 (2026-11-22): fwd+bwd at (8, 2048, 16, 128) 1.975 → 1.869 ms, at (8, 2048, 12, 64) 0.913 → 0.836;
-# grad_wy and grad_state retuned after grad_wy's row sums became tl.sum (2026-12-02): (8, 2048, 12, 64) 1.132 → 0.866 ms,
-# (8, 2048, 16, 128) 1.387 → 1.357 ms.
+# grad_wy retuned after its row sums became tl.sum (2026-12-02): (8, 2048, 12, 64) 1.132 → 0.866 ms.
+# Two stages miscompile at D = 128 with Triton 3.6 on the H200 (bf16): grad_state gives dk, dβ off by 4e-2 at R = 2,
+# grad_wy dβ off by 2e-2 at R = 1; tune_launch.py now rejects a setting that moves the gradients.
 LAUNCH = {
     ("state_fwd", 64): dict(num_warps=4, num_stages=2),
-    ("grad_state", 128): dict(num_warps=4, num_stages=2),
+    ("grad_state", 128): dict(num_warps=4, num_stages=1),
     ("grad_wy", 64): dict(num_warps=8, num_stages=2),
     ("grad_wy", 128): dict(num_warps=4, num_stages=1),
     # the scan's kernels at 8 warps: at 4 they spill 0.2-0.4 KB per thread at D = 128 (resources.py), at 8 none
@@ -436,7 +436,7 @@ def make_plan(batch, length, rank, device, offsets=None):
 
 def tokens_per_chunk(rank):
     """BT: a chunk's ROWS rows hold this many tokens of RP = next_power_of_2(rank) components."""
-    return ROWS // triton.next_power_of_2(rank)
+    return ROWS // pow2(rank, 1)
 
 
 def chunk_counts(lengths, rank):
@@ -455,7 +455,7 @@ class Plan:
 
     def __init__(self, rank, device, offsets):
         self.rank, self.device, self.offsets = rank, device, offsets
-        self.rp = triton.next_power_of_2(rank)
+        self.rp = pow2(rank, 1)
         self.bt = tokens_per_chunk(rank)
         lens = [b - a for a, b in zip(offsets, offsets[1:])]
         ncs = chunk_counts(lens, rank)
@@ -493,7 +493,7 @@ class Plan:
         if self.device.type != "cuda" or self.max_chunks < 64:
             return False
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return self.n * heads * triton.cdiv(V, _blocks(K, V)[1]) <= sms // 4
+        return self.n * heads * cdiv(V, _blocks(K, V)[1]) <= sms // 4
 
 
 def _blocks(K, V):
@@ -522,7 +522,7 @@ def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
     V = ut.shape[-1]
     va = K + V if aug else V
     bk, bv = _blocks(K, va)
-    state_fwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
+    state_fwd_kernel[(plan.n, H, cdiv(va, bv))](
         k, w, ut, u, hs, init, final, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
         init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
         **launch("state_fwd_aug" if aug else "state_fwd", K))
@@ -531,7 +531,7 @@ def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
     _, H, K, V = xs.shape
     bk, bv = _blocks(K, V)
-    combine_kernel[(n, H, triton.cdiv(V, bv))](flows, x0, xs, xout, seg_off, H, K, V, bk, bv, min(bk, 32),
+    combine_kernel[(n, H, cdiv(V, bv))](flows, x0, xs, xout, seg_off, H, K, V, bk, bv, min(bk, 32),
                                                x0 is not None, xout is not None, reverse, **launch("combine", K))
 
 
@@ -570,7 +570,7 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     del ut
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = pow2(K), min(pow2(V), 64)
-    output_kernel[(plan.nc, H, triton.cdiv(V, bv))](q, k, u, hs, o, scale, plan.cu, plan.chunk_idx, H, R, K, V,
+    output_kernel[(plan.nc, H, cdiv(V, bv))](q, k, u, hs, o, scale, plan.cu, plan.chunk_idx, H, R, K, V,
                                                     plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype),
                                                     **launch("output", K))
     return o, final, (tinv, w, u, hs)
@@ -581,7 +581,7 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
     V = do.shape[-1]
     va = K + V if aug else V
     bk, bv = _blocks(K, va)
-    state_bwd_kernel[(plan.n, H, triton.cdiv(va, bv))](
+    state_bwd_kernel[(plan.n, H, cdiv(va, bv))](
         q, k, w, do, du, dhs, dfinal, dinit, scale, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
         dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
         **launch("state_bwd_aug" if aug else "state_bwd", K))
@@ -611,7 +611,7 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     dbeta = torch.empty_like(beta)
     gk, gv = min(pow2(K), 64), min(pow2(V), 64)
     dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
-    grad_state_kernel[(plan.nc, H, triton.cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, plan.cu,
+    grad_state_kernel[(plan.nc, H, cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, plan.cu,
                                                         plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
                                                         **launch("grad_state", K))
     grad_wy_kernel[(plan.nc, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, plan.cu, plan.chunk_idx, H, R, K, V,

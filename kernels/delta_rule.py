@@ -13,7 +13,7 @@ from numbers import Real
 import torch
 
 from .naive import naive_recurrence
-from .ops import chunk_forward, recurrent
+from .ops import chunk, recurrent
 from .reference import reference_chunked
 from .utils import interpreting
 
@@ -170,7 +170,7 @@ def _why_not_kernels(q, v) -> str | None:
 
 
 def _chunked(q, k, v, beta, scale, init, offsets, output_final_state, scan=None):
-    o, final, *_ = chunk_forward(q, k, v, beta, init, scale, offsets, output_final_state, scan)
+    o, final, *_ = chunk(q, k, v, beta, init, scale, offsets, output_final_state, scan)
     return _finish(q, o, final if output_final_state else None)
 
 

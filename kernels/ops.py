@@ -47,8 +47,7 @@ def _state_shape(k, v, offsets):
     return (B if offsets is None else len(offsets) - 1, H, K, v.shape[-1])
 
 
-@torch.library.custom_op(f"{NAMESPACE}::chunk_forward", mutates_args=())
-def chunk_forward(
+def _chunk_forward(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, initial_state: Optional[Tensor], scale: float,
     offsets: Optional[List[int]], output_final_state: bool, scan: Optional[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
@@ -59,6 +58,9 @@ def chunk_forward(
     return (o.view(B, T, H, -1), _state_or_empty(final, q), *saved)
 
 
+chunk_forward = torch.library.custom_op(f"{NAMESPACE}::chunk_forward", _chunk_forward, mutates_args=())
+
+
 @chunk_forward.register_fake
 def _(q, k, v, beta, initial_state, scale, offsets, output_final_state, scan):
     nc, H, K, V = _chunk_count(k, offsets), q.shape[2], k.shape[-1], v.shape[-1]
@@ -67,8 +69,7 @@ def _(q, k, v, beta, initial_state, scale, offsets, output_final_state, scan):
             k.new_empty(nc, H, ROWS, K), v.new_empty(nc, H, ROWS, V), k.new_empty(nc, H, K, V))  # fmt: skip
 
 
-@torch.library.custom_op(f"{NAMESPACE}::chunk_backward", mutates_args=())
-def chunk_backward(
+def _chunk_backward(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, tinv: Tensor, w: Tensor, u: Tensor, hs: Tensor, do: Tensor,
     dfinal: Optional[Tensor], scale: float, offsets: Optional[List[int]], need_dinit: bool, scan: Optional[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
@@ -79,6 +80,9 @@ def chunk_backward(
                       _plan(k, offsets), need_dinit, scan)  # fmt: skip
     *grads, dinit = grads
     return (*(g.view(x.shape) for g, x in zip(grads, (q, k, v, beta))), _state_or_empty(dinit, q))
+
+
+chunk_backward = torch.library.custom_op(f"{NAMESPACE}::chunk_backward", _chunk_backward, mutates_args=())
 
 
 @chunk_backward.register_fake
@@ -98,18 +102,41 @@ def _setup_context(ctx, inputs, output):
     ctx.init_dtype = None if initial_state is None else initial_state.dtype
 
 
-def _backward(ctx, do, dfinal, *_):
-    q, k, v, beta, *saved = ctx.saved_tensors
-    need_dinit = ctx.init_dtype is not None and ctx.needs_input_grad[4]
-    if do is None:  # a loss on the final state alone
-        do = q.new_zeros(*q.shape[:3], v.shape[-1])
-    if dfinal is not None and dfinal.numel() == 0:  # no final state was asked for
-        dfinal = None
-    *grads, dinit = chunk_backward(q, k, v, beta, *saved, do, dfinal, ctx.scale, ctx.offsets, need_dinit, ctx.scan)
-    return (*grads, dinit.to(ctx.init_dtype) if need_dinit else None, None, None, None, None)
+def _backward_by(chunk_backward_fn):
+    """The backward of the chunked forward, computed by the op (traced) or by its plain function (eager)."""
+
+    def backward(ctx, do, dfinal, *_):
+        q, k, v, beta, *saved = ctx.saved_tensors
+        need_dinit = ctx.init_dtype is not None and ctx.needs_input_grad[4]
+        if do is None:  # a loss on the final state alone
+            do = q.new_zeros(*q.shape[:3], v.shape[-1])
+        if dfinal is not None and dfinal.numel() == 0:  # no final state was asked for
+            dfinal = None
+        *grads, dinit = chunk_backward_fn(q, k, v, beta, *saved, do, dfinal, ctx.scale, ctx.offsets, need_dinit,
+                                          ctx.scan)  # fmt: skip
+        return (*grads, dinit.to(ctx.init_dtype) if need_dinit else None, None, None, None, None)
+
+    return backward
 
 
-chunk_forward.register_autograd(_backward, setup_context=_setup_context)
+chunk_forward.register_autograd(_backward_by(chunk_backward), setup_context=_setup_context)
+
+
+class _EagerChunk(torch.autograd.Function):
+    """The same forward and backward as the ops, without their dispatch (hundreds of µs of host time a call)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # ctx in forward: a separate setup_context costs an inspect.signature bind per call
+        output = _chunk_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward_by(_chunk_backward))
+
+
+def chunk(*args):
+    """The chunked forward, differentiable: the op under torch.compile, the plain autograd function otherwise."""
+    return chunk_forward(*args) if torch.compiler.is_compiling() else _EagerChunk.apply(*args)
 
 
 def _recurrent_forward(
@@ -134,6 +161,6 @@ def _(q, k, v, beta, initial_state, scale, offsets, output_final_state):
 
 
 def recurrent(*args):
-    """The recurrent op under torch.compile, its plain function otherwise: an eager custom-op call costs host time
-    that decoding would pay in every layer at every token."""
+    """The recurrent op under torch.compile, its plain function otherwise (an eager custom-op call's host time,
+    paid in every layer at every decoded token)."""
     return (recurrent_forward if torch.compiler.is_compiling() else _recurrent_forward)(*args)

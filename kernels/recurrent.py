@@ -1,10 +1,9 @@
 """Triton recurrent kernel: one token at a time with an fp32 state in registers (decoding)."""
 
 import torch
-import triton
 import triton.language as tl
 
-from .utils import kernel, pow2
+from .utils import cdiv, kernel, pow2
 
 
 @kernel
@@ -60,6 +59,6 @@ def recurrent_fwd(q, k, v, beta, scale, initial_state, cu, n_seq, output_final_s
     bv = min(pow2(V), max(16, 4096 // bk))
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     final = q.new_empty(n_seq, H, K, V, dtype=torch.float32) if output_final_state else None
-    recurrent_kernel[(n_seq, H, triton.cdiv(V, bv))](q, k, v, beta, o, initial_state, final, scale, cu, H, R, K, V,
+    recurrent_kernel[(n_seq, H, cdiv(V, bv))](q, k, v, beta, o, initial_state, final, scale, cu, H, R, K, V,
                                                      bk, bv, initial_state is not None, output_final_state)
     return o, final

@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -53,7 +54,6 @@ class kernel:
 @functools.cache
 def _interpreted_helpers():
     """(module, name, jitted, interpreted) for every jitted helper of triton.language."""
-    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -74,18 +74,27 @@ def _interpreted_language():
 
 
 def pow2(n: int, least: int = 16) -> int:
-    """Smallest power of two ≥ max(n, least): Triton block shapes (and tl.dot's 16) need it."""
-    return max(triton.next_power_of_2(n), least)
+    """Smallest power of two ≥ max(n, least): Triton block shapes (and tl.dot's 16) need it.
+
+    Plain integer arithmetic: triton.next_power_of_2 and triton.cdiv are constexpr functions whose host calls cost
+    microseconds each, paid on every launch."""
+    return max(1 << (n - 1).bit_length(), least)
+
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for launch grids."""
+    return -(-a // b)
+
+
+_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def dot_dtype(dtype):
     """Triton dtype for tl.dot operands: the input dtype, or float32 for bfloat16 under the
     interpreter (which stores bfloat16 as raw 16-bit integers and cannot multiply them)."""
-    import triton.language as tl
-
-    if dtype == torch.bfloat16:
-        return tl.float32 if interpreting() else tl.bfloat16
-    return {torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+    if dtype == torch.bfloat16 and interpreting():
+        return tl.float32
+    return _DOT_DTYPES[dtype]
 
 
 def dot_precision(dtype) -> str:

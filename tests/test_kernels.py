@@ -127,6 +127,15 @@ def test_chunked_against_naive(triton_env, T, R, dtype):
     check_against_naive(chunk_delta_rule, xs, TOL[dtype])
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("R", [1, 2])
+def test_bf16_at_the_benchmark_head_size_on_gpu(R):
+    """bf16 at K = V = 128 within the issue's 1e-2: the width where Triton 3.6 miscompiled two-stage launches of the
+    gradient kernels (the K = 128, V = 64 cases above did not see it)."""
+    xs = make_inputs(2, 200, 4, R, 128, 128, dtype=torch.bfloat16, device="cuda")
+    check_against_naive(chunk_delta_rule, xs, 1e-2)
+
+
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_loss_on_the_final_state_alone(triton_env):
     """No gradient flows into o: the backward gets None for it (autograd materialises no zeros) and still works."""
