@@ -1,0 +1,87 @@
+"""Host time of eager delta_rule calls with every Triton launch stubbed out: the Python and dispatch work around the
+kernels, measured on any machine.
+
+On a GPU a call whose host time exceeds its kernels' GPU time is host-bound and measures as its host time (the H200
+run of 2026-12-02 had (8, 2048, 12, 64) at 1.45-1.61 ms fwd+bwd against ~0.87 ms of kernels, and a decode step at
+0.10-0.20 ms). The shapes here are small (the host work does not depend on them); the tensors stay on the CPU, the
+kernels' host code runs as on the GPU (TRITON_INTERPRET=1 routes delta_rule to them) and each launch returns at once.
+
+    python kernels/benchmarks/host_time.py [--iters 300]
+"""
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from flowhn_kernels import delta_rule
+from flowhn_kernels.utils import kernel
+
+
+def inputs(R, requires_grad):
+    B, T, H, D = 2, 128, 2, 64
+    shape = (B, T, H) if R == 1 else (B, T, H, R)
+    q = torch.randn(B, T, H, D, dtype=torch.bfloat16)
+    k = F.normalize(torch.randn(*shape, D), dim=-1).to(torch.bfloat16)
+    v = torch.randn(*shape, D, dtype=torch.bfloat16)
+    beta = torch.rand(*shape).sigmoid().to(torch.bfloat16)
+    return [x.requires_grad_(requires_grad) for x in (q, k, v, beta)]
+
+
+def microseconds(step, iters):
+    for _ in range(max(3, iters // 10)):
+        step()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def measure(iters):
+    """{case: µs per call}: chunked fwd+bwd at R = 1 and 2, chunked forward without gradients, one decode step."""
+    results = {}
+    for R in (1, 2):
+        xs = inputs(R, True)
+        do = torch.randn(*xs[0].shape, dtype=torch.bfloat16)
+
+        def fwd_bwd():
+            delta_rule(*xs)[0].backward(do)
+            for x in xs:
+                x.grad = None
+
+        results[f"chunked fwd+bwd, R = {R}"] = microseconds(fwd_bwd, iters)
+    xs = inputs(1, False)
+    results["chunked forward, no grad"] = microseconds(lambda: delta_rule(*xs), iters)
+    q, k, v, beta = (x[:, :1] for x in xs)
+    state = torch.randn(2, 2, 64, 64)
+    results["decode step"] = microseconds(lambda: delta_rule(q, k, v, beta, initial_state=state,
+                                                             output_final_state=True), iters)  # fmt: skip
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=300)
+    args = ap.parse_args(argv)
+    saved_env, saved_launch = os.environ.get("TRITON_INTERPRET"), kernel.__getitem__
+    os.environ["TRITON_INTERPRET"] = "1"
+    kernel.__getitem__ = lambda self, grid: (lambda *a, **kw: None)
+    try:
+        results = measure(args.iters)
+    finally:
+        kernel.__getitem__ = saved_launch
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; host µs per call, launches stubbed\n")
+    print("| call | host µs |\n|---|---|")
+    for case, us in results.items():
+        print(f"| {case} | {us:.0f} |")
+    return results
+
+
+if __name__ == "__main__":
+    main()
