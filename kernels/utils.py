@@ -53,24 +53,39 @@ class kernel:
 
 @functools.cache
 def _interpreted_helpers():
-    """(module, name, jitted, interpreted) for every jitted helper of triton.language."""
+    """(module, name, interpreted form) for every jitted helper of triton.language."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    return [(module, name, value, InterpretedFunction(value.fn)) for module in (tl, tl.standard)
+    return [(module, name, InterpretedFunction(value.fn)) for module in (tl, tl.standard)
             for name, value in vars(module).items() if isinstance(value, JITFunction)]  # fmt: skip
+
+
+def _language_namespaces():
+    """Where the interpreter patches triton.language's builtins."""
+    return [tl, tl.core, tl.math, tl.standard, tl.core.tensor, getattr(tl.core, "tensor_descriptor_base", tl.core.tensor)]
 
 
 @contextlib.contextmanager
 def _interpreted_language():
-    helpers = _interpreted_helpers()
-    for module, name, _, interpreted in helpers:
+    """Interpreted helpers for one launch, and triton.language exactly as it was afterwards.
+
+    Triton 3.6's interpreter patches triton.language's builtins for a kernel and restores them, but a call of an
+    interpreted helper from inside the kernel patches them again (tl.core's among them) and never restores: a kernel
+    compiled later in the same process then fails in code generation. Every attribute is put back as it was.
+    """
+    saved = [(ns, dict(vars(ns))) for ns in _language_namespaces()]
+    for module, name, interpreted in _interpreted_helpers():
         setattr(module, name, interpreted)
     try:
         yield
     finally:
-        for module, name, jitted, _ in helpers:
-            setattr(module, name, jitted)
+        for ns, before in saved:
+            for name in [n for n in vars(ns) if n not in before]:
+                delattr(ns, name)
+            for name, value in before.items():
+                if vars(ns).get(name) is not value:
+                    setattr(ns, name, value)
 
 
 def pow2(n: int, least: int = 16) -> int:

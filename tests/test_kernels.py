@@ -341,6 +341,21 @@ def test_parallel_scan_against_naive(triton_env, varlen):
     check_against_naive(scan, xs, TOL[torch.float32], cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
+def test_interpreted_launches_leave_triton_language_as_it_was(triton_env):
+    """Triton's interpreter leaves tl.core patched after nested helper calls (tl.sum in grad_wy); a kernel compiled
+    later in the process then fails. The launch wrapper puts every attribute back."""
+    xs = [x.requires_grad_() for x in make_inputs(1, 20, 1, 1, 16, 16, device=triton_env)[:4]]
+    chunk_delta_rule(*xs)  # the first launch imports the interpreter and its submodules of triton.language
+    namespaces = fk.utils._language_namespaces()
+    before = [dict(vars(ns)) for ns in namespaces]
+    o, _ = chunk_delta_rule(*xs)
+    o.sum().backward()
+    for ns, was in zip(namespaces, before):
+        now = dict(vars(ns))
+        assert now.keys() == was.keys() and all(now[n] is was[n] for n in was), ns
+
+
 def test_host_time_script_stubs_the_launches_and_puts_them_back():
     """kernels/benchmarks/host_time.py times the host side of eager calls with the launches stubbed out."""
     import os
