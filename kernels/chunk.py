@@ -532,7 +532,7 @@ def _combine(flows, x0, xs, xout, seg_off, n, reverse):
     _, H, K, V = xs.shape
     bk, bv = _blocks(K, V)
     combine_kernel[(n, H, cdiv(V, bv))](flows, x0, xs, xout, seg_off, H, K, V, bk, bv, min(bk, 32),
-                                               x0 is not None, xout is not None, reverse, **launch("combine", K))
+                                        x0 is not None, xout is not None, reverse, **launch("combine", K))
 
 
 def _states(k, w, ut, initial_state, plan, output_final_state, scan):
@@ -571,8 +571,8 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = pow2(K), min(pow2(V), 64)
     output_kernel[(plan.nc, H, cdiv(V, bv))](q, k, u, hs, o, scale, plan.cu, plan.chunk_idx, H, R, K, V,
-                                                    plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype),
-                                                    **launch("output", K))
+                                             plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype),
+                                             **launch("output", K))
     return o, final, (tinv, w, u, hs)
 
 
@@ -612,8 +612,8 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     gk, gv = min(pow2(K), 64), min(pow2(V), 64)
     dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
     grad_state_kernel[(plan.nc, H, cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, plan.cu,
-                                                        plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
-                                                        **launch("grad_state", K))
+                                                 plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
+                                                 **launch("grad_state", K))
     grad_wy_kernel[(plan.nc, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, plan.cu, plan.chunk_idx, H, R, K, V,
                                  plan.rp, plan.bt, gk, gv, dt, prec, dt if WY_TRANSPOSE_16BIT else tl.float32,
                                  dt if WY_CANCELLING_16BIT else tl.float32, **launch("grad_wy", K))

@@ -60,5 +60,5 @@ def recurrent_fwd(q, k, v, beta, scale, initial_state, cu, n_seq, output_final_s
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     final = q.new_empty(n_seq, H, K, V, dtype=torch.float32) if output_final_state else None
     recurrent_kernel[(n_seq, H, cdiv(V, bv))](q, k, v, beta, o, initial_state, final, scale, cu, H, R, K, V,
-                                                     bk, bv, initial_state is not None, output_final_state)
+                                              bk, bv, initial_state is not None, output_final_state)
     return o, final

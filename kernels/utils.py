@@ -63,7 +63,8 @@ def _interpreted_helpers():
 
 def _language_namespaces():
     """Where the interpreter patches triton.language's builtins."""
-    return [tl, tl.core, tl.math, tl.standard, tl.core.tensor, getattr(tl.core, "tensor_descriptor_base", tl.core.tensor)]
+    names = [tl, tl.core, tl.math, tl.standard, tl.core.tensor, getattr(tl.core, "tensor_descriptor_base", None)]
+    return [ns for ns in names if ns is not None]
 
 
 @contextlib.contextmanager
@@ -89,15 +90,13 @@ def _interpreted_language():
 
 
 def pow2(n: int, least: int = 16) -> int:
-    """Smallest power of two ≥ max(n, least): Triton block shapes (and tl.dot's 16) need it.
-
-    Plain integer arithmetic: triton.next_power_of_2 and triton.cdiv are constexpr functions whose host calls cost
-    microseconds each, paid on every launch."""
+    """Smallest power of two ≥ max(n, least): Triton block shapes (and tl.dot's 16) need it. (Not
+    triton.next_power_of_2: a constexpr function, microseconds of host time a call, paid every launch.)"""
     return max(1 << (n - 1).bit_length(), least)
 
 
 def cdiv(a: int, b: int) -> int:
-    """⌈a / b⌉ for launch grids."""
+    """⌈a / b⌉ for launch grids (not triton.cdiv, for the same reason as pow2)."""
     return -(-a // b)
 
 

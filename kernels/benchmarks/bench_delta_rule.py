@@ -36,9 +36,8 @@ except ImportError:
 SHAPES = [(8, 2048, 12, 64), (8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (1, 16384, 16, 128)]
 
 
-def inputs(B, T, H, D, R, layout="ours"):
+def inputs(B, T, H, D, R, layout="ours", dev="cuda"):
     """bf16 inputs as in ANCHORS.md: q, v normal; k L2-normalised; beta = sigmoid(uniform)."""
-    dev = "cuda"
     shape = (B, T, H, R) if layout == "ours" else (B, T * R, H)
     q = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
     k = F.normalize(torch.randn(*shape, D, device=dev, dtype=torch.float32), dim=-1).to(torch.bfloat16)

@@ -3,8 +3,8 @@ kernels, measured on any machine.
 
 On a GPU a call whose host time exceeds its kernels' GPU time is host-bound and measures as its host time (the H200
 run of 2026-12-02 had (8, 2048, 12, 64) at 1.45-1.61 ms fwd+bwd against ~0.87 ms of kernels, and a decode step at
-0.10-0.20 ms). The shapes here are small (the host work does not depend on them); the tensors stay on the CPU, the
-kernels' host code runs as on the GPU (TRITON_INTERPRET=1 routes delta_rule to them) and each launch returns at once.
+0.10-0.20 ms). The shapes here are small; the tensors stay on the CPU, the kernels' host code runs as on the GPU
+(TRITON_INTERPRET=1 routes delta_rule to them) and each launch returns at once.
 
     python kernels/benchmarks/host_time.py [--iters 300]
 """
@@ -14,20 +14,13 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 from flowhn_kernels import delta_rule
 from flowhn_kernels.utils import kernel
 
+from bench_delta_rule import inputs
 
-def inputs(R, requires_grad):
-    B, T, H, D = 2, 128, 2, 64
-    shape = (B, T, H) if R == 1 else (B, T, H, R)
-    q = torch.randn(B, T, H, D, dtype=torch.bfloat16)
-    k = F.normalize(torch.randn(*shape, D), dim=-1).to(torch.bfloat16)
-    v = torch.randn(*shape, D, dtype=torch.bfloat16)
-    beta = torch.rand(*shape).sigmoid().to(torch.bfloat16)
-    return [x.requires_grad_(requires_grad) for x in (q, k, v, beta)]
+SHAPE = (2, 128, 2, 64)  # B, T, H, D: the host work does not depend on them
 
 
 def microseconds(step, iters):
@@ -43,8 +36,8 @@ def measure(iters):
     """{case: µs per call}: chunked fwd+bwd at R = 1 and 2, chunked forward without gradients, one decode step."""
     results = {}
     for R in (1, 2):
-        xs = inputs(R, True)
-        do = torch.randn(*xs[0].shape, dtype=torch.bfloat16)
+        xs = inputs(*SHAPE, R, layout="fla" if R == 1 else "ours", dev="cpu")
+        do = torch.randn_like(xs[0])
 
         def fwd_bwd():
             delta_rule(*xs)[0].backward(do)
@@ -52,12 +45,13 @@ def measure(iters):
                 x.grad = None
 
         results[f"chunked fwd+bwd, R = {R}"] = microseconds(fwd_bwd, iters)
-    xs = inputs(1, False)
-    results["chunked forward, no grad"] = microseconds(lambda: delta_rule(*xs), iters)
-    q, k, v, beta = (x[:, :1] for x in xs)
-    state = torch.randn(2, 2, 64, 64)
-    results["decode step"] = microseconds(lambda: delta_rule(q, k, v, beta, initial_state=state,
-                                                             output_final_state=True), iters)  # fmt: skip
+    with torch.no_grad():
+        xs = inputs(*SHAPE, 1, layout="fla", dev="cpu")
+        results["chunked forward, no grad"] = microseconds(lambda: delta_rule(*xs), iters)
+        step = [x[:, :1] for x in xs]
+        state = torch.randn(SHAPE[0], SHAPE[2], SHAPE[3], SHAPE[3])
+        results["decode step"] = microseconds(lambda: delta_rule(*step, initial_state=state, output_final_state=True),
+                                              iters)  # fmt: skip
     return results
 
 
