@@ -28,8 +28,13 @@ ROWS = 64
 # grad_wy retuned after its row sums became tl.sum (2026-12-02): (8, 2048, 12, 64) 1.132 → 0.866 ms.
 # Two stages miscompile at D = 128 with Triton 3.6 on the H200 (bf16): grad_state gives dk, dβ off by 4e-2 at R = 2,
 # grad_wy dβ off by 2e-2 at R = 1; tune_launch.py now rejects a setting that moves the gradients.
+# The sequential passes are for loops that Triton pipelines by num_stages (2026-12-02, H200, state_passes.py, B = 1,
+# T = 16384, H = 16, D = 128): forward 0.686 → 0.337 ms at 4 warps / 3 stages, reverse 0.996 → 0.800 at 8 / 3.
 LAUNCH = {
-    ("state_fwd", 64): dict(num_warps=4, num_stages=2),
+    ("state_fwd", 64): dict(num_warps=4, num_stages=3),
+    ("state_fwd", 128): dict(num_warps=4, num_stages=3),
+    ("state_bwd", 64): dict(num_warps=8, num_stages=3),
+    ("state_bwd", 128): dict(num_warps=8, num_stages=3),
     ("grad_state", 128): dict(num_warps=4, num_stages=1),
     ("grad_wy", 64): dict(num_warps=8, num_stages=2),
     ("grad_wy", 128): dict(num_warps=4, num_stages=1),
@@ -111,6 +116,8 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexp
                      PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
     """Sequential pass over one sequence's chunks: S_end = S_start + Kᵀ(Ũ − W S_start).
 
+    A for loop, so that Triton's pipeliner loads the tiles of the next chunks (num_stages − 1 ahead) while this one
+    multiplies: with few sequences × heads the step's latency sets the time (kernels/benchmarks/state_passes.py).
     AUG: run the flow of the sequence instead, on the K+V columns [P | J] from [I | 0] with
     Ũ read as [0 | Ũ], and store only the final [P | J] (VA = K + V, else VA = V).
     """
@@ -134,34 +141,21 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexp
         S = tl.load(init + state + kv, mask=kv_mask, other=0.0).to(tl.float32)
     else:
         S = tl.full([BK, BV], 0.0, tl.float32)
-    nc = (eos - bos + BT - 1) // BT
-    # each chunk's tiles are loaded one step ahead: the loads overlap the previous chunk's products
-    base = (g0 * H + h) * ROWS + r
-    row_ok = (r // RP < eos - bos) & (r % RP < R)
-    sub = ((bos + r // RP) * H + h) * R + r % RP
-    b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
-    b_ut = tl.load(ut + base[:, None] * V + col[None, :], mask=(col[None, :] >= 0) & (col[None, :] < V), other=0.0)
-    b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0)
-    c = 0
-    while c < nc:
+    for c in range((eos - bos + BT - 1) // BT):
         g = g0 + c
+        base = (g * H + h) * ROWS + r
+        tok = c * BT + r // RP
+        row_ok = (tok < eos - bos) & (r % RP < R)
+        sub = ((bos + tok) * H + h) * R + r % RP
+        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
+        b_ut = tl.load(ut + base[:, None] * V + col[None, :], mask=(col[None, :] >= 0) & (col[None, :] < V), other=0.0)
+        b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0)
         if not AUG:
             tl.store(hs + (g * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=kv_mask)
         b_u = b_ut.to(tl.float32) - tl.dot(b_w.to(DT), S.to(DT), input_precision=PREC)
         if not AUG:
             tl.store(u + base[:, None] * V + vv[None, :], b_u.to(u.dtype.element_ty), mask=vv[None, :] < V)
-        b_k_now = b_kt
-        more = c + 1 < nc
-        base = ((g + 1) * H + h) * ROWS + r
-        tok = (c + 1) * BT + r // RP
-        row_ok = (tok < eos - bos) & (r % RP < R)
-        sub = ((bos + tok) * H + h) * R + r % RP
-        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=more & (kk[None, :] < K), other=0.0)
-        b_ut = tl.load(ut + base[:, None] * V + col[None, :], mask=more & (col[None, :] >= 0) & (col[None, :] < V),
-                       other=0.0)
-        b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0)
-        S += tl.dot(b_k_now.to(DT), b_u.to(DT), input_precision=PREC)
-        c += 1
+        S += tl.dot(b_kt.to(DT), b_u.to(DT), input_precision=PREC)
     if STORE_FINAL:
         tl.store(final + state + kv, S, mask=kv_mask)
 
@@ -231,8 +225,9 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
         dS = tl.load(dfinal + state + kv, mask=kv_mask, other=0.0).to(tl.float32)
     else:
         dS = tl.full([BK, BV], 0.0, tl.float32)
-    c = (eos - bos + BT - 1) // BT - 1
-    while c >= 0:
+    nc = (eos - bos + BT - 1) // BT
+    for i in range(nc):  # a for loop for the pipeliner, as in state_fwd_kernel
+        c = nc - 1 - i
         g = g0 + c
         if not AUG:
             tl.store(dhs + (g * H + h) * K * V + kv, dS.to(dhs.dtype.element_ty), mask=kv_mask)
@@ -256,7 +251,6 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
             tl.store(du + base[:, None] * V + vv[None, :], b_du.to(du.dtype.element_ty), mask=vv[None, :] < V)
         dS += (tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
                - tl.dot(tl.trans(b_w), b_du.to(DT), input_precision=PREC))
-        c -= 1
     if STORE_DINIT:
         tl.store(dinit + state + kv, dS, mask=kv_mask)
 

@@ -20,8 +20,7 @@ class kernel:
     triton.jit decides at decoration (import) time from TRITON_INTERPRET; deciding per launch
     keeps CPU tests valid whatever order pytest imports modules in. triton.language's own jitted
     helpers (tl.sum, tl.cdiv, ...) were decided at triton's import too: an interpreted launch swaps
-    in their interpreted forms for its duration. Use while loops for run-time trip counts (the
-    interpreter cannot index with its 1-element scalars).
+    in their interpreted forms for its duration.
     """
 
     def __init__(self, fn):
@@ -61,10 +60,24 @@ def _interpreted_helpers():
             for name, value in vars(module).items() if isinstance(value, JITFunction)]  # fmt: skip
 
 
-def _language_namespaces():
-    """Where the interpreter patches triton.language's builtins."""
+def _patched_namespaces():
+    """What an interpreted launch patches: triton.language's namespaces, and the interpreter's own (see
+    _patch_lang_tensor)."""
+    from triton.runtime import interpreter
+
     names = [tl, tl.core, tl.math, tl.standard, tl.core.tensor, getattr(tl.core, "tensor_descriptor_base", None)]
-    return [ns for ns in names if ns is not None]
+    return [ns for ns in names if ns is not None] + [interpreter]
+
+
+def _patch_lang_tensor(patch):
+    """The interpreter's patch of tl.tensor, plus an __index__ that takes a scalar held as a 1-element array: the
+    interpreter's own calls int() on the array, which NumPy 2 refuses, so `range(n)` failed for a loaded n."""
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    return patched
 
 
 @contextlib.contextmanager
@@ -75,9 +88,12 @@ def _interpreted_language():
     interpreted helper from inside the kernel patches them again (tl.core's among them) and never restores: a kernel
     compiled later in the same process then fails in code generation. Every attribute is put back as it was.
     """
-    saved = [(ns, dict(vars(ns))) for ns in _language_namespaces()]
+    from triton.runtime import interpreter
+
+    saved = [(ns, dict(vars(ns))) for ns in _patched_namespaces()]
     for module, name, interpreted in _interpreted_helpers():
         setattr(module, name, interpreted)
+    interpreter._patch_lang_tensor = _patch_lang_tensor(interpreter._patch_lang_tensor)
     try:
         yield
     finally:
