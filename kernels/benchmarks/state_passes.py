@@ -137,7 +137,7 @@ def main():
         scan_crossover([int(h) for h in args.scan_heads.split(",")])
     # each variant in a process of its own: a miscompiled one (an illegal address) poisons its CUDA context
     rows = defaultdict(list)
-    for variant in args.variants.split(","):
+    for variant in filter(None, args.variants.split(",")):
         proc = subprocess.run([sys.executable, __file__, "--child", variant, "--shapes", args.shapes],
                               capture_output=True, text=True)
         done = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
