@@ -19,7 +19,7 @@ import functools
 import torch
 import triton.language as tl
 
-from .utils import cdiv, dot_dtype, dot_precision, helper, kernel, pow2
+from .utils import cdiv, dot_dtype, dot_precision, kernel, pow2
 
 ROWS = 64
 # launch settings (num_warps, num_stages) per kernel and key width pow2(K): 64, 128 or 256.
@@ -48,9 +48,6 @@ LAUNCH = {
 # operands of grad_wy's products for 16-bit inputs (fp32 inputs always take fp32, tf32x3): the input dtype (faster)
 # or fp32 with one tf32 pass. Tᵀ dU and Tᵀ dW, and the two products of dT = dU (βV)ᵀ − dW (βK)ᵀ, which cancel; dA K is
 # always 16-bit. dT in 16 bits costs dβ with alike keys (2.3e-2 in bf16, tolerance 2e-2); NOTES.md v6 has all four.
-# None: the reverse pass precomputes each chunk's own terms when latency-bound (Plan.latency_bound); True or False
-# forces either way (tests, benchmarks)
-LOCAL_TERMS = None
 WY_TRANSPOSE_16BIT = True
 WY_CANCELLING_16BIT = False
 
@@ -197,59 +194,15 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.c
              mask=q_ok[:, None] & (vv[None, :] < V))
 
 
-@helper
-def local_terms(b_q, b_k, b_do, causal, DT: tl.constexpr, PREC: tl.constexpr):
-    """A chunk's own terms of the reverse pass (q already scaled): dU_local = (K Qᵀ ⊙ causal) dO and G = Qᵀ dO."""
-    at = tl.where(causal, tl.dot(b_k, tl.trans(b_q), input_precision=PREC), 0.0)
-    return tl.dot(at.to(DT), b_do, input_precision=PREC), tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
-
-
-@kernel
-def local_terms_kernel(q, k, do, du, dhs, scale, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
-                       V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       DT: tl.constexpr, PREC: tl.constexpr):
-    """local_terms of one chunk and block of V, left in the du and dhs slots for state_bwd_kernel (LOCAL)."""
-    g = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    iv = tl.program_id(2)
-    ROWS: tl.constexpr = BT * RP
-    seq = tl.load(chunk_idx + 2 * g)
-    c = tl.load(chunk_idx + 2 * g + 1)
-    bos = tl.load(cu + seq).to(tl.int64)
-    eos = tl.load(cu + seq + 1).to(tl.int64)
-    r = tl.arange(0, ROWS)
-    t = tl.arange(0, BT)
-    kk = tl.arange(0, BK)
-    vv = iv * BV + tl.arange(0, BV)
-    tq = c * BT + t
-    q_ok = tq < eos - bos
-    tok = c * BT + r // RP
-    row_ok = (tok < eos - bos) & (r % RP < R)
-    sub = ((bos + tok) * H + h) * R + r % RP
-    b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0)
-    b_q = (b_q.to(tl.float32) * scale).to(DT)
-    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
-    b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + vv[None, :], mask=q_ok[:, None] & (vv[None, :] < V),
-                   other=0.0).to(DT)
-    b_dul, b_g = local_terms(b_q, b_k, b_do, t[None, :] >= (r // RP)[:, None], DT, PREC)
-    tl.store(du + ((g * H + h) * ROWS + r)[:, None] * V + vv[None, :], b_dul.to(du.dtype.element_ty),
-             mask=vv[None, :] < V)
-    tl.store(dhs + (g * H + h) * K * V + kk[:, None] * V + vv[None, :], b_g.to(dhs.dtype.element_ty),
-             mask=(kk[:, None] < K) & (vv[None, :] < V))
-
-
 @kernel
 def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr,
-                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr, LOCAL: tl.constexpr):
-    """Reverse pass: dU = dU_local + K dS_end, dS_start = dS_end + G − Wᵀ dU, with the chunk's own terms
-    dU_local = scale (QKᵀ⊙causal)ᵀ dO and G = scale Qᵀ dO computed here, or (LOCAL) read from the du and dhs slots
-    where local_terms_kernel left them (a slot is read before this pass overwrites it): then a step is two
-    dependent products, as in the forward pass, with nothing else to wait for.
+                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
+    """Reverse pass: dU = scale (QKᵀ⊙causal)ᵀ dO + K dS_end, dS_start = dS_end + scale Qᵀ dO − Wᵀ dU.
 
-    AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with dO (or the local
-    terms) read as [0 | dO]; only the result is stored (VA = K + V, else VA = V).
+    AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with dO
+    read as [0 | dO]; only the result is stored (VA = K + V, else VA = V).
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -276,33 +229,28 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
     for i in range(nc):  # a for loop for the pipeliner, as in state_fwd_kernel
         c = nc - 1 - i
         g = g0 + c
+        if not AUG:
+            tl.store(dhs + (g * H + h) * K * V + kv, dS.to(dhs.dtype.element_ty), mask=kv_mask)
         tq = c * BT + t
         q_ok = tq < eos - bos
         tok = c * BT + r // RP
         comp = r % RP
         row_ok = (tok < eos - bos) & (comp < R)
         sub = ((bos + tok) * H + h) * R + comp
+        b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+        b_q = (b_q.to(tl.float32) * scale).to(DT)
         b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+        b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + col[None, :],
+                       mask=q_ok[:, None] & (col[None, :] >= 0) & (col[None, :] < V), other=0.0).to(DT)
         base = (g * H + h) * ROWS + r
         b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
-        col_ok = (col[None, :] >= 0) & (col[None, :] < V)
-        if LOCAL:
-            b_dul = tl.load(du + base[:, None] * V + col[None, :], mask=col_ok, other=0.0).to(tl.float32)
-            b_g = tl.load(dhs + (g * H + h) * K * V + kk[:, None] * V + col[None, :], mask=(kk[:, None] < K) & col_ok,
-                          other=0.0).to(tl.float32)
-        else:
-            b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K),
-                          other=0.0)
-            b_q = (b_q.to(tl.float32) * scale).to(DT)
-            b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + col[None, :], mask=q_ok[:, None] & col_ok,
-                           other=0.0).to(DT)
-            b_dul, b_g = local_terms(b_q, b_k, b_do, t[None, :] >= (r // RP)[:, None], DT, PREC)
-        if not AUG:
-            tl.store(dhs + (g * H + h) * K * V + kv, dS.to(dhs.dtype.element_ty), mask=kv_mask)
-        b_du = b_dul + tl.dot(b_k, dS.to(DT), input_precision=PREC)
+        at = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
+        at = tl.where(t[None, :] >= (r // RP)[:, None], at, 0.0)
+        b_du = tl.dot(at.to(DT), b_do, input_precision=PREC) + tl.dot(b_k, dS.to(DT), input_precision=PREC)
         if not AUG:
             tl.store(du + base[:, None] * V + vv[None, :], b_du.to(du.dtype.element_ty), mask=vv[None, :] < V)
-        dS += b_g - tl.dot(tl.trans(b_w), b_du.to(DT), input_precision=PREC)
+        dS += (tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
+               - tl.dot(tl.trans(b_w), b_du.to(DT), input_precision=PREC))
     if STORE_DINIT:
         tl.store(dinit + state + kv, dS, mask=kv_mask)
 
@@ -531,18 +479,6 @@ class Plan:
             self._segments = (Plan(self.rank, self.device, offsets), seg_off)
         return self._segments
 
-    def latency_bound(self, heads, K, V):
-        """Whether the sequential passes have fewer programs (sequences × heads × V blocks) than the GPU has SMs: then
-        each chain step's latency sets the time, and the reverse pass takes each chunk's own terms precomputed
-        (local_terms_kernel: one more parallel kernel, its reads and writes the price when the GPU is full). The
-        interpreter (no SMs) takes that path whenever a test forces it (LOCAL_TERMS)."""
-        if LOCAL_TERMS is not None:
-            return LOCAL_TERMS
-        if self.device.type != "cuda":
-            return False
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return self.n * heads * cdiv(V, _blocks(K, V)[1]) < sms
-
     def use_scan(self, heads, K, V, scan):
         """Parallel scan over segment flows when the sequential pass has too few programs to fill
         the GPU (few sequences × heads × V blocks) and the sequences are long; `scan` forces either way."""
@@ -637,24 +573,15 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     return o, final, (tinv, w, u, hs)
 
 
-def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, local, du, dhs):
+def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None):
     _, H, R, K = k.shape
     V = do.shape[-1]
     va = K + V if aug else V
     bk, bv = _blocks(K, va)
     state_bwd_kernel[(plan.n, H, cdiv(va, bv))](
         q, k, w, do, du, dhs, dfinal, dinit, scale, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, local,
+        dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
         **launch("state_bwd_aug" if aug else "state_bwd", K))
-
-
-def _local_terms(q, k, do, scale, plan, du, dhs):
-    _, H, R, K = k.shape
-    V = do.shape[-1]
-    bk, bv = _blocks(K, V)
-    local_terms_kernel[(plan.nc, H, cdiv(V, bv))](q, k, do, du, dhs, scale, plan.cu, plan.chunk_idx, H, R, K, V,
-                                                  plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype),
-                                                  dot_precision(k.dtype), **launch("local_terms", K))
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):
@@ -667,18 +594,15 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     dhs = torch.empty_like(hs)
     dinit = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if need_dinit else None
     do = do.contiguous()
-    local = plan.latency_bound(H, K, V)
-    if local:
-        _local_terms(q, k, do, scale, plan, du, dhs)
     if plan.use_scan(H, K, V, scan):
         seg, seg_off = plan.segments()
         flows = q.new_empty(seg.n, H, K, K + V, dtype=torch.float32)
-        _reverse_pass(q, k, w, do, scale, None, seg, flows, True, local, du, dhs)
+        _reverse_pass(q, k, w, do, scale, None, seg, flows, True)
         ends = q.new_empty(seg.n, H, K, V, dtype=torch.float32)
         _combine(flows, dfinal, ends, dinit, seg_off, plan.n, True)
-        _reverse_pass(q, k, w, do, scale, ends, seg, None, False, local, du, dhs)
+        _reverse_pass(q, k, w, do, scale, ends, seg, None, False, du, dhs)
     else:
-        _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, local, du, dhs)
+        _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, du, dhs)
     dw = torch.empty_like(w)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)

@@ -3,7 +3,6 @@
 import contextlib
 import functools
 import os
-import sys
 
 import torch
 import triton
@@ -51,32 +50,19 @@ class kernel:
         return interpreted
 
 
-_HELPERS = []  # (module, name, function) of the helpers below
-
-
-def helper(fn):
-    """A Triton function that kernels call: compiled as such, swapped for its interpreted form by interpreted
-    launches (triton.jit would decide between the two once, at import)."""
-    _HELPERS.append((sys.modules[fn.__module__], fn.__name__, fn))
-    return triton.runtime.jit.JITFunction(fn)
-
-
 @functools.cache
 def _interpreted_helpers():
-    """(namespace, name, interpreted form) for every jitted helper of triton.language and of these kernels (all
-    registered when the package is imported, before any launch)."""
+    """(module, name, interpreted form) for every jitted helper of triton.language."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    language = [(module, name, value.fn) for module in (tl, tl.standard)
-                for name, value in vars(module).items() if isinstance(value, JITFunction)]  # fmt: skip
-    return [(module, name, InterpretedFunction(fn)) for module, name, fn in language + _HELPERS]
+    return [(module, name, InterpretedFunction(value.fn)) for module in (tl, tl.standard)
+            for name, value in vars(module).items() if isinstance(value, JITFunction)]  # fmt: skip
 
 
 def _patched_namespaces():
-    """What an interpreted launch patches: triton.language's namespaces and the interpreter's own (see
-    _patch_lang_tensor). Our helpers' modules are put back name by name: the interpreter adds its own globals to a
-    kernel's module for good, and its cached rewrites of our kernels need them."""
+    """What an interpreted launch patches: triton.language's namespaces, and the interpreter's own (see
+    _patch_lang_tensor)."""
     from triton.runtime import interpreter
 
     names = [tl, tl.core, tl.math, tl.standard, tl.core.tensor, getattr(tl.core, "tensor_descriptor_base", None)]
@@ -105,15 +91,12 @@ def _interpreted_language():
     from triton.runtime import interpreter
 
     saved = [(ns, dict(vars(ns))) for ns in _patched_namespaces()]
-    compiled = [(module, name, getattr(module, name)) for module, name, _ in _HELPERS]
     for module, name, interpreted in _interpreted_helpers():
         setattr(module, name, interpreted)
     interpreter._patch_lang_tensor = _patch_lang_tensor(interpreter._patch_lang_tensor)
     try:
         yield
     finally:
-        for module, name, value in compiled:
-            setattr(module, name, value)
         for ns, before in saved:
             for name in [n for n in vars(ns) if n not in before]:
                 delattr(ns, name)

@@ -7,7 +7,6 @@ With CUDA the same tests also run compiled on the GPU at larger sizes.
 
 import pytest
 import torch
-import triton
 
 import flowhn_kernels as fk
 from flowhn_kernels.delta_rule import chunk_delta_rule, recurrent_delta_rule
@@ -342,25 +341,6 @@ def test_parallel_scan_against_naive(triton_env, varlen):
     check_against_naive(scan, xs, TOL[torch.float32], cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
-@pytest.mark.parametrize("scan,varlen,dtype", [(False, False, torch.float32), (False, True, torch.bfloat16),
-                                               (True, True, torch.float32)])
-def test_reverse_pass_with_precomputed_local_terms(triton_env, monkeypatch, scan, varlen, dtype):
-    """The latency-bound backward (each chunk's own terms precomputed by local_terms_kernel, then read by the reverse
-    pass) against the naive recurrence: plain, packed documents, under the scan."""
-    monkeypatch.setattr(fk.chunk, "LOCAL_TERMS", True)
-    H, K, V = dims(triton_env)
-    T = 200 if varlen else 130
-    cu = torch.tensor([0, 1, 140, 200], device=triton_env) if varlen else None
-    xs = make_inputs(1, T, H, 2, K, V, dtype=dtype, device=triton_env, state=False)
-    xs.append(torch.randn(3 if varlen else 1, H, K, V, device=triton_env))
-
-    def chunked(*args, **kw):
-        return chunk_delta_rule(*args, scan=scan, **kw)
-
-    check_against_naive(chunked, xs, TOL[dtype], cu_seqlens=cu)
-
-
 @pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
 def test_interpreted_launches_leave_triton_language_as_it_was(triton_env):
     """Triton's interpreter leaves tl.core patched after nested helper calls (tl.sum in grad_wy); a kernel compiled
@@ -374,7 +354,6 @@ def test_interpreted_launches_leave_triton_language_as_it_was(triton_env):
     for ns, was in zip(namespaces, before):
         now = dict(vars(ns))
         assert now.keys() == was.keys() and all(now[n] is was[n] for n in was), ns
-    assert isinstance(fk.chunk.local_terms, triton.runtime.jit.JITFunction)  # our helper compiles again
 
 
 def test_host_time_script_stubs_the_launches_and_puts_them_back():

@@ -58,16 +58,8 @@ def pass_inputs(B, T, H, D):
 def run_passes(q, k, w, ut, do, plan):
     u, hs = torch.empty_like(ut), q.new_empty(plan.nc, q.shape[1], q.shape[2], ut.shape[-1])
     du, dhs = torch.empty_like(ut), torch.empty_like(hs)
-    scale, local = q.shape[-1] ** -0.5, plan.latency_bound(q.shape[1], q.shape[-1], ut.shape[-1])
-
-    def fwd():
-        chunk._state_pass(k, w, ut, None, plan, None, False, u, hs)
-
-    def bwd():  # as chunk_bwd runs it
-        if local:
-            chunk._local_terms(q, k, do, scale, plan, du, dhs)
-        chunk._reverse_pass(q, k, w, do, scale, None, plan, None, False, local, du, dhs)
-
+    fwd = lambda: chunk._state_pass(k, w, ut, None, plan, None, False, u, hs)  # noqa: E731
+    bwd = lambda: chunk._reverse_pass(q, k, w, do, q.shape[-1] ** -0.5, None, plan, None, False, du, dhs)  # noqa: E731
     fwd()
     bwd()
     return (u, hs, du, dhs), do_bench(fwd, warmup=10, rep=50, return_mode="median"), \
@@ -78,18 +70,13 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-# BV:warps:stages[:local|:inline] of the two passes; the risky one last (BV = 32 hits a Triton 3.6 miscompile with
-# 16-bit operands)
-VARIANTS = ("64:4:3:inline", "64:4:3:local", "64:8:3:inline", "64:8:3:local", "64:4:4:local", "64:8:4:local",
-            "64:4:2:local", "32:4:3:local")
+# BV:warps:stages of the two passes; the risky ones last (BV = 32 hits a Triton 3.6 miscompile with 16-bit operands)
+VARIANTS = ("64:4:1", "64:4:2", "64:4:3", "64:4:4", "64:8:2", "64:8:3", "64:8:4", "128:8:2", "32:4:3")
 
 
 def set_variant(variant):
-    """Run chunk's two passes at "BV:warps:stages" (V block width, num_warps, num_stages), and with ":local" or
-    ":inline" the reverse pass with each chunk's own terms precomputed or computed in the chain (chunk.LOCAL_TERMS)."""
-    bv, warps, stages, *local = variant.split(":")
-    bv, warps, stages = int(bv), int(warps), int(stages)
-    chunk.LOCAL_TERMS = {"local": True, "inline": False}[local[0]] if local else None
+    """Run chunk's two passes at "BV:warps:stages" (V block width, num_warps, num_stages)."""
+    bv, warps, stages = (int(x) for x in variant.split(":"))
     chunk._blocks = lambda K, V: (pow2(K), min(pow2(V), bv))
     for name in ("state_fwd", "state_bwd"):
         for width in (64, 128, 256):
@@ -118,7 +105,7 @@ def child(variant, shapes):
         want, fwd0, bwd0 = run_passes(*xs)
         set_variant(variant)
         got, fwd, bwd = run_passes(*xs)
-        chunk._blocks, chunk.LAUNCH, chunk.LOCAL_TERMS = blocks, dict(launch), None
+        chunk._blocks, chunk.LAUNCH = blocks, dict(launch)
         diff = max(rel(g, w) for g, w in zip(got, want))
         print(json.dumps(dict(shape=i, steps=xs[-1].max_chunks, committed=(fwd0, bwd0), variant=(fwd, bwd),
                               diff=diff)), flush=True)
