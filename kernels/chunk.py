@@ -53,9 +53,17 @@ WY_TRANSPOSE_16BIT = True
 WY_CANCELLING_16BIT = False
 
 
-def launch(name, K):
-    """Launch keywords of kernel `name` at key dimension K (Triton's defaults when not tuned)."""
-    return LAUNCH.get((name, max(pow2(K), 64)), {})
+def launch(name, K, dtype):
+    """Launch keywords of kernel `name` at key dimension K for inputs of `dtype` (Triton's defaults when not tuned).
+
+    The table is tuned for 16-bit inputs. fp32 inputs (tf32x3 products: accuracy, not speed) run unpipelined: their
+    tiles take twice the shared memory, and the reverse pass needs 272 KB at two stages and D = 128 (the H200 has
+    227; kernels/benchmarks/resources.py --dtype fp32).
+    """
+    settings = dict(LAUNCH.get((name, max(pow2(K), 64)), {}))
+    if dtype == torch.float32:
+        settings["num_stages"] = 1
+    return settings
 
 
 @kernel
@@ -511,7 +519,7 @@ def _prep(k, v, beta, plan):
     w = k.new_empty(plan.nc, H, ROWS, K)
     ut = v.new_empty(plan.nc, H, ROWS, V)
     prep_kernel[(plan.nc, H)](k, v, beta, tinv, w, ut, plan.cu, plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk,
-                              bv, dot_dtype(k.dtype), dot_precision(k.dtype), **launch("prep", K))
+                              bv, dot_dtype(k.dtype), dot_precision(k.dtype), **launch("prep", K, k.dtype))
     return tinv, w, ut
 
 
@@ -523,14 +531,14 @@ def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
     state_fwd_kernel[(plan.n, H, cdiv(va, bv))](
         k, w, ut, u, hs, init, final, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
         init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
-        **launch("state_fwd_aug" if aug else "state_fwd", K))
+        **launch("state_fwd_aug" if aug else "state_fwd", K, k.dtype))
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
     _, H, K, V = xs.shape
     bk, bv = _blocks(K, V)
     combine_kernel[(n, H, cdiv(V, bv))](flows, x0, xs, xout, seg_off, H, K, V, bk, bv, min(bk, 32),
-                                        x0 is not None, xout is not None, reverse, **launch("combine", K))
+                                        x0 is not None, xout is not None, reverse, **launch("combine", K, xs.dtype))
 
 
 def _states(k, w, ut, initial_state, plan, output_final_state, scan):
@@ -570,7 +578,7 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     bk, bv = pow2(K), min(pow2(V), 64)
     output_kernel[(plan.nc, H, cdiv(V, bv))](q, k, u, hs, o, scale, plan.cu, plan.chunk_idx, H, R, K, V,
                                              plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype),
-                                             **launch("output", K))
+                                             **launch("output", K, k.dtype))
     return o, final, (tinv, w, u, hs)
 
 
@@ -582,7 +590,7 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
     state_bwd_kernel[(plan.n, H, cdiv(va, bv))](
         q, k, w, do, du, dhs, dfinal, dinit, scale, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
         dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
-        **launch("state_bwd_aug" if aug else "state_bwd", K))
+        **launch("state_bwd_aug" if aug else "state_bwd", K, k.dtype))
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):
@@ -611,8 +619,8 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
     grad_state_kernel[(plan.nc, H, cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, plan.cu,
                                                  plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
-                                                 **launch("grad_state", K))
+                                                 **launch("grad_state", K, k.dtype))
     grad_wy_kernel[(plan.nc, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, plan.cu, plan.chunk_idx, H, R, K, V,
                                  plan.rp, plan.bt, gk, gv, dt, prec, dt if WY_TRANSPOSE_16BIT else tl.float32,
-                                 dt if WY_CANCELLING_16BIT else tl.float32, **launch("grad_wy", K))
+                                 dt if WY_CANCELLING_16BIT else tl.float32, **launch("grad_wy", K, k.dtype))
     return dq, dk, dv, dbeta, dinit

@@ -15,6 +15,7 @@ import re
 import subprocess
 import tempfile
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -87,7 +88,8 @@ def main():
     print("|---|---|---|---|---|---|")
     for D in (int(d) for d in args.dims.split(",")):
         for name in args.kernels.split(","):
-            tuned = {"num_warps": 4, "num_stages": 3, **chunk.launch(name.removesuffix("_aug"), D)}
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+            tuned = {"num_warps": 4, "num_stages": 3, **chunk.launch(name.removesuffix("_aug"), D, dtype)}
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, launch)
                 print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']} | {r['regs']} | "
