@@ -58,11 +58,14 @@ def launch(name, K, dtype):
 
     The table is tuned for 16-bit inputs. fp32 inputs (tf32x3 products: accuracy, not speed) run unpipelined: their
     tiles take twice the shared memory, and the reverse pass needs 272 KB at two stages and D = 128 (the H200 has
-    227; kernels/benchmarks/resources.py --dtype fp32).
+    227; kernels/benchmarks/resources.py --dtype fp32). Their reverse pass keeps the 4 warps it had before it was
+    pipelined: at 8 warps and one stage it gave a wrong dk for R = 3 at D = 128 on the H200 (2026-12-02).
     """
     settings = dict(LAUNCH.get((name, max(pow2(K), 64)), {}))
     if dtype == torch.float32:
         settings["num_stages"] = 1
+        if name == "state_bwd":
+            settings["num_warps"] = 4
     return settings
 
 
