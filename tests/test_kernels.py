@@ -370,6 +370,26 @@ def test_host_time_script_stubs_the_launches_and_puts_them_back():
     assert fk.utils.kernel.__getitem__ is launch
 
 
+@pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
+def test_state_passes_script_compares_a_variant_with_the_committed_settings(triton_env, monkeypatch, capsys):
+    """kernels/benchmarks/state_passes.py runs the sequential passes under a launch variant against chunk.LAUNCH's
+    (in the interpreter the same arithmetic: identical outputs) and puts the settings back."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "kernels", "benchmarks"))
+    import state_passes
+
+    monkeypatch.setattr(state_passes, "SHAPES", [(1, 130, 1, 16)])
+    monkeypatch.setattr(state_passes, "do_bench", lambda fn, **kw: 1.0)
+    launch, blocks = dict(fk.chunk.LAUNCH), fk.chunk._blocks
+    state_passes.child("16:4:2", [0], dev="cpu")
+    row = json.loads(capsys.readouterr().out)
+    assert row["steps"] == 3 and row["diff"] == 0.0
+    assert fk.chunk.LAUNCH == launch and fk.chunk._blocks is blocks
+
+
 def test_resource_report_compiles_for_hopper_without_a_gpu():
     """kernels/benchmarks/resources.py reads registers, spills and shared memory from Triton's sm_90a build."""
     import os

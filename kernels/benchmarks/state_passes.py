@@ -47,8 +47,8 @@ def kernel_times(B, T, H, D):
     return sorted(total.items(), key=lambda kv: -kv[1])
 
 
-def pass_inputs(B, T, H, D):
-    q, k, v, beta = pack(*(x.detach() for x in inputs(B, T, H, D, 1)))
+def pass_inputs(B, T, H, D, dev="cuda"):
+    q, k, v, beta = pack(*(x.detach() for x in inputs(B, T, H, D, 1, dev=dev)))
     plan = chunk.make_plan(B, T, 1, q.device)
     _, w, ut = chunk._prep(k, v, beta, plan)
     do = torch.randn_like(v[:, :, 0])
@@ -97,15 +97,19 @@ def scan_crossover(heads, T=16384, D=128):
               f"{'scan' if chosen else 'sequential'} |", flush=True)
 
 
-def child(variant, shapes):
+def child(variant, shapes, dev="cuda"):
     """One variant at every shape, against the committed kernels: prints one JSON line per shape."""
     blocks, launch = chunk._blocks, dict(chunk.LAUNCH)
     for i in shapes:
-        xs = pass_inputs(*SHAPES[i])
+        xs = pass_inputs(*SHAPES[i], dev=dev)
         want, fwd0, bwd0 = run_passes(*xs)
         set_variant(variant)
-        got, fwd, bwd = run_passes(*xs)
-        chunk._blocks, chunk.LAUNCH = blocks, dict(launch)
+        try:
+            got, fwd, bwd = run_passes(*xs)
+        finally:
+            chunk._blocks = blocks
+            chunk.LAUNCH.clear()
+            chunk.LAUNCH.update(launch)
         diff = max(rel(g, w) for g, w in zip(got, want))
         print(json.dumps(dict(shape=i, steps=xs[-1].max_chunks, committed=(fwd0, bwd0), variant=(fwd, bwd),
                               diff=diff)), flush=True)
