@@ -30,7 +30,7 @@ ROWS = 64
 # grad_wy dβ off by 2e-2 at R = 1; tune_launch.py now rejects a setting that moves the gradients.
 # The sequential passes are for loops that Triton pipelines by num_stages (2026-12-02, H200, state_passes.py, B = 1,
 # T = 16384, H = 16, D = 128): forward 0.686 → 0.384 ms at 4 warps / 3 stages, 0.353 at 4 / 4; reverse 0.996 → 0.804
-# at 8 / 3.
+# at 8 / 3. Their D = 64 entries follow D = 128's choices, not timed on their own.
 LAUNCH = {
     ("state_fwd", 64): dict(num_warps=4, num_stages=3),
     ("state_fwd", 128): dict(num_warps=4, num_stages=4),
@@ -498,9 +498,9 @@ class Plan:
             return scan
         if self.device.type != "cuda" or self.max_chunks < 64:
             return False
-        # The scan does about three passes' work over its segments in place of one pass's chain: since the passes
-        # are pipelined it loses at 32 programs (1 × 16 heads × 2 V blocks on 132 SMs: scan 1.46 ms of passes and
-        # walks against 1.14 sequential, H200, 2026-12-02) and is left to fewer
+        # The scan does about three passes' work over its segments in place of one pass's chain. Against the
+        # pipelined passes (H200, 2026-12-02, one sequence of 16384 tokens, D = 128, fwd+bwd) it wins at 16 programs
+        # (H = 8: 1.61 ms against 1.81) and 8, and loses at 32 (H = 16: 2.23 against 2.17)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         return self.n * heads * cdiv(V, _blocks(K, V)[1]) <= sms // 8
 
