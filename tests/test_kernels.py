@@ -356,13 +356,21 @@ def test_interpreted_launches_leave_triton_language_as_it_was(triton_env):
         assert now.keys() == was.keys() and all(now[n] is was[n] for n in was), ns
 
 
-def test_host_time_script_stubs_the_launches_and_puts_them_back():
-    """kernels/benchmarks/host_time.py times the host side of eager calls with the launches stubbed out."""
+def benchmark_script(name):
+    """A script of kernels/benchmarks, imported as those scripts import each other (their folder on the path)."""
+    import importlib
     import os
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "kernels", "benchmarks"))
-    import host_time
+    folder = os.path.join(os.path.dirname(__file__), "..", "kernels", "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
+def test_host_time_script_stubs_the_launches_and_puts_them_back():
+    """kernels/benchmarks/host_time.py times the host side of eager calls with the launches stubbed out."""
+    host_time = benchmark_script("host_time")
 
     launch = fk.utils.kernel.__getitem__
     results = host_time.main(["--iters", "3"])
@@ -375,11 +383,8 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
     """kernels/benchmarks/state_passes.py runs the sequential passes under a launch variant against chunk.LAUNCH's
     (in the interpreter the same arithmetic: identical outputs) and puts the settings back."""
     import json
-    import os
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "kernels", "benchmarks"))
-    import state_passes
+    state_passes = benchmark_script("state_passes")
 
     monkeypatch.setattr(state_passes, "SHAPES", [(1, 130, 1, 16)])
     monkeypatch.setattr(state_passes, "do_bench", lambda fn, **kw: 1.0)
@@ -393,15 +398,12 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
 def test_resource_report_compiles_for_hopper_without_a_gpu():
     """kernels/benchmarks/resources.py reads registers, spills and shared memory from Triton's sm_90a build."""
     import os
-    import sys
 
     import triton
 
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this triton wheel carries no ptxas")
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "kernels", "benchmarks"))
-    import resources
-
+    resources = benchmark_script("resources")
     r = resources.report("state_fwd", 64, "bf16", dict(num_warps=4, num_stages=2))
     assert 0 < r["regs"] <= 255 and r["smem_kb"] > 0 and r["spill_st"] >= 0
 

@@ -86,9 +86,9 @@ def main():
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = 1\n")
     print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB |")
     print("|---|---|---|---|---|---|")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     for D in (int(d) for d in args.dims.split(",")):
         for name in args.kernels.split(","):
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
             tuned = {"num_warps": 4, "num_stages": 3, **chunk.launch(name.removesuffix("_aug"), D, dtype)}
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, launch)
