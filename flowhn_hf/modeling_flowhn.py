@@ -25,9 +25,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from .configuration_flowhn import FlowHNConfig
 
 try:  # a Hub checkpoint carries the kernel modules flat beside this file
+    from .cross_entropy import softmax_cross_entropy
     from .delta_rule import delta_rule
 except ImportError:  # the installed package
-    from flowhn_kernels import delta_rule
+    from flowhn_kernels import delta_rule, softmax_cross_entropy
 
 # delta_rule's kernels are custom ops that torch.compile traces through; packed documents are the exception: their
 # offsets are read on the host, and a compiled graph would be specialised on every batch's.
@@ -658,7 +659,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `labels` (-100 ignored), over chunks of tokens.
 
     The gradients are worked out chunk by chunk during the forward, so the (tokens x vocab) logits never exist at
-    once and nothing is recomputed: for the 49,152-word vocabulary that is gigabytes of activations per step.
+    once and nothing is recomputed: for the 49,152-word vocabulary that is gigabytes of activations per step. Each
+    chunk's loss and logit gradient come from one kernel (`softmax_cross_entropy`).
     """
 
     @staticmethod
@@ -672,13 +674,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, h.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
-                target, keep = labels[rows].clamp(min=0), (labels[rows] != -100)
-                logits = (h[rows] @ w.T).float()
-                lse = logits.logsumexp(-1)
-                total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * keep).sum()
-                grad = (logits - lse[:, None]).exp_()
-                grad[torch.arange(len(target), device=grad.device), target] -= 1
-                grad = (grad * keep[:, None]).to(dtype)
+                grad, loss = softmax_cross_entropy(h[rows] @ w.T, labels[rows])
+                total += loss.sum()
                 grad_hidden[rows] = grad @ w
                 grad_weight += (grad.T @ h[rows]).float()
         ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))

@@ -103,6 +103,12 @@ def _interpreted_language():
             for name, value in before.items():
                 if vars(ns).get(name) is not value:
                     setattr(ns, name, value)
+        # A helper's rewritten form runs in its module's globals, into which the interpreter put its own names
+        # (interpreter_semantic, ...) when it rewrote it; those names are gone now, so the rewrite must be redone.
+        restored = [vars(ns) for ns, _ in saved]
+        cache = interpreter.InterpretedFunction.rewritten_fn
+        for fn in [fn for fn in cache if any(getattr(fn, "__globals__", None) is g for g in restored)]:
+            del cache[fn]
 
 
 def pow2(n: int, least: int = 16) -> int:

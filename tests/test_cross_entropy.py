@@ -1,0 +1,79 @@
+"""The LM head's softmax cross-entropy kernel against float64 autograd, in the interpreter on CPU (and on a GPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flowhn_kernels import softmax_cross_entropy, softmax_cross_entropy_reference
+from flowhn_kernels import cross_entropy
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def triton_env(monkeypatch, request):
+    """The interpreter on CPU, the compiled kernel when the test asks for cuda."""
+    device = request.param
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return device
+
+
+def expected(logits, labels):
+    """Per-row loss and d(summed loss)/d logits by autograd in float64, ignored rows zero."""
+    x = logits.double().requires_grad_()
+    loss = F.cross_entropy(x, labels, ignore_index=-100, reduction="none")
+    loss.sum().backward()
+    return x.grad, loss.detach()
+
+
+def relative(got, want):
+    """‖got − want‖ / ‖want‖, against 1 where want is all zeros (a one-word vocabulary)."""
+    return ((got.double() - want).norm() / want.norm().clamp(min=1)).item()
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("vocab", [1, 37, 2 * cross_entropy.BLOCK + 5])
+def test_kernel_against_float64(triton_env, dtype, vocab):
+    torch.manual_seed(vocab)
+    rows = 7 if triton_env == "cpu" else 300
+    logits = (3 * torch.randn(rows, vocab)).to(dtype).to(triton_env)
+    labels = torch.randint(0, vocab, (rows,), device=triton_env)
+    labels[1] = -100
+    grad, loss = softmax_cross_entropy(logits, labels)
+    want_grad, want_loss = expected(logits, labels)
+    assert grad.dtype == dtype and loss.dtype == torch.float32
+    assert torch.isfinite(grad).all() and torch.isfinite(loss).all()
+    assert relative(loss, want_loss) < 1e-5
+    assert relative(grad, want_grad) < TOL[dtype]
+    assert (grad[1] == 0).all() and loss[1] == 0
+
+
+def test_cpu_path_is_the_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    logits, labels = torch.randn(5, 11), torch.tensor([3, -100, 0, 10, 4])
+    for got, want in zip(softmax_cross_entropy(logits, labels), softmax_cross_entropy_reference(logits, labels)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    want_grad, want_loss = expected(logits, labels)
+    torch.testing.assert_close(softmax_cross_entropy(logits, labels)[0].double(), want_grad)
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="logits"):
+        softmax_cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        softmax_cross_entropy(torch.randn(2, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        softmax_cross_entropy(torch.randn(2, 3), torch.zeros(2))
+
+
+@pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
+def test_op_passes_torch_library_opcheck(triton_env):
+    logits, labels = torch.randn(4, 50), torch.tensor([1, -100, 49, 0])
+    torch.library.opcheck(cross_entropy.xent_op, (logits, labels), test_utils=("test_schema", "test_faketensor",
+                                                                            "test_aot_dispatch_static"))  # fmt: skip
