@@ -1,5 +1,7 @@
-"""Shared fixtures: a fresh virtualenv without this package, for remote-code loading tests."""
+"""Shared fixtures: a fresh virtualenv without this package, for remote-code loading tests; the kernel benchmark
+scripts as modules."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -10,6 +12,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REMOTE_CODE_PACKAGES = ["torch", "triton", "transformers", "safetensors", "tokenizers"]
+
+
+@pytest.fixture
+def benchmark_script():
+    """Import a script of kernels/benchmarks by name, as those scripts import each other (their folder on the path)."""
+    folder = str(REPO / "kernels" / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module
 
 
 @pytest.fixture(scope="session")

@@ -77,3 +77,9 @@ def test_op_passes_torch_library_opcheck(triton_env):
     logits, labels = torch.randn(4, 50), torch.tensor([1, -100, 49, 0])
     torch.library.opcheck(cross_entropy.xent_op, (logits, labels), test_utils=("test_schema", "test_faketensor",
                                                                             "test_aot_dispatch_static"))  # fmt: skip
+
+
+def test_benchmark_script_runs(benchmark_script, monkeypatch):
+    """kernels/benchmarks/bench_cross_entropy.py, tiny and interpreted (its --smoke mode sets TRITON_INTERPRET)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert benchmark_script("bench_cross_entropy").main(["--smoke"]) < 1e-2

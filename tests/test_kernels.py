@@ -356,19 +356,7 @@ def test_interpreted_launches_leave_triton_language_as_it_was(triton_env):
         assert now.keys() == was.keys() and all(now[n] is was[n] for n in was), ns
 
 
-def benchmark_script(name):
-    """A script of kernels/benchmarks, imported as those scripts import each other (their folder on the path)."""
-    import importlib
-    import os
-    import sys
-
-    folder = os.path.join(os.path.dirname(__file__), "..", "kernels", "benchmarks")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    return importlib.import_module(name)
-
-
-def test_host_time_script_stubs_the_launches_and_puts_them_back():
+def test_host_time_script_stubs_the_launches_and_puts_them_back(benchmark_script):
     """kernels/benchmarks/host_time.py times the host side of eager calls with the launches stubbed out."""
     host_time = benchmark_script("host_time")
 
@@ -379,7 +367,8 @@ def test_host_time_script_stubs_the_launches_and_puts_them_back():
 
 
 @pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
-def test_state_passes_script_compares_a_variant_with_the_committed_settings(triton_env, monkeypatch, capsys):
+def test_state_passes_script_compares_a_variant_with_the_committed_settings(triton_env, monkeypatch, capsys,
+                                                                           benchmark_script):
     """kernels/benchmarks/state_passes.py runs the sequential passes under a launch variant against chunk.LAUNCH's
     (in the interpreter the same arithmetic: identical outputs) and puts the settings back."""
     import json
@@ -395,7 +384,7 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
     assert fk.chunk.LAUNCH == launch and fk.chunk._blocks is blocks
 
 
-def test_resource_report_compiles_for_hopper_without_a_gpu():
+def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):
     """kernels/benchmarks/resources.py reads registers, spills and shared memory from Triton's sm_90a build."""
     import os
 
