@@ -27,8 +27,9 @@ from .configuration_flowhn import FlowHNConfig
 try:  # a Hub checkpoint carries the kernel modules flat beside this file
     from .cross_entropy import softmax_cross_entropy
     from .delta_rule import delta_rule
+    from .short_conv import causal_conv, short_conv_silu
 except ImportError:  # the installed package
-    from flowhn_kernels import delta_rule, softmax_cross_entropy
+    from flowhn_kernels import causal_conv, delta_rule, short_conv_silu, softmax_cross_entropy
 
 # delta_rule's kernels are custom ops that torch.compile traces through; packed documents are the exception: their
 # offsets are read on the host, and a compiled graph would be specialised on every batch's.
@@ -333,29 +334,6 @@ def _linear_states(layer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return conv, recurrent
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
-    """Depthwise causal convolution along the tokens of x (B, width - 1 + n, C), whose first width - 1 entries are the
-    inputs before the first token (zeros, or a cache's window), with taps `weight` (C, 1, width): (B, n, C). With
-    `documents` (B, n) no tap reaches into an earlier packed document.
-
-    A sum of shifted products over the channels-last layout the projection gives, float32 sums: torch.compile fuses
-    it into one kernel (a depthwise F.conv1d costs a transpose and a slow cuDNN kernel). One token is one product."""
-    width = weight.shape[-1]
-    length = x.shape[1] - width + 1
-    taps = weight[:, 0].T  # (width, C): taps[j] multiplies the input width - 1 - j tokens back
-    if length == 1:
-        return (x * taps.to(x.dtype)).sum(1, keepdim=True)
-    out = 0
-    for j in range(width):
-        shifted = x[:, j : j + length]
-        back = width - 1 - j
-        if documents is not None and back:
-            same = F.pad(documents[:, back:] == documents[:, : length - back], (back, 0))
-            shifted = shifted * same[..., None]
-        out = out + shifted * taps[j].float()
-    return out.to(x.dtype)
-
-
 def document_offsets(documents: torch.Tensor) -> torch.Tensor:
     """`cu_seqlens` of the rows' documents (B, n) laid end to end: where a row or a document starts, and the end."""
     starts = F.pad(documents[:, 1:] != documents[:, :-1], (1, 0), value=True)
@@ -402,14 +380,13 @@ class FlowHNDeltaNet(nn.Module):
 
         x = self.qkv_proj(hidden_states)
         if layer is None:
-            conv = causal_conv(F.pad(x, (0, 0, self.conv_size - 1, 0)), self.conv1d.weight, tokens.documents)
+            qkv = short_conv_silu(x, self.conv1d.weight, tokens.documents)
         else:  # decoding: the cached inputs before the first token lead (the cache keeps time on its last axis)
             if conv_window is None:
                 conv_window = x.new_zeros(batch, x.shape[2], self.conv_size - 1)
             x = torch.cat([conv_window.to(x.dtype), x.transpose(1, 2)], dim=2)
-            conv = causal_conv(x.transpose(1, 2), self.conv1d.weight)
+            qkv = F.silu(causal_conv(x.transpose(1, 2), self.conv1d.weight))
             layer.update_conv_state(self._last_inputs(x, tokens.valid))
-        qkv = F.silu(conv)
         q, k, v = qkv.split(self.split_sizes, dim=-1)
         v = v.reshape(batch, length, self.num_heads, self.rank, self.value_dim)
         # autocast runs normalize in float32; the kernel takes q, k and v in one dtype

@@ -297,7 +297,7 @@ def test_packed_documents_refuse_a_cache():
 def test_causal_conv_matches_a_depthwise_conv1d():
     """The shifted-product convolution equals F.conv1d with left padding, and with packed documents equals each
     document convolved alone."""
-    from flowhn_hf.modeling_flowhn import causal_conv
+    from flowhn_kernels import causal_conv
 
     torch.manual_seed(0)
     x, weight = torch.randn(2, 29, 6), torch.randn(6, 1, 4)

@@ -1,0 +1,261 @@
+"""The DeltaNet branch's short causal depthwise convolution fused with SiLU: Triton kernels and their reference.
+
+    y[t] = silu(Σ_j taps[j] · x[t − (W − 1 − j)]),   taps = weight[:, 0].T,   zero inputs before the first token
+
+and, with `documents`, no tap reaching into an earlier packed document. x is channels-last (B, n, C), as the
+projection gives it, so a tile of tokens × channels loads coalesced along C and each tap is one shifted load of it.
+The backward recomputes the pre-activation at the shifted rows it needs instead of saving it (the shifted re-reads of
+x hit the cache), so it moves x, the output gradient and the input gradient through memory once each; the weight
+gradient is reduced per block of tokens and the blocks' partials summed afterwards (deterministic).
+"""
+
+import re
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton.language as tl
+from torch import Tensor
+
+from .utils import cdiv, interpreting, kernel, pow2
+
+MAX_WIDTH = 8
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the kernels take all but float64
+# launch settings: tokens × channels of a tile, warps; each backward program runs BWD_TILES tiles in turn, which keeps
+# the weight-gradient partials few
+FWD_BT, FWD_BC, FWD_WARPS = 16, 128, 4
+BWD_BT, BWD_BC, BWD_WARPS, BWD_TILES = 16, 64, 4, 8
+
+# Each copy of this module registers its own ops (see ops.py)
+NAMESPACE = "flowhn_" + re.sub(r"\W", "_", __name__)
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal convolution along the tokens of x (B, width - 1 + n, C), whose first width - 1 entries are the
+    inputs before the first token (zeros, or a cache's window), with taps `weight` (C, 1, width): (B, n, C). With
+    `documents` (B, n) no tap reaches into an earlier packed document.
+
+    A sum of shifted products over the channels-last layout the projection gives, float32 sums: torch.compile fuses
+    it into one kernel (a depthwise F.conv1d costs a transpose and a slow cuDNN kernel). One token is one product."""
+    width = weight.shape[-1]
+    length = x.shape[1] - width + 1
+    taps = weight[:, 0].T  # (width, C): taps[j] multiplies the input width - 1 - j tokens back
+    if length == 1:
+        return (x * taps.to(x.dtype)).sum(1, keepdim=True)
+    out = 0
+    for j in range(width):
+        shifted = x[:, j : j + length]
+        back = width - 1 - j
+        if documents is not None and back:
+            same = F.pad(documents[:, back:] == documents[:, : length - back], (back, 0))
+            shifted = shifted * same[..., None]
+        out = out + shifted * taps[j].float()
+    return out.to(x.dtype)
+
+
+@kernel
+def conv_silu_fwd_kernel(x, taps, documents, y, n, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                         HAS_DOCS: tl.constexpr):
+    """y = silu(pre) for one tile of BT tokens × BC channels of one sequence; pre sums W shifted loads in fp32."""
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    c_ok = cols < C
+    at = b * n * C + cols[None, :]  # row 0 of this sequence at this tile's channels
+    x_at, c_ok2 = x + at, c_ok[None, :]
+    tap_at = taps + (W - 1) * C + cols  # taps (W, C): the tap `back` tokens back at tap_at - back * C
+    documents += b * n
+    row_ok = rows < n
+    if HAS_DOCS:
+        doc = tl.load(documents + rows, mask=row_ok)
+    pre = tl.zeros([BT, BC], dtype=tl.float32)
+    for back in tl.static_range(W):
+        src = rows - back
+        ok = row_ok & (src >= 0)
+        if HAS_DOCS:
+            ok = ok & (tl.load(documents + src, mask=ok) == doc)
+        xs = tl.load(x_at + src[:, None] * C, mask=ok[:, None] & c_ok2, other=0.0)
+        pre += xs.to(tl.float32) * tl.load(tap_at - back * C, mask=c_ok)[None, :]
+    tl.store(y + at + rows[:, None] * C, (pre * tl.sigmoid(pre)).to(y.dtype.element_ty), mask=row_ok[:, None] & c_ok2)
+
+
+@kernel
+def conv_silu_bwd_kernel(x, taps, documents, gy, gx, gw, n, C, W: tl.constexpr, WP: tl.constexpr,
+                         BT: tl.constexpr, BC: tl.constexpr, TILES: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """gx, and this program's partial gw, for up to TILES tiles of BT tokens × BC channels of one sequence.
+
+    gx[t] = Σ_back taps[W − 1 − back] · gpre[t + back] over the tokens t + back of t's document, where
+    gpre = gy · silu'(pre) and pre is recomputed at each of those shifted rows; gw's tap W − 1 − back sums
+    gpre[t] · x[t − back] over the tiles' own rows t, in row W − 1 − back of a [WP, BC] accumulator.
+    """
+    b = tl.program_id(2).to(tl.int64)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    c_ok = cols < C
+    at = b * n * C + cols[None, :]  # row 0 of this sequence at this tile's channels
+    x_at, c_ok2 = x + at, c_ok[None, :]
+    tap_at = taps + (W - 1) * C + cols  # taps (W, C): the tap `back` tokens back at tap_at - back * C
+    documents += b * n
+    j = tl.arange(0, WP)
+    gw_acc = tl.zeros([WP, BC], dtype=tl.float32)
+    start = tl.program_id(0) * (TILES * BT)
+    for first in range(start, tl.minimum(start + TILES * BT, n), BT):
+        rows = first + tl.arange(0, BT)
+        row_ok = rows < n
+        if HAS_DOCS:
+            doc = tl.load(documents + rows, mask=row_ok)
+        g = tl.zeros([BT, BC], dtype=tl.float32)
+        # the pre-activation at rows s = t + back, then its share of gx[t]; a loop, not unrolled (compiled unrolled,
+        # the W² loads in flight spill registers)
+        for back in range(W):
+            s = rows + back
+            s_ok = s < n
+            if HAS_DOCS:
+                doc_s = tl.load(documents + s, mask=s_ok)
+            pre = tl.zeros([BT, BC], dtype=tl.float32)
+            for back2 in tl.static_range(W):
+                src = s - back2
+                ok = s_ok & (src >= 0)
+                if HAS_DOCS:
+                    ok = ok & (tl.load(documents + src, mask=ok) == doc_s)
+                xs = tl.load(x_at + src[:, None] * C, mask=ok[:, None] & c_ok2, other=0.0)
+                pre += xs.to(tl.float32) * tl.load(tap_at - back2 * C, mask=c_ok)[None, :]
+            dy = tl.load(gy + at + s[:, None] * C, mask=s_ok[:, None] & c_ok2, other=0.0)
+            sig = tl.sigmoid(pre)
+            gpre = dy.to(tl.float32) * sig * (1 + pre * (1 - sig))
+            keep = s_ok
+            if HAS_DOCS:
+                keep = keep & (doc_s == doc)
+            g += tl.where(keep[:, None], gpre, 0.0) * tl.load(tap_at - back * C, mask=c_ok)[None, :]
+            if back == 0:  # gpre at the tiles' own rows, times each tap's input
+                for back2 in tl.static_range(W):
+                    src = rows - back2
+                    ok = row_ok & (src >= 0)
+                    if HAS_DOCS:
+                        ok = ok & (tl.load(documents + src, mask=ok) == doc)
+                    xs = tl.load(x_at + src[:, None] * C, mask=ok[:, None] & c_ok2, other=0.0)
+                    part = tl.sum(gpre * xs.to(tl.float32), axis=0)
+                    gw_acc += tl.where(j[:, None] == W - 1 - back2, part[None, :], 0.0)
+        tl.store(gx + at + rows[:, None] * C, g.to(gx.dtype.element_ty), mask=row_ok[:, None] & c_ok2)
+    block = b * tl.num_programs(0) + tl.program_id(0)
+    tl.store(gw + (block * W + j[:, None]) * C + cols[None, :], gw_acc, mask=(j < W)[:, None] & c_ok2)
+
+
+def _taps(weight):
+    """weight (C, 1, W) as the kernels read it: fp32 (W, C), taps[j] multiplying the input W − 1 − j tokens back, each
+    tap a contiguous row (loads along C)."""
+    return weight[:, 0].T.float().contiguous()
+
+
+def _forward(x: Tensor, weight: Tensor, documents: Optional[Tensor]) -> Tensor:
+    """silu(conv) (B, n, C) in x's dtype."""
+    x = x.contiguous()
+    (B, n, C), W = x.shape, weight.shape[-1]
+    y = torch.empty_like(x)
+    if y.numel():
+        docs = x if documents is None else documents.contiguous()  # a placeholder pointer without documents
+        grid = (cdiv(n, FWD_BT), cdiv(C, FWD_BC), B)
+        conv_silu_fwd_kernel[grid](x, _taps(weight), docs, y, n, C, W, FWD_BT, FWD_BC, documents is not None,
+                                   num_warps=FWD_WARPS)  # fmt: skip
+    return y
+
+
+conv_silu_forward = torch.library.custom_op(f"{NAMESPACE}::conv_silu_forward", _forward, mutates_args=())
+
+
+@conv_silu_forward.register_fake
+def _(x, weight, documents):
+    return x.new_empty(x.shape)
+
+
+def _backward(x: Tensor, weight: Tensor, documents: Optional[Tensor], gy: Tensor) -> Tuple[Tensor, Tensor]:
+    """(gx in x's dtype, gw in weight's shape and dtype)."""
+    x, gy = x.contiguous(), gy.contiguous()
+    (B, n, C), W = x.shape, weight.shape[-1]
+    gx = torch.empty_like(x)
+    blocks = cdiv(n, BWD_BT * BWD_TILES)
+    partials = x.new_empty(B * blocks, W, C, dtype=torch.float32)  # every entry written
+    if gx.numel():
+        docs = x if documents is None else documents.contiguous()
+        grid = (blocks, cdiv(C, BWD_BC), B)
+        conv_silu_bwd_kernel[grid](x, _taps(weight), docs, gy, gx, partials, n, C, W, pow2(W, 1), BWD_BT, BWD_BC,
+                                   BWD_TILES, documents is not None, num_warps=BWD_WARPS)  # fmt: skip
+    gw = partials.sum(0).T.contiguous().view(weight.shape).to(weight.dtype)
+    return gx, gw
+
+
+conv_silu_backward = torch.library.custom_op(f"{NAMESPACE}::conv_silu_backward", _backward, mutates_args=())
+
+
+@conv_silu_backward.register_fake
+def _(x, weight, documents, gy):
+    # contiguous, as the kernels write them (empty_like would copy a saved input's layout, which Inductor may permute)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_by(backward_fn):
+    """The autograd backward, computed by the op (traced) or by its plain function (eager)."""
+
+    def autograd_backward(ctx, gy):
+        x, weight, documents = ctx.saved_tensors
+        return (*backward_fn(x, weight, documents, gy), None)
+
+    return autograd_backward
+
+
+conv_silu_forward.register_autograd(_backward_by(conv_silu_backward), setup_context=_setup_context)
+
+
+class _EagerConvSilu(torch.autograd.Function):
+    """The same forward and backward as the ops, without their dispatch (host time paid in every layer)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        _setup_context(ctx, inputs, None)
+        return _forward(*inputs)
+
+    backward = staticmethod(_backward_by(_backward))
+
+
+def _describe(t) -> str:
+    return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check(x, weight, documents):
+    """ValueError naming the first argument the kernels cannot take."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in FLOAT_DTYPES or x.shape[1] < 1:
+        raise ValueError(f"x must be a 3-D floating tensor (B, n, C) with n ≥ 1 (float16, bfloat16, float32 or "
+                         f"float64), got {_describe(x)}")  # fmt: skip
+    B, n, C = x.shape
+    if (not isinstance(weight, torch.Tensor) or weight.dtype not in FLOAT_DTYPES or weight.dim() != 3
+            or weight.shape[:2] != (C, 1) or not 1 <= weight.shape[2] <= MAX_WIDTH):  # fmt: skip
+        raise ValueError(f"weight must be a floating tensor (C={C}, 1, W) with 1 ≤ W ≤ {MAX_WIDTH}, "
+                         f"got {_describe(weight)}")  # fmt: skip
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
+    if documents is None:
+        return
+    if (not isinstance(documents, torch.Tensor) or documents.shape != (B, n) or documents.dtype.is_floating_point
+            or documents.dtype.is_complex or documents.dtype == torch.bool):  # fmt: skip
+        raise ValueError(f"documents must be None or an integer tensor of shape (B, n) = {(B, n)}, "
+                         f"got {_describe(documents)}")  # fmt: skip
+    if documents.device != x.device:
+        raise ValueError(f"documents must be on x's device {x.device}, got {documents.device}")
+
+
+def short_conv_silu(x: Tensor, weight: Tensor, documents: Optional[Tensor] = None) -> Tensor:
+    """silu of the causal depthwise convolution of x (B, n, C) with taps `weight` (C, 1, W), zero inputs before the
+    first token and, with `documents` (B, n), none from an earlier packed document: (B, n, C) in x's dtype.
+
+    Differentiable in x and weight. The Triton kernels run for float16, bfloat16 and float32 x on a GPU, or anywhere
+    under TRITON_INTERPRET=1 (fp32 sums, SiLU on the fp32 pre-activation); otherwise, and for float64, the PyTorch
+    reference. Under torch.compile the kernels are custom ops: one opaque node each for the forward and backward.
+    """
+    _check(x, weight, documents)
+    if x.dtype == torch.float64 or not (x.is_cuda or interpreting()):
+        return F.silu(causal_conv(F.pad(x, (0, 0, weight.shape[-1] - 1, 0)), weight, documents))
+    inputs = (x.contiguous(), weight, documents)
+    return conv_silu_forward(*inputs) if torch.compiler.is_compiling() else _EagerConvSilu.apply(*inputs)

@@ -1,0 +1,176 @@
+"""short_conv_silu (the DeltaNet branch's short causal conv + SiLU): Triton kernels against a float64 evaluation of the
+reference causal_conv.
+
+On CPU the kernels run in the Triton interpreter: the `triton_env` fixture sets TRITON_INTERPRET=1 for the test only
+(read at each launch). With CUDA the same tests also run compiled on the GPU. The interpreter pays per operation, so
+the shapes are small: n = 130 spans two of the backward's token blocks, C = 200 several channel blocks.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flowhn_kernels import short_conv
+from flowhn_kernels.short_conv import causal_conv, short_conv_silu
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
+# relative error (norm) vs float64 on the same rounded inputs: the outputs' own rounding, and fp32 sums
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+# (n, C, W): one token, a tile's part, two token blocks of the backward; channels within one block and over several
+SHAPES = [(1, 37, 4), (3, 200, 2), (17, 200, 4), (130, 37, 2)]
+
+
+@pytest.fixture
+def triton_env(monkeypatch, request):
+    """Device for Triton kernels: the interpreter on CPU, the GPU when the test asks for cuda."""
+    device = request.param if hasattr(request, "param") else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return device
+
+
+def documents_for(B, n, device):
+    """Packed documents, rows differing: row 0 starts with a one-token document, row 1 holds one mid-row."""
+    documents = torch.zeros(B, n, dtype=torch.long)
+    for row, starts in enumerate([(1, n // 2), (n // 3, n // 3 + 1)][:B]):
+        for start in starts:
+            documents[row, start:] += 1
+    return documents.to(device)
+
+
+def reference(x, weight, documents):
+    return F.silu(causal_conv(F.pad(x, (0, 0, weight.shape[-1] - 1, 0)), weight, documents))
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def run(fn, x, weight, documents, gy):
+    """y, grad x and grad weight of fn on fresh leaf copies of x and weight."""
+    x, weight = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    y = fn(x, weight, documents)
+    y.backward(gy)
+    return y, x.grad, weight.grad
+
+
+def check(x, weight, documents, tol):
+    """Forward and both gradients against the float64 reference on the same inputs and output gradient."""
+    gy = torch.randn(x.shape, dtype=torch.float64, device=x.device).to(x.dtype)
+    got = run(short_conv_silu, x, weight, documents, gy)
+    want = run(reference, x.double(), weight.double(), documents, gy.double())
+    for name, g, w, like in zip(("y", "grad x", "grad weight"), got, want, (x, x, weight)):
+        assert g.shape == like.shape and g.dtype == like.dtype, name
+        assert torch.isfinite(g).all(), name
+        assert rel(g, w) < tol, f"{name}: relative error {rel(g, w):.2e} > {tol:.0e}"
+
+
+def make_inputs(B, n, C, W, dtype=torch.float32, device="cpu", weight_dtype=None):
+    x = torch.randn(B, n, C, dtype=torch.float64).to(device, dtype)
+    weight = torch.randn(C, 1, W, dtype=torch.float64).to(device, weight_dtype or dtype)
+    return x, weight
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_kernels_against_float64_reference(triton_env, dtype, packed):
+    torch.manual_seed(0)
+    for n, C, W in SHAPES:
+        x, weight = make_inputs(2, n, C, W, dtype, triton_env)
+        check(x, weight, documents_for(2, n, triton_env) if packed else None, TOL[dtype])
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+def test_widths_weight_dtype_and_layout(triton_env):
+    """W = 1 and 8, an fp32 weight on bf16 x (autocast's), non-contiguous x, int32 documents."""
+    torch.manual_seed(1)
+    for W in (1, 8):
+        x, weight = make_inputs(2, 20, 24, W, device=triton_env)
+        check(x, weight, documents_for(2, 20, triton_env).int(), TOL[torch.float32])
+    x, weight = make_inputs(2, 17, 37, 4, torch.bfloat16, triton_env, weight_dtype=torch.float32)
+    check(x, weight, documents_for(2, 17, triton_env), TOL[torch.bfloat16])
+    x = torch.randn(2, 37, 17, device=triton_env).transpose(1, 2)
+    check(x, weight, None, TOL[torch.float32])
+
+
+def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(2)
+    x, weight = make_inputs(2, 17, 37, 4, torch.bfloat16)
+    documents = documents_for(2, 17, "cpu")
+    gy = torch.randn_like(x)
+    for got, want in zip(run(short_conv_silu, x, weight, documents, gy), run(reference, x, weight, documents, gy)):
+        assert torch.equal(got, want)
+
+
+BAD = [
+    (dict(x=torch.zeros(4, 37)), "x must be a 3-D floating"),
+    (dict(x=torch.zeros(2, 5, 37, dtype=torch.long)), "x must be a 3-D floating"),
+    (dict(x=torch.zeros(2, 0, 37)), "x must be .* n ≥ 1"),
+    (dict(weight=torch.zeros(36, 1, 4)), "weight must be .*C=37"),
+    (dict(weight=torch.zeros(37, 2, 4)), "weight must be"),
+    (dict(weight=torch.zeros(37, 1, 9)), "weight must be .* W ≤ 8"),
+    (dict(weight=torch.zeros(37, 1, 0)), "weight must be .* 1 ≤ W"),
+    (dict(weight=torch.zeros(37, 1, 4, dtype=torch.long)), "weight must be a floating"),
+    (dict(documents=torch.zeros(2, 6, dtype=torch.long)), r"documents must be .* \(B, n\) = \(2, 5\)"),
+    (dict(documents=torch.zeros(2, 5)), "documents must be .* integer"),
+    (dict(documents=torch.zeros(2, 5, dtype=torch.bool)), "documents must be .* integer"),
+]
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["reference", "interpreter"])
+@pytest.mark.parametrize("bad,message", BAD, ids=[m.split()[0] + str(i) for i, (_, m) in enumerate(BAD)])
+def test_bad_inputs_raise_value_errors_naming_the_argument(monkeypatch, interpret, bad, message):
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+    args = dict(x=torch.randn(2, 5, 37), weight=torch.randn(37, 1, 4), documents=None) | bad
+    with pytest.raises(ValueError, match=message):
+        short_conv_silu(**args)
+
+
+@pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
+def test_custom_ops_pass_torch_library_opcheck(triton_env):
+    """Schema, fake (meta) shapes, autograd registration and AOT dispatch, as torch.compile relies on them."""
+    torch.manual_seed(3)
+    x, weight = make_inputs(2, 6, 20, 3)
+    documents = documents_for(2, 6, "cpu")
+    for docs in (None, documents):
+        torch.library.opcheck(short_conv.conv_silu_forward, (x.requires_grad_(), weight.requires_grad_(), docs))
+    # the backward as Inductor may call it: a saved input in another memory layout, outputs contiguous all the same
+    permuted = x.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    torch.library.opcheck(short_conv.conv_silu_backward, (permuted, weight.detach(), documents, torch.randn_like(x)))
+
+
+@pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
+def test_compiles_without_graph_breaks(triton_env):
+    """fullgraph=True: the checks, the dispatch and both ops trace; the compiled function gives the eager results."""
+    torch.manual_seed(4)
+    x, weight = make_inputs(2, 9, 20, 4, torch.bfloat16, weight_dtype=torch.float32)
+    documents = documents_for(2, 9, "cpu")
+    gy = torch.randn_like(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(short_conv_silu, fullgraph=True, backend="aot_eager")
+    for got, want in zip(run(compiled, x, weight, documents, gy), run(short_conv_silu, x, weight, documents, gy)):
+        assert torch.equal(got, want)
+
+
+def test_benchmark_smoke_run(monkeypatch, capsys):
+    """kernels/benchmarks/bench_short_conv.py --smoke: tiny shapes on the CPU, every row filled in."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the script sets it; this puts it back afterwards
+    folder = os.path.join(os.path.dirname(__file__), "..", "kernels", "benchmarks")
+    monkeypatch.syspath_prepend(folder)
+    bench = importlib.import_module("bench_short_conv")
+    lines = bench.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "| B | n | C | W | documents |" in out and "SMOKE" in out
+    assert len(lines) == 2 * len(bench.SMOKE_SHAPES)
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == 14 and all(float(t) > 0 for t in cells[6:9] + cells[10:13]), line
+        assert all(float(e) < 2e-2 for e in cells[13].split(" / ")), line
