@@ -6,8 +6,6 @@ On CPU the kernels run in the Triton interpreter: the `triton_env` fixture sets 
 the shapes are small: n = 130 spans two of the backward's token blocks, C = 200 several channel blocks.
 """
 
-import importlib
-import os
 
 import pytest
 import torch
@@ -160,12 +158,10 @@ def test_compiles_without_graph_breaks(triton_env):
         assert torch.equal(got, want)
 
 
-def test_benchmark_smoke_run(monkeypatch, capsys):
+def test_benchmark_smoke_run(monkeypatch, capsys, benchmark_script):
     """kernels/benchmarks/bench_short_conv.py --smoke: tiny shapes on the CPU, every row filled in."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the script sets it; this puts it back afterwards
-    folder = os.path.join(os.path.dirname(__file__), "..", "kernels", "benchmarks")
-    monkeypatch.syspath_prepend(folder)
-    bench = importlib.import_module("bench_short_conv")
+    bench = benchmark_script("bench_short_conv")
     lines = bench.main(["--smoke"])
     out = capsys.readouterr().out
     assert "| B | n | C | W | documents |" in out and "SMOKE" in out
