@@ -1,5 +1,5 @@
-"""Shared fixtures: a fresh virtualenv without this package, for remote-code loading tests; the kernel benchmark
-scripts as modules."""
+"""Shared fixtures: the device Triton kernels run on, the kernel benchmark scripts as modules, and a fresh virtualenv
+without this package for remote-code loading tests."""
 
 import importlib
 import os
@@ -12,6 +12,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REMOTE_CODE_PACKAGES = ["torch", "triton", "transformers", "safetensors", "tokenizers"]
+
+
+@pytest.fixture
+def triton_env(monkeypatch, request):
+    """Device for Triton kernels: the interpreter on CPU, the GPU when the test asks for cuda (parametrize it
+    indirectly); flowhn_kernels reads TRITON_INTERPRET at each launch."""
+    device = request.param if hasattr(request, "param") else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return device
 
 
 @pytest.fixture

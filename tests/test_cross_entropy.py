@@ -12,17 +12,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture
-def triton_env(monkeypatch, request):
-    """The interpreter on CPU, the compiled kernel when the test asks for cuda."""
-    device = request.param
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return device
-
-
 def expected(logits, labels):
     """Per-row loss and d(summed loss)/d logits by autograd in float64, ignored rows zero."""
     x = logits.double().requires_grad_()

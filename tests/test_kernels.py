@@ -17,17 +17,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason
 TOL = {torch.float32: 3e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture
-def triton_env(monkeypatch, request):
-    """Device for Triton kernels: the interpreter on CPU, the GPU when the test asks for cuda."""
-    device = request.param if hasattr(request, "param") else "cpu"
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return device
-
-
 def dims(device):
     """(H, K, V): small for the interpreter, model-sized on the GPU; always K ≠ V."""
     return (2, 16, 32) if device == "cpu" else (4, 128, 64)

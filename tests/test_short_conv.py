@@ -22,17 +22,6 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 SHAPES = [(1, 37, 4), (3, 200, 2), (17, 200, 4), (130, 37, 2)]
 
 
-@pytest.fixture
-def triton_env(monkeypatch, request):
-    """Device for Triton kernels: the interpreter on CPU, the GPU when the test asks for cuda."""
-    device = request.param if hasattr(request, "param") else "cpu"
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return device
-
-
 def documents_for(B, n, device):
     """Packed documents, rows differing: row 0 starts with a one-token document, row 1 holds one mid-row."""
     documents = torch.zeros(B, n, dtype=torch.long)
