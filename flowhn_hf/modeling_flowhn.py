@@ -112,6 +112,11 @@ class FlowHNMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, T, d) at the places `index` (B, n) along the token axis."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[2]))
+
+
 @dataclass
 class BranchTokens:
     """The tokens one branch of a layer takes, as a causal subsequence of the layer's input.
@@ -131,22 +136,69 @@ class BranchTokens:
         return None if self.index is None else self.index.shape[1]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Select this branch's entries of x (B, T, ...) along the token axis."""
+        """Select this branch's entries of x (B, T, d) along the token axis."""
         if self.index is None:
             return x
-        index = self.index.reshape(*self.index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-        return x.gather(1, index)
+        return x[:, :0] if self.size == 0 else _gather_tokens(x, self.index)
+
+
+class SplitTokens(torch.autograd.Function):
+    """x (B, T, d) -> (its tokens at `first`, its tokens at `second`), when the two together hold every token once;
+    `merge` (B, T) is each token's place in their concatenation. Backward is that merge, one gather, where autograd's
+    gathers would scatter-add into zeros twice."""
+
+    @staticmethod
+    def forward(ctx, x, first, second, merge):
+        ctx.save_for_backward(merge)
+        return _gather_tokens(x, first), _gather_tokens(x, second)
+
+    @staticmethod
+    def backward(ctx, grad_first, grad_second):
+        (merge,) = ctx.saved_tensors
+        return _gather_tokens(torch.cat([grad_first, grad_second], dim=1), merge), None, None, None
+
+
+class MergeTokens(torch.autograd.Function):
+    """The inverse of SplitTokens: (a, b) -> cat(a, b) gathered at `merge`; backward splits by `first` and `second`."""
+
+    @staticmethod
+    def forward(ctx, a, b, merge, first, second):
+        ctx.save_for_backward(first, second)
+        return _gather_tokens(torch.cat([a, b], dim=1), merge)
+
+    @staticmethod
+    def backward(ctx, grad):
+        first, second = ctx.saved_tensors
+        return _gather_tokens(grad, first), _gather_tokens(grad, second), None, None, None
 
 
 @dataclass
 class LayerRoute:
     """How one layer splits its tokens: the two branches' subsequences, and where each token's output comes from
     in the concatenation of the attention outputs and the DeltaNet outputs (None when every token goes to both, or
-    every token to one branch and none to the other)."""
+    every token to one branch and none to the other). `permutes`: the two subsequences hold every token exactly
+    once, with no fillers, so splitting and merging are each other's inverse (and each other's gradient)."""
 
     attention: BranchTokens
     deltanet: BranchTokens
     merge_index: torch.Tensor | None
+    permutes: bool = False
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each branch's input: x (B, T, d) at the branch's tokens."""
+        if self.permutes:
+            return SplitTokens.apply(x, self.attention.index, self.deltanet.index, self.merge_index)
+        return self.attention.gather(x), self.deltanet.gather(x)
+
+    def merge(self, attention_out: torch.Tensor, deltanet_out: torch.Tensor) -> torch.Tensor:
+        """(B, T, d): each token's output from the branch it went to (fillers and padding read some entry)."""
+        if self.permutes:
+            first, second = self.attention.index, self.deltanet.index
+            return MergeTokens.apply(attention_out, deltanet_out, self.merge_index, first, second)
+        both = torch.cat([attention_out, deltanet_out], dim=1)
+        if both.shape[1] == 0:  # nothing but padding
+            both = attention_out.new_zeros(attention_out.shape[0], 1, attention_out.shape[2])
+        return _gather_tokens(both, self.merge_index)
 
 
 class AttentionWindow(NamedTuple):
@@ -208,6 +260,7 @@ def plan_route(
         everything = BranchTokens(None, real, documents)
         return LayerRoute(everything, everything, None)
     batch, length = positions.shape
+    permutes = False
     if start is not None:
         attention_size = window.count(start, length)
         if attention_size in (0, length):
@@ -221,6 +274,7 @@ def plan_route(
         attention = BranchTokens(order[:, :attention_size], None)
         deltanet = BranchTokens(order[:, attention_size:], None)
         to_deltanet = ~to_attention
+        permutes = True
     else:
         to_attention = window.routes(positions)
         to_deltanet = ~to_attention
@@ -236,7 +290,7 @@ def plan_route(
     rank_attention = to_attention.cumsum(-1) - 1
     rank_deltanet = to_deltanet.cumsum(-1) - 1 + attention.size
     merge = torch.where(to_attention, rank_attention, rank_deltanet).clamp(min=0)
-    return LayerRoute(attention, deltanet, merge.expand(batch, -1))
+    return LayerRoute(attention, deltanet, merge.expand(batch, -1), permutes)
 
 
 class FlowHNAttention(nn.Module):
@@ -433,7 +487,7 @@ class FlowHNBranch(nn.Module):
         self.mlp = FlowHNMLP(config)
 
     def forward(self, hidden_states, tokens: BranchTokens, position_embeddings, past_key_values=None, **kwargs):
-        hidden_states = tokens.gather(hidden_states)
+        """`hidden_states`: the branch's tokens only (`LayerRoute.split`)."""
         mixed = self.mixer(self.input_layernorm(hidden_states), tokens, position_embeddings, past_key_values, **kwargs)
         hidden_states = hidden_states + mixed
         return hidden_states + self.mlp(self.post_mixer_layernorm(hidden_states))
@@ -467,10 +521,7 @@ class FlowHNFusion(nn.Module):
         elif route.merge_index is None:
             m = (attention_out + deltanet_out) / 2 if self.normalized else torch.cat([attention_out, deltanet_out], -1)
         else:
-            both = torch.cat([attention_out, deltanet_out], dim=1)
-            if both.shape[1] == 0:  # nothing but padding
-                both = x.new_zeros(x.shape[0], 1, x.shape[2])
-            m = both.gather(1, route.merge_index[..., None].expand(-1, -1, x.shape[2]))
+            m = route.merge(attention_out, deltanet_out)
         u = x + self.branch_proj(m)
         return u + self.fusion_proj(self.fusion_norm(u))
 
@@ -493,15 +544,13 @@ class FlowHNDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        empty = hidden_states[:, :0]
-        attention_out = empty
+        attention_out, deltanet_out = route.split(hidden_states)
         if route.attention.size != 0:
             attention_out = self.attention_branch(
-                hidden_states, route.attention, position_embeddings, past_key_values, **kwargs
+                attention_out, route.attention, position_embeddings, past_key_values, **kwargs
             )
-        deltanet_out = empty
         if route.deltanet.size != 0:
-            deltanet_out = self.deltanet_branch(hidden_states, route.deltanet, position_embeddings, past_key_values)
+            deltanet_out = self.deltanet_branch(deltanet_out, route.deltanet, position_embeddings, past_key_values)
         return self.fusion(hidden_states, attention_out, deltanet_out, route)
 
 

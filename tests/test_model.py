@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowhn_hf import FlowHNConfig, FlowHNForCausalLM, count_parameters, preset_config
-from flowhn_hf.modeling_flowhn import attention_window
+from flowhn_hf.modeling_flowhn import attention_window, plan_route
 from transformers import DynamicCache
 
 MODES = ["none", "alternating", "flop_aware", "flop_aware_circulating"]
@@ -47,6 +47,28 @@ def test_attention_count_matches_the_route(mode):
         for start, length in [(0, 1), (0, 97), (3, 8), (17, 33), (1234, 5)]:
             route = attention_window(layer, config).routes(torch.arange(start, start + length))
             assert attention_window(layer, config).count(start, length) == int(route.sum())
+
+
+@pytest.mark.parametrize("mode", ["alternating", "flop_aware_circulating"])
+def test_split_and_merge_of_a_permuting_route_match_plain_gathers(mode):
+    """The one-gather split and merge (each the other's backward) equal autograd's gathers, values and gradients."""
+    config = preset_config("tiny", split_mode=mode, split_period=8, attention_ratio=0.3)
+    positions = torch.arange(5, 5 + 37).expand(3, -1)
+    route = plan_route(attention_window(1, config), positions, None, 5)
+    assert route.permutes and route.attention.size not in (0, 37)
+    x = torch.randn(3, 37, 6, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(3, n, 6, dtype=torch.float64) for n in (route.attention.size, route.deltanet.size, 37)]
+
+    def loss(split, merge):
+        a, d = split(x)
+        return sum((w * t).sum() for w, t in zip(weights, (a, d, merge(a.sin(), d.cos()))))
+
+    plain = (lambda x: (route.attention.gather(x), route.deltanet.gather(x)),
+             lambda a, d: torch.cat([a, d], 1).gather(1, route.merge_index[..., None].expand(-1, -1, 6)))
+    expected, = torch.autograd.grad(loss(*plain), x)
+    got, = torch.autograd.grad(loss(route.split, route.merge), x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(route.merge(*route.split(x)), x)
 
 
 def test_single_period_reproduces_the_papers_split():
