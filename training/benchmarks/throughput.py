@@ -273,20 +273,21 @@ def matmul_rate(device, smoke) -> tuple[float, str]:
     return 2 * n**3 / seconds, f"{n}x{n}x{n} {str(dtype).removeprefix('torch.')} torch.matmul"
 
 
-def compile_model(model, backend="inductor"):
+def compile_model(model, backend="inductor", mode=None):
     """`torch.compile(model)` with room for a graph per layer. FlowHN compiles into one graph (its kernels are custom
     ops, and a batch without a mask or position ids needs no host sync), but a model that breaks inside its layers
     gets a graph per layer specialisation, and past the recompile limit (default 8) Dynamo would run the rest
-    eagerly without a word. Call `torch._dynamo.reset()` when done with it."""
+    eagerly without a word. `mode`: torch.compile's ("reduce-overhead" replays CUDA graphs). Call
+    `torch._dynamo.reset()` when done with it."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(model, backend=backend)
+    return torch.compile(model, backend=backend, mode=mode)
 
 
 def training_step(model, batch, args, device, precision=None, compiled=False):
     """A function running one full training step (forward with its loss, backward, fused AdamW step) on `batch`
     and returning the detached loss: every model's step, timed here and profiled by profile_step.py alike."""
     precision = precision or args.precision
-    forward = compile_model(model, args.compile_backend) if compiled else model
+    forward = compile_model(model, args.compile_backend, args.compile_mode) if compiled else model
     model.train()
     model.zero_grad(set_to_none=True)
     if precision == "bf16":
@@ -296,12 +297,13 @@ def training_step(model, batch, args, device, precision=None, compiled=False):
     autocast = precision == "autocast"
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs ("reduce-overhead"): the last step's outputs are done
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = forward(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach().clone()  # a CUDA graph's output is overwritten by its next replay
 
     return step
 
@@ -600,6 +602,7 @@ PRECISIONS = {"autocast": "bf16 autocast over fp32 weights", "bf16": "bf16 weigh
 def write_reports(rows, args, env, out_dirs):
     smoke = " (SMOKE RUN: tiny models on CPU, numbers meaningless)" if args.smoke else ""
     decode_weights = "bf16 weights" if args.device.startswith("cuda") else "fp32 weights"
+    compile_args = f'backend="{args.compile_backend}"' + (f', mode="{args.compile_mode}"' if args.compile_mode else "")
     text = "\n".join([
         f"# Throughput: FlowHN vs its peers{smoke}",
         "",
@@ -613,9 +616,8 @@ def write_reports(rows, args, env, out_dirs):
         "MFU is over this.",
         f"- Training: batch {args.batch_size} × {args.seq_len} tokens of random ids (the same batch for every model), "
         f"AdamW (fused on CUDA), {PRECISIONS[args.precision]}; {args.warmup} warm-up steps, then {args.steps} timed "
-        "steps. \"(compiled)\": the forward with its loss under `torch.compile(model, backend="
-        f"\"{args.compile_backend}\")`, compiled during the warm-up steps (warm-up s: their wall time, compilation "
-        "included); the other rows eager.",
+        f"steps. \"(compiled)\": the forward with its loss under `torch.compile(model, {compile_args})`, compiled "
+        "during the warm-up steps (warm-up s: their wall time, compilation included); the other rows eager.",
         f"- Decode: `generate`, random prompt of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
         f"min_new_tokens = max_new_tokens, {decode_weights}; decode tok/s = batch·(new−1) / (generate time − "
         "prefill time).",
@@ -710,6 +712,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=("off", "on", "both"), default="off",
                    help="train eager, under torch.compile, or both (two rows per model; decode in the eager one)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: tests the path)")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                   default=None, help="torch.compile mode for every compiled model (reduce-overhead: CUDA graphs)")
     p.add_argument("--no-calibrate", action="store_true", help="skip flowhn_hf.calibrate_split")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no row that would end past this many minutes, by the mean time of the finished rows "
@@ -754,6 +758,7 @@ def main(argv=None):
     if args.child_json:
         return run_child(args, device)
     out_dirs = [args.out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    out_dirs = list(dict.fromkeys(path.resolve() for path in out_dirs))  # --out-dir $OUT: once
     state = {"start": time.perf_counter()}
     state["peak_flops"], state["peak_how"] = matmul_rate(device, args.smoke)
     print(f"matmul rate: {state['peak_flops'] / 1e12:.4g} TFLOP/s ({state['peak_how']})", flush=True)
