@@ -4,10 +4,11 @@
 
 and, with `documents`, no tap reaching into an earlier packed document. x is channels-last (B, n, C), as the
 projection gives it, so a tile of tokens × channels loads coalesced along C and each tap is one shifted load of it.
-The backward recomputes the pre-activation instead of saving it: one pass writes its gradient gpre = gy · silu'(pre)
-and the weight gradient's partial sums per block of tokens (summed afterwards: deterministic), then the input gradient
-is the same convolution kernel looking ahead over gpre. (One kernel recomputing the pre-activation at every shifted
-row took W² loads a tile and 453 µs at (16, 973, 1728) on an H200; the forward takes 52.)
+The backward recomputes the pre-activation instead of saving it: one pass of the same kernel writes its gradient
+gpre = gy · silu'(pre), a second one, looking ahead over gpre, the input gradient, and from the tiles it loads anyway
+the weight gradient's partial sums per tile (summed afterwards: deterministic). Every pass is one tile a program.
+(A first backward recomputed the pre-activation at every shifted row, W² loads a tile: 453 µs at (16, 973, 1728) on
+an H200; a second walked several tiles a program in a loop: 326 µs for its first pass; the forward takes 52.)
 """
 
 import re
@@ -22,9 +23,8 @@ from .utils import cdiv, interpreting, kernel, pow2
 
 MAX_WIDTH = 8
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the kernels take all but float64
-# launch settings: tokens × channels of a tile, warps; each weight-gradient program runs GRAD_TILES tiles in turn,
-# which keeps its partial sums few
-BT, BC, WARPS, GRAD_TILES = 16, 128, 4, 8
+# launch settings: tokens × channels of a tile, warps
+BT, BC, WARPS = 16, 128, 4
 
 # Each copy of this module registers its own ops (see ops.py)
 NAMESPACE = "flowhn_" + re.sub(r"\W", "_", __name__)
@@ -54,11 +54,14 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, documents: torch.Tensor |
 
 
 @kernel
-def conv_kernel(x, taps, documents, y, n, C, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                HAS_DOCS: tl.constexpr, AHEAD: tl.constexpr, SILU: tl.constexpr):
-    """One tile of BT tokens × BC channels of one sequence: y[t] = Σ_back taps[W − 1 − back] · x[t − back] (the
-    forward; silu of it with SILU), or with AHEAD x[t + back] (the input gradient, x then being the pre-activation's
-    gradient). Terms outside the sequence or t's document are zero; fp32 sums."""
+def conv_kernel(x, taps, documents, y, gy, base, gw, n, C, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr,
+                BC: tl.constexpr, HAS_DOCS: tl.constexpr, AHEAD: tl.constexpr, EPILOGUE: tl.constexpr,
+                WEIGHT_GRAD: tl.constexpr):
+    """One tile of BT tokens × BC channels of one sequence: acc[t] = Σ_back taps[W − 1 − back] · x[t − back], or
+    with AHEAD x[t + back]; terms outside the sequence or t's document are zero; fp32 sums. y = acc (EPILOGUE 0),
+    silu(acc) (1: the forward) or gy · silu'(acc) (2: the pre-activation's gradient, acc recomputed). With WEIGHT_GRAD
+    (AHEAD, x the pre-activation's gradient, `base` the forward's input) also this tile's weight-gradient partial sums
+    into row `tile` of gw (tiles, WP, C): tap W − 1 − back sums x[t + back] · base[t] over the tile's tokens t."""
     b = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -67,63 +70,34 @@ def conv_kernel(x, taps, documents, y, n, C, W: tl.constexpr, BT: tl.constexpr, 
     tap_at = taps + (W - 1) * C + cols  # taps (W, C): the tap `back` tokens back at tap_at - back * C
     documents += b * n
     row_ok = rows < n
+    tile_ok = row_ok[:, None] & c_ok[None, :]
     if HAS_DOCS:
         doc = tl.load(documents + rows, mask=row_ok)
+    if WEIGHT_GRAD:
+        here = tl.load(base + at + rows[:, None] * C, mask=tile_ok, other=0.0).to(tl.float32)
+        j = tl.arange(0, WP)
+        gw_acc = tl.zeros([WP, BC], dtype=tl.float32)
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for back in tl.static_range(W):
         src = rows + back if AHEAD else rows - back
         ok = row_ok & (src < n) & (src >= 0)
         if HAS_DOCS:
             ok = ok & (tl.load(documents + src, mask=ok) == doc)
-        xs = tl.load(x + at + src[:, None] * C, mask=ok[:, None] & c_ok[None, :], other=0.0)
-        acc += xs.to(tl.float32) * tl.load(tap_at - back * C, mask=c_ok)[None, :]
-    if SILU:
-        acc = acc * tl.sigmoid(acc)
-    tl.store(y + at + rows[:, None] * C, acc.to(y.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
-
-
-@kernel
-def conv_silu_grad_kernel(x, taps, documents, gy, gpre, gw, n, C, W: tl.constexpr, WP: tl.constexpr,
-                          BT: tl.constexpr, BC: tl.constexpr, TILES: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """For up to TILES tiles of BT tokens × BC channels of one sequence: gpre = gy · silu'(pre), the pre-activation
-    recomputed, and this program's partial weight gradient, tap W − 1 − back summing gpre[t] · x[t − back] in row
-    W − 1 − back of a [WP, BC] accumulator."""
-    b = tl.program_id(2).to(tl.int64)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    c_ok = cols < C
-    at = b * n * C + cols[None, :]
-    tap_at = taps + (W - 1) * C + cols
-    documents += b * n
-    j = tl.arange(0, WP)
-    gw_acc = tl.zeros([WP, BC], dtype=tl.float32)
-    start = tl.program_id(0) * (TILES * BT)
-    for first in range(start, tl.minimum(start + TILES * BT, n), BT):
-        rows = first + tl.arange(0, BT)
-        row_ok = rows < n
-        if HAS_DOCS:
-            doc = tl.load(documents + rows, mask=row_ok)
-        pre = tl.zeros([BT, BC], dtype=tl.float32)
-        for back in tl.static_range(W):
-            src = rows - back
-            ok = row_ok & (src >= 0)
-            if HAS_DOCS:
-                ok = ok & (tl.load(documents + src, mask=ok) == doc)
-            xs = tl.load(x + at + src[:, None] * C, mask=ok[:, None] & c_ok[None, :], other=0.0)
-            pre += xs.to(tl.float32) * tl.load(tap_at - back * C, mask=c_ok)[None, :]
-        dy = tl.load(gy + at + rows[:, None] * C, mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-        sig = tl.sigmoid(pre)
-        g = dy * sig * (1 + pre * (1 - sig))
-        tl.store(gpre + at + rows[:, None] * C, g.to(gpre.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
-        for back in tl.static_range(W):  # the same shifted tiles again, from cache
-            src = rows - back
-            ok = row_ok & (src >= 0)
-            if HAS_DOCS:
-                ok = ok & (tl.load(documents + src, mask=ok) == doc)
-            xs = tl.load(x + at + src[:, None] * C, mask=ok[:, None] & c_ok[None, :], other=0.0)
-            part = tl.sum(g * xs.to(tl.float32), axis=0)
+        xs = tl.load(x + at + src[:, None] * C, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        acc += xs * tl.load(tap_at - back * C, mask=c_ok)[None, :]
+        if WEIGHT_GRAD:
+            part = tl.sum(xs * here, axis=0)
             gw_acc += tl.where(j[:, None] == W - 1 - back, part[None, :], 0.0)
-    block = b * tl.num_programs(0) + tl.program_id(0)
-    tl.store(gw + (block * W + j[:, None]) * C + cols[None, :], gw_acc, mask=(j < W)[:, None] & c_ok[None, :])
+    if EPILOGUE == 1:
+        acc = acc * tl.sigmoid(acc)
+    if EPILOGUE == 2:
+        sig = tl.sigmoid(acc)
+        dy = tl.load(gy + at + rows[:, None] * C, mask=tile_ok, other=0.0).to(tl.float32)
+        acc = dy * sig * (1 + acc * (1 - sig))
+    tl.store(y + at + rows[:, None] * C, acc.to(y.dtype.element_ty), mask=tile_ok)
+    if WEIGHT_GRAD:
+        tile = b * tl.num_programs(0) + tl.program_id(0)
+        tl.store(gw + (tile * WP + j[:, None]) * C + cols[None, :], gw_acc, mask=(j < W)[:, None] & c_ok[None, :])
 
 
 def _taps(weight):
@@ -132,21 +106,27 @@ def _taps(weight):
     return weight[:, 0].T.float().contiguous()
 
 
-def _conv(x: Tensor, taps: Tensor, documents: Optional[Tensor], ahead: bool, silu: bool) -> Tensor:
-    """conv_kernel over all of x (B, n, C), contiguous: the forward, or (ahead) the input gradient."""
+def _conv(x: Tensor, taps: Tensor, documents: Optional[Tensor], ahead=False, epilogue=0, gy=None, base=None):
+    """conv_kernel over all of x (B, n, C), contiguous: y, and with `base` (ahead) the weight gradient too."""
     (B, n, C), W = x.shape, taps.shape[0]
     y = torch.empty_like(x)
+    tiles, WP = B * cdiv(n, BT), pow2(W, 1)
+    gw = x.new_empty(tiles, WP, C, dtype=torch.float32) if base is not None else None  # rows past W never written
     if y.numel():
-        docs = x if documents is None else documents  # a placeholder pointer without documents
-        conv_kernel[(cdiv(n, BT), cdiv(C, BC), B)](x, taps, docs, y, n, C, W, BT, BC, documents is not None, ahead,
-                                                   silu, num_warps=WARPS)  # fmt: skip
-    return y
+        docs = x if documents is None else documents  # placeholder pointers where a flag leaves an argument unused
+        gy_arg, base_arg, gw_arg = (x if t is None else t for t in (gy, base, gw))
+        conv_kernel[(cdiv(n, BT), cdiv(C, BC), B)](x, taps, docs, y, gy_arg, base_arg, gw_arg, n, C, W, WP, BT, BC,
+                                                   documents is not None, ahead, epilogue, base is not None,
+                                                   num_warps=WARPS)  # fmt: skip
+    if base is None:
+        return y
+    return y, gw[:, :W].sum(0) if gw.numel() else x.new_zeros(W, C, dtype=torch.float32)
 
 
 def _forward(x: Tensor, weight: Tensor, documents: Optional[Tensor]) -> Tensor:
     """silu(conv) (B, n, C) in x's dtype."""
     docs = None if documents is None else documents.contiguous()
-    return _conv(x.contiguous(), _taps(weight), docs, ahead=False, silu=True)
+    return _conv(x.contiguous(), _taps(weight), docs, epilogue=1)
 
 
 conv_silu_forward = torch.library.custom_op(f"{NAMESPACE}::conv_silu_forward", _forward, mutates_args=())
@@ -158,21 +138,14 @@ def _(x, weight, documents):
 
 
 def _backward(x: Tensor, weight: Tensor, documents: Optional[Tensor], gy: Tensor) -> Tuple[Tensor, Tensor]:
-    """(gx in x's dtype, gw in weight's shape and dtype): the pre-activation's gradient and the partial weight
-    gradients in one pass, then the input gradient as a convolution looking ahead."""
+    """(gx in x's dtype, gw in weight's shape and dtype): the pre-activation's gradient (the forward recomputed), then
+    the input gradient as a convolution of it looking ahead, which sums the weight gradient from the same tiles."""
     x, gy = x.contiguous(), gy.contiguous()
     docs = None if documents is None else documents.contiguous()
-    (B, n, C), W = x.shape, weight.shape[-1]
     taps = _taps(weight)
-    gpre = torch.empty_like(x)
-    blocks = cdiv(n, BT * GRAD_TILES)
-    partials = x.new_empty(B * blocks, W, C, dtype=torch.float32)  # every entry written
-    if x.numel():
-        conv_silu_grad_kernel[(blocks, cdiv(C, BC), B)](x, taps, x if docs is None else docs, gy, gpre, partials, n,
-                                                        C, W, pow2(W, 1), BT, BC, GRAD_TILES, docs is not None,
-                                                        num_warps=WARPS)  # fmt: skip
-    gw = partials.sum(0).T.contiguous().view(weight.shape).to(weight.dtype)
-    return _conv(gpre, taps, docs, ahead=True, silu=False), gw
+    gpre = _conv(x, taps, docs, epilogue=2, gy=gy)
+    gx, gw = _conv(gpre, taps, docs, ahead=True, base=x)
+    return gx, gw.T.contiguous().view(weight.shape).to(weight.dtype)
 
 
 conv_silu_backward = torch.library.custom_op(f"{NAMESPACE}::conv_silu_backward", _backward, mutates_args=())
