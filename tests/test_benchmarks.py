@@ -160,21 +160,29 @@ def test_quality_smoke_run_writes_its_table(tmp_path):
         (t, m) for t in ("text", "mqar") for m in ("flowhn-FAC", "flowhn-none", "llama")}
     assert len({r["train_tokens"] for r in rows if r["task"] == "text"}) == 1, "equal tokens for every model"
     assert "| mqar | llama |" in (tmp_path / "QUALITY.md").read_text()
+    assert {r["train_tokens"] for r in rows if r["task"] == "mqar"} == {8192}, "32 steps of 8 sequences x 32 tokens"
 
 
 def test_mqar_answers_are_the_values_of_the_queried_keys():
+    """Each key is queried once; its value is the label after it and never an input there (a blank, 0); with
+    mqar_len > 4 x pairs the other slots are blanks."""
     from types import SimpleNamespace
 
     from training.benchmarks.quality import mqar_batch
 
-    ids, labels = mqar_batch(3, SimpleNamespace(pairs=5, mqar_vocab=20), torch.Generator().manual_seed(0))
-    assert ids.shape == labels.shape == (3, 20)
-    for row, row_labels in zip(ids.tolist(), labels.tolist()):
-        pairs = dict(zip(row[0:10:2], row[1:10:2]))
-        assert len(pairs) == 5
-        for key_at in range(10, 20, 2):
-            assert row_labels[key_at] == -100 and row_labels[key_at + 1] == pairs[row[key_at]]
-        assert all(label == -100 for label in row_labels[:10])
+    for length in (20, 36):
+        args = SimpleNamespace(pairs=5, mqar_vocab=20, mqar_len=length)
+        ids, labels = mqar_batch(3, args, torch.Generator().manual_seed(0))
+        assert ids.shape == labels.shape == (3, length)
+        for row, row_labels in zip(ids.tolist(), labels.tolist()):
+            pairs = dict(zip(row[0:10:2], row[1:10:2]))
+            assert len(pairs) == 5 and all(1 <= k <= 20 < v <= 40 for k, v in pairs.items())
+            queried = [at for at in range(10, length, 2) if row[at] != 0]
+            assert sorted(row[at] for at in queried) == sorted(pairs)
+            for at in range(10, length, 2):
+                assert row_labels[at] == -100 and row[at + 1] == 0
+                assert row_labels[at + 1] == (pairs[row[at]] if at in queried else -100)
+            assert all(label == -100 for label in row_labels[:10])
 
 
 def test_quality_reads_a_pre_tokenized_corpus_and_stops_at_its_budget(tmp_path):

@@ -4,9 +4,15 @@ trained from the same seed on the same tokens in the same order, on two tasks:
 - text: next-token loss on a held-out slice of a real-text corpus: `--corpus DIR`, pre-tokenized by
   `build_corpus.py` (English documentation from Debian packages; no `datasets` needed), or `--dataset` (text files
   or a Hub dataset, tokenized here), or by default the built-in Shakespeare corpus;
-- mqar: multi-query associative recall. A sequence lists `--pairs` key-value pairs, then asks for the values of the
-  keys in a shuffled order; the loss counts the answers only, and accuracy is the share of answers predicted exactly.
-  It probes what a recurrent state can store, where attention and DeltaNet differ most.
+- mqar: multi-query associative recall (after Zoology, Arora et al. 2023). A sequence of `--mqar-len` tokens (256)
+  lists `--pairs` key-value pairs (32), then asks for the value of each key, in a shuffled order and at random places
+  among blanks; the answers are labels only, never inputs (else the values not yet asked for could be guessed by
+  elimination). The loss counts the answers only, and accuracy is the share of answers predicted exactly. It probes
+  what a recurrent state can store and which earlier tokens a position can reach, where attention, DeltaNet and
+  FAC's routing differ most. Recall is learnt in a phase transition after a plateau, counted in optimizer steps, so
+  MQAR has steps of its own (`--mqar-batch-size` 32 sequences = 8,192 tokens: 1,221 steps for `--mqar-tokens` 10M):
+  the first version, 64 pairs back to back in 128-sequence steps (244 steps for 8M tokens), left all three models
+  at chance on the H200. NOTES.md, "Quality at equal tokens", has the CPU measurements and the GPU prediction.
 
 Model size (`--size`): "small" by default (FlowHN d 384, 8 layers, about 36M parameters with a 16k vocabulary; the
 Llama 16 layers of the same width, its SwiGLU width solved to FlowHN FAC's count), so that three models x 20M
@@ -15,6 +21,7 @@ text tokens plus the recall task fit in one 9-minute H200 call; "135m" is the th
 row says so), the ones not started are listed as skipped, and the reports are written after every row.
 
     python -m training.benchmarks.quality --corpus .carry/corpus --out-dir $OUT --max-minutes 8
+    python -m training.benchmarks.quality --tasks mqar --out-dir $OUT --max-minutes 4.5   # ~3.5 min on an H200
     python -m training.benchmarks.quality --smoke        # CPU, tiny models, under a minute
 
 Prints a markdown table and writes QUALITY.md and quality.json to --out-dir (and to $OUT when set).
@@ -106,24 +113,31 @@ def text_blocks(args) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def mqar_batch(count: int, args, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` recall sequences (input ids, labels with -100 everywhere but the answers)."""
-    pairs, vocab = args.pairs, args.mqar_vocab
+    """`count` recall sequences of `args.mqar_len` tokens: (input ids, labels with -100 everywhere but the answers).
+
+    Ids: 0 the blank, keys 1..V, values V+1..2V (V = `args.mqar_vocab`). The first 2 x `args.pairs` tokens list the
+    pairs k v k v ... (distinct keys); the rest is two-token slots: each key again, in a shuffled order, in a slot
+    drawn at random, followed by a blank whose label is the key's value; the other slots are blank. No answer is ever
+    an input, so none can be guessed by elimination from those before it (that alone would give 1/n, 1/(n - 1), ...,
+    1: 13% at 32 pairs). With mqar_len = 4 x pairs every slot holds a query."""
+    pairs, vocab, length = args.pairs, args.mqar_vocab, args.mqar_len
     keys = torch.rand(count, vocab, generator=generator).argsort(1)[:, :pairs] + 1
     values = torch.randint(vocab + 1, 2 * vocab + 1, (count, pairs), generator=generator)
     order = torch.rand(count, pairs, generator=generator).argsort(1)
-    context = torch.stack([keys, values], 2).flatten(1)
-    queries = torch.stack([keys.gather(1, order), values.gather(1, order)], 2).flatten(1)
-    ids = torch.cat([context, queries], 1)
-    labels = torch.full_like(ids, -100)
-    labels[:, 2 * pairs + 1 :: 2] = ids[:, 2 * pairs + 1 :: 2]  # the answers: the values after the query keys
+    slots = torch.rand(count, (length - 2 * pairs) // 2, generator=generator).argsort(1)[:, :pairs].sort(1).values
+    at = 2 * pairs + 2 * slots  # where the query keys go, in order
+    ids = torch.zeros(count, length, dtype=torch.long)
+    ids[:, : 2 * pairs] = torch.stack([keys, values], 2).flatten(1)
+    ids.scatter_(1, at, keys.gather(1, order))
+    labels = torch.full_like(ids, -100).scatter_(1, at + 1, values.gather(1, order))
     return ids, labels
 
 
-def train(model, batches, args, device, deadline) -> list[float]:
-    """AdamW + cosine over `batches` (a list of (ids, labels)), stopping early at `deadline` (perf_counter seconds);
-    the training losses, one per step taken."""
+def train(model, batches, args, device, deadline, lr) -> list[float]:
+    """AdamW at peak `lr` + cosine over `batches` (a list of (ids, labels)), stopping early at `deadline`
+    (perf_counter seconds); the training losses, one per step taken."""
     forward = compile_model(model) if args.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=device.type == "cuda")
     schedule = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, max(1, len(batches) // 20), len(batches), min_lr_rate=0.1
     )
@@ -165,9 +179,9 @@ def run_task(task, name, args, device, data, deadline) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(name, args, data["vocab_size"]).to(device)
     started = time.perf_counter()
-    losses = train(model, data["train"], args, device, deadline)
+    losses = train(model, data["train"], args, device, deadline, data["lr"])
     train_seconds = time.perf_counter() - started
-    eval_loss, accuracy = evaluate(model, *data["eval"], device, args.batch_size)
+    eval_loss, accuracy = evaluate(model, *data["eval"], device, len(data["train"][0][0]))  # a training step's rows
     steps = len(losses)
     row = {"task": task, "model": name, "params": sum(p.numel() for p in model.parameters()),
            "train_tokens": sum(ids.numel() for ids, _ in data["train"][:steps]), "final_train_loss": losses[-1],
@@ -181,8 +195,10 @@ def run_task(task, name, args, device, data, deadline) -> dict:
 
 
 def task_data(task, args) -> dict:
-    """The same batches for every model: {"train": [(ids, labels), ...], "eval": (ids, labels), "vocab_size"}.
-    A step holds batch x seq-len tokens in both tasks: an MQAR step is batch x seq-len / (4 x pairs) sequences."""
+    """The same batches for every model: {"train": [(ids, labels), ...], "eval": (ids, labels), "vocab_size", "lr"}.
+    A text step is --batch-size blocks of --seq-len tokens; an MQAR step is --mqar-batch-size sequences of --mqar-len
+    tokens (its own, smaller steps: recall is learnt in a phase transition after many steps, not many tokens), and
+    its eval set is --eval-blocks x --seq-len tokens' worth of sequences."""
     generator = torch.Generator().manual_seed(args.seed)
     if task == "text":
         train_blocks, eval_blocks, vocab_size = text_blocks(args)
@@ -192,23 +208,26 @@ def task_data(task, args) -> dict:
         order = torch.cat([torch.randperm(len(train_blocks), generator=generator) for _ in range(epochs)])
         order = order[: steps * args.batch_size].view(steps, args.batch_size)
         return {"train": [(train_blocks[i], train_blocks[i]) for i in order], "eval": (eval_blocks, eval_blocks),
-                "vocab_size": vocab_size, "epochs": steps * args.batch_size / len(train_blocks)}  # fmt: skip
-    per_row = args.seq_len // (4 * args.pairs)
-    steps = max(1, math.ceil(args.mqar_tokens / (args.batch_size * args.seq_len)))
-    batches = [mqar_batch(args.batch_size * per_row, args, generator) for _ in range(steps)]
-    return {"train": batches, "eval": mqar_batch(args.eval_blocks * per_row, args, generator),
-            "vocab_size": 2 * args.mqar_vocab + 1}  # fmt: skip
+                "vocab_size": vocab_size, "lr": args.lr,
+                "epochs": steps * args.batch_size / len(train_blocks)}  # fmt: skip
+    steps = max(1, math.ceil(args.mqar_tokens / (args.mqar_batch_size * args.mqar_len)))
+    batches = [mqar_batch(args.mqar_batch_size, args, generator) for _ in range(steps)]
+    eval_count = max(1, args.eval_blocks * args.seq_len // args.mqar_len)
+    return {"train": batches, "eval": mqar_batch(eval_count, args, generator), "vocab_size": 2 * args.mqar_vocab + 1,
+            "lr": args.mqar_lr}  # fmt: skip
 
 
 def markdown(rows, args, device) -> str:
     lines = [
         "# Quality at equal tokens", "",
         f"`python -m training.benchmarks.quality` on {device}; size {args.size}; {args.tokens:.3g} text and "
-        f"{args.mqar_tokens:.3g} MQAR training tokens per model, batch {args.batch_size} x {args.seq_len} tokens, "
-        f"lr {args.lr}, seed {args.seed}{', torch.compile' if args.compile else ''}. text: "
-        f"{args.corpus or args.dataset or 'the built-in corpus'}, eval loss on up to {args.eval_blocks} held-out "
-        f"blocks; mqar: {args.pairs} key-value pairs, loss and exact-answer accuracy over the answers of held-out "
-        "sequences.", "",
+        f"{args.mqar_tokens:.3g} MQAR training tokens per model, seed {args.seed}"
+        f"{', torch.compile' if args.compile else ''}. text: {args.corpus or args.dataset or 'the built-in corpus'}, "
+        f"batch {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, eval loss on up to {args.eval_blocks} "
+        f"held-out blocks; mqar: {args.mqar_len}-token sequences of {args.pairs} key-value pairs and their queries "
+        f"(keys and values from {args.mqar_vocab} ids each: chance {1 / args.mqar_vocab:.1%}), batch "
+        f"{args.mqar_batch_size} sequences ({args.mqar_batch_size * args.mqar_len} tokens), lr {args.mqar_lr}; loss "
+        "and exact-answer accuracy over the answers of held-out sequences.", "",
         "| task | model | params (M) | train tokens (M) | train tok/s | final train loss | eval loss | eval accuracy "
         "| notes |", "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
@@ -230,7 +249,12 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     p.add_argument("--size", choices=tuple(SIZES), help="model size (default small; smoke tiny)")
     p.add_argument("--tokens", type=float, help="text training tokens per model (default 20e6; smoke 8192)")
-    p.add_argument("--mqar-tokens", type=float, help="MQAR training tokens per model (default 8e6; smoke 8192)")
+    p.add_argument("--mqar-tokens", type=float, help="MQAR training tokens per model (default 10e6: 1,221 steps of "
+                   "the default batch; smoke 8192)")
+    p.add_argument("--mqar-len", type=int, help="tokens per MQAR sequence, at least 4 x pairs, at most --seq-len "
+                   "(default 256, FlowHN small's split period; smoke 32, tiny's)")
+    p.add_argument("--mqar-batch-size", type=int, help="MQAR sequences per step (default 32: 8,192 tokens; smoke 8)")
+    p.add_argument("--mqar-lr", type=float, help="MQAR peak learning rate (default: --lr)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048; smoke 64)")
     p.add_argument("--batch-size", type=int, help="sequences per step (default 16; smoke 4)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -245,13 +269,14 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, help="vocabulary of that BPE (default 16384; smoke 512)")
     p.add_argument("--eval-blocks", type=int, help="held-out text blocks (and MQAR eval tokens as many blocks' worth)"
                    " (default 128; smoke 4)")
-    p.add_argument("--pairs", type=int, help="key-value pairs per MQAR sequence (default 64; smoke 8)")
+    p.add_argument("--pairs", type=int, help="key-value pairs per MQAR sequence (default 32; smoke 8)")
     p.add_argument("--out-dir", type=Path, help="default: beside this script (runs/quality-smoke with --smoke)")
     args = p.parse_args(argv)
     smoke = args.smoke
-    defaults = dict(tokens=8192 if smoke else 20e6, mqar_tokens=8192 if smoke else 8e6, size="tiny" if smoke else
+    defaults = dict(tokens=8192 if smoke else 20e6, mqar_tokens=8192 if smoke else 10e6, size="tiny" if smoke else
                     "small", seq_len=64 if smoke else 2048, batch_size=4 if smoke else 16,
-                    vocab_size=512 if smoke else 16384, eval_blocks=4 if smoke else 128, pairs=8 if smoke else 64,
+                    mqar_len=32 if smoke else 256, mqar_batch_size=8 if smoke else 32, mqar_lr=args.lr,
+                    vocab_size=512 if smoke else 16384, eval_blocks=4 if smoke else 128, pairs=8 if smoke else 32,
                     out_dir=HERE.parents[1] / "runs" / "quality-smoke" if smoke else HERE)  # fmt: skip
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -264,8 +289,14 @@ def parse_args(argv=None):
     for name in args.models:
         if name not in MODELS:
             p.error(f"--models: unknown model {name!r}: choose from {', '.join(MODELS)}")
-    if 4 * args.pairs > args.seq_len:
-        p.error(f"--pairs {args.pairs}: an MQAR sequence of 4 x pairs tokens must fit in --seq-len {args.seq_len}")
+    for flag in ("mqar_tokens", "mqar_batch_size", "mqar_lr", "pairs", "mqar_len"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag):g}: must be positive")
+    if 4 * args.pairs > args.mqar_len:
+        p.error(f"--pairs {args.pairs}: the pairs and their queries take 4 x pairs tokens, more than --mqar-len "
+                f"{args.mqar_len}")
+    if args.mqar_len > args.seq_len:
+        p.error(f"--mqar-len {args.mqar_len}: longer than --seq-len {args.seq_len}, the models' position range")
     if args.corpus and args.dataset:
         p.error("--corpus and --dataset: choose one")
     args.mqar_vocab = 4 * args.pairs  # keys and values each come from their own range of this many tokens
@@ -290,6 +321,9 @@ def main(argv=None):
         data = task_data(task, args)
         if "epochs" in data:
             print(f"text: {len(data['train'])} steps, {data['epochs']:.2f} epochs of the training blocks", flush=True)
+        else:
+            print(f"mqar: {len(data['train'])} steps of {args.mqar_batch_size} sequences x {args.mqar_len} tokens, "
+                  f"{len(data['eval'][0])} eval sequences", flush=True)
         for name in args.models:
             if time.perf_counter() > deadline:
                 skipped = f"not run: past --max-minutes {args.max_minutes:g}"
