@@ -19,7 +19,7 @@ import functools
 import torch
 import triton.language as tl
 
-from .utils import cdiv, dot_dtype, dot_precision, kernel, pow2
+from .utils import cdiv, device_function, dot_dtype, dot_precision, kernel, pow2
 
 ROWS = 64
 # launch settings (num_warps, num_stages) per kernel and key width pow2(K): 64, 128 or 256.
@@ -69,18 +69,48 @@ def launch(name, K, dtype):
     return settings
 
 
+@device_function
+def chunk_span(cu, chunk_idx, length, UNIFORM: tl.constexpr, g, BT: tl.constexpr):
+    """(bos, eos, c) for global chunk g: its sequence's tokens [bos, eos) and its place c in that sequence.
+
+    UNIFORM (every sequence `length` tokens long): arithmetic, no index tensors to read (see Plan)."""
+    if UNIFORM:
+        n = (length + BT - 1) // BT
+        seq = g // n
+        c = g - seq * n
+        bos = seq * length
+        eos = bos + length
+    else:
+        seq = tl.load(chunk_idx + 2 * g)
+        c = tl.load(chunk_idx + 2 * g + 1)
+        bos = tl.load(cu + seq).to(tl.int64)
+        eos = tl.load(cu + seq + 1).to(tl.int64)
+    return bos, eos, c
+
+
+@device_function
+def sequence_span(cu, chunk_off, length, UNIFORM: tl.constexpr, seq, BT: tl.constexpr):
+    """(bos, eos, g0) for sequence seq: its tokens [bos, eos) and its first global chunk."""
+    if UNIFORM:
+        bos = seq.to(tl.int64) * length
+        eos = bos + length
+        g0 = seq.to(tl.int64) * ((length + BT - 1) // BT)
+    else:
+        bos = tl.load(cu + seq).to(tl.int64)
+        eos = tl.load(cu + seq + 1).to(tl.int64)
+        g0 = tl.load(chunk_off + seq).to(tl.int64)
+    return bos, eos, g0
+
+
 @kernel
-def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
+def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, length, UNIFORM: tl.constexpr, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 DT: tl.constexpr, PREC: tl.constexpr):
     """UT transform of one chunk: T, W and Ũ."""
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     ROWS: tl.constexpr = BT * RP
-    seq = tl.load(chunk_idx + 2 * g)
-    c = tl.load(chunk_idx + 2 * g + 1)
-    bos = tl.load(cu + seq).to(tl.int64)
-    eos = tl.load(cu + seq + 1).to(tl.int64)
+    bos, eos, c = chunk_span(cu, chunk_idx, length, UNIFORM, g, BT)
     r = tl.arange(0, ROWS)
     tok = c * BT + r // RP
     comp = r % RP
@@ -122,7 +152,7 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, H: tl.constexpr, R: tl.c
 
 
 @kernel
-def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexpr, R: tl.constexpr,
+def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, length, UNIFORM: tl.constexpr, H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DT: tl.constexpr,
                      PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
@@ -137,9 +167,7 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexp
     h = tl.program_id(1)
     iv = tl.program_id(2)
     ROWS: tl.constexpr = BT * RP
-    bos = tl.load(cu + seq).to(tl.int64)
-    eos = tl.load(cu + seq + 1).to(tl.int64)
-    g0 = tl.load(chunk_off + seq).to(tl.int64)
+    bos, eos, g0 = sequence_span(cu, chunk_off, length, UNIFORM, seq, BT)
     r = tl.arange(0, ROWS)
     kk = tl.arange(0, BK)
     vv = iv * BV + tl.arange(0, BV)
@@ -173,7 +201,7 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, H: tl.constexp
 
 
 @kernel
-def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
+def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, length, UNIFORM: tl.constexpr, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   DT: tl.constexpr, PREC: tl.constexpr):
     """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk and one block of V."""
@@ -181,10 +209,7 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.c
     h = tl.program_id(1)
     iv = tl.program_id(2)
     ROWS: tl.constexpr = BT * RP
-    seq = tl.load(chunk_idx + 2 * g)
-    c = tl.load(chunk_idx + 2 * g + 1)
-    bos = tl.load(cu + seq).to(tl.int64)
-    eos = tl.load(cu + seq + 1).to(tl.int64)
+    bos, eos, c = chunk_span(cu, chunk_idx, length, UNIFORM, g, BT)
     r = tl.arange(0, ROWS)
     t = tl.arange(0, BT)
     kk = tl.arange(0, BK)
@@ -207,7 +232,7 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, H: tl.constexpr, R: tl.c
 
 
 @kernel
-def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, H: tl.constexpr, R: tl.constexpr,
+def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, length, UNIFORM: tl.constexpr, H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr,
                      PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
@@ -220,9 +245,7 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
     h = tl.program_id(1)
     iv = tl.program_id(2)
     ROWS: tl.constexpr = BT * RP
-    bos = tl.load(cu + seq).to(tl.int64)
-    eos = tl.load(cu + seq + 1).to(tl.int64)
-    g0 = tl.load(chunk_off + seq).to(tl.int64)
+    bos, eos, g0 = sequence_span(cu, chunk_off, length, UNIFORM, seq, BT)
     r = tl.arange(0, ROWS)
     t = tl.arange(0, BT)
     kk = tl.arange(0, BK)
@@ -316,7 +339,7 @@ def combine_kernel(flows, x0, xs, xout, seg_off, H: tl.constexpr, K: tl.constexp
 
 
 @kernel
-def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr,
+def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx, length, UNIFORM: tl.constexpr, H: tl.constexpr, R: tl.constexpr,
                       K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """The state side of one chunk's gradients, for one block of K: dq, the part of dk that does not
@@ -326,10 +349,7 @@ def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx
     h = tl.program_id(1)
     ik = tl.program_id(2)
     ROWS: tl.constexpr = BT * RP
-    seq = tl.load(chunk_idx + 2 * g)
-    c = tl.load(chunk_idx + 2 * g + 1)
-    bos = tl.load(cu + seq).to(tl.int64)
-    eos = tl.load(cu + seq + 1).to(tl.int64)
+    bos, eos, c = chunk_span(cu, chunk_idx, length, UNIFORM, g, BT)
     r = tl.arange(0, ROWS)
     t = tl.arange(0, BT)
     kk = ik * BK + tl.arange(0, BK)
@@ -372,7 +392,7 @@ def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx
 
 
 @kernel
-def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl.constexpr, R: tl.constexpr,
+def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, length, UNIFORM: tl.constexpr, H: tl.constexpr, R: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, LOW: tl.constexpr, CD: tl.constexpr):
     """Back through one chunk's UT transform W = T diag(β) K, Ũ = T diag(β) V, T = (I + A)⁻¹:
@@ -380,10 +400,7 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, H: tl
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     ROWS: tl.constexpr = BT * RP
-    seq = tl.load(chunk_idx + 2 * g)
-    c = tl.load(chunk_idx + 2 * g + 1)
-    bos = tl.load(cu + seq).to(tl.int64)
-    eos = tl.load(cu + seq + 1).to(tl.int64)
+    bos, eos, c = chunk_span(cu, chunk_idx, length, UNIFORM, g, BT)
     r = tl.arange(0, ROWS)
     tok = c * BT + r // RP
     row_ok = (tok < eos - bos) & (r % RP < R)
@@ -457,7 +474,13 @@ def _cached_plan(rank, device, offsets):
 
 
 class Plan:
-    """How the packed token axis splits into sequences (offsets) and chunks of BT tokens."""
+    """How the packed token axis splits into sequences (offsets) and chunks of BT tokens.
+
+    The kernels take `chunks` (cu, chunk_idx, length, uniform) or `sequences` (cu, chunk_off, length, uniform).
+    When every sequence has the same length (a batch), the kernels compute positions from `length` and the index
+    tensors are None: nothing cached lives on the device, which CUDA graphs require (a cached tensor first made
+    inside a graph's warm-up belongs to its memory pool, and torch.compile's "reduce-overhead" refuses it).
+    """
 
     def __init__(self, rank, device, offsets):
         self.rank, self.device, self.offsets = rank, device, offsets
@@ -466,13 +489,20 @@ class Plan:
         lens = [b - a for a, b in zip(offsets, offsets[1:])]
         ncs = chunk_counts(lens, rank)
         self.n, self.nc, self.max_chunks = len(lens), sum(ncs), max(ncs)
-        starts = [0]
-        for n in ncs:
-            starts.append(starts[-1] + n)
-        self.cu = torch.tensor(offsets, device=device, dtype=torch.int32)
-        self.chunk_off = torch.tensor(starts, device=device, dtype=torch.int32)
-        pairs = [(s, c) for s, n in enumerate(ncs) for c in range(n)]
-        self.chunk_idx = torch.tensor(pairs, device=device, dtype=torch.int32).view(-1, 2)
+        uniform = len(set(lens)) == 1
+        if uniform:
+            self.cu = self.chunk_off = self.chunk_idx = None
+        else:
+            starts = [0]
+            for n in ncs:
+                starts.append(starts[-1] + n)
+            self.cu = torch.tensor(offsets, device=device, dtype=torch.int32)
+            self.chunk_off = torch.tensor(starts, device=device, dtype=torch.int32)
+            pairs = [(s, c) for s, n in enumerate(ncs) for c in range(n)]
+            self.chunk_idx = torch.tensor(pairs, device=device, dtype=torch.int32).view(-1, 2)
+        length = lens[0] if uniform else 0
+        self.chunks = (self.cu, self.chunk_idx, length, uniform)
+        self.sequences = (self.cu, self.chunk_off, length, uniform)
         self._segments = None
 
     def segments(self):
@@ -521,7 +551,7 @@ def _prep(k, v, beta, plan):
     tinv = k.new_empty(plan.nc, H, ROWS, ROWS, dtype=torch.float32)
     w = k.new_empty(plan.nc, H, ROWS, K)
     ut = v.new_empty(plan.nc, H, ROWS, V)
-    prep_kernel[(plan.nc, H)](k, v, beta, tinv, w, ut, plan.cu, plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, bk,
+    prep_kernel[(plan.nc, H)](k, v, beta, tinv, w, ut, *plan.chunks, H, R, K, V, plan.rp, plan.bt, bk,
                               bv, dot_dtype(k.dtype), dot_precision(k.dtype), **launch("prep", K, k.dtype))
     return tinv, w, ut
 
@@ -532,7 +562,7 @@ def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
     va = K + V if aug else V
     bk, bv = _blocks(K, va)
     state_fwd_kernel[(plan.n, H, cdiv(va, bv))](
-        k, w, ut, u, hs, init, final, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
+        k, w, ut, u, hs, init, final, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
         init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
         **launch("state_fwd_aug" if aug else "state_fwd", K, k.dtype))
 
@@ -579,7 +609,7 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     del ut
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = pow2(K), min(pow2(V), 64)
-    output_kernel[(plan.nc, H, cdiv(V, bv))](q, k, u, hs, o, scale, plan.cu, plan.chunk_idx, H, R, K, V,
+    output_kernel[(plan.nc, H, cdiv(V, bv))](q, k, u, hs, o, scale, *plan.chunks, H, R, K, V,
                                              plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype),
                                              **launch("output", K, k.dtype))
     return o, final, (tinv, w, u, hs)
@@ -591,7 +621,7 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
     va = K + V if aug else V
     bk, bv = _blocks(K, va)
     state_bwd_kernel[(plan.n, H, cdiv(va, bv))](
-        q, k, w, do, du, dhs, dfinal, dinit, scale, plan.cu, plan.chunk_off, H, R, K, V, plan.rp, plan.bt, bk, bv,
+        q, k, w, do, du, dhs, dfinal, dinit, scale, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
         dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
         **launch("state_bwd_aug" if aug else "state_bwd", K, k.dtype))
 
@@ -620,10 +650,10 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     dbeta = torch.empty_like(beta)
     gk, gv = min(pow2(K), 64), min(pow2(V), 64)
     dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
-    grad_state_kernel[(plan.nc, H, cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, plan.cu,
-                                                 plan.chunk_idx, H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
+    grad_state_kernel[(plan.nc, H, cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, *plan.chunks,
+                                                 H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
                                                  **launch("grad_state", K, k.dtype))
-    grad_wy_kernel[(plan.nc, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, plan.cu, plan.chunk_idx, H, R, K, V,
+    grad_wy_kernel[(plan.nc, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, *plan.chunks, H, R, K, V,
                                  plan.rp, plan.bt, gk, gv, dt, prec, dt if WY_TRANSPOSE_16BIT else tl.float32,
                                  dt if WY_CANCELLING_16BIT else tl.float32, **launch("grad_wy", K, k.dtype))
     return dq, dk, dv, dbeta, dinit

@@ -147,7 +147,7 @@ def _recurrent_forward(
     B, T, H = q.shape[:3]
     init = None if initial_state is None else initial_state.contiguous()
     plan = _plan(k, offsets)
-    o, final = recurrent_fwd(*pack(q, k, v, beta), scale, init, plan.cu, plan.n, output_final_state)
+    o, final = recurrent_fwd(*pack(q, k, v, beta), scale, init, plan, output_final_state)
     return o.view(B, T, H, -1), _state_or_empty(final, q)
 
 

@@ -3,11 +3,13 @@
 import torch
 import triton.language as tl
 
+from .chunk import sequence_span
 from .utils import cdiv, kernel, pow2
 
 
 @kernel
-def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
+def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, chunk_off, length, UNIFORM: tl.constexpr,
+                     BT: tl.constexpr, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                      V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
                      STORE_FINAL: tl.constexpr):
     """S ← S + Σ_i k_i β_i (v_i − S_prevᵀ k_i)ᵀ, o = scale Sᵀ q, for one sequence, head and V block.
@@ -18,8 +20,7 @@ def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, H: tl.constexpr, 
     seq = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
-    bos = tl.load(cu + seq).to(tl.int64)
-    eos = tl.load(cu + seq + 1).to(tl.int64)
+    bos, eos, _ = sequence_span(cu, chunk_off, length, UNIFORM, seq, BT)
     kk = tl.arange(0, BK)
     vv = iv * BV + tl.arange(0, BV)
     j = tl.arange(0, 16)
@@ -50,15 +51,15 @@ def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, H: tl.constexpr, 
         tl.store(final + state + kv, S, mask=kv_mask)
 
 
-def recurrent_fwd(q, k, v, beta, scale, initial_state, cu, n_seq, output_final_state):
-    """Forward only, packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V], beta [N,H,R]."""
+def recurrent_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state):
+    """Forward only, packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V], beta [N,H,R], sequences as chunk.Plan."""
     _, H, R, K = k.shape
     V = v.shape[-1]
     bk = pow2(K)
     # small V blocks: more programs in flight, and the fp32 state tile stays in registers
     bv = min(pow2(V), max(16, 4096 // bk))
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
-    final = q.new_empty(n_seq, H, K, V, dtype=torch.float32) if output_final_state else None
-    recurrent_kernel[(n_seq, H, cdiv(V, bv))](q, k, v, beta, o, initial_state, final, scale, cu, H, R, K, V,
-                                              bk, bv, initial_state is not None, output_final_state)
+    final = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if output_final_state else None
+    recurrent_kernel[(plan.n, H, cdiv(V, bv))](q, k, v, beta, o, initial_state, final, scale, *plan.sequences,
+                                              plan.bt, H, R, K, V, bk, bv, initial_state is not None, output_final_state)
     return o, final

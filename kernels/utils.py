@@ -50,6 +50,16 @@ class kernel:
         return interpreted
 
 
+class device_function(triton.runtime.jit.JITFunction):
+    """A jitted helper for our kernels that their interpreted forms can call as well: compiled kernels inline it
+    as any JITFunction; under the interpreter a call runs its interpreted form (a plain JITFunction refuses calls)."""
+
+    def __call__(self, *args, **kwargs):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(self.fn)(*args, **kwargs)
+
+
 @functools.cache
 def _interpreted_helpers():
     """(module, name, interpreted form) for every jitted helper of triton.language."""

@@ -35,7 +35,7 @@ def constexprs(name, D, dtype):
     bk, bv = chunk._blocks(D, D)
     bka, bva = chunk._blocks(D, 2 * D)  # the scan's flow passes run on K + V columns
     g = min(pow2(D), 64)
-    common = dict(H=16, R=1, K=D, V=D, RP=1, BT=chunk.ROWS, DT=DTYPES[dtype], PREC="tf32x3" if dtype == "fp32" else "tf32")
+    common = dict(UNIFORM=True, H=16, R=1, K=D, V=D, RP=1, BT=chunk.ROWS, DT=DTYPES[dtype], PREC="tf32x3" if dtype == "fp32" else "tf32")
     return {
         "prep": dict(common, BK=bk, BV=bv),
         "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
@@ -60,6 +60,8 @@ def report(name, D, dtype, launch) -> dict:
             signature[arg] = "constexpr"
         elif arg == "scale":
             signature[arg] = "fp32"
+        elif arg == "length":
+            signature[arg] = "i32"
         else:
             signature[arg] = "*fp32" if arg in STATE_F32 else "*i32" if arg in INDEX_I32 else f"*{dtype}"
     source = ASTSource(fn=fn, signature=signature,
