@@ -231,7 +231,14 @@ def attention_window(layer_idx: int, config: FlowHNConfig) -> AttentionWindow:
         half = period // 2
         return AttentionWindow(0, half, period) if layer_idx % 2 == 0 else AttentionWindow(half, period - half, period)
     width = min(period - 1, max(1, round(config.resolved_attention_ratio * period)))
-    return AttentionWindow(0 if config.split_mode == "flop_aware" else (layer_idx * width) % period, width, period)
+    if config.split_mode == "flop_aware":
+        return AttentionWindow(0, width, period)
+    # Circulating: consecutive windows tile the period, a lap of ⌈P / width⌉ layers, and each lap starts half a
+    # window further on. Without that shift a width near P/2 makes consecutive layers swap the same two halves, and a
+    # band of earlier tokens never shares a branch with a token at any depth (training/benchmarks/NOTES.md, "FAC's
+    # blind spot"); with it every token reaches every later one within five layers, at any ratio.
+    lap = -(-period // width)
+    return AttentionWindow((layer_idx * width + (layer_idx // lap) * (width // 2)) % period, width, period)
 
 
 def _compact(selected: torch.Tensor, documents: torch.Tensor | None) -> BranchTokens:

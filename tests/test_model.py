@@ -40,6 +40,21 @@ def test_routing_depends_on_position_layer_and_config_only(mode):
         assert routes[:, :8].any(0).all(), "over the layers attention sees every position of a period"
 
 
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.51, 0.525, 0.75])
+def test_circulating_windows_let_every_token_reach_every_later_one(ratio):
+    """Through the layers' branches (a token mixes with the earlier tokens of its own branch), every output depends
+    on every earlier input after five layers, also at ratios near 1/2, where windows that only tile the period would
+    swap the same two halves in every layer."""
+    config = preset_config("tiny", split_mode="flop_aware_circulating", split_period=256, attention_ratio=ratio)
+    positions = torch.arange(512)
+    earlier = positions[None, :] <= positions[:, None]
+    reach = torch.eye(512)
+    for layer in range(5):
+        route = attention_window(layer, config).routes(positions)
+        reach = (((route[:, None] == route[None, :]) & earlier).float() @ reach).clamp(max=1)
+    assert torch.equal(reach.bool(), earlier)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_attention_count_matches_the_route(mode):
     config = preset_config("tiny", split_mode=mode, split_period=10, attention_ratio=0.37)
