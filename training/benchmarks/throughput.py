@@ -713,8 +713,8 @@ def parse_args(argv=None):
                    help="train eager, under torch.compile, or both (two rows per model; decode in the eager one)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: tests the path)")
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
-                   default=None, help="torch.compile mode for every compiled model (reduce-overhead: CUDA graphs, which FlowHN "
-                   "does not take yet: NOTES.md, session 8)")
+                   default=None, help="torch.compile mode for every compiled model (reduce-overhead: CUDA graphs, the "
+                   "fastest on the GPU for every model here: RESULTS.md)")
     p.add_argument("--no-calibrate", action="store_true", help="skip flowhn_hf.calibrate_split")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no row that would end past this many minutes, by the mean time of the finished rows "
