@@ -103,7 +103,8 @@ def sequence_span(cu, chunk_off, length, UNIFORM: tl.constexpr, seq, BT: tl.cons
 
 
 @kernel
-def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, length, UNIFORM: tl.constexpr, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
+def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, length, UNIFORM: tl.constexpr,
+                H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 DT: tl.constexpr, PREC: tl.constexpr):
     """UT transform of one chunk: T, W and Ũ."""
@@ -152,7 +153,8 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, length, UNIFORM: tl.cons
 
 
 @kernel
-def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, length, UNIFORM: tl.constexpr, H: tl.constexpr, R: tl.constexpr,
+def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, length, UNIFORM: tl.constexpr,
+                     H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DT: tl.constexpr,
                      PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
@@ -201,7 +203,8 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, length, UNIFOR
 
 
 @kernel
-def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, length, UNIFORM: tl.constexpr, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
+def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, length, UNIFORM: tl.constexpr,
+                  H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   DT: tl.constexpr, PREC: tl.constexpr):
     """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk and one block of V."""
@@ -232,7 +235,8 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, length, UNIFORM: tl.cons
 
 
 @kernel
-def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, length, UNIFORM: tl.constexpr, H: tl.constexpr, R: tl.constexpr,
+def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, length, UNIFORM: tl.constexpr,
+                     H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr,
                      PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
@@ -339,7 +343,8 @@ def combine_kernel(flows, x0, xs, xout, seg_off, H: tl.constexpr, K: tl.constexp
 
 
 @kernel
-def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx, length, UNIFORM: tl.constexpr, H: tl.constexpr, R: tl.constexpr,
+def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx, length, UNIFORM: tl.constexpr,
+                      H: tl.constexpr, R: tl.constexpr,
                       K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """The state side of one chunk's gradients, for one block of K: dq, the part of dk that does not
@@ -392,7 +397,8 @@ def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx
 
 
 @kernel
-def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, length, UNIFORM: tl.constexpr, H: tl.constexpr, R: tl.constexpr,
+def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, length, UNIFORM: tl.constexpr,
+                   H: tl.constexpr, R: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, LOW: tl.constexpr, CD: tl.constexpr):
     """Back through one chunk's UT transform W = T diag(β) K, Ũ = T diag(β) V, T = (I + A)⁻¹:
@@ -490,19 +496,18 @@ class Plan:
         ncs = chunk_counts(lens, rank)
         self.n, self.nc, self.max_chunks = len(lens), sum(ncs), max(ncs)
         uniform = len(set(lens)) == 1
-        if uniform:
-            self.cu = self.chunk_off = self.chunk_idx = None
-        else:
+        cu = chunk_off = chunk_idx = None
+        if not uniform:
             starts = [0]
             for n in ncs:
                 starts.append(starts[-1] + n)
-            self.cu = torch.tensor(offsets, device=device, dtype=torch.int32)
-            self.chunk_off = torch.tensor(starts, device=device, dtype=torch.int32)
+            cu = torch.tensor(offsets, device=device, dtype=torch.int32)
+            chunk_off = torch.tensor(starts, device=device, dtype=torch.int32)
             pairs = [(s, c) for s, n in enumerate(ncs) for c in range(n)]
-            self.chunk_idx = torch.tensor(pairs, device=device, dtype=torch.int32).view(-1, 2)
+            chunk_idx = torch.tensor(pairs, device=device, dtype=torch.int32).view(-1, 2)
         length = lens[0] if uniform else 0
-        self.chunks = (self.cu, self.chunk_idx, length, uniform)
-        self.sequences = (self.cu, self.chunk_off, length, uniform)
+        self.chunks = (cu, chunk_idx, length, uniform)
+        self.sequences = (cu, chunk_off, length, uniform)
         self._segments = None
 
     def segments(self):

@@ -54,10 +54,14 @@ class device_function(triton.runtime.jit.JITFunction):
     """A jitted helper for our kernels that their interpreted forms can call as well: compiled kernels inline it
     as any JITFunction; under the interpreter a call runs its interpreted form (a plain JITFunction refuses calls)."""
 
-    def __call__(self, *args, **kwargs):
+    @functools.cached_property
+    def _interpreted(self):
         from triton.runtime.interpreter import InterpretedFunction
 
-        return InterpretedFunction(self.fn)(*args, **kwargs)
+        return InterpretedFunction(self.fn)
+
+    def __call__(self, *args, **kwargs):
+        return self._interpreted(*args, **kwargs)
 
 
 @functools.cache

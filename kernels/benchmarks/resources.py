@@ -35,7 +35,8 @@ def constexprs(name, D, dtype):
     bk, bv = chunk._blocks(D, D)
     bka, bva = chunk._blocks(D, 2 * D)  # the scan's flow passes run on K + V columns
     g = min(pow2(D), 64)
-    common = dict(UNIFORM=True, H=16, R=1, K=D, V=D, RP=1, BT=chunk.ROWS, DT=DTYPES[dtype], PREC="tf32x3" if dtype == "fp32" else "tf32")
+    common = dict(UNIFORM=True, H=16, R=1, K=D, V=D, RP=1, BT=chunk.ROWS, DT=DTYPES[dtype],
+                  PREC="tf32x3" if dtype == "fp32" else "tf32")  # UNIFORM: a batch, as training runs them
     return {
         "prep": dict(common, BK=bk, BV=bv),
         "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
