@@ -23,8 +23,11 @@ from .utils import cdiv, interpreting, kernel, pow2
 
 MAX_WIDTH = 8
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the kernels take all but float64
-# launch settings: tokens × channels of a tile, warps
-BT, BC, WARPS = 16, 128, 4
+# launch settings (tokens × channels of a tile, warps), measured on an H200 at (16, 973, 1728, 4) in bf16: the
+# weight-gradient pass sums its partial products across the tile's tokens, so it takes taller tiles (kernels/benchmarks/
+# NOTES.md, "Short conv: tiles per pass")
+TILE = (16, 128, 4)
+WEIGHT_GRAD_TILE = (64, 64, 4)
 
 # Each copy of this module registers its own ops (see ops.py)
 NAMESPACE = "flowhn_" + re.sub(r"\W", "_", __name__)
@@ -109,6 +112,7 @@ def _taps(weight):
 def _conv(x: Tensor, taps: Tensor, documents: Optional[Tensor], ahead=False, epilogue=0, gy=None, base=None):
     """conv_kernel over all of x (B, n, C), contiguous: y, and with `base` (ahead) the weight gradient too."""
     (B, n, C), W = x.shape, taps.shape[0]
+    BT, BC, warps = TILE if base is None else WEIGHT_GRAD_TILE
     y = torch.empty_like(x)
     tiles, WP = B * cdiv(n, BT), pow2(W, 1)
     gw = x.new_empty(tiles, WP, C, dtype=torch.float32) if base is not None else None  # rows past W never written
@@ -117,7 +121,7 @@ def _conv(x: Tensor, taps: Tensor, documents: Optional[Tensor], ahead=False, epi
         gy_arg, base_arg, gw_arg = (x if t is None else t for t in (gy, base, gw))
         conv_kernel[(cdiv(n, BT), cdiv(C, BC), B)](x, taps, docs, y, gy_arg, base_arg, gw_arg, n, C, W, WP, BT, BC,
                                                    documents is not None, ahead, epilogue, base is not None,
-                                                   num_warps=WARPS)  # fmt: skip
+                                                   num_warps=warps)  # fmt: skip
     if base is None:
         return y
     return y, gw[:, :W].sum(0) if gw.numel() else x.new_zeros(W, C, dtype=torch.float32)

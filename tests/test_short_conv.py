@@ -3,7 +3,7 @@ reference causal_conv.
 
 On CPU the kernels run in the Triton interpreter: the `triton_env` fixture sets TRITON_INTERPRET=1 for the test only
 (read at each launch). With CUDA the same tests also run compiled on the GPU. The interpreter pays per operation, so
-the shapes are small: n = 130 spans two of the backward's token blocks, C = 200 several channel blocks.
+the shapes are small: n = 130 spans three of the weight-gradient pass's 64-token tiles, C = 200 several channel blocks.
 """
 
 
