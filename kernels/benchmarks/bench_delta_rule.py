@@ -2,9 +2,10 @@
 
 Times (triton.testing.do_bench medians, ms) forward and forward+backward at the anchor shapes
 of ANCHORS.md in bf16: R = 1 vs fla chunk_delta_rule, R = 2 vs fla chunk_gated_delta_product
-(num_householder=2), one decode step vs fla fused_recurrent_delta_rule; peak memory of
-forward+backward; and the relative error of bf16 outputs and gradients against a float64
-reference. Prints a markdown table and writes it to RESULTS.md beside this file (or --out).
+(num_householder=2), one decode step vs fla fused_recurrent_delta_rule (eager, and replayed from
+a CUDA graph: the GPU time without the host's); peak memory of forward+backward; and the
+relative error of bf16 outputs and gradients against a float64 reference. Prints a markdown
+table and writes it to RESULTS.md beside this file (or --out).
 
     python kernels/benchmarks/bench_delta_rule.py [--shapes 0,1] [--out PATH]
 
@@ -86,11 +87,27 @@ def accuracy(B, T, H, D, R):
 
 
 def decode_step(fn, B, H, D):
+    """(eager ms, CUDA-graph ms) of one decoding step: the eager call is bound by its host work (Python, argument
+    handling, the Triton launch), so it ranks implementations by host overhead and moves with the machine; replaying
+    the step captured in a CUDA graph, as a decoding loop under CUDA graphs runs it, times the GPU work alone.
+    The graph column reads None where the step cannot be captured."""
     q, k, v, beta = (x.detach()[:, :1].contiguous() for x in inputs(B, 1, H, D, 1, layout="fla"))
     s0 = torch.randn(B, H, D, D, device="cuda", dtype=torch.float32)
+
+    def step():
+        return fn(q, k, v, beta, initial_state=s0, output_final_state=True)
+
     with torch.no_grad():
-        return do_bench(lambda: fn(q, k, v, beta, initial_state=s0, output_final_state=True), warmup=25, rep=100,
-                        return_mode="median")
+        eager = do_bench(step, warmup=25, rep=100, return_mode="median")
+        try:
+            step()  # compiled before the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+        except Exception as e:  # noqa: BLE001 - any capture failure only empties this cell
+            print(f"decode step of {getattr(fn, '__name__', fn)} not capturable: {type(e).__name__}: {e}", flush=True)
+            return eager, None
+        return eager, do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
 def ours(q, k, v, beta):
@@ -172,7 +189,7 @@ def main():
             r[f"ours fwd+bwd scan={'on' if scan else 'off'}"] = time_fwd_bwd(fn, x1)
         x2 = inputs(B, T, H, D, 2)
         r["ours R=2 fwd+bwd"] = time_fwd_bwd(ours, x2)
-        r["ours decode"] = decode_step(ours_decode, B, H, D)
+        r["ours decode"], r["ours decode graph"] = decode_step(ours_decode, B, H, D)
         err, finite = accuracy(B, T, H, D, 1)
         r["ours max rel err R=1"] = f"{err:.1e}" + ("" if finite else " NaN/Inf")
         err2, finite2 = accuracy(B, T, H, D, 2)
@@ -183,9 +200,11 @@ def main():
             r["fla mem MiB"] = peak_mib(fla_chunk, x1)
             f2 = inputs(B, T, H, D, 2, layout="fla")
             r["fla R=2 fwd+bwd"] = time_fwd_bwd(fla_product2, f2)
-            r["fla decode"] = decode_step(fla_recurrent, B, H, D)
+            r["fla decode"], r["fla decode graph"] = decode_step(fla_recurrent, B, H, D)
             r["speedup fwd+bwd R=1"] = r["fla fwd+bwd"] / r["ours fwd+bwd"]
             r["speedup fwd+bwd R=2"] = r["fla R=2 fwd+bwd"] / r["ours R=2 fwd+bwd"]
+            if r["ours decode graph"] and r["fla decode graph"]:
+                r["speedup decode graph"] = r["fla decode graph"] / r["ours decode graph"]
         rows.append(r)
         print(r, flush=True)
         write_results(rows, args.out)
