@@ -163,6 +163,23 @@ def test_quality_smoke_run_writes_its_table(tmp_path):
     assert {r["train_tokens"] for r in rows if r["task"] == "mqar"} == {8192}, "32 steps of 8 sequences x 32 tokens"
 
 
+def test_split_period_option_reaches_every_flowhn_model_and_only_them():
+    """--split-period in quality.py and throughput.py: the FlowHN configs take it, a period below 2 is refused before
+    any work, and the Llama of quality.py keeps FlowHN FAC's parameter count (the period adds no parameters)."""
+    from training.benchmarks import quality
+
+    args = quality.parse_args(["--smoke", "--split-period", "48"])
+    assert {quality.flowhn_config(name, args, 512).split_period for name in quality.SPLIT_MODES} == {48}
+    default = quality.parse_args(["--smoke"])
+    assert quality.flowhn_config("flowhn-FAC", default, 512).split_period != 48
+    assert quality.llama_config(args, 512).intermediate_size == quality.llama_config(default, 512).intermediate_size
+    args = tb.parse_args(["--smoke", "--split-period", "48"])
+    assert {tb.flowhn_config(args, mode).split_period for mode in ("none", "flop_aware_circulating")} == {48}
+    for parse in (quality.parse_args, tb.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--smoke", "--split-period", "1"])
+
+
 def test_mqar_answers_are_the_values_of_the_queried_keys():
     """Each key is queried once; its value is the label after it and never an input there (a blank, 0); with
     mqar_len > 4 x pairs the other slots are blanks."""

@@ -57,6 +57,8 @@ SIZES = {
 
 def flowhn_config(name, args, vocab_size):
     preset, fields = SIZES[args.size]
+    if args.split_period is not None:
+        fields = {**fields, "split_period": args.split_period}
     return preset_config(preset, **fields, split_mode=SPLIT_MODES[name], vocab_size=vocab_size,
                          max_position_embeddings=max(args.seq_len, 64))  # fmt: skip
 
@@ -222,6 +224,7 @@ def markdown(rows, args, device) -> str:
         "# Quality at equal tokens", "",
         f"`python -m training.benchmarks.quality` on {device}; size {args.size}; {args.tokens:.3g} text and "
         f"{args.mqar_tokens:.3g} MQAR training tokens per model, seed {args.seed}"
+        f"{'' if args.split_period is None else f', FlowHN split_period {args.split_period}'}"
         f"{', torch.compile' if args.compile else ''}. text: {args.corpus or args.dataset or 'the built-in corpus'}, "
         f"batch {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, eval loss on up to {args.eval_blocks} "
         f"held-out blocks; mqar: {args.mqar_len}-token sequences of {args.pairs} key-value pairs and their queries "
@@ -259,6 +262,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="sequences per step (default 16; smoke 4)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-period", type=int, help="FlowHN's split_period, the routing pattern's period in tokens "
+                   "(default: the preset's)")
     p.add_argument("--compile", action="store_true", help="train under torch.compile (evaluation stays eager)")
     p.add_argument("--max-minutes", type=float, help="stop training at this many minutes from the start")
     p.add_argument("--corpus", type=Path, help="a build_corpus.py output folder: train.bin, eval.bin, meta.json")
@@ -292,6 +297,8 @@ def parse_args(argv=None):
     for flag in ("mqar_tokens", "mqar_batch_size", "mqar_lr", "pairs", "mqar_len"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag):g}: must be positive")
+    if args.split_period is not None and args.split_period < 2:
+        p.error(f"--split-period {args.split_period}: must be an integer >= 2")
     if 4 * args.pairs > args.mqar_len:
         p.error(f"--pairs {args.pairs}: the pairs and their queries take 4 x pairs tokens, more than --mqar-len "
                 f"{args.mqar_len}")

@@ -81,6 +81,8 @@ def flowhn_config(args, split_mode, attention_ratio=None):
         overrides["max_position_embeddings"] = args.seq_len
     if attention_ratio is not None:
         overrides["attention_ratio"] = attention_ratio
+    if args.split_period is not None:
+        overrides["split_period"] = args.split_period
     return preset_config(args.preset, **overrides)
 
 
@@ -622,7 +624,8 @@ def write_reports(rows, args, env, out_dirs):
         f"min_new_tokens = max_new_tokens, {decode_weights}; decode tok/s = batch·(new−1) / (generate time − "
         "prefill time).",
         "- ρ: the fraction of tokens routed to attention (cost model: `attention_ratio_from_cost_model(seq_len)`; "
-        "calibrated: `flowhn_hf.calibrate_split`; used: what the model ran with).",
+        "calibrated: `flowhn_hf.calibrate_split`; used: what the model ran with)"
+        + ("." if args.split_period is None else f"; FlowHN split_period {args.split_period}."),
         "",
         markdown_table(rows, args),
         "",
@@ -715,6 +718,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                    default=None, help="torch.compile mode for every compiled model (reduce-overhead: CUDA graphs, the "
                    "fastest on the GPU for every model here: RESULTS.md)")
+    p.add_argument("--split-period", type=int, default=None, help="every FlowHN model's split_period, the routing "
+                   "pattern's period in tokens (default: the preset's)")
     p.add_argument("--no-calibrate", action="store_true", help="skip flowhn_hf.calibrate_split")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no row that would end past this many minutes, by the mean time of the finished rows "
@@ -743,6 +748,8 @@ def parse_args(argv=None):
         args.precision = "autocast" if args.device.startswith("cuda") else "fp32"
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2")
+    if args.split_period is not None and args.split_period < 2:
+        p.error(f"--split-period {args.split_period}: must be an integer >= 2")
     if args.out_dir is None:
         args.out_dir = (ROOT / "runs" / "benchmarks-smoke") if smoke else HERE
     return args
