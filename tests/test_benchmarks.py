@@ -163,7 +163,7 @@ def test_quality_smoke_run_writes_its_table(tmp_path):
     assert {r["train_tokens"] for r in rows if r["task"] == "mqar"} == {8192}, "32 steps of 8 sequences x 32 tokens"
 
 
-def test_split_period_option_reaches_every_flowhn_model_and_only_them():
+def test_split_period_option_reaches_the_flowhn_models():
     """--split-period in quality.py and throughput.py: the FlowHN configs take it, a period below 2 is refused before
     any work, and the Llama of quality.py keeps FlowHN FAC's parameter count (the period adds no parameters)."""
     from training.benchmarks import quality
