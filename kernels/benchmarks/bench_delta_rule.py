@@ -99,8 +99,7 @@ def decode_step(fn, B, H, D):
 
     with torch.no_grad():
         eager = do_bench(step, warmup=25, rep=100, return_mode="median")
-        try:
-            step()  # compiled before the capture
+        try:  # do_bench's calls compiled the kernel and warmed it up: the capture records a launch, nothing more
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()

@@ -297,8 +297,6 @@ def parse_args(argv=None):
     for flag in ("mqar_tokens", "mqar_batch_size", "mqar_lr", "pairs", "mqar_len"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag):g}: must be positive")
-    if args.split_period is not None and args.split_period < 2:
-        p.error(f"--split-period {args.split_period}: must be an integer >= 2")
     if 4 * args.pairs > args.mqar_len:
         p.error(f"--pairs {args.pairs}: the pairs and their queries take 4 x pairs tokens, more than --mqar-len "
                 f"{args.mqar_len}")
@@ -307,6 +305,11 @@ def parse_args(argv=None):
     if args.corpus and args.dataset:
         p.error("--corpus and --dataset: choose one")
     args.mqar_vocab = 4 * args.pairs  # keys and values each come from their own range of this many tokens
+    if args.split_period is not None:
+        try:  # FlowHNConfig's own check, before any work
+            flowhn_config("flowhn-FAC", args, args.vocab_size)
+        except ValueError as e:
+            p.error(f"--split-period {args.split_period}: {e}")
     return args
 
 

@@ -748,8 +748,11 @@ def parse_args(argv=None):
         args.precision = "autocast" if args.device.startswith("cuda") else "fp32"
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2")
-    if args.split_period is not None and args.split_period < 2:
-        p.error(f"--split-period {args.split_period}: must be an integer >= 2")
+    if args.split_period is not None:
+        try:  # FlowHNConfig's own check, before any work
+            flowhn_config(args, "flop_aware_circulating")
+        except ValueError as e:
+            p.error(f"--split-period {args.split_period}: {e}")
     if args.out_dir is None:
         args.out_dir = (ROOT / "runs" / "benchmarks-smoke") if smoke else HERE
     return args
