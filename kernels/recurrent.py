@@ -10,12 +10,12 @@ from .utils import cdiv, kernel, pow2
 @kernel
 def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, chunk_off, length, UNIFORM: tl.constexpr,
                      BT: tl.constexpr, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
-                     V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
+                     V: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
                      STORE_FINAL: tl.constexpr):
     """S ← S + Σ_i k_i β_i (v_i − S_prevᵀ k_i)ᵀ, o = scale Sᵀ q, for one sequence, head and V block.
 
-    The R components sit in the first rows of 16-row tiles (tl.dot's least size); q sits in row 0.
-    fp32 products in "ieee" precision keep the state exact to fp32 over long decodes.
+    The R components are the rows of an RP-row tile (RP = pow2(R)). A token is too little work for tensor cores:
+    the products are fp32 broadcasts and sums, exact to fp32 over long decodes.
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -23,7 +23,7 @@ def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, chunk_off, length
     bos, eos, _ = sequence_span(cu, chunk_off, length, UNIFORM, seq, BT)
     kk = tl.arange(0, BK)
     vv = iv * BV + tl.arange(0, BV)
-    j = tl.arange(0, 16)
+    r = tl.arange(0, RP)
     k_ok = kk < K
     v_ok = vv < V
     kv_mask = k_ok[:, None] & v_ok[None, :]
@@ -35,31 +35,38 @@ def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, chunk_off, length
         S = tl.full([BK, BV], 0.0, tl.float32)
     n = bos
     while n < eos:
-        sub = (n * H + h) * R + j
-        b_q = tl.load(q + (n * H + h) * K + 0 * j[:, None] + kk[None, :], mask=(j[:, None] == 0) & k_ok[None, :],
-                      other=0.0).to(tl.float32)
-        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=(j[:, None] < R) & k_ok[None, :], other=0.0).to(tl.float32)
-        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=(j[:, None] < R) & v_ok[None, :], other=0.0).to(tl.float32)
-        b_beta = tl.load(beta + sub, mask=j < R, other=0.0).to(tl.float32)
-        b_u = b_beta[:, None] * (b_v - tl.dot(b_k, S, input_precision="ieee"))
-        S += tl.dot(tl.trans(b_k), b_u, input_precision="ieee")
-        b_o = tl.dot(b_q, S, input_precision="ieee") * scale
-        tl.store(o + (n * H + h) * V + 0 * j[:, None] + vv[None, :], b_o.to(o.dtype.element_ty),
-                 mask=(j[:, None] == 0) & v_ok[None, :])
+        sub = (n * H + h) * R + r
+        b_q = tl.load(q + (n * H + h) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=(r[:, None] < R) & k_ok[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=(r[:, None] < R) & v_ok[None, :], other=0.0).to(tl.float32)
+        b_beta = tl.load(beta + sub, mask=r < R, other=0.0).to(tl.float32)
+        b_u = b_beta[:, None] * (b_v - tl.sum(b_k[:, :, None] * S[None, :, :], axis=1))
+        S += tl.sum(b_k[:, :, None] * b_u[:, None, :], axis=0)
+        b_o = tl.sum(b_q[:, None] * S, axis=0) * scale
+        tl.store(o + (n * H + h) * V + vv, b_o.to(o.dtype.element_ty), mask=v_ok)
         n += 1
     if STORE_FINAL:
         tl.store(final + state + kv, S, mask=kv_mask)
+
+
+# elements of a program's [RP, BK, BV] products: small V blocks put more programs in flight and keep them in registers
+TILE_ELEMENTS = 2048
+
+
+def blocks(R, K, V):
+    """(BK, BV) of the recurrent kernel: all of K, and a V block of at most TILE_ELEMENTS / (RP·BK) columns."""
+    bk = pow2(K)
+    return bk, min(pow2(V), max(4, TILE_ELEMENTS // (pow2(R, 1) * bk)))
 
 
 def recurrent_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state):
     """Forward only, packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V], beta [N,H,R], sequences as chunk.Plan."""
     _, H, R, K = k.shape
     V = v.shape[-1]
-    bk = pow2(K)
-    # small V blocks: more programs in flight, and the fp32 state tile stays in registers
-    bv = min(pow2(V), max(16, 4096 // bk))
+    bk, bv = blocks(R, K, V)
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     final = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if output_final_state else None
     recurrent_kernel[(plan.n, H, cdiv(V, bv))](q, k, v, beta, o, initial_state, final, scale, *plan.sequences,
-                                              plan.bt, H, R, K, V, bk, bv, initial_state is not None, output_final_state)
+                                              plan.bt, H, R, K, V, plan.rp, bk, bv, initial_state is not None,
+                                              output_final_state)
     return o, final

@@ -1,8 +1,9 @@
-"""Registers, spills and shared memory of every chunked kernel, compiled for Hopper (sm_90a) without a GPU.
+"""Registers, spills and shared memory of every Triton kernel of delta_rule, compiled for Hopper (sm_90a) without a GPU.
 
 Triton compiles to PTX on any machine and ships ptxas, whose report is what the device would load: registers per
 thread, spill stores and loads (bytes per thread, local memory: slow), and Triton's own shared-memory figure (the
-H100/H200 give a block 227 KB). Each kernel at key and value width D in {64, 128}, bf16, R = 1, with the launch
+H100/H200 give a block 227 KB); nvdisasm counts the machine instructions (SASS) of the kernel, a static measure of
+its work where a small launch is latency-bound. Each kernel at key and value width D in {64, 128}, bf16, R = 1, with the launch
 settings of chunk.LAUNCH and with 8 warps. Prints a markdown table; nothing runs, so it needs no device time.
 
     python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--kernels grad_wy,prep]
@@ -21,12 +22,13 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from flowhn_kernels import chunk
+from flowhn_kernels import chunk, recurrent
 from flowhn_kernels.utils import pow2
 
 STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
 INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
-KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "state_fwd_aug", "state_bwd_aug", "combine")
+KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "state_fwd_aug", "state_bwd_aug", "combine",
+           "recurrent")
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 
 
@@ -35,6 +37,7 @@ def constexprs(name, D, dtype):
     bk, bv = chunk._blocks(D, D)
     bka, bva = chunk._blocks(D, 2 * D)  # the scan's flow passes run on K + V columns
     g = min(pow2(D), 64)
+    rk, rv = recurrent.blocks(1, D, D)
     common = dict(UNIFORM=True, H=16, R=1, K=D, V=D, RP=1, BT=chunk.ROWS, DT=DTYPES[dtype],
                   PREC="tf32x3" if dtype == "fp32" else "tf32")  # UNIFORM: a batch, as training runs them
     return {
@@ -46,15 +49,17 @@ def constexprs(name, D, dtype):
         "state_fwd_aug": dict(common, BK=bka, BV=bva, HAS_INIT=False, STORE_FINAL=True, AUG=True, VA=2 * D),
         "state_bwd_aug": dict(common, BK=bka, BV=bva, HAS_DFINAL=False, STORE_DINIT=True, AUG=True, VA=2 * D),
         "combine": dict(H=16, K=D, V=D, BK=bk, BV=bv, KB=min(bk, 32), HAS_X0=True, STORE_OUT=True, REVERSE=False),
+        "recurrent": dict(common, BK=rk, BV=rv, HAS_INIT=True, STORE_FINAL=True),
         "grad_wy": dict(common, BK=g, BV=g, LOW=DTYPES[dtype] if chunk.WY_TRANSPOSE_16BIT else tl.float32,
                         CD=DTYPES[dtype] if chunk.WY_CANCELLING_16BIT else tl.float32),
     }[name]
 
 
 def report(name, D, dtype, launch) -> dict:
-    fn = triton.runtime.jit.JITFunction(getattr(chunk, f"{name.removesuffix('_aug')}_kernel").fn)
-    fixed = constexprs(name, D, dtype)
+    module = recurrent if name == "recurrent" else chunk
+    fn = triton.runtime.jit.JITFunction(getattr(module, f"{name.removesuffix('_aug')}_kernel").fn)
     params = inspect.signature(fn.fn).parameters
+    fixed = {a: v for a, v in constexprs(name, D, dtype).items() if a in params}  # the kernel's own, of the common set
     signature = {}
     for arg in params:
         if arg in fixed:
@@ -68,16 +73,22 @@ def report(name, D, dtype, launch) -> dict:
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(a),): v for a, v in fixed.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
-        info = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull], capture_output=True,
-                              text=True, check=True).stderr
+        info = subprocess.run([os.path.join(tools, "ptxas"), "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([os.path.join(tools, "nvdisasm"), cubin.name], capture_output=True, text=True,
+                              check=True).stdout
     regs = re.search(r"Used (\d+) registers", info)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return dict(regs=int(regs.group(1)), spill_st=int(spills.group(1)), spill_ld=int(spills.group(2)),
-                smem_kb=compiled.metadata.shared / 1024)
+                smem_kb=compiled.metadata.shared / 1024,
+                instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.MULTILINE)))
 
 
 def main():
@@ -87,8 +98,8 @@ def main():
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = 1\n")
-    print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB |")
-    print("|---|---|---|---|---|---|")
+    print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB | SASS instructions |")
+    print("|---|---|---|---|---|---|---|")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     for D in (int(d) for d in args.dims.split(",")):
         for name in args.kernels.split(","):
@@ -96,7 +107,7 @@ def main():
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, launch)
                 print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']} | {r['regs']} | "
-                      f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} |", flush=True)
+                      f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} | {r['instructions']} |", flush=True)
 
 
 if __name__ == "__main__":
