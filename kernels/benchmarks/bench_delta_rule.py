@@ -87,7 +87,7 @@ def accuracy(B, T, H, D, R):
 
 
 def decode_step(fn, B, H, D):
-    """(eager ms, CUDA-graph ms) of one decoding step: the eager call is bound by its host work (Python, argument
+    """(eager µs, CUDA-graph µs) of one decoding step (µs: the ms columns' three decimals would round them away): the eager call is bound by its host work (Python, argument
     handling, the Triton launch), so it ranks implementations by host overhead and moves with the machine; replaying
     the step captured in a CUDA graph, as a decoding loop under CUDA graphs runs it, times the GPU work alone.
     The graph column reads None where the step cannot be captured."""
@@ -105,8 +105,8 @@ def decode_step(fn, B, H, D):
                 step()
         except Exception as e:  # noqa: BLE001 - any capture failure only empties this cell
             print(f"decode step of {getattr(fn, '__name__', fn)} not capturable: {type(e).__name__}: {e}", flush=True)
-            return eager, None
-        return eager, do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+            return 1000 * eager, None
+        return 1000 * eager, 1000 * do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
 def ours(q, k, v, beta):
@@ -188,7 +188,7 @@ def main():
             r[f"ours fwd+bwd scan={'on' if scan else 'off'}"] = time_fwd_bwd(fn, x1)
         x2 = inputs(B, T, H, D, 2)
         r["ours R=2 fwd+bwd"] = time_fwd_bwd(ours, x2)
-        r["ours decode"], r["ours decode graph"] = decode_step(ours_decode, B, H, D)
+        r["ours decode µs"], r["ours decode graph µs"] = decode_step(ours_decode, B, H, D)
         err, finite = accuracy(B, T, H, D, 1)
         r["ours max rel err R=1"] = f"{err:.1e}" + ("" if finite else " NaN/Inf")
         err2, finite2 = accuracy(B, T, H, D, 2)
@@ -199,11 +199,11 @@ def main():
             r["fla mem MiB"] = peak_mib(fla_chunk, x1)
             f2 = inputs(B, T, H, D, 2, layout="fla")
             r["fla R=2 fwd+bwd"] = time_fwd_bwd(fla_product2, f2)
-            r["fla decode"], r["fla decode graph"] = decode_step(fla_recurrent, B, H, D)
+            r["fla decode µs"], r["fla decode graph µs"] = decode_step(fla_recurrent, B, H, D)
             r["speedup fwd+bwd R=1"] = r["fla fwd+bwd"] / r["ours fwd+bwd"]
             r["speedup fwd+bwd R=2"] = r["fla R=2 fwd+bwd"] / r["ours R=2 fwd+bwd"]
-            if r["ours decode graph"] and r["fla decode graph"]:
-                r["speedup decode graph"] = r["fla decode graph"] / r["ours decode graph"]
+            if r["ours decode graph µs"] and r["fla decode graph µs"]:
+                r["speedup decode graph"] = r["fla decode graph µs"] / r["ours decode graph µs"]
         rows.append(r)
         print(r, flush=True)
         write_results(rows, args.out)
@@ -224,7 +224,7 @@ def write_results(rows, path, solvers=""):
     versions = (f"torch {torch.__version__}, triton {triton.__version__}, "
                 f"flash-linear-attention {getattr(fla, '__version__', 'not installed')}, python {platform.python_version()}")
     text = (f"# delta_rule benchmark\n\nDevice: {torch.cuda.get_device_name()}. {versions}. bf16 inputs, times in ms "
-            "(triton.testing.do_bench medians), memory = peak MiB of one forward+backward above the inputs, "
+            "(triton.testing.do_bench medians; decode steps in µs), memory = peak MiB of one forward+backward above the inputs, "
             "error = max relative error of o, dq, dk, dv, dbeta vs a float64 reference.\n\n" + "\n".join(lines) + "\n")
     Path(path).write_text(text + solvers)
 
