@@ -50,7 +50,9 @@ def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, chunk_off, length
 
 
 # elements of a program's [RP, BK, BV] products: small V blocks put more programs in flight and keep them in registers
-TILE_ELEMENTS = 2048
+TILE_ELEMENTS = 1024
+# one warp a program: a token's sums across K stay within the warp (shuffles, no shared memory or barriers)
+LAUNCH = dict(num_warps=1, num_stages=1)
 
 
 def blocks(R, K, V):
@@ -68,5 +70,5 @@ def recurrent_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state)
     final = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if output_final_state else None
     recurrent_kernel[(plan.n, H, cdiv(V, bv))](q, k, v, beta, o, initial_state, final, scale, *plan.sequences,
                                               plan.bt, H, R, K, V, plan.rp, bk, bv, initial_state is not None,
-                                              output_final_state)
+                                              output_final_state, **LAUNCH)
     return o, final
