@@ -2,8 +2,8 @@
 
 Triton compiles to PTX on any machine and ships ptxas, whose report is what the device would load: registers per
 thread, spill stores and loads (bytes per thread, local memory: slow), and Triton's own shared-memory figure (the
-H100/H200 give a block 227 KB); nvdisasm counts the machine instructions (SASS) of the kernel, a static measure of
-its work where a small launch is latency-bound. Each kernel at key and value width D in {64, 128}, bf16, R = 1, with the launch
+H100/H200 give a block 227 KB); nvdisasm counts the machine instructions (SASS) of the kernel, and of its longest
+loop (a sequential pass's step) by opcode group: a static measure of the work a step issues. Each kernel at key and value width D in {64, 128}, bf16, R = 1, with the launch
 settings of chunk.LAUNCH and with 8 warps. Prints a markdown table; nothing runs, so it needs no device time.
 
     python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--kernels grad_wy,prep]
@@ -85,10 +85,43 @@ def report(name, D, dtype, launch) -> dict:
         sass = subprocess.run([os.path.join(tools, "nvdisasm"), cubin.name], capture_output=True, text=True,
                               check=True).stdout
     regs = re.search(r"Used (\d+) registers", info)
+    loop = main_loop(sass)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return dict(regs=int(regs.group(1)), spill_st=int(spills.group(1)), spill_ld=int(spills.group(2)),
                 smem_kb=compiled.metadata.shared / 1024,
-                instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.MULTILINE)))
+                instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.MULTILINE)), loop=loop)
+
+
+# opcode groups of the loop report: where a sequential pass's step spends its issue slots
+OPCODE_GROUPS = (("integer", r"^U?(I[A-Z0-9]*|LOP3|LEA|SHF|SEL|PRMT|SGXT|VIADD|MOV)$"), ("global", r"^(LDG|STG)$"),
+                 ("shared", r"^(LDS|STS|LDSM|STSM)$"), ("local", r"^(LDL|STL)$"), ("HGMMA", r"^HGMMA$"))
+
+
+def main_loop(sass):
+    """Instruction count and opcode groups of the longest loop (the span of the longest backward branch), or None."""
+    address, labels, ops, target = {}, {}, [], None
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.L_x_(\d+):", line)
+        if label:
+            target = label.group(1)
+            continue
+        instr = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)", line)
+        if instr:
+            at = int(instr.group(1), 16)
+            if target is not None:
+                labels[target], target = at, None
+            ops.append((at, instr.group(2), instr.group(3)))
+    loops = []
+    for at, op, rest in ops:
+        branch = re.search(r"\.L_x_(\d+)", rest) if op == "BRA" else None
+        if branch and labels.get(branch.group(1), at) < at:
+            loops.append((labels[branch.group(1)], at))
+    if not loops:
+        return None
+    start, end = max(loops, key=lambda span: span[1] - span[0])
+    body = [op for at, op, _ in ops if start <= at <= end]
+    return dict(instructions=len(body), **{group: sum(bool(re.match(pattern, op)) for op in body)
+                                           for group, pattern in OPCODE_GROUPS})
 
 
 def main():
@@ -98,8 +131,9 @@ def main():
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = 1\n")
-    print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB | SASS instructions |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB | SASS instructions | "
+          "main loop: instructions (integer / global / shared / local / HGMMA) |")
+    print("|---|---|---|---|---|---|---|---|")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     for D in (int(d) for d in args.dims.split(",")):
         for name in args.kernels.split(","):
@@ -108,7 +142,14 @@ def main():
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, launch)
                 print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']} | {r['regs']} | "
-                      f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} | {r['instructions']} |", flush=True)
+                      f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} | {r['instructions']} | "
+                      f"{loop_cell(r['loop'])} |", flush=True)
+
+
+def loop_cell(loop):
+    if loop is None:
+        return "–"
+    return f"{loop['instructions']} ({' / '.join(str(loop[group]) for group, _ in OPCODE_GROUPS)})"
 
 
 if __name__ == "__main__":
