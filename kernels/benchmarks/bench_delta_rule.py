@@ -87,8 +87,8 @@ def accuracy(B, T, H, D, R):
 
 
 def decode_step(fn, B, H, D):
-    """(eager µs, CUDA-graph µs) of one decoding step (µs: the ms columns' three decimals would round them away): the eager call is bound by its host work (Python, argument
-    handling, the Triton launch), so it ranks implementations by host overhead and moves with the machine; replaying
+    """(eager µs, CUDA-graph µs) of one decoding step (µs: three decimals of ms would round them away). The eager
+    call is bound by its host work (Python, argument handling, the Triton launch), so it ranks implementations by host overhead and moves with the machine; replaying
     the step captured in a CUDA graph, as a decoding loop under CUDA graphs runs it, times the GPU work alone.
     The graph column reads None where the step cannot be captured."""
     q, k, v, beta = (x.detach()[:, :1].contiguous() for x in inputs(B, 1, H, D, 1, layout="fla"))

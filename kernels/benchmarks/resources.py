@@ -3,8 +3,9 @@
 Triton compiles to PTX on any machine and ships ptxas, whose report is what the device would load: registers per
 thread, spill stores and loads (bytes per thread, local memory: slow), and Triton's own shared-memory figure (the
 H100/H200 give a block 227 KB); nvdisasm counts the machine instructions (SASS) of the kernel, and of its longest
-loop (a sequential pass's step) by opcode group: a static measure of the work a step issues. Each kernel at key and value width D in {64, 128}, bf16, R = 1, with the launch
-settings of chunk.LAUNCH and with 8 warps. Prints a markdown table; nothing runs, so it needs no device time.
+loop (a sequential pass's step) by opcode group: a static measure of the work a step issues. Each kernel at key and
+value width D in {64, 128}, bf16, R = 1, with its launch settings (chunk.LAUNCH, recurrent.LAUNCH) and with 8
+warps. Prints a markdown table; nothing runs, so it needs no device time.
 
     python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--kernels grad_wy,prep]
 """
@@ -93,13 +94,13 @@ def report(name, D, dtype, launch) -> dict:
 
 
 # opcode groups of the loop report: where a sequential pass's step spends its issue slots
-OPCODE_GROUPS = (("integer", r"^U?(I[A-Z0-9]*|LOP3|LEA|SHF|SEL|PRMT|SGXT|VIADD|MOV)$"), ("global", r"^(LDG|STG)$"),
+OPCODE_GROUPS = (("integer", r"^U?(I[A-Z0-9]*|LOP3|LEA|SHF|SEL|PRMT|SGXT|VIADD)$"), ("global", r"^(LDG|STG)$"),
                  ("shared", r"^(LDS|STS|LDSM|STSM)$"), ("local", r"^(LDL|STL)$"), ("HGMMA", r"^HGMMA$"))
 
 
 def main_loop(sass):
     """Instruction count and opcode groups of the longest loop (the span of the longest backward branch), or None."""
-    address, labels, ops, target = {}, {}, [], None
+    labels, ops, target = {}, [], None
     for line in sass.splitlines():
         label = re.match(r"\s*\.L_x_(\d+):", line)
         if label:
