@@ -386,7 +386,7 @@ def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):
     r = resources.report("state_fwd", 64, "bf16", dict(num_warps=4, num_stages=2))
     assert 0 < r["regs"] <= 255 and r["smem_kb"] > 0 and r["spill_st"] >= 0
     assert 0 < r["loop"]["instructions"] < r["instructions"] and r["loop"]["HGMMA"] > 0  # the pass over chunks
-    # the decode kernel keeps its fp32 state tile in registers (its 16-row tl.dot form spilled 636 B a thread)
+    # the decode kernel keeps its fp32 state tile in registers (its 16-row tl.dot form spilled 588 B a thread)
     r = resources.report("recurrent", 128, "bf16", resources.recurrent.LAUNCH)
     assert r["spill_st"] == 0 and r["spill_ld"] == 0
 

@@ -71,8 +71,11 @@ def report(name, D, dtype, launch) -> dict:
             signature[arg] = "i32"
         else:
             signature[arg] = "*fp32" if arg in STATE_F32 else "*i32" if arg in INDEX_I32 else f"*{dtype}"
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(a),): v for a, v in fixed.items()})
+    # what the JIT assumes at the anchor shapes: 16-byte aligned tensors, lengths a multiple of 16
+    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, kind in signature.items()
+               if kind.startswith("*") or a == "length"}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(a),): v for a, v in fixed.items()},
+                       attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
