@@ -24,6 +24,7 @@ def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, chunk_off, length
     kk = tl.arange(0, BK)
     vv = iv * BV + tl.arange(0, BV)
     r = tl.arange(0, RP)
+    r_ok = r < R
     k_ok = kk < K
     v_ok = vv < V
     kv_mask = k_ok[:, None] & v_ok[None, :]
@@ -37,9 +38,9 @@ def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, chunk_off, length
     while n < eos:
         sub = (n * H + h) * R + r
         b_q = tl.load(q + (n * H + h) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
-        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=(r[:, None] < R) & k_ok[None, :], other=0.0).to(tl.float32)
-        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=(r[:, None] < R) & v_ok[None, :], other=0.0).to(tl.float32)
-        b_beta = tl.load(beta + sub, mask=r < R, other=0.0).to(tl.float32)
+        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=r_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        b_beta = tl.load(beta + sub, mask=r_ok, other=0.0).to(tl.float32)
         b_u = b_beta[:, None] * (b_v - tl.sum(b_k[:, :, None] * S[None, :, :], axis=1))
         S += tl.sum(b_k[:, :, None] * b_u[:, None, :], axis=0)
         b_o = tl.sum(b_q[:, None] * S, axis=0) * scale

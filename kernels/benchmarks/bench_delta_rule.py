@@ -87,10 +87,12 @@ def accuracy(B, T, H, D, R):
 
 
 def decode_step(fn, B, H, D):
-    """(eager µs, CUDA-graph µs) of one decoding step (µs: three decimals of ms would round them away). The eager
-    call is bound by its host work (Python, argument handling, the Triton launch), so it ranks implementations by host overhead and moves with the machine; replaying
-    the step captured in a CUDA graph, as a decoding loop under CUDA graphs runs it, times the GPU work alone.
-    The graph column reads None where the step cannot be captured."""
+    """(eager µs, CUDA-graph µs) of one decoding step (µs: three decimals of ms would round them away).
+
+    The eager call is bound by its host work (Python, argument handling, the Triton launch), so it ranks
+    implementations by host overhead and moves with the machine; replaying the step captured in a CUDA graph, as a
+    decoding loop under CUDA graphs runs it, times the GPU work alone. The graph column reads None where the step
+    cannot be captured."""
     q, k, v, beta = (x.detach()[:, :1].contiguous() for x in inputs(B, 1, H, D, 1, layout="fla"))
     s0 = torch.randn(B, H, D, D, device="cuda", dtype=torch.float32)
 
@@ -224,8 +226,9 @@ def write_results(rows, path, solvers=""):
     versions = (f"torch {torch.__version__}, triton {triton.__version__}, "
                 f"flash-linear-attention {getattr(fla, '__version__', 'not installed')}, python {platform.python_version()}")
     text = (f"# delta_rule benchmark\n\nDevice: {torch.cuda.get_device_name()}. {versions}. bf16 inputs, times in ms "
-            "(triton.testing.do_bench medians; decode steps in µs), memory = peak MiB of one forward+backward above the inputs, "
-            "error = max relative error of o, dq, dk, dv, dbeta vs a float64 reference.\n\n" + "\n".join(lines) + "\n")
+            "(triton.testing.do_bench medians; decode steps in µs), memory = peak MiB of one forward+backward above "
+            "the inputs, error = max relative error of o, dq, dk, dv, dbeta vs a float64 reference.\n\n"
+            + "\n".join(lines) + "\n")
     Path(path).write_text(text + solvers)
 
 

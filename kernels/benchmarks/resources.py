@@ -28,8 +28,8 @@ from flowhn_kernels.utils import pow2
 
 STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
 INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
-KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "state_fwd_aug", "state_bwd_aug", "combine",
-           "recurrent")
+KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "state_fwd_aug", "state_bwd_aug",
+           "combine", "recurrent")
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 
 
@@ -135,8 +135,8 @@ def main():
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = 1\n")
-    print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB | SASS instructions | "
-          "main loop: instructions (integer / global / shared / local / HGMMA) |")
+    print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB | SASS instructions "
+          "| main loop: instructions (integer / global / shared / local / HGMMA) |")
     print("|---|---|---|---|---|---|---|---|")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     for D in (int(d) for d in args.dims.split(",")):

@@ -1,7 +1,7 @@
 """Experiment: the sequential state passes on the transposed state, so that their chains stay in registers.
 
-chunk.state_fwd_kernel steps S_end = S_start + Kᵀ(Ũ − W S_start) with S and then U as the *second* operand of its two
-products, and a Hopper wgmma reads its second operand from shared memory: each step writes S and U there, fences and
+chunk.state_fwd_kernel steps S_end = S_start + Kᵀ(Ũ − W S_start) with S and then U as the *second* operand of its
+two products, and a Hopper wgmma reads its second operand from shared memory: each step writes S and U there, fences and
 waits, twice, on the chain that sets the pass's time at small B·H (the step is latency-bound: 0.24 µs of issue in a
 1.38 µs step, kernels/benchmarks/NOTES.md). Transposed, the same step is
 
@@ -10,7 +10,7 @@ waits, twice, on the chain that sets the pass's time at small B·H (the step is 
 with the carried Sᵀ and the fresh Uᵀ as *first* operands, which wgmma takes from registers (as flash attention's P V
 does), and only the loaded Wᵀ and K in shared memory. The reverse pass likewise carries dSᵀ:
 
-    dUᵀ = dOᵀ Aᵀ + dSᵀ Kᵀ,    dSᵀ ← dSᵀ + dOᵀ Q − dUᵀ W      (Aᵀ = (Q Kᵀ) ⊙ causal, Q scaled)
+    dUᵀ = dOᵀ Aᵀ + dSᵀ Kᵀ,    dSᵀ ← dSᵀ + dOᵀ Q − dUᵀ W    (Aᵀ = (Q Kᵀ) ⊙ causal, Q scaled)
 
 Same arithmetic, same outputs (u, hs; du, dhs in chunk's layouts). `state_passes.py --variants T:64:4:4` times both
 against the committed passes; promote them into chunk.py if they win, delete this file if not. Not the scan's
