@@ -30,12 +30,13 @@ ROWS = 64
 # grad_wy dβ off by 2e-2 at R = 1; tune_launch.py now rejects a setting that moves the gradients.
 # The sequential passes are for loops that Triton pipelines by num_stages (2026-12-02, H200, state_passes.py, B = 1,
 # T = 16384, H = 16, D = 128): forward 0.686 → 0.384 ms at 4 warps / 3 stages, 0.353 at 4 / 4; reverse 0.996 → 0.804
-# at 8 / 3. Their D = 64 entries follow D = 128's choices, not timed on their own.
+# at 8 / 3; on the transposed state (2026-12-03) 0.671 at 4 / 3. Their D = 64 entries follow D = 128's choices,
+# not timed on their own.
 LAUNCH = {
     ("state_fwd", 64): dict(num_warps=4, num_stages=3),
     ("state_fwd", 128): dict(num_warps=4, num_stages=4),
-    ("state_bwd", 64): dict(num_warps=8, num_stages=3),
-    ("state_bwd", 128): dict(num_warps=8, num_stages=3),
+    ("state_bwd", 64): dict(num_warps=4, num_stages=3),
+    ("state_bwd", 128): dict(num_warps=4, num_stages=3),
     ("grad_state", 128): dict(num_warps=4, num_stages=1),
     ("grad_wy", 64): dict(num_warps=8, num_stages=2),
     ("grad_wy", 128): dict(num_warps=4, num_stages=1),
@@ -58,14 +59,11 @@ def launch(name, K, dtype):
 
     The table is tuned for 16-bit inputs. fp32 inputs (tf32x3 products: accuracy, not speed) run unpipelined: their
     tiles take twice the shared memory, and the reverse pass needs 272 KB at two stages and D = 128 (the H200 has
-    227; kernels/benchmarks/resources.py --dtype fp32). Their reverse pass keeps the 4 warps it had before it was
-    pipelined: at 8 warps and one stage it gave a wrong dk for R = 3 at D = 128 on the H200 (2026-12-02).
+    227; kernels/benchmarks/resources.py --dtype fp32).
     """
     settings = dict(LAUNCH.get((name, max(pow2(K), 64)), {}))
     if dtype == torch.float32:
         settings["num_stages"] = 1
-        if name == "state_bwd":
-            settings["num_warps"] = 4
     return settings
 
 
@@ -242,6 +240,9 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
                      PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
     """Reverse pass: dU = scale (QKᵀ⊙causal)ᵀ dO + K dS_end, dS_start = dS_end + scale Qᵀ dO − Wᵀ dU.
 
+    It carries the transposed state, dUᵀ = dOᵀ Aᵀ + dSᵀ Kᵀ and dSᵀ ← dSᵀ + dOᵀ Q − dUᵀ W, so that the chain's
+    operands dSᵀ and dUᵀ come first in their products, which Hopper's wgmma reads from registers; as second
+    operands each step would write them to shared memory and wait (NOTES.md v11: 3.1 → 2.6 µs per step).
     AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with dO
     read as [0 | dO]; only the result is stored (VA = K + V, else VA = V).
     """
@@ -254,44 +255,45 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
     t = tl.arange(0, BT)
     kk = tl.arange(0, BK)
     vv = iv * BV + tl.arange(0, BV)
-    kv_mask = (kk[:, None] < K) & (vv[None, :] < VA)
-    kv = kk[:, None] * VA + vv[None, :]
+    vk_mask = (vv[:, None] < VA) & (kk[None, :] < K)
+    vk = kk[None, :] * VA + vv[:, None]  # element (v, k) of dSᵀ lives at dS[k, v]
     state = (seq * H + h).to(tl.int64) * K * VA
     col = vv - (VA - V)  # the column of dO (negative for the Pᵀ columns in AUG mode)
     if AUG:
-        dS = tl.where((kk[:, None] == vv[None, :]) & (vv[None, :] < K), 1.0, 0.0)
+        dSt = tl.where((vv[:, None] == kk[None, :]) & (vv[:, None] < K), 1.0, 0.0)
     elif HAS_DFINAL:
-        dS = tl.load(dfinal + state + kv, mask=kv_mask, other=0.0).to(tl.float32)
+        dSt = tl.load(dfinal + state + vk, mask=vk_mask, other=0.0).to(tl.float32)
     else:
-        dS = tl.full([BK, BV], 0.0, tl.float32)
+        dSt = tl.full([BV, BK], 0.0, tl.float32)
     nc = (eos - bos + BT - 1) // BT
     for i in range(nc):  # a for loop for the pipeliner, as in state_fwd_kernel
         c = nc - 1 - i
         g = g0 + c
         if not AUG:
-            tl.store(dhs + (g * H + h) * K * V + kv, dS.to(dhs.dtype.element_ty), mask=kv_mask)
+            tl.store(dhs + (g * H + h) * K * V + vk, dSt.to(dhs.dtype.element_ty), mask=vk_mask)
         tq = c * BT + t
         q_ok = tq < eos - bos
         tok = c * BT + r // RP
         comp = r % RP
         row_ok = (tok < eos - bos) & (comp < R)
         sub = ((bos + tok) * H + h) * R + comp
-        b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+        b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K),
+                      other=0.0).to(DT)
         b_q = (b_q.to(tl.float32) * scale).to(DT)
-        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
-        b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + col[None, :],
-                       mask=q_ok[:, None] & (col[None, :] >= 0) & (col[None, :] < V), other=0.0).to(DT)
+        b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0).to(DT)
+        b_dot = tl.load(do + ((bos + tq) * H + h)[None, :] * V + col[:, None],
+                        mask=q_ok[None, :] & (col[:, None] >= 0) & (col[:, None] < V), other=0.0).to(DT)
         base = (g * H + h) * ROWS + r
         b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
-        at = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
-        at = tl.where(t[None, :] >= (r // RP)[:, None], at, 0.0)
-        b_du = tl.dot(at.to(DT), b_do, input_precision=PREC) + tl.dot(b_k, dS.to(DT), input_precision=PREC)
+        at_t = tl.dot(b_q, b_kt, input_precision=PREC)
+        at_t = tl.where(t[:, None] >= (r // RP)[None, :], at_t, 0.0)
+        b_dut = tl.dot(b_dot, at_t.to(DT), input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
         if not AUG:
-            tl.store(du + base[:, None] * V + vv[None, :], b_du.to(du.dtype.element_ty), mask=vv[None, :] < V)
-        dS += (tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
-               - tl.dot(tl.trans(b_w), b_du.to(DT), input_precision=PREC))
+            tl.store(du + base[None, :] * V + vv[:, None], b_dut.to(du.dtype.element_ty), mask=vv[:, None] < V)
+        dSt += (tl.dot(b_dot, b_q, input_precision=PREC)
+                - tl.dot(b_dut.to(DT), b_w, input_precision=PREC))
     if STORE_DINIT:
-        tl.store(dinit + state + kv, dS, mask=kv_mask)
+        tl.store(dinit + state + vk, dSt, mask=vk_mask)
 
 
 @kernel

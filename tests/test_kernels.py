@@ -368,14 +368,10 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
     monkeypatch.setattr(state_passes, "SHAPES", [(1, 130, 1, 16)])
     monkeypatch.setattr(state_passes, "do_bench", lambda fn, **kw: 1.0)
     launch, blocks = dict(fk.chunk.LAUNCH), fk.chunk._blocks
-    passes = fk.chunk._state_pass, fk.chunk._reverse_pass
     state_passes.child("16:4:2", [0], dev="cpu")
-    state_passes.child("T:16:4:2", [0], dev="cpu")  # both passes on the transposed state
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert rows[0]["steps"] == 3 and rows[0]["diff"] == 0.0
-    assert rows[1]["diff"] < 1e-2  # bf16 outputs of the same products in another order
     assert fk.chunk.LAUNCH == launch and fk.chunk._blocks is blocks
-    assert (fk.chunk._state_pass, fk.chunk._reverse_pass) == passes
 
 
 def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):

@@ -5,8 +5,7 @@ sequence and head, and their step latency, not the arithmetic, sets the time. Fo
 - the GPU time of every kernel of one fwd+bwd (delta_rule, R = 1, bf16, scan chosen as delta_rule chooses);
 - the forward and the reverse pass alone (scan off) under each V block width, warp count and pipeline depth, with
   the time per chunk step and the largest relative difference of their outputs (u, hs; du, dhs) to the committed
-  settings' (chunk.LAUNCH), each variant in a process of its own; "T:" variants run both passes on the
-  transposed state (transposed_pass.py).
+  settings' (chunk.LAUNCH), each variant in a process of its own.
 
     python kernels/benchmarks/state_passes.py [--shapes 4,3,1] [--variants 64:4:3,64:8:3] [--no-profile]
                                               [--scan-heads 16,8,4,2,1]
@@ -26,7 +25,6 @@ from flowhn_kernels.delta_rule import chunk_delta_rule
 from flowhn_kernels.ops import pack
 from flowhn_kernels.utils import cdiv, pow2
 
-import transposed_pass
 from bench_delta_rule import SHAPES, inputs
 
 
@@ -71,19 +69,13 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-# BV:warps:stages of the two passes ("T:" on the transposed state); the risky ones last (BV = 32 hits a Triton 3.6
-# miscompile with 16-bit operands)
-VARIANTS = ("64:4:1", "64:4:2", "64:4:3", "64:4:4", "64:8:2", "64:8:3", "64:8:4", "128:8:2",
-            "T:64:4:4", "T:64:4:3", "T:64:8:3", "32:4:3")
+# BV:warps:stages of the two passes; the risky ones last (BV = 32 hits a Triton 3.6 miscompile with 16-bit operands)
+VARIANTS = ("64:4:1", "64:4:2", "64:4:3", "64:4:4", "64:8:2", "64:8:3", "64:8:4", "128:8:2", "32:4:3")
 
 
 def set_variant(variant):
-    """Run chunk's two passes at "BV:warps:stages" (V block width, num_warps, num_stages); "T:BV:warps:stages" runs
-    both passes on the transposed state (transposed_pass.py) at those settings."""
-    transposed = variant.startswith("T:")
-    bv, warps, stages = (int(x) for x in variant.removeprefix("T:").split(":"))
-    if transposed:
-        chunk._state_pass, chunk._reverse_pass = transposed_pass.state_pass, transposed_pass.reverse_pass
+    """Run chunk's two passes at "BV:warps:stages" (V block width, num_warps, num_stages)."""
+    bv, warps, stages = (int(x) for x in variant.split(":"))
     chunk._blocks = lambda K, V: (pow2(K), min(pow2(V), bv))
     for name in ("state_fwd", "state_bwd"):
         for width in (64, 128, 256):
@@ -106,7 +98,7 @@ def scan_crossover(heads, T=16384, D=128):
 
 def child(variant, shapes, dev="cuda"):
     """One variant at every shape, against the committed kernels: prints one JSON line per shape."""
-    blocks, launch, passes = chunk._blocks, dict(chunk.LAUNCH), (chunk._state_pass, chunk._reverse_pass)
+    blocks, launch = chunk._blocks, dict(chunk.LAUNCH)
     for i in shapes:
         xs = pass_inputs(*SHAPES[i], dev=dev)
         want, fwd0, bwd0 = run_passes(*xs)
@@ -114,7 +106,7 @@ def child(variant, shapes, dev="cuda"):
         try:
             got, fwd, bwd = run_passes(*xs)
         finally:
-            chunk._blocks, (chunk._state_pass, chunk._reverse_pass) = blocks, passes
+            chunk._blocks = blocks
             chunk.LAUNCH.clear()
             chunk.LAUNCH.update(launch)
         diff = max(rel(g, w) for g, w in zip(got, want))
