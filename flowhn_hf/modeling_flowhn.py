@@ -7,6 +7,7 @@ model stays causal, padding-invariant, and incremental decoding reproduces a ful
 """
 
 import inspect
+import re
 import shutil
 from dataclasses import dataclass
 from functools import partial
@@ -62,9 +63,25 @@ class FlowHNRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return rotary_cos_sin(position_ids, self.inv_freq.to(x.device), x.dtype)
+
+
+# An opaque op to torch.compile: Inductor would otherwise inline the cos and sin into every consumer, and each layer's
+# rotary would evaluate them again for each of its query and key heads, forward and backward.
+@torch.library.custom_op("flowhn_" + re.sub(r"\W", "_", __name__) + "::rotary_cos_sin", mutates_args=())
+def rotary_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, T, head_dim) of the rotary angles at `position_ids` (B, T)."""
+    freqs = position_ids[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@rotary_cos_sin.register_fake
+def _(position_ids, inv_freq, dtype):
+    shape = (*position_ids.shape, 2 * inv_freq.shape[0])
+    return position_ids.new_empty(shape, dtype=dtype), position_ids.new_empty(shape, dtype=dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
