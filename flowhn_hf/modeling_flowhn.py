@@ -7,7 +7,6 @@ model stays causal, padding-invariant, and incremental decoding reproduces a ful
 """
 
 import inspect
-import re
 import shutil
 from dataclasses import dataclass
 from functools import partial
@@ -29,8 +28,10 @@ try:  # a Hub checkpoint carries the kernel modules flat beside this file
     from .cross_entropy import softmax_cross_entropy
     from .delta_rule import delta_rule
     from .short_conv import causal_conv, short_conv_silu
+    from .utils import op_namespace
 except ImportError:  # the installed package
     from flowhn_kernels import causal_conv, delta_rule, short_conv_silu, softmax_cross_entropy
+    from flowhn_kernels.utils import op_namespace
 
 # delta_rule's kernels are custom ops that torch.compile traces through; packed documents are the exception: their
 # offsets are read on the host, and a compiled graph would be specialised on every batch's.
@@ -63,12 +64,13 @@ class FlowHNRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotary_cos_sin(position_ids, self.inv_freq.to(x.device), x.dtype)
+        # compiled, an opaque op: Inductor would otherwise inline the cos and sin into every consumer, and each layer's
+        # rotary would evaluate them again for each of its query and key heads, forward and backward; eager, the plain
+        # function, without the op's dispatch on every decoding step
+        cos_sin = rotary_cos_sin_op if torch.compiler.is_compiling() else rotary_cos_sin
+        return cos_sin(position_ids, self.inv_freq.to(x.device), x.dtype)
 
 
-# An opaque op to torch.compile: Inductor would otherwise inline the cos and sin into every consumer, and each layer's
-# rotary would evaluate them again for each of its query and key heads, forward and backward.
-@torch.library.custom_op("flowhn_" + re.sub(r"\W", "_", __name__) + "::rotary_cos_sin", mutates_args=())
 def rotary_cos_sin(
     position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +80,10 @@ def rotary_cos_sin(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-@rotary_cos_sin.register_fake
+rotary_cos_sin_op = torch.library.custom_op(f"{op_namespace(__name__)}::rotary_cos_sin", rotary_cos_sin, mutates_args=())
+
+
+@rotary_cos_sin_op.register_fake
 def _(position_ids, inv_freq, dtype):
     shape = (*position_ids.shape, 2 * inv_freq.shape[0])
     return position_ids.new_empty(shape, dtype=dtype), position_ids.new_empty(shape, dtype=dtype)

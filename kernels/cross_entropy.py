@@ -7,18 +7,17 @@ Inductor that middle step took two kernels and 0.49 ms per 2048 × 49,152 chunk 
 online max and sum of exponentials over the row, then the gradient over the same row, still in L2.
 """
 
-import re
 from typing import Tuple
 
 import torch
 import triton.language as tl
 from torch import Tensor
 
-from .utils import interpreting, kernel
+from .utils import interpreting, kernel, op_namespace
 
 IGNORE_INDEX = -100
 BLOCK = 2048
-NAMESPACE = "flowhn_" + re.sub(r"\W", "_", __name__)
+NAMESPACE = op_namespace(__name__)
 
 
 @kernel

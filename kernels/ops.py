@@ -7,7 +7,6 @@ Tensors arrive in the canonical shapes of delta_rule (q [B,T,H,K], k [B,T,H,R,K]
 not asked for, and an initial-state gradient that is not needed, come back as empty tensors (an op can't return None).
 """
 
-import re
 from typing import List, Optional, Tuple
 
 import torch
@@ -15,10 +14,11 @@ from torch import Tensor
 
 from .chunk import ROWS, chunk_bwd, chunk_counts, chunk_fwd, make_plan
 from .recurrent import recurrent_fwd
+from .utils import op_namespace
 
 # Each copy of this module registers its own ops: the installed package and a Hub checkpoint's flat copy of these
 # files can be loaded side by side.
-NAMESPACE = "flowhn_" + re.sub(r"\W", "_", __name__)
+NAMESPACE = op_namespace(__name__)
 
 
 def pack(q, k, v, beta):

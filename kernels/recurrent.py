@@ -51,7 +51,7 @@ def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, chunk_off, length
 
 
 # elements of a program's [RP, BK, BV] products: small V blocks put more programs in flight and keep them in registers;
-# 2048 (BV = 16 at D = 128, R = 1) timed best from B = 4 up and within 5% of 1024 at B = 1 (H200, kernels/benchmarks/NOTES.md)
+# 2048 (BV = 16 at D = 128, R = 1) timed best from B = 4 up and within 5% of 1024 at B = 1 (H200; NOTES.md v11)
 TILE_ELEMENTS = 2048
 # one warp a program: a token's sums across K stay within the warp (shuffles, no shared memory or barriers)
 LAUNCH = dict(num_warps=1, num_stages=1)

@@ -1,12 +1,19 @@
-"""Helpers shared by the Triton modules: interpreter-aware kernel launching and block sizes."""
+"""Helpers shared by the Triton modules: interpreter-aware kernel launching, block sizes, custom-op namespaces."""
 
 import contextlib
 import functools
 import os
+import re
 
 import torch
 import triton
 import triton.language as tl
+
+
+def op_namespace(module_name: str) -> str:
+    """A torch.library namespace for the custom ops of module `module_name`: a Hub checkpoint's flat copy of the code
+    imports under another module name than the installed package, and registers its own ops beside the package's."""
+    return "flowhn_" + re.sub(r"\W", "_", module_name)
 
 
 def interpreting() -> bool:
