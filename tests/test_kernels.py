@@ -369,8 +369,9 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
     monkeypatch.setattr(state_passes, "do_bench", lambda fn, **kw: 1.0)
     launch, blocks = dict(fk.chunk.LAUNCH), fk.chunk._blocks
     state_passes.child("16:4:2", [0], dev="cpu")
+    state_passes.child("16:4:2", [0], R=2, dev="cpu")
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert rows[0]["steps"] == 3 and rows[0]["diff"] == 0.0
+    assert [r["steps"] for r in rows] == [3, 5] and all(r["diff"] == 0.0 for r in rows)  # R = 2: 32 tokens a chunk
     assert fk.chunk.LAUNCH == launch and fk.chunk._blocks is blocks
 
 
@@ -383,11 +384,11 @@ def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this triton wheel carries no ptxas")
     resources = benchmark_script("resources")
-    r = resources.report("state_fwd", 64, "bf16", dict(num_warps=4, num_stages=2))
+    r = resources.report("state_fwd", 64, "bf16", 1, dict(num_warps=4, num_stages=2))
     assert 0 < r["regs"] <= 255 and r["smem_kb"] > 0 and r["spill_st"] >= 0
     assert 0 < r["loop"]["instructions"] < r["instructions"] and r["loop"]["HGMMA"] > 0  # the pass over chunks
     # the decode kernel keeps its fp32 state tile in registers (its 16-row tl.dot form spilled 588 B a thread)
-    r = resources.report("recurrent", 128, "bf16", resources.recurrent.LAUNCH)
+    r = resources.report("recurrent", 128, "bf16", 1, resources.recurrent.LAUNCH)
     assert r["spill_st"] == 0 and r["spill_ld"] == 0
 
 

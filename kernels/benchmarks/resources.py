@@ -4,10 +4,10 @@ Triton compiles to PTX on any machine and ships ptxas, whose report is what the 
 thread, spill stores and loads (bytes per thread, local memory: slow), and Triton's own shared-memory figure (the
 H100/H200 give a block 227 KB); nvdisasm counts the machine instructions (SASS) of the kernel, and of its longest
 loop (a sequential pass's step) by opcode group: a static measure of the work a step issues. Each kernel at key and
-value width D in {64, 128}, bf16, R = 1, with its launch settings (chunk.LAUNCH, recurrent.LAUNCH) and with 8
+value width D in {64, 128}, bf16, rank R (default 1), with its launch settings (chunk.LAUNCH, recurrent.LAUNCH) and with 8
 warps. Prints a markdown table; nothing runs, so it needs no device time.
 
-    python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--kernels grad_wy,prep]
+    python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--rank 1] [--kernels grad_wy,prep]
 """
 
 import argparse
@@ -33,13 +33,13 @@ KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", 
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 
 
-def constexprs(name, D, dtype):
-    """The compile-time arguments the launch code passes at width D (R = 1), by kernel."""
+def constexprs(name, D, dtype, R):
+    """The compile-time arguments the launch code passes at width D and rank R, by kernel."""
     bk, bv = chunk._blocks(D, D)
     bka, bva = chunk._blocks(D, 2 * D)  # the scan's flow passes run on K + V columns
     g = min(pow2(D), 64)
-    rk, rv = recurrent.blocks(1, D, D)
-    common = dict(UNIFORM=True, H=16, R=1, K=D, V=D, RP=1, BT=chunk.ROWS, DT=DTYPES[dtype],
+    rk, rv = recurrent.blocks(R, D, D)
+    common = dict(UNIFORM=True, H=16, R=R, K=D, V=D, RP=pow2(R, 1), BT=chunk.tokens_per_chunk(R), DT=DTYPES[dtype],
                   PREC="tf32x3" if dtype == "fp32" else "tf32")  # UNIFORM: a batch, as training runs them
     return {
         "prep": dict(common, BK=bk, BV=bv),
@@ -56,11 +56,11 @@ def constexprs(name, D, dtype):
     }[name]
 
 
-def report(name, D, dtype, launch) -> dict:
+def report(name, D, dtype, R, launch) -> dict:
     module = recurrent if name == "recurrent" else chunk
     fn = triton.runtime.jit.JITFunction(getattr(module, f"{name.removesuffix('_aug')}_kernel").fn)
     params = inspect.signature(fn.fn).parameters
-    fixed = {a: v for a, v in constexprs(name, D, dtype).items() if a in params}  # the kernel's own, of the common set
+    fixed = {a: v for a, v in constexprs(name, D, dtype, R).items() if a in params}  # the kernel's own, of the common set
     signature = {}
     for arg in params:
         if arg in fixed:
@@ -132,9 +132,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset")
     args = parser.parse_args()
-    print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = 1\n")
+    print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = {args.rank}\n")
     print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB | SASS instructions "
           "| main loop: instructions (integer / global / shared / local / HGMMA) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -144,7 +145,7 @@ def main():
             own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(name.removesuffix("_aug"), D, dtype)
             tuned = {"num_warps": 4, "num_stages": 3, **own}
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
-                r = report(name, D, args.dtype, launch)
+                r = report(name, D, args.dtype, args.rank, launch)
                 print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']} | {r['regs']} | "
                       f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} | {r['instructions']} | "
                       f"{loop_cell(r['loop'])} |", flush=True)

@@ -7,7 +7,7 @@ sequence and head, and their step latency, not the arithmetic, sets the time. Fo
   the time per chunk step and the largest relative difference of their outputs (u, hs; du, dhs) to the committed
   settings' (chunk.LAUNCH), each variant in a process of its own.
 
-    python kernels/benchmarks/state_passes.py [--shapes 4,3,1] [--variants 64:4:3,64:8:3] [--no-profile]
+    python kernels/benchmarks/state_passes.py [--shapes 4,3,1] [--variants 64:4:3,64:8:3] [--rank 1] [--no-profile]
                                               [--scan-heads 16,8,4,2,1]
 """
 
@@ -46,9 +46,9 @@ def kernel_times(B, T, H, D):
     return sorted(total.items(), key=lambda kv: -kv[1]), 1e3 * wall
 
 
-def pass_inputs(B, T, H, D, dev="cuda"):
-    q, k, v, beta = pack(*(x.detach() for x in inputs(B, T, H, D, 1, dev=dev)))
-    plan = chunk.make_plan(B, T, 1, q.device)
+def pass_inputs(B, T, H, D, R=1, dev="cuda"):
+    q, k, v, beta = pack(*(x.detach() for x in inputs(B, T, H, D, R, dev=dev)))
+    plan = chunk.make_plan(B, T, R, q.device)
     _, w, ut = chunk._prep(k, v, beta, plan)
     do = torch.randn_like(v[:, :, 0])
     return q, k, w, ut, do, plan
@@ -96,11 +96,11 @@ def scan_crossover(heads, T=16384, D=128):
               f"{'scan' if chosen else 'sequential'} |", flush=True)
 
 
-def child(variant, shapes, dev="cuda"):
+def child(variant, shapes, R=1, dev="cuda"):
     """One variant at every shape, against the committed kernels: prints one JSON line per shape."""
     blocks, launch = chunk._blocks, dict(chunk.LAUNCH)
     for i in shapes:
-        xs = pass_inputs(*SHAPES[i], dev=dev)
+        xs = pass_inputs(*SHAPES[i], R, dev=dev)
         want, fwd0, bwd0 = run_passes(*xs)
         set_variant(variant)
         try:
@@ -118,13 +118,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4,3,1")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--rank", type=int, default=1, help="R of the passes alone (the profile runs R = 1)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--scan-heads", default="", help="e.g. 16,8,4,2,1: fwd+bwd with the scan off and on at T = 16384")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     shapes = [int(s) for s in args.shapes.split(",")]
     if args.child:
-        return child(args.child, shapes)
+        return child(args.child, shapes, args.rank)
     for i in shapes if not args.no_profile else ():
         B, T, H, D = SHAPES[i]
         print(f"\n## {B}, {T}, {H}, {D}: kernels of one fwd+bwd (µs)")
@@ -137,7 +138,8 @@ def main():
     # each variant in a process of its own: a miscompiled one (an illegal address) poisons its CUDA context
     rows = defaultdict(list)
     for variant in filter(None, args.variants.split(",")):
-        proc = subprocess.run([sys.executable, __file__, "--child", variant, "--shapes", args.shapes],
+        proc = subprocess.run([sys.executable, __file__, "--child", variant, "--shapes", args.shapes,
+                               "--rank", str(args.rank)],
                               capture_output=True, text=True)
         done = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         for r in done:
@@ -145,7 +147,7 @@ def main():
         if proc.returncode:
             print(f"{variant}: failed after {len(done)} shapes: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
     for i in shapes:
-        print(f"\n## {SHAPES[i]}: the passes alone, scan off (ms; µs per chunk step)\n")
+        print(f"\n## {SHAPES[i]}, R = {args.rank}: the passes alone, scan off (ms; µs per chunk step)\n")
         print("| variant | fwd pass | µs/step | committed fwd | bwd pass | µs/step | committed bwd | max rel diff |")
         print("|---|---|---|---|---|---|---|---|")
         for variant, r in rows[i]:

@@ -8,6 +8,7 @@ MAX_ERROR of the float64 reference: Triton 3.6 miscompiles some of these kernels
 with the measured times.
 
     python kernels/benchmarks/tune_launch.py [--shapes 0,1] [--kernels grad_wy,prep] [--max-minutes 4]
+    python kernels/benchmarks/tune_launch.py --shapes 16x1000x9x64   # B x T x H x D: the 135M model's DeltaNet branch
 """
 
 import argparse
@@ -37,19 +38,19 @@ def fwd_bwd_ms(xs, do):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="0,1")
+    ap.add_argument("--shapes", default="0,1", help="anchor shape indices, or BxTxHxD")
     ap.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset, tuned in this order")
     ap.add_argument("--max-minutes", type=float, default=4.0)
     args = ap.parse_args()
     stop = time.time() + 60 * args.max_minutes
-    for i in (int(s) for s in args.shapes.split(",")):
-        B, T, H, D = SHAPES[i]
+    for shape in (SHAPES[int(s)] if s.isdigit() else tuple(map(int, s.split("x"))) for s in args.shapes.split(",")):
+        B, T, H, D = shape
         width = max(chunk.pow2(D), 64)
         xs = inputs(B, T, H, D, 1, layout="fla")
         do = xs[0].detach().clone().normal_()
         scan = chunk.make_plan(B, T, 1, xs[0].device).use_scan(H, D, D, None)  # as delta_rule will choose
         best = fwd_bwd_ms(xs, do)
-        print(f"shape {SHAPES[i]}: {best:.3f} ms with the current settings", flush=True)
+        print(f"shape {shape}: {best:.3f} ms with the current settings", flush=True)
         for name in args.kernels.split(","):
             if name in SCAN_ONLY and not scan:
                 continue
