@@ -31,8 +31,11 @@ ROWS = 64
 # The sequential passes are for loops that Triton pipelines by num_stages (2026-12-02, H200, state_passes.py, B = 1,
 # T = 16384, H = 16, D = 128): forward 0.686 → 0.384 ms at 4 warps / 3 stages, 0.353 at 4 / 4; reverse 0.996 → 0.804
 # at 8 / 3; on the transposed state (2026-12-03) 0.671 at 4 / 3. Their D = 64 entries follow D = 128's choices,
-# not timed on their own.
+# not timed on their own. prep and output at D = 64 tuned at the 135M model's DeltaNet branch (2026-12-04,
+# tune_launch.py --shapes 16x1024x9x64): fwd+bwd 0.821 → 0.673 ms there.
 LAUNCH = {
+    ("prep", 64): dict(num_warps=4, num_stages=1),
+    ("output", 64): dict(num_warps=8, num_stages=1),
     ("state_fwd", 64): dict(num_warps=4, num_stages=3),
     ("state_fwd", 128): dict(num_warps=4, num_stages=4),
     ("state_bwd", 64): dict(num_warps=4, num_stages=3),
@@ -45,6 +48,11 @@ LAUNCH = {
     ("state_bwd_aug", 128): dict(num_warps=8),
     ("combine", 128): dict(num_warps=8),
 }
+# Ranks above 1 at D = 128: the reverse pass spills at 4 warps (68-104 B a thread, resources.py --rank 2; R = 1: 8 B)
+# and runs at 8 warps / 4 stages instead, 0.495 → 0.303 ms a pass at (8, 2048, 16, 128), R = 2, and 1.70 → 1.17 at
+# (1, 16384, 16, 128) (H200, 2026-12-04, state_passes.py --rank 2). 16-bit inputs only: fp32 keeps 4 warps, as
+# 8 warps at one stage gave a wrong dk at R = 3 (NOTES.md v9).
+LAUNCH_RANKS = {("state_bwd", 128): dict(num_warps=8, num_stages=4)}
 
 
 # operands of grad_wy's products for 16-bit inputs (fp32 inputs always take fp32, tf32x3): the input dtype (faster)
@@ -54,17 +62,18 @@ WY_TRANSPOSE_16BIT = True
 WY_CANCELLING_16BIT = False
 
 
-def launch(name, K, dtype):
-    """Launch keywords of kernel `name` at key dimension K for inputs of `dtype` (Triton's defaults when not tuned).
+def launch(name, K, dtype, rank=1):
+    """Launch keywords of kernel `name` at key dimension K and `rank` for inputs of `dtype` (Triton's defaults when
+    not tuned).
 
     The table is tuned for 16-bit inputs. fp32 inputs (tf32x3 products: accuracy, not speed) run unpipelined: their
     tiles take twice the shared memory, and the reverse pass needs 272 KB at two stages and D = 128 (the H200 has
     227; kernels/benchmarks/resources.py --dtype fp32).
     """
-    settings = dict(LAUNCH.get((name, max(pow2(K), 64)), {}))
+    key = (name, max(pow2(K), 64))
     if dtype == torch.float32:
-        settings["num_stages"] = 1
-    return settings
+        return dict(LAUNCH.get(key, {}), num_stages=1)
+    return dict(LAUNCH_RANKS[key] if rank > 1 and key in LAUNCH_RANKS else LAUNCH.get(key, {}))
 
 
 @device_function
@@ -630,7 +639,7 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
     state_bwd_kernel[(plan.n, H, cdiv(va, bv))](
         q, k, w, do, du, dhs, dfinal, dinit, scale, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
         dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
-        **launch("state_bwd_aug" if aug else "state_bwd", K, k.dtype))
+        **launch("state_bwd_aug" if aug else "state_bwd", K, k.dtype, R))
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):

@@ -367,12 +367,12 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
 
     monkeypatch.setattr(state_passes, "SHAPES", [(1, 130, 1, 16)])
     monkeypatch.setattr(state_passes, "do_bench", lambda fn, **kw: 1.0)
-    launch, blocks = dict(fk.chunk.LAUNCH), fk.chunk._blocks
+    launch, ranks, blocks = dict(fk.chunk.LAUNCH), dict(fk.chunk.LAUNCH_RANKS), fk.chunk._blocks
     state_passes.child("16:4:2", [0], dev="cpu")
     state_passes.child("16:4:2", [0], R=2, dev="cpu")
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["steps"] for r in rows] == [3, 5] and all(r["diff"] == 0.0 for r in rows)  # R = 2: 32 tokens a chunk
-    assert fk.chunk.LAUNCH == launch and fk.chunk._blocks is blocks
+    assert fk.chunk.LAUNCH == launch and fk.chunk.LAUNCH_RANKS == ranks and fk.chunk._blocks is blocks
 
 
 def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):

@@ -142,7 +142,7 @@ def main():
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     for D in (int(d) for d in args.dims.split(",")):
         for name in args.kernels.split(","):
-            own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(name.removesuffix("_aug"), D, dtype)
+            own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(name, D, dtype, args.rank)
             tuned = {"num_warps": 4, "num_stages": 3, **own}
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, args.rank, launch)

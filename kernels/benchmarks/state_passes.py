@@ -5,7 +5,7 @@ sequence and head, and their step latency, not the arithmetic, sets the time. Fo
 - the GPU time of every kernel of one fwd+bwd (delta_rule, R = 1, bf16, scan chosen as delta_rule chooses);
 - the forward and the reverse pass alone (scan off) under each V block width, warp count and pipeline depth, with
   the time per chunk step and the largest relative difference of their outputs (u, hs; du, dhs) to the committed
-  settings' (chunk.LAUNCH), each variant in a process of its own.
+  settings' (chunk.LAUNCH, chunk.LAUNCH_RANKS at R > 1), each variant in a process of its own.
 
     python kernels/benchmarks/state_passes.py [--shapes 4,3,1] [--variants 64:4:3,64:8:3] [--rank 1] [--no-profile]
                                               [--scan-heads 16,8,4,2,1]
@@ -80,6 +80,7 @@ def set_variant(variant):
     for name in ("state_fwd", "state_bwd"):
         for width in (64, 128, 256):
             chunk.LAUNCH[(name, width)] = dict(num_warps=warps, num_stages=stages)
+            chunk.LAUNCH_RANKS.pop((name, width), None)
 
 
 def scan_crossover(heads, T=16384, D=128):
@@ -98,7 +99,7 @@ def scan_crossover(heads, T=16384, D=128):
 
 def child(variant, shapes, R=1, dev="cuda"):
     """One variant at every shape, against the committed kernels: prints one JSON line per shape."""
-    blocks, launch = chunk._blocks, dict(chunk.LAUNCH)
+    blocks, tables = chunk._blocks, [(table, dict(table)) for table in (chunk.LAUNCH, chunk.LAUNCH_RANKS)]
     for i in shapes:
         xs = pass_inputs(*SHAPES[i], R, dev=dev)
         want, fwd0, bwd0 = run_passes(*xs)
@@ -107,8 +108,9 @@ def child(variant, shapes, R=1, dev="cuda"):
             got, fwd, bwd = run_passes(*xs)
         finally:
             chunk._blocks = blocks
-            chunk.LAUNCH.clear()
-            chunk.LAUNCH.update(launch)
+            for table, saved in tables:
+                table.clear()
+                table.update(saved)
         diff = max(rel(g, w) for g, w in zip(got, want))
         print(json.dumps(dict(shape=i, steps=xs[-1].max_chunks, committed=(fwd0, bwd0), variant=(fwd, bwd),
                               diff=diff)), flush=True)
