@@ -4,10 +4,11 @@ Triton compiles to PTX on any machine and ships ptxas, whose report is what the 
 thread, spill stores and loads (bytes per thread, local memory: slow), and Triton's own shared-memory figure (the
 H100/H200 give a block 227 KB); nvdisasm counts the machine instructions (SASS) of the kernel, and of its longest
 loop (a sequential pass's step) by opcode group: a static measure of the work a step issues. Each kernel at key and
-value width D in {64, 128}, bf16, rank R (default 1), with its launch settings (chunk.LAUNCH, recurrent.LAUNCH) and with 8
-warps. Prints a markdown table; nothing runs, so it needs no device time.
+value width D in {64, 128}, bf16, rank R (default 1), with its launch settings (chunk.LAUNCH, recurrent.LAUNCH) and
+with 8 warps. Prints a markdown table; nothing runs, so it needs no device time.
 
-    python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--rank 1] [--kernels grad_wy,prep]
+    python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--rank 1] [--paired]
+                                            [--kernels grad_wy,prep]
 """
 
 import argparse
@@ -28,9 +29,11 @@ from flowhn_kernels.utils import pow2
 
 STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
 INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
-KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "state_fwd_aug", "state_bwd_aug",
+KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "pair_fwd", "pair_bwd", "state_fwd_aug",
+           "state_bwd_aug",
            "combine", "recurrent")
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def constexprs(name, D, dtype, R):
@@ -43,24 +46,40 @@ def constexprs(name, D, dtype, R):
                   PREC="tf32x3" if dtype == "fp32" else "tf32")  # UNIFORM: a batch, as training runs them
     return {
         "prep": dict(common, BK=bk, BV=bv),
-        "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
+        "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D,
+                          PAIRED=paired("state_fwd", D, dtype, R)),
         "output": dict(common, BK=pow2(D), BV=min(pow2(D), 64)),
-        "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D),
+        "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D,
+                          PAIRED=paired("state_bwd", D, dtype, R)),
         "grad_state": dict(common, BK=g, BV=g),
-        "state_fwd_aug": dict(common, BK=bka, BV=bva, HAS_INIT=False, STORE_FINAL=True, AUG=True, VA=2 * D),
-        "state_bwd_aug": dict(common, BK=bka, BV=bva, HAS_DFINAL=False, STORE_DINIT=True, AUG=True, VA=2 * D),
+        "state_fwd_aug": dict(common, BK=bka, BV=bva, HAS_INIT=False, STORE_FINAL=True, AUG=True, VA=2 * D,
+                              PAIRED=False),
+        "state_bwd_aug": dict(common, BK=bka, BV=bva, HAS_DFINAL=False, STORE_DINIT=True, AUG=True, VA=2 * D,
+                              PAIRED=False),
         "combine": dict(H=16, K=D, V=D, BK=bk, BV=bv, KB=min(bk, 32), HAS_X0=True, STORE_OUT=True, REVERSE=False),
+        "pair_fwd": dict(common, BK=pow2(D), BV=min(pow2(D), 64), FORWARD=True),
+        "pair_bwd": dict(common, BK=pow2(D), BV=min(pow2(D), 64), FORWARD=False),
         "recurrent": dict(common, BK=rk, BV=rv, HAS_INIT=True, STORE_FINAL=True),
         "grad_wy": dict(common, BK=g, BV=g, LOW=DTYPES[dtype] if chunk.WY_TRANSPOSE_16BIT else tl.float32,
                         CD=DTYPES[dtype] if chunk.WY_CANCELLING_16BIT else tl.float32),
     }[name]
 
 
+def paired(name, D, dtype, R):
+    """Whether delta_rule runs this row's pass at two chunks a step (chunk.pairs; --paired turns them on)."""
+    return name in ("state_fwd", "state_bwd") and chunk.pairs(name, D, TORCH_DTYPES[dtype], R)
+
+
+def kernel_name(name):
+    """The kernel behind a row: the scan's passes (_aug) and pair_kernel's two modes share theirs."""
+    return "pair" if name.startswith("pair_") else name.removesuffix("_aug")
+
+
 def report(name, D, dtype, R, launch) -> dict:
     module = recurrent if name == "recurrent" else chunk
-    fn = triton.runtime.jit.JITFunction(getattr(module, f"{name.removesuffix('_aug')}_kernel").fn)
+    fn = triton.runtime.jit.JITFunction(getattr(module, f"{kernel_name(name)}_kernel").fn)
     params = inspect.signature(fn.fn).parameters
-    fixed = {a: v for a, v in constexprs(name, D, dtype, R).items() if a in params}  # the kernel's own, of the common set
+    fixed = {a: v for a, v in constexprs(name, D, dtype, R).items() if a in params}  # the kernel's own of the set
     signature = {}
     for arg in params:
         if arg in fixed:
@@ -133,16 +152,19 @@ def main():
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--paired", action="store_true", help="the state passes two chunks a step")
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset")
     args = parser.parse_args()
+    chunk.PAIRED_PASSES = chunk.PAIRED_PASSES or args.paired
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = {args.rank}\n")
     print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB | SASS instructions "
           "| main loop: instructions (integer / global / shared / local / HGMMA) |")
     print("|---|---|---|---|---|---|---|---|")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = TORCH_DTYPES[args.dtype]
     for D in (int(d) for d in args.dims.split(",")):
         for name in args.kernels.split(","):
-            own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(name, D, dtype, args.rank)
+            own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(name, D, dtype, args.rank,
+                                                                      paired(name, D, args.dtype, args.rank))
             tuned = {"num_warps": 4, "num_stages": 3, **own}
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, args.rank, launch)

@@ -5,7 +5,8 @@ sequence and head, and their step latency, not the arithmetic, sets the time. Fo
 - the GPU time of every kernel of one fwd+bwd (delta_rule, R = 1, bf16, scan chosen as delta_rule chooses);
 - the forward and the reverse pass alone (scan off) under each V block width, warp count and pipeline depth, with
   the time per chunk step and the largest relative difference of their outputs (u, hs; du, dhs) to the committed
-  settings' (chunk.LAUNCH, chunk.LAUNCH_RANKS at R > 1), each variant in a process of its own.
+  settings' (chunk.LAUNCH, chunk.LAUNCH_RANKS at R > 1), each variant in a process of its own. A variant "P:..."
+  steps the passes over two chunks at a time where chunk.pairs allows it (the time per step is then per chunk).
 
     python kernels/benchmarks/state_passes.py [--shapes 4,3,1] [--variants 64:4:3,64:8:3] [--rank 1] [--no-profile]
                                               [--scan-heads 16,8,4,2,1]
@@ -55,13 +56,28 @@ def pass_inputs(B, T, H, D, R=1, dev="cuda"):
 
 
 def run_passes(q, k, w, ut, do, plan):
-    u, hs = torch.empty_like(ut), q.new_empty(plan.nc, q.shape[1], q.shape[2], ut.shape[-1])
+    """(u, hs, du, dhs) and the ms of the forward and the reverse pass; each pass at two chunks a step where
+    chunk.pairs says so, its time then including its pair_kernel launch."""
+    _, H, R, K = k.shape
+    scale = K**-0.5
+    u, hs = torch.empty_like(ut), q.new_empty(plan.nc, H, K, ut.shape[-1])
     du, dhs = torch.empty_like(ut), torch.empty_like(hs)
-    fwd = lambda: chunk._state_pass(k, w, ut, None, plan, None, False, u, hs)  # noqa: E731
-    bwd = lambda: chunk._reverse_pass(q, k, w, do, q.shape[-1] ** -0.5, None, plan, None, False, du, dhs)  # noqa: E731
+    w2 = k1 = z = None
+    pairs_fwd = pairs_bwd = lambda: None  # noqa: E731
+    if chunk.pairs("state_fwd", K, k.dtype, R):
+        ut, w2 = ut.clone(), torch.empty_like(w)  # pair_kernel rewrites Ũ in place: the copy keeps the inputs
+        # repeated in the timing loop, Ũ₂' drifts (Ũ₁ stays): the time, not the outputs (taken first), is wanted
+        pairs_fwd = lambda: chunk._pairs(None, k, w, ut, w2, None, None, 1.0, plan)  # noqa: E731
+    if chunk.pairs("state_bwd", K, k.dtype, R):
+        k1, z = torch.empty_like(w), q.new_empty(plan.nc, H, plan.bt, chunk.ROWS)
+        pairs_bwd = lambda: chunk._pairs(q, k, w, None, None, k1, z, scale, plan)  # noqa: E731
+    fwd = lambda: (pairs_fwd(), chunk._state_pass(k, w, ut, None, plan, None, False, u, hs, w2))  # noqa: E731
+    bwd = lambda: (pairs_bwd(),  # noqa: E731
+                   chunk._reverse_pass(q, k, w, do, scale, None, plan, None, False, du, dhs, k1, z))
     fwd()
     bwd()
-    return (u, hs, du, dhs), do_bench(fwd, warmup=10, rep=50, return_mode="median"), \
+    outputs = tuple(x.clone() for x in (u, hs, du, dhs))
+    return outputs, do_bench(fwd, warmup=10, rep=50, return_mode="median"), \
         do_bench(bwd, warmup=10, rep=50, return_mode="median")
 
 
@@ -69,17 +85,22 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-# BV:warps:stages of the two passes; the risky ones last (BV = 32 hits a Triton 3.6 miscompile with 16-bit operands)
-VARIANTS = ("64:4:1", "64:4:2", "64:4:3", "64:4:4", "64:8:2", "64:8:3", "64:8:4", "128:8:2", "32:4:3")
+# [P:]BV:warps:stages of the two passes; the risky ones last (BV = 32 hits a Triton 3.6 miscompile with 16-bit
+# operands)
+VARIANTS = ("64:4:1", "64:4:2", "64:4:3", "64:4:4", "64:8:2", "64:8:3", "64:8:4", "P:64:4:2", "P:64:4:3", "P:64:8:2",
+            "P:64:8:3", "128:8:2", "32:4:3")
 
 
 def set_variant(variant):
-    """Run chunk's two passes at "BV:warps:stages" (V block width, num_warps, num_stages)."""
-    bv, warps, stages = (int(x) for x in variant.split(":"))
+    """Run chunk's two passes at "BV:warps:stages" (V block width, num_warps, num_stages); a leading "P:" steps
+    them over two chunks at a time."""
+    bv, warps, stages = (int(x) for x in variant.removeprefix("P:").split(":"))
     chunk._blocks = lambda K, V: (pow2(K), min(pow2(V), bv))
+    chunk.PAIRED_PASSES = variant.startswith("P:")
     for name in ("state_fwd", "state_bwd"):
         for width in (64, 128, 256):
-            chunk.LAUNCH[(name, width)] = dict(num_warps=warps, num_stages=stages)
+            for table in (chunk.LAUNCH, chunk.LAUNCH_PAIRED):
+                table[(name, width)] = dict(num_warps=warps, num_stages=stages)
             chunk.LAUNCH_RANKS.pop((name, width), None)
 
 
@@ -99,7 +120,8 @@ def scan_crossover(heads, T=16384, D=128):
 
 def child(variant, shapes, R=1, dev="cuda"):
     """One variant at every shape, against the committed kernels: prints one JSON line per shape."""
-    blocks, tables = chunk._blocks, [(table, dict(table)) for table in (chunk.LAUNCH, chunk.LAUNCH_RANKS)]
+    blocks, paired = chunk._blocks, chunk.PAIRED_PASSES
+    tables = [(table, dict(table)) for table in (chunk.LAUNCH, chunk.LAUNCH_RANKS, chunk.LAUNCH_PAIRED)]
     for i in shapes:
         xs = pass_inputs(*SHAPES[i], R, dev=dev)
         want, fwd0, bwd0 = run_passes(*xs)
@@ -107,7 +129,7 @@ def child(variant, shapes, R=1, dev="cuda"):
         try:
             got, fwd, bwd = run_passes(*xs)
         finally:
-            chunk._blocks = blocks
+            chunk._blocks, chunk.PAIRED_PASSES = blocks, paired
             for table, saved in tables:
                 table.clear()
                 table.update(saved)
