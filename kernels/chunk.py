@@ -130,6 +130,21 @@ def sequence_span(cu, chunk_off, length, UNIFORM: tl.constexpr, seq, BT: tl.cons
     return bos, eos, g0
 
 
+@device_function
+def block_inverses(a):
+    """(I + D)⁻¹ for the eight 8×8 diagonal blocks D of a 64×64 strictly lower-triangular a, zero elsewhere."""
+    blk = tl.arange(0, 8)
+    same = blk[:, None, None, None] == blk[None, None, :, None]
+    d = tl.sum(tl.where(same, tl.reshape(a, [8, 8, 8, 8]), 0.0), axis=2)  # [block, row i, column j]
+    row = blk[None, :, None]
+    x = tl.where(row == blk[None, None, :], 1.0, 0.0) + tl.zeros([8, 8, 8], tl.float32)
+    for i in tl.static_range(1, 8):
+        d_i = tl.sum(tl.where(row == i, d, 0.0), axis=1)  # [block, j]: row i of each block, zero from j = i on
+        x_i = -tl.sum(d_i[:, :, None] * x, axis=1)  # −Σ_j D_ij X_j, rows j < i final, the others still e_j
+        x = tl.where(row == i, x + x_i[:, None, :], x)
+    return tl.reshape(tl.where(same, x[:, :, None, :], 0.0), [64, 64])
+
+
 @kernel
 def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, length, UNIFORM: tl.constexpr,
                 H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
@@ -151,18 +166,13 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, length, UNIFORM: tl.cons
     tile = (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]
     a = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_beta[:, None]
     a = tl.where((r // RP)[:, None] > (r // RP)[None, :], a, 0.0)
-    # T in two stages. The 8×8 diagonal blocks D by the doubling product (I + D)⁻¹ = (I − D)(I + D²)(I + D⁴) (D is
-    # nilpotent within a block): its factors grow like binomial coefficients, up to C(7,3), when keys are alike (as
-    # in real text) and cancel, so products near fp32 accuracy (tf32x3); over 16×16 blocks, C(15,7), this lost
-    # 13% of o in exact fp32 with β near 2. Then three merges of neighbouring blocks, 8 → 16 → 32 → 64 rows: with X
-    # the inverses of the diagonal blocks and E the part of A below them, [[M₁, 0], [E, M₂]]⁻¹ = X − X E X. Those
-    # products combine true inverses, nothing grows: the input's precision (one tf32 pass for 16-bit inputs).
-    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    d = tl.where((r // 8)[:, None] == (r // 8)[None, :], a, 0.0)
-    b_t = eye - d
-    for _ in tl.static_range(2):
-        d = tl.dot(d, d, input_precision="tf32x3")
-        b_t = b_t + tl.dot(b_t, d, input_precision="tf32x3")
+    # T in two stages. The 8×8 diagonal blocks D, all eight at once, by substitution in fp32 on the CUDA cores:
+    # row i of X = (I + D)⁻¹ is e_i − Σ_{j<i} D_ij X_j (exact fp32, where the tensor cores would need tf32x3: X's
+    # entries grow like binomial coefficients when keys are alike, as in real text, and cancel). Then three merges of
+    # neighbouring blocks, 8 → 16 → 32 → 64 rows: with X the inverses of the diagonal blocks and E the part of A below
+    # them, [[M₁, 0], [E, M₂]]⁻¹ = X − X E X. Those products combine true inverses, nothing grows: the input's
+    # precision (one tf32 pass for 16-bit inputs). (Blocks of 16 lost 13% of o in exact fp32 with β near 2.)
+    b_t = block_inverses(a)
     for level in tl.static_range(3):
         size = 8 << level
         below = ((r // size) % 2 == 1)[:, None] & ((r // size)[:, None] == (r // size)[None, :] + 1)
