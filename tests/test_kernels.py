@@ -332,15 +332,21 @@ def test_parallel_scan_against_naive(triton_env, varlen):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
-@pytest.mark.parametrize("T,R,dtype,varlen", [(130, 2, torch.float16, False), (65, 1, torch.float16, False),
-                                              (200, 1, torch.float16, True), (130, 3, torch.bfloat16, False),
-                                              (200, 2, torch.bfloat16, True)])
-def test_paired_passes_against_naive(triton_env, monkeypatch, T, R, dtype, varlen):
+@pytest.mark.parametrize("T,R,dtype,varlen,odd_dims", [(130, 2, torch.float16, False, False),
+                                                       (65, 1, torch.float16, False, False),
+                                                       (200, 1, torch.float16, True, False),
+                                                       (130, 3, torch.bfloat16, False, False),
+                                                       (200, 2, torch.bfloat16, True, False),
+                                                       (75, 4, torch.float16, False, True)])
+def test_paired_passes_against_naive(triton_env, monkeypatch, T, R, dtype, varlen, odd_dims):
     """The state passes stepping over two chunks at a time (odd and even chunk counts, one-chunk documents, from
-    initial states) against the float64 recurrence; 16-bit inputs, the only ones that pair."""
+    initial states, K and V not powers of two) against the float64 recurrence; 16-bit inputs, the only ones that
+    pair."""
     monkeypatch.setattr(fk.chunk, "PAIRED_PASSES", True)
     H, K, V = dims(triton_env)
-    assert fk.chunk.pairs("state_fwd", K, dtype, R) and fk.chunk.pairs("state_bwd", K, dtype, R) == (R > 1 or K < 128)
+    if odd_dims:
+        K, V = K - 5, V + 11
+    assert fk.chunk.pairs("state_fwd", K, dtype, R) and fk.chunk.pairs("state_bwd", K, dtype, R) == (R > 1 or K <= 64)
     cu = torch.tensor([0, 1, 140, 200], device=triton_env) if varlen else None
     xs = make_inputs(1 if varlen else 2, T, H, R, K, V, dtype=dtype, device=triton_env, state=False)
     xs.append(torch.randn(3 if varlen else 2, H, K, V, device=triton_env))
