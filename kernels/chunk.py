@@ -48,11 +48,12 @@ LAUNCH = {
     ("state_bwd_aug", 128): dict(num_warps=8),
     ("combine", 128): dict(num_warps=8),
 }
-# Ranks above 1 at D = 128: the reverse pass spills at 4 warps (68-104 B a thread, resources.py --rank 2; R = 1: 8 B)
-# and runs at 8 warps / 4 stages instead, 0.495 → 0.303 ms a pass at (8, 2048, 16, 128), R = 2, and 1.70 → 1.17 at
-# (1, 16384, 16, 128) (H200, 2026-12-04, state_passes.py --rank 2). 16-bit inputs only: fp32 keeps 4 warps, as
-# 8 warps at one stage gave a wrong dk at R = 3 (NOTES.md v9).
-LAUNCH_RANKS = {("state_bwd", 128): dict(num_warps=8, num_stages=4)}
+# R = 2 at D = 128: the reverse pass spills at 4 warps (56-68 B a thread, resources.py --rank 2; R = 1: none) and
+# runs at 8 warps / 4 stages instead, 0.495 → 0.303 ms a pass at (8, 2048, 16, 128) and 1.70 → 1.17 at
+# (1, 16384, 16, 128), outputs identical (H200, 2026-12-04, state_passes.py --rank 2). R = 3 and 4 spill more at 4
+# warps (100 B) and none at 8, but have not run at 8 / 4 on a GPU, where Triton 3.6 has miscompiled this kernel at
+# other settings (8 warps and one stage gave a wrong dk at R = 3 with fp32 inputs, NOTES.md v9). 16-bit inputs only.
+LAUNCH_RANKS = {("state_bwd", 128, 2): dict(num_warps=8, num_stages=4)}
 # Two chunks a pass step (PAIRED in the passes' kernels): half the chain, twice the operands a step, one pair_kernel
 # launch before each pass. Tested in the interpreter, not yet timed on a GPU, so off by default (state_passes.py
 # --variants P:64:4:2 and bench_delta_rule.py --paired time it). Read on the CPU (resources.py --paired, sm_90a, bf16):
@@ -94,7 +95,7 @@ def launch(name, K, dtype, rank=1, paired=False):
         return dict(LAUNCH_PAIRED[key])
     if dtype == torch.float32:
         return dict(LAUNCH.get(key, {}), num_stages=1)
-    return dict(LAUNCH_RANKS[key] if rank > 1 and key in LAUNCH_RANKS else LAUNCH.get(key, {}))
+    return dict(LAUNCH_RANKS.get((*key, rank), LAUNCH.get(key, {})))
 
 
 @device_function

@@ -5,8 +5,9 @@ sequence and head, and their step latency, not the arithmetic, sets the time. Fo
 - the GPU time of every kernel of one fwd+bwd (delta_rule, R = 1, bf16, scan chosen as delta_rule chooses);
 - the forward and the reverse pass alone (scan off) under each V block width, warp count and pipeline depth, with
   the time per chunk step and the largest relative difference of their outputs (u, hs; du, dhs) to the committed
-  settings' (chunk.LAUNCH, chunk.LAUNCH_RANKS at R > 1), each variant in a process of its own. A variant "P:..."
-  steps the passes over two chunks at a time where chunk.pairs allows it (the time per step is then per chunk).
+  settings' (chunk.LAUNCH, chunk.LAUNCH_RANKS at its ranks), each variant in a process of its own. A variant
+  "P:..." steps the passes over two chunks at a time where chunk.pairs allows it (the time per step is then per
+  chunk).
 
     python kernels/benchmarks/state_passes.py [--shapes 4,3,1] [--variants 64:4:3,64:8:3] [--rank 1] [--no-profile]
                                               [--scan-heads 16,8,4,2,1]
@@ -101,7 +102,8 @@ def set_variant(variant):
         for width in (64, 128, 256):
             for table in (chunk.LAUNCH, chunk.LAUNCH_PAIRED):
                 table[(name, width)] = dict(num_warps=warps, num_stages=stages)
-            chunk.LAUNCH_RANKS.pop((name, width), None)
+            for rank in (2, 3, 4):
+                chunk.LAUNCH_RANKS.pop((name, width, rank), None)
 
 
 def scan_crossover(heads, T=16384, D=128):
