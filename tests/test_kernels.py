@@ -401,6 +401,32 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
     assert not fk.chunk.PAIRED_PASSES
 
 
+@pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
+@pytest.mark.parametrize("rank", [1, 2])
+def test_tune_launch_takes_a_faster_setting_only_when_its_results_are_right(triton_env, monkeypatch, capsys,
+                                                                           benchmark_script, rank):
+    """kernels/benchmarks/tune_launch.py (timings and the accuracy check stubbed): the fastest candidate gives wrong
+    results and is rejected, the next faster one is taken, into chunk.LAUNCH at R = 1 and LAUNCH_RANKS above."""
+    import functools
+    import sys
+
+    tune = benchmark_script("tune_launch")
+    bench = benchmark_script("bench_delta_rule")
+    for name in ("LAUNCH", "LAUNCH_RANKS"):
+        monkeypatch.setattr(fk.chunk, name, dict(getattr(fk.chunk, name)))
+    table, key = (fk.chunk.LAUNCH, ("prep", 64)) if rank == 1 else (fk.chunk.LAUNCH_RANKS, ("prep", 64, rank))
+    times = iter([1.0, 0.5, 0.9, 1.0, 1.0, 1.0])  # the current settings, then the five candidates
+    monkeypatch.setattr(tune, "SHAPES", [(1, 70, 1, 16)])
+    monkeypatch.setattr(tune, "inputs", functools.partial(bench.inputs, dev="cpu"))
+    monkeypatch.setattr(tune, "do_bench", lambda fn, **kw: (fn(), next(times))[1])
+    monkeypatch.setattr(tune, "accuracy", lambda *a: (5e-2 if table.get(key) == tune.CANDIDATES[0] else 1e-3, True))
+    monkeypatch.setattr(sys, "argv", ["tune_launch.py", "--shapes", "0", "--kernels", "prep", "--rank", str(rank)])
+    tune.main()
+    out = capsys.readouterr().out
+    assert "rejected: wrong results" in out and table[key] == tune.CANDIDATES[1]
+    assert f"LAUNCH{'' if rank == 1 else '_RANKS'}[{key!r}] = {tune.CANDIDATES[1]}" in out
+
+
 def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):
     """kernels/benchmarks/resources.py reads registers, spills and shared memory from Triton's sm_90a build."""
     import os

@@ -5,10 +5,12 @@ forward+backward time of delta_rule (bf16, R = 1) at an anchor shape of each key
 setting counts only if the bf16 outputs and gradients at that shape, R = 1 and R = 2, stay within
 MAX_ERROR of the float64 reference: Triton 3.6 miscompiles some of these kernels at some settings
 (two stages at D = 128). Prints the chosen entries in the form of chunk.LAUNCH, to paste there
-with the measured times.
+with the measured times. With --rank R > 1 it times and checks rank R and tunes chunk.LAUNCH_RANKS,
+the settings that only that rank takes.
 
     python kernels/benchmarks/tune_launch.py [--shapes 0,1] [--kernels grad_wy,prep] [--max-minutes 4]
     python kernels/benchmarks/tune_launch.py --shapes 16x1000x9x64   # B x T x H x D: the 135M model's DeltaNet branch
+    python kernels/benchmarks/tune_launch.py --shapes 1 --rank 3 --kernels state_bwd
 """
 
 import argparse
@@ -41,26 +43,29 @@ def main():
     ap.add_argument("--shapes", default="0,1", help="anchor shape indices, or BxTxHxD")
     ap.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset, tuned in this order")
     ap.add_argument("--max-minutes", type=float, default=4.0)
+    ap.add_argument("--rank", type=int, default=1)
     args = ap.parse_args()
+    ranks = (1, 2) if args.rank == 1 else (args.rank,)  # checked for accuracy
+    table = chunk.LAUNCH if args.rank == 1 else chunk.LAUNCH_RANKS
     stop = time.time() + 60 * args.max_minutes
     for shape in (SHAPES[int(s)] if s.isdigit() else tuple(map(int, s.split("x"))) for s in args.shapes.split(",")):
         B, T, H, D = shape
         width = max(chunk.pow2(D), 64)
-        xs = inputs(B, T, H, D, 1, layout="fla")
+        xs = inputs(B, T, H, D, args.rank, layout="fla" if args.rank == 1 else "ours")
         do = xs[0].detach().clone().normal_()
-        scan = chunk.make_plan(B, T, 1, xs[0].device).use_scan(H, D, D, None)  # as delta_rule will choose
+        scan = chunk.make_plan(B, T, args.rank, xs[0].device).use_scan(H, D, D, None)  # as delta_rule will choose
         best = fwd_bwd_ms(xs, do)
         print(f"shape {shape}: {best:.3f} ms with the current settings", flush=True)
         for name in args.kernels.split(","):
             if name in SCAN_ONLY and not scan:
                 continue
-            key = (name, width)
-            current = chunk.LAUNCH.get(key)
+            key = (name, width) if args.rank == 1 else (name, width, args.rank)
+            current = table.get(key, chunk.LAUNCH.get((name, width)))
             for cand in CANDIDATES:
                 if time.time() > stop:
                     print("time budget spent", flush=True)
                     return
-                chunk.LAUNCH[key] = cand
+                table[key] = cand
                 try:
                     ms = fwd_bwd_ms(xs, do)
                 except Exception as e:  # out of shared memory or registers: not a candidate
@@ -68,18 +73,19 @@ def main():
                     continue
                 note = ""
                 if ms < best * 0.98:
-                    errors = [accuracy(B, T, H, D, R) for R in (1, 2)]
+                    errors = [accuracy(B, T, H, D, R) for R in ranks]
                     if all(finite and err <= MAX_ERROR for err, finite in errors):
                         best, current = ms, cand
                     else:
                         note = "  rejected: wrong results, max error " + ", ".join(f"R={R} {e:.1e}" for R, (e, _) in
-                                                                                zip((1, 2), errors))
+                                                                                zip(ranks, errors))
                 print(f"  {key} {cand}: {ms:.3f} ms{note}", flush=True)
             if current is None:
-                chunk.LAUNCH.pop(key, None)
+                table.pop(key, None)
             else:
-                chunk.LAUNCH[key] = current
-            print(f"LAUNCH[{key!r}] = {current}  # fwd+bwd {best:.3f} ms", flush=True)
+                table[key] = current
+            print(f"{'LAUNCH' if args.rank == 1 else 'LAUNCH_RANKS'}[{key!r}] = {current}  # fwd+bwd {best:.3f} ms",
+                  flush=True)
 
 
 if __name__ == "__main__":
