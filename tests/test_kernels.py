@@ -85,6 +85,18 @@ def test_reference_gradients_against_naive(dtype):
     check_against_naive(fk.delta_rule_reference, xs, TOL[dtype])
 
 
+@pytest.mark.parametrize("fn", [fk.delta_rule_reference, fk.delta_rule_naive, fk.delta_rule])
+def test_autocast_leaves_the_pytorch_paths_in_float32(fn, monkeypatch):
+    """Under CPU autocast the reference and the naive recurrence still compute in float32 (autocast would run their
+    products in bf16, and the reference's triangular solve has no bf16 CPU kernel)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, beta, s0 = make_inputs(1, 70, 2, 2, 16, 8)
+    want = fn(q, k, v, beta, initial_state=s0, output_final_state=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fn(q, k, v, beta, initial_state=s0, output_final_state=True)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v, beta, s0 = make_inputs(1, 20, 2, 2, 16, 8)

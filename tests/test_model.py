@@ -196,6 +196,20 @@ def test_gradients_reach_every_parameter(mode, fusion):
     assert not missing
 
 
+def test_bf16_autocast_and_bf16_weights_on_the_cpu():
+    """Mixed precision on the CPU (accelerate's bf16, lm-eval's dtype=bfloat16) trains and decodes: the DeltaNet
+    reference keeps its own float32 arithmetic under autocast (its triangular solve has no bf16 CPU kernel)."""
+    model = tiny_model(delta_rank=2).train()
+    x = tokens(2, 70)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, labels=x).loss
+    loss.backward()
+    reference = tiny_model(delta_rank=2).train()(x, labels=x).loss
+    assert torch.isfinite(loss) and abs(loss.item() - reference.item()) < 0.05
+    model = model.to(torch.bfloat16).eval()
+    assert model.generate(x[:, :9], max_new_tokens=4, do_sample=False).shape == (2, 13)
+
+
 def test_loss_counts_items_like_transformers():
     model = tiny_model()
     x = tokens(2, 20)
