@@ -21,6 +21,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple
 
 from .configuration_flowhn import FlowHNConfig
 
@@ -661,6 +662,7 @@ class FlowHNModel(FlowHNPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -669,6 +671,7 @@ class FlowHNModel(FlowHNPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -696,6 +699,11 @@ class FlowHNModel(FlowHNPreTrainedModel):
 
         position_embeddings = self.rotary_emb(inputs_embeds, positions)
         hidden_states = inputs_embeds
+        # as in transformers: the embeddings, then every layer's output, the last one after the final norm
+        if self.config.output_hidden_states if output_hidden_states is None else output_hidden_states:
+            all_hidden_states = [hidden_states]
+        else:
+            all_hidden_states = None
         for layer_idx, decoder_layer in enumerate(self.layers):
             route = plan_route(self.attention_windows[layer_idx], positions, real, start, documents)
             hidden_states = decoder_layer(
@@ -705,9 +713,17 @@ class FlowHNModel(FlowHNPreTrainedModel):
                 past_key_values=past_key_values,
                 **kwargs,
             )
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
         if past_key_values is not None:
             past_key_values.flowhn_seen_tokens = getattr(past_key_values, "flowhn_seen_tokens", 0) + positions.shape[1]
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states[-1] = hidden_states
+            all_hidden_states = tuple(all_hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
+        )
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -761,6 +777,7 @@ class FlowHNForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -771,6 +788,7 @@ class FlowHNForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
@@ -780,19 +798,22 @@ class FlowHNForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        logits = loss = None
         if labels is not None and self.training and torch.is_grad_enabled():
             # Training needs the loss, not the logits: skip the (tokens x vocab) logits altogether.
             loss = causal_lm_loss(hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
-            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        else:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, refusing beam search: reordering beams would have to reorder the record of

@@ -210,6 +210,24 @@ def test_bf16_autocast_and_bf16_weights_on_the_cpu():
     assert model.generate(x[:, :9], max_new_tokens=4, do_sample=False).shape == (2, 13)
 
 
+def test_hidden_states_and_tuples_as_transformers_returns_them():
+    """`output_hidden_states`: the embeddings, then each layer's output, the last after the final norm (so the
+    logits are the LM head of the last one); `return_dict=False`: a tuple, as every transformers model returns."""
+    model = tiny_model()
+    x = tokens(2, 20)
+    out = model(x, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert torch.equal(out.hidden_states[0], model.get_input_embeddings()(x))
+    torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits, **TOL)
+    assert model(x).hidden_states is None
+    loss, logits, _ = model(x, labels=x, return_dict=False)
+    torch.testing.assert_close(logits, out.logits, **TOL)
+    assert isinstance(model.model(x, return_dict=False), tuple)
+    steps = model.generate(x[:, :5], max_new_tokens=3, do_sample=False, output_hidden_states=True,
+                           return_dict_in_generate=True)
+    assert len(steps.hidden_states) == 3 and len(steps.hidden_states[0]) == model.config.num_hidden_layers + 1
+
+
 def test_loss_counts_items_like_transformers():
     model = tiny_model()
     x = tokens(2, 20)
