@@ -816,11 +816,15 @@ class FlowHNForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         )
 
     def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`, refusing beam search: reordering beams would have to reorder the record of
-        which cached keys are fillers, which the cache does not carry."""
+        """`GenerationMixin.generate`, refusing beam search (reordering beams would have to reorder the record of
+        which cached keys are fillers, which the cache does not carry) and caches other than the dynamic one (the
+        DeltaNet branch keeps a recurrent state and a conv window beside the attention keys and values)."""
         generation_config = kwargs.get("generation_config") or self.generation_config
         if (kwargs.get("num_beams") or generation_config.num_beams or 1) > 1:
             raise ValueError("FlowHN does not support beam search: use `num_beams=1` (greedy or sampling)")
+        cache = kwargs.get("cache_implementation") or generation_config.cache_implementation
+        if cache not in (None, "dynamic"):
+            raise ValueError(f"`cache_implementation` must be 'dynamic' (or unset) for FlowHN, got {cache!r}")
         return super().generate(*args, **kwargs)
 
 

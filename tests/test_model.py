@@ -184,6 +184,10 @@ def test_sampling_and_beam_search():
     assert sampled.shape == (4, 11)
     with pytest.raises(ValueError, match="num_beams"):
         model.generate(prompt, max_new_tokens=5, num_beams=2)
+    # a static cache would hand the model a dict of masks and no DeltaNet state; refused by name
+    with pytest.raises(ValueError, match="cache_implementation"):
+        model.generate(prompt, max_new_tokens=5, cache_implementation="static")
+    assert model.generate(prompt, max_new_tokens=5, cache_implementation="dynamic").shape == (2, 11)
 
 
 @pytest.mark.parametrize("fusion", ["linear", "normalized_mean"])
