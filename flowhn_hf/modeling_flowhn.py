@@ -81,7 +81,9 @@ def rotary_cos_sin(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-rotary_cos_sin_op = torch.library.custom_op(f"{op_namespace(__name__)}::rotary_cos_sin", rotary_cos_sin, mutates_args=())
+rotary_cos_sin_op = torch.library.custom_op(
+    f"{op_namespace(__name__)}::rotary_cos_sin", rotary_cos_sin, mutates_args=()
+)
 
 
 @rotary_cos_sin_op.register_fake

@@ -132,6 +132,14 @@ def sequence_span(cu, chunk_off, length, UNIFORM: tl.constexpr, seq, BT: tl.cons
 
 
 @device_function
+def chunk_rows(c, bos, eos, h, r, H: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr):
+    """Row r of chunk c holds component r % RP of token c·BT + r // RP: its row in k, v and beta (flattened
+    [tokens, H, R]) and whether it is a real one (a token of the sequence, a component below R)."""
+    tok = c * BT + r // RP
+    return ((bos + tok) * H + h) * R + r % RP, (tok < eos - bos) & (r % RP < R)
+
+
+@device_function
 def block_inverses(a):
     """(I + D)⁻¹ for the eight 8×8 diagonal blocks D of a 64×64 strictly lower-triangular a, zero elsewhere."""
     blk = tl.arange(0, 8)
@@ -157,10 +165,7 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, length, UNIFORM: tl.cons
     ROWS: tl.constexpr = BT * RP
     bos, eos, c = chunk_span(cu, chunk_idx, length, UNIFORM, g, BT)
     r = tl.arange(0, ROWS)
-    tok = c * BT + r // RP
-    comp = r % RP
-    row_ok = (tok < eos - bos) & (comp < R)
-    sub = ((bos + tok) * H + h) * R + comp
+    sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
     kk = tl.arange(0, BK)
     b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
@@ -211,9 +216,7 @@ def pair_kernel(q, k, w, ut, w2, k1, z, scale, cu, chunk_idx, length, UNIFORM: t
         kk = tl.arange(0, BK)
         base1 = (g * H + h) * ROWS + r
         base2 = base1 + H * ROWS
-        tok1 = c * BT + r // RP
-        row_ok = (tok1 < eos - bos) & (r % RP < R)
-        sub1 = ((bos + tok1) * H + h) * R + r % RP
+        sub1, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
         b_k1 = tl.load(k + sub1[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
         b_w2 = tl.load(w + base2[:, None] * K + kk[None, :], mask=ok2 & (kk[None, :] < K), other=0.0)
         m = tl.dot(b_w2.to(DT), tl.trans(b_k1.to(DT)), input_precision=PREC)
@@ -231,10 +234,8 @@ def pair_kernel(q, k, w, ut, w2, k1, z, scale, cu, chunk_idx, length, UNIFORM: t
                          mask=ok2 & (vv[None, :] < V))
         else:
             t = tl.arange(0, BT)
-            tok2 = tok1 + BT
-            sub2 = ((bos + tok2) * H + h) * R + r % RP
-            b_k2 = tl.load(k + sub2[:, None] * K + kk[None, :],
-                           mask=(tok2 < eos - bos)[:, None] & (r % RP < R)[:, None] & (kk[None, :] < K), other=0.0)
+            sub2, row_ok2 = chunk_rows(c + 1, bos, eos, h, r, H, R, RP, BT)
+            b_k2 = tl.load(k + sub2[:, None] * K + kk[None, :], mask=row_ok2[:, None] & (kk[None, :] < K), other=0.0)
             tq2 = (c + 1) * BT + t
             b_q2 = tl.load(q + ((bos + tq2) * H + h)[:, None] * K + kk[None, :],
                            mask=(tq2 < eos - bos)[:, None] & (kk[None, :] < K), other=0.0)
@@ -253,9 +254,8 @@ def fwd_tiles(k, w, ut, g, c, ok, bos, eos, h, r, kk, col, H: tl.constexpr, R: t
               V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr):
     """Chunk c's (global chunk g's) rows, and its W, Ũ and Kᵀ for the forward pass; zeros where `ok` is False."""
     base = (g * H + h) * (BT * RP) + r
-    tok = c * BT + r // RP
-    row_ok = (tok < eos - bos) & (r % RP < R) & ok
-    sub = ((bos + tok) * H + h) * R + r % RP
+    sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
+    row_ok = row_ok & ok
     b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=ok & (kk[None, :] < K), other=0.0)
     b_ut = tl.load(ut + base[:, None] * V + col[None, :], mask=ok & (col[None, :] >= 0) & (col[None, :] < V),
                    other=0.0)
@@ -346,10 +346,7 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, length, UNIFORM: tl.cons
     vv = iv * BV + tl.arange(0, BV)
     tq = c * BT + t
     q_ok = tq < eos - bos
-    tok = c * BT + r // RP
-    comp = r % RP
-    row_ok = (tok < eos - bos) & (comp < R)
-    sub = ((bos + tok) * H + h) * R + comp
+    sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
     b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
@@ -369,9 +366,8 @@ def bwd_tiles(q, k, w, do, scale, g, c, ok, bos, eos, h, r, t, kk, col, H: tl.co
     zeros where `ok` is False."""
     tq = c * BT + t
     q_ok = (tq < eos - bos) & ok
-    tok = c * BT + r // RP
-    row_ok = (tok < eos - bos) & (r % RP < R) & ok
-    sub = ((bos + tok) * H + h) * R + r % RP
+    sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
+    row_ok = row_ok & ok
     b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K),
                   other=0.0).to(DT)
     b_q = (b_q.to(tl.float32) * scale).to(DT)
@@ -528,9 +524,7 @@ def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx
     k_ok = kk < K
     tq = c * BT + t
     q_ok = tq < eos - bos
-    tok = c * BT + r // RP
-    row_ok = (tok < eos - bos) & (r % RP < R)
-    sub = ((bos + tok) * H + h) * R + r % RP
+    sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
     qrow = (bos + tq) * H + h
     base = (g * H + h) * ROWS + r
     state = (g * H + h) * K * V
@@ -575,9 +569,7 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, lengt
     ROWS: tl.constexpr = BT * RP
     bos, eos, c = chunk_span(cu, chunk_idx, length, UNIFORM, g, BT)
     r = tl.arange(0, ROWS)
-    tok = c * BT + r // RP
-    row_ok = (tok < eos - bos) & (r % RP < R)
-    sub = ((bos + tok) * H + h) * R + r % RP
+    sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
     base = (g * H + h) * ROWS + r
     b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
     b_tt = tl.trans(tl.load(tinv + (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]))
@@ -728,13 +720,32 @@ def _prep(k, v, beta, plan):
     return tinv, w, ut
 
 
-def _pairs(q, k, w, ut, w2, k1, z, scale, plan):
-    """pair_kernel: W₂' into w2 and Ũ₂' into ut for the forward pass (w2 given), or K₁' and Z for the reverse."""
+def _pair_kernel(q, k, w, ut, w2, k1, z, scale, plan):
     _, H, R, K = k.shape
     V = ut.shape[-1] if w2 is not None else 0
     pair_kernel[(plan.nc, H)](q, k, w, ut, w2, k1, z, scale, *plan.chunks, H, R, K, V, plan.rp, plan.bt, pow2(K),
                               min(pow2(V), 64), dot_dtype(k.dtype), dot_precision(k.dtype), w2 is not None,
                               **launch("pair", K, k.dtype))
+
+
+def _forward_pairs(k, w, ut, plan):
+    """W₂' for a forward pass at two chunks a step (Ũ₂' written into ut), or None where it keeps one."""
+    _, H, R, K = k.shape
+    if not pairs("state_fwd", K, k.dtype, R):
+        return None
+    w2 = torch.empty_like(w)
+    _pair_kernel(None, k, w, ut, w2, None, None, 1.0, plan)
+    return w2
+
+
+def _reverse_pairs(q, k, w, scale, plan):
+    """(K₁', Z) for a reverse pass at two chunks a step, or (None, None) where it keeps one."""
+    _, H, R, K = k.shape
+    if not pairs("state_bwd", K, k.dtype, R):
+        return None, None
+    k1, z = torch.empty_like(w), q.new_empty(plan.nc, H, plan.bt, ROWS)
+    _pair_kernel(q, k, w, None, None, k1, z, scale, plan)
+    return k1, z
 
 
 def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None, w2=None):
@@ -768,11 +779,7 @@ def _states(k, w, ut, initial_state, plan, output_final_state, scan):
     hs = k.new_empty(plan.nc, H, K, V)
     final = k.new_empty(plan.n, H, K, V, dtype=torch.float32) if output_final_state else None
     if not plan.use_scan(H, K, V, scan):
-        w2 = None
-        if pairs("state_fwd", K, k.dtype, R):
-            w2 = torch.empty_like(w)
-            _pairs(None, k, w, ut, w2, None, None, 1.0, plan)
-        _state_pass(k, w, ut, initial_state, plan, final, False, u, hs, w2)
+        _state_pass(k, w, ut, initial_state, plan, final, False, u, hs, _forward_pairs(k, w, ut, plan))
         return u, hs, final
     seg, seg_off = plan.segments()
     flows = k.new_empty(seg.n, H, K, K + V, dtype=torch.float32)
@@ -830,12 +837,8 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
         ends = q.new_empty(seg.n, H, K, V, dtype=torch.float32)
         _combine(flows, dfinal, ends, dinit, seg_off, plan.n, True)
         _reverse_pass(q, k, w, do, scale, ends, seg, None, False, du, dhs)
-    elif pairs("state_bwd", K, k.dtype, R):
-        k1, z = torch.empty_like(w), q.new_empty(plan.nc, H, plan.bt, ROWS)
-        _pairs(q, k, w, None, None, k1, z, scale, plan)
-        _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, du, dhs, k1, z)
     else:
-        _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, du, dhs)
+        _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, du, dhs, *_reverse_pairs(q, k, w, scale, plan))
     dw = torch.empty_like(w)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)

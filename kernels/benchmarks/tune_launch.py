@@ -80,7 +80,8 @@ def main():
                         note = "  rejected: wrong results, max error " + ", ".join(f"R={R} {e:.1e}" for R, (e, _) in
                                                                                 zip(ranks, errors))
                 print(f"  {key} {cand}: {ms:.3f} ms{note}", flush=True)
-            if current is None:
+            if current is None or (args.rank > 1 and current == chunk.LAUNCH.get((name, width))):
+                current = None  # at a rank, an entry that repeats LAUNCH's says nothing
                 table.pop(key, None)
             else:
                 table[key] = current
