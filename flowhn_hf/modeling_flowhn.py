@@ -678,6 +678,11 @@ class FlowHNModel(FlowHNPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
+        if kwargs.get("output_attentions", self.config.output_attentions):
+            raise ValueError(
+                "`output_attentions=True` is not supported: a layer's attention sees only the tokens routed to it, "
+                "so there is no (tokens x tokens) map to return; leave `output_attentions` False"
+            )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache

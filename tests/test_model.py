@@ -230,6 +230,11 @@ def test_hidden_states_and_tuples_as_transformers_returns_them():
     steps = model.generate(x[:, :5], max_new_tokens=3, do_sample=False, output_hidden_states=True,
                            return_dict_in_generate=True)
     assert len(steps.hidden_states) == 3 and len(steps.hidden_states[0]) == model.config.num_hidden_layers + 1
+    # attention sees only its routed tokens: no (T x T) maps, said before any work (transformers' sdpa models
+    # return an empty tuple instead)
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(x, output_attentions=True)
+    assert model(x, output_attentions=False).logits.shape == out.logits.shape
 
 
 def test_loss_counts_items_like_transformers():
