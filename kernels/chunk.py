@@ -47,6 +47,11 @@ LAUNCH = {
     ("state_fwd_aug", 128): dict(num_warps=8),
     ("state_bwd_aug", 128): dict(num_warps=8),
     ("combine", 128): dict(num_warps=8),
+    # D = 256, read on the CPU only (resources.py --dims 256; GPU_KERNEL_MAX_DIM keeps these heads off the GPU until
+    # they have run there): the reverse passes need 248-260 KB of shared memory at 3 stages, 128 KB at one
+    ("state_bwd", 256): dict(num_warps=8, num_stages=1),
+    ("state_bwd_aug", 256): dict(num_warps=8, num_stages=1),
+    ("combine", 256): dict(num_warps=8),
 }
 # R = 2 at D = 128: the reverse pass spills at 4 warps (56-68 B a thread, resources.py --rank 2; R = 1: none) and
 # runs at 8 warps / 4 stages instead, 0.495 → 0.303 ms a pass at (8, 2048, 16, 128) and 1.70 → 1.17 at

@@ -5,11 +5,16 @@ for the test only (flowhn_kernels reads it at each launch, so import order does 
 With CUDA the same tests also run compiled on the GPU at larger sizes.
 """
 
+import functools
+import sys
+
 import pytest
 import torch
 
 import flowhn_kernels as fk
 from flowhn_kernels.delta_rule import chunk_delta_rule, recurrent_delta_rule
+
+delta_rule_module = sys.modules["flowhn_kernels.delta_rule"]  # the package's `delta_rule` is the function
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
@@ -178,12 +183,28 @@ def alike_keys_inputs(R, dtype, device):
 @pytest.mark.parametrize("K,V,R", [(256, 96, 1), (100, 256, 4)])
 def test_chunked_wide_and_odd_head_dims(triton_env, K, V, R):
     """K and V up to 256, not powers of two, R = 4: the kernels in the interpreter; on the GPU the
-    reference above GPU_KERNEL_MAX_DIM, where the compiled kernels refuse clearly."""
+    reference above GPU_KERNEL_MAX_DIM (fp32 here), where the compiled kernels refuse clearly."""
     xs = make_inputs(1, 40, 1, R, K, V, device=triton_env)
     check_against_naive(fk.delta_rule, xs, TOL[torch.float32])
     if triton_env == "cuda":
         with pytest.raises(ValueError, match="K and V up to"):
             chunk_delta_rule(*xs[:4])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K,V,R,scan", [(256, 96, 1, False), (100, 256, 4, False), (256, 256, 2, False),
+                                        (256, 200, 1, True)])
+def test_wide_heads_compiled(monkeypatch, dtype, K, V, R, scan):
+    """The compiled kernels at heads up to 256 with 16-bit inputs (chunk.LAUNCH's D = 256 entries), sequential passes
+    and the scan, a batch and packed documents, lengths off the chunk grid. delta_rule gives these heads to the
+    reference until this passes on a GPU: then raise GPU_KERNEL_MAX_DIM to 256 for float16 and bfloat16."""
+    monkeypatch.setitem(delta_rule_module.GPU_KERNEL_MAX_DIM, dtype, 256)
+    fn = functools.partial(chunk_delta_rule, scan=scan)
+    check_against_naive(fn, make_inputs(2, 333, 2, R, K, V, dtype=dtype, device="cuda"), TOL[dtype])
+    cu = torch.tensor([0, 1, 150, 333], device="cuda")
+    check_against_naive(fn, make_inputs(1, 333, 2, R, K, V, dtype=dtype, device="cuda", state=False), TOL[dtype],
+                        cu_seqlens=cu)
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
