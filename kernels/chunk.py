@@ -40,6 +40,8 @@ LAUNCH = {
     ("state_fwd", 128): dict(num_warps=4, num_stages=4),
     ("state_bwd", 64): dict(num_warps=4, num_stages=3),
     ("state_bwd", 128): dict(num_warps=4, num_stages=3),
+    # grad_state may also set block_k, the K columns of one program (default 64): at 128, one program a chunk and head
+    # reads U, dU and dO and forms dO Uᵀ once instead of twice (8 warps / 1 stage: 210 registers, no spills; untimed)
     ("grad_state", 128): dict(num_warps=4, num_stages=1),
     ("grad_wy", 64): dict(num_warps=8, num_stages=2),
     ("grad_wy", 128): dict(num_warps=4, num_stages=1),
@@ -849,9 +851,10 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     dbeta = torch.empty_like(beta)
     gk, gv = min(pow2(K), 64), min(pow2(V), 64)
     dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
-    grad_state_kernel[(plan.nc, H, cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, *plan.chunks,
-                                                 H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
-                                                 **launch("grad_state", K, k.dtype))
+    state_launch = launch("grad_state", K, k.dtype)
+    sk = state_launch.pop("block_k", gk)
+    grad_state_kernel[(plan.nc, H, cdiv(K, sk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, *plan.chunks,
+                                                 H, R, K, V, plan.rp, plan.bt, sk, gv, dt, prec, **state_launch)
     grad_wy_kernel[(plan.nc, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, *plan.chunks, H, R, K, V,
                                  plan.rp, plan.bt, gk, gv, dt, prec, dt if WY_TRANSPOSE_16BIT else tl.float32,
                                  dt if WY_CANCELLING_16BIT else tl.float32, **launch("grad_wy", K, k.dtype))
