@@ -137,6 +137,12 @@ class FlowHNMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matrix products run in: autocast's where it is on for x's device, else x's own."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, T, d) at the places `index` (B, n) along the token axis."""
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[2]))
@@ -184,17 +190,18 @@ class SplitTokens(torch.autograd.Function):
 
 
 class MergeTokens(torch.autograd.Function):
-    """The inverse of SplitTokens: (a, b) -> cat(a, b) gathered at `merge`; backward splits by `first` and `second`."""
+    """The inverse of SplitTokens on the concatenation of its two outputs: both (B, n₁ + n₂, ·) gathered at `merge`;
+    backward gathers at `first` then `second` (the split), where autograd's gather would scatter-add into zeros."""
 
     @staticmethod
-    def forward(ctx, a, b, merge, first, second):
+    def forward(ctx, both, merge, first, second):
         ctx.save_for_backward(first, second)
-        return _gather_tokens(torch.cat([a, b], dim=1), merge)
+        return _gather_tokens(both, merge)
 
     @staticmethod
     def backward(ctx, grad):
         first, second = ctx.saved_tensors
-        return _gather_tokens(grad, first), _gather_tokens(grad, second), None, None, None
+        return _gather_tokens(grad, torch.cat([first, second], dim=1)), None, None, None
 
 
 @dataclass
@@ -215,14 +222,13 @@ class LayerRoute:
             return SplitTokens.apply(x, self.attention.index, self.deltanet.index, self.merge_index)
         return self.attention.gather(x), self.deltanet.gather(x)
 
-    def merge(self, attention_out: torch.Tensor, deltanet_out: torch.Tensor) -> torch.Tensor:
-        """(B, T, d): each token's output from the branch it went to (fillers and padding read some entry)."""
+    def merge(self, both: torch.Tensor) -> torch.Tensor:
+        """(B, T, ·): each token's row of `both`, the attention branch's rows then the DeltaNet branch's, from the
+        branch the token went to (fillers and padding read some row)."""
         if self.permutes:
-            first, second = self.attention.index, self.deltanet.index
-            return MergeTokens.apply(attention_out, deltanet_out, self.merge_index, first, second)
-        both = torch.cat([attention_out, deltanet_out], dim=1)
+            return MergeTokens.apply(both, self.merge_index, self.attention.index, self.deltanet.index)
         if both.shape[1] == 0:  # nothing but padding
-            both = attention_out.new_zeros(attention_out.shape[0], 1, attention_out.shape[2])
+            both = both.new_zeros(both.shape[0], 1, both.shape[2])
         return _gather_tokens(both, self.merge_index)
 
 
@@ -550,11 +556,18 @@ class FlowHNFusion(nn.Module):
             attention_out, deltanet_out = self.attention_norm(attention_out), self.deltanet_norm(deltanet_out)
         if route.merge_index is None and 0 in (attention_out.shape[1], deltanet_out.shape[1]):
             m = deltanet_out if attention_out.shape[1] == 0 else attention_out  # one branch took every token
+            projected = self.branch_proj(m)
         elif route.merge_index is None:
             m = (attention_out + deltanet_out) / 2 if self.normalized else torch.cat([attention_out, deltanet_out], -1)
+            projected = self.branch_proj(m)
         else:
-            m = route.merge(attention_out, deltanet_out)
-        u = x + self.branch_proj(m)
+            # W_b acts on each token alone, so it runs before the merge, over both branches' rows at once; the merge
+            # then moves its outputs inside the residual add's kernel. Cast before the concatenation, the branches
+            # write 16-bit rows (under autocast) straight into it, where autocast would cast an fp32 concatenation.
+            dtype = matmul_dtype(x)
+            both = torch.cat([attention_out.to(dtype), deltanet_out.to(dtype)], dim=1)
+            projected = route.merge(self.branch_proj(both))
+        u = x + projected
         return u + self.fusion_proj(self.fusion_norm(u))
 
 
@@ -743,9 +756,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size):
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        with torch.autocast(device_type, enabled=False):
+        dtype = matmul_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             grad_hidden = torch.empty_like(h)
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
