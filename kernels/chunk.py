@@ -41,7 +41,8 @@ LAUNCH = {
     ("state_bwd", 64): dict(num_warps=4, num_stages=3),
     ("state_bwd", 128): dict(num_warps=4, num_stages=3),
     # grad_state may also set block_k, the K columns of one program (default 64): at 128, one program a chunk and head
-    # reads U, dU and dO and forms dO Uᵀ once instead of twice (8 warps / 1 stage: 210 registers, no spills; untimed)
+    # reads U, dU and dO and forms dO Uᵀ once instead of twice (8 warps: 170-210 registers, no spills at R = 1 to 4;
+    # 4 warps spill; untimed)
     ("grad_state", 128): dict(num_warps=4, num_stages=1),
     ("grad_wy", 64): dict(num_warps=8, num_stages=2),
     ("grad_wy", 128): dict(num_warps=4, num_stages=1),

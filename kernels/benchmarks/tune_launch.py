@@ -31,9 +31,10 @@ CANDIDATES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)
 
 
 def candidates(name, width):
-    """The settings tried for kernel `name` at key width `width`; grad_state also tries one program over all of K."""
+    """The settings tried for kernel `name` at key width `width`; grad_state also tries one program over all of K, at
+    8 warps (at 4 it spills 52-876 B a thread at D = 128, R = 1 to 4: resources.py)."""
     if name == "grad_state" and width > 64:
-        return CANDIDATES + [dict(num_warps=w, num_stages=s, block_k=width) for w in (4, 8) for s in (1, 2)]
+        return CANDIDATES + [dict(num_warps=8, num_stages=s, block_k=width) for s in (1, 2)]
     return CANDIDATES
 MAX_ERROR = 1e-2  # the issue's bf16 bound; correct settings give 4e-3 to 6e-3 at the anchor shapes
 
