@@ -3,7 +3,8 @@
 Times (triton.testing.do_bench medians, ms) forward and forward+backward at the anchor shapes
 of ANCHORS.md in bf16: R = 1 vs fla chunk_delta_rule, R = 2 vs fla chunk_gated_delta_product
 (num_householder=2), one decode step vs fla fused_recurrent_delta_rule (eager, and replayed from
-a CUDA graph: the GPU time without the host's); peak memory of forward+backward; and the
+a CUDA graph: the GPU time without the host's; R = 1 forward+backward also replayed, since fla's
+eager time moves with its host work); peak memory of forward+backward; and the
 relative error of bf16 outputs and gradients against a float64 reference. Prints a markdown
 table and writes it to RESULTS.md beside this file (or --out).
 
@@ -52,9 +53,35 @@ def time_fwd(fn, xs):
         return do_bench(lambda: fn(*xs), warmup=25, rep=100, return_mode="median")
 
 
-def time_fwd_bwd(fn, xs):
+def time_fwd_bwd(fn, xs, graph=False):
+    """Median ms of one forward+backward; `graph`: replayed from a CUDA graph, the GPU's time without the host's."""
     do = torch.randn_like(fn(*xs)[0])
-    return do_bench(lambda: fn(*xs)[0].backward(do), warmup=25, rep=100, grad_to_none=xs, return_mode="median")
+
+    def step():
+        fn(*xs)[0].backward(do)
+
+    if graph:
+        return replayed_ms(step, f"fwd+bwd of {getattr(fn, '__name__', fn)}")
+    return do_bench(step, warmup=25, rep=100, grad_to_none=xs, return_mode="median")
+
+
+def replayed_ms(step, label):
+    """Median ms of `step` replayed from a CUDA graph, or None where it cannot be captured. Warm-up steps on a side
+    stream first (kernels compiled and tuned, lazy state made), so the capture records launches, nothing more."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as e:  # noqa: BLE001 - any capture failure only empties this cell
+        print(f"{label} not capturable: {type(e).__name__}: {e}", flush=True)
+        return None
+    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
 def peak_mib(fn, xs):
@@ -101,14 +128,8 @@ def decode_step(fn, B, H, D):
 
     with torch.no_grad():
         eager = do_bench(step, warmup=25, rep=100, return_mode="median")
-        try:  # do_bench's calls compiled the kernel and warmed it up: the capture records a launch, nothing more
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-        except Exception as e:  # noqa: BLE001 - any capture failure only empties this cell
-            print(f"decode step of {getattr(fn, '__name__', fn)} not capturable: {type(e).__name__}: {e}", flush=True)
-            return 1000 * eager, None
-        return 1000 * eager, 1000 * do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+        replayed = replayed_ms(step, f"decode step of {getattr(fn, '__name__', fn)}")
+    return 1000 * eager, None if replayed is None else 1000 * replayed
 
 
 def ours(q, k, v, beta):
@@ -191,6 +212,7 @@ def main():
         x1 = inputs(B, T, H, D, 1, layout="fla")  # R = 1 without the rank axis: fla's layout too
         r["ours fwd"] = time_fwd(ours, x1)
         r["ours fwd+bwd"] = time_fwd_bwd(ours, x1)
+        r["ours fwd+bwd graph"] = time_fwd_bwd(ours, x1, graph=True)
         r["ours mem MiB"] = peak_mib(ours, x1)
         for scan in (False, True):
             r[f"ours fwd+bwd scan={'on' if scan else 'off'}"] = time_fwd_bwd(ours_scan(scan), x1)
@@ -207,11 +229,14 @@ def main():
         if fla is not None:
             r["fla fwd"] = time_fwd(fla_chunk, x1)
             r["fla fwd+bwd"] = time_fwd_bwd(fla_chunk, x1)
+            r["fla fwd+bwd graph"] = time_fwd_bwd(fla_chunk, x1, graph=True)
             r["fla mem MiB"] = peak_mib(fla_chunk, x1)
             f2 = inputs(B, T, H, D, 2, layout="fla")
             r["fla R=2 fwd+bwd"] = time_fwd_bwd(fla_product2, f2)
             r["fla decode µs"], r["fla decode graph µs"] = decode_step(fla_recurrent, B, H, D)
             r["speedup fwd+bwd R=1"] = r["fla fwd+bwd"] / r["ours fwd+bwd"]
+            if r["ours fwd+bwd graph"] and r["fla fwd+bwd graph"]:
+                r["speedup fwd+bwd R=1 graph"] = r["fla fwd+bwd graph"] / r["ours fwd+bwd graph"]
             r["speedup fwd+bwd R=2"] = r["fla R=2 fwd+bwd"] / r["ours R=2 fwd+bwd"]
             if r["ours decode graph µs"] and r["fla decode graph µs"]:
                 r["speedup decode graph"] = r["fla decode graph µs"] / r["ours decode graph µs"]
