@@ -208,6 +208,15 @@ def test_wide_heads_compiled(monkeypatch, dtype, K, V, R, scan):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+def test_grad_state_over_the_whole_key_width(triton_env, monkeypatch):
+    """grad_state with one program over all of K (its launch setting block_k, which tune_launch.py tries at D = 128)
+    gives the gradients the K blocks of 64 give."""
+    monkeypatch.setitem(fk.chunk.LAUNCH, ("grad_state", 128), dict(num_warps=8, num_stages=1, block_k=128))
+    xs = make_inputs(2, 70, 1, 2, 100, 48, dtype=torch.bfloat16, device=triton_env)
+    check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_chunked_rank_one_without_rank_axis_and_initial_state(triton_env):
     H, K, V = dims(triton_env)
     xs = make_inputs(1, 40, H, 1, K, V, device=triton_env, squeeze=True, state=False)
