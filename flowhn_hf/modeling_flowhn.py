@@ -554,19 +554,19 @@ class FlowHNFusion(nn.Module):
     def forward(self, x: torch.Tensor, attention_out: torch.Tensor, deltanet_out: torch.Tensor, route: LayerRoute):
         if self.normalized:
             attention_out, deltanet_out = self.attention_norm(attention_out), self.deltanet_norm(deltanet_out)
-        if route.merge_index is None and 0 in (attention_out.shape[1], deltanet_out.shape[1]):
-            m = deltanet_out if attention_out.shape[1] == 0 else attention_out  # one branch took every token
-            projected = self.branch_proj(m)
-        elif route.merge_index is None:
-            m = (attention_out + deltanet_out) / 2 if self.normalized else torch.cat([attention_out, deltanet_out], -1)
-            projected = self.branch_proj(m)
-        else:
+        if route.merge_index is not None:
             # W_b acts on each token alone, so it runs before the merge, over both branches' rows at once; the merge
             # then moves its outputs inside the residual add's kernel. Cast before the concatenation, the branches
             # write 16-bit rows (under autocast) straight into it, where autocast would cast an fp32 concatenation.
             dtype = matmul_dtype(x)
             both = torch.cat([attention_out.to(dtype), deltanet_out.to(dtype)], dim=1)
             projected = route.merge(self.branch_proj(both))
+        elif 0 in (attention_out.shape[1], deltanet_out.shape[1]):  # one branch took every token
+            projected = self.branch_proj(deltanet_out if attention_out.shape[1] == 0 else attention_out)
+        elif self.normalized:
+            projected = self.branch_proj((attention_out + deltanet_out) / 2)
+        else:
+            projected = self.branch_proj(torch.cat([attention_out, deltanet_out], -1))
         u = x + projected
         return u + self.fusion_proj(self.fusion_norm(u))
 

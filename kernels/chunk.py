@@ -55,6 +55,11 @@ LAUNCH = {
     ("state_bwd", 256): dict(num_warps=8, num_stages=1),
     ("state_bwd_aug", 256): dict(num_warps=8, num_stages=1),
     ("combine", 256): dict(num_warps=8),
+    # the passes at two chunks a step (PAIRED_PASSES below), read on the CPU only
+    ("state_fwd_paired", 64): dict(num_warps=4, num_stages=2),
+    ("state_fwd_paired", 128): dict(num_warps=4, num_stages=2),
+    ("state_bwd_paired", 64): dict(num_warps=8, num_stages=2),
+    ("state_bwd_paired", 128): dict(num_warps=8, num_stages=2),
 }
 # R = 2 at D = 128: the reverse pass spills at 4 warps (56-68 B a thread, resources.py --rank 2; R = 1: none) and
 # runs at 8 warps / 4 stages instead, 0.495 → 0.303 ms a pass at (8, 2048, 16, 128) and 1.70 → 1.17 at
@@ -67,13 +72,8 @@ LAUNCH_RANKS = {("state_bwd", 128, 2): dict(num_warps=8, num_stages=4)}
 # --variants P:64:4:2 and bench_delta_rule.py --paired time it). Read on the CPU (resources.py --paired, sm_90a, bf16):
 # at these settings no spills and at most 208 KB of shared memory for K ≤ 128, except the reverse pass at K = 128 and
 # R = 1 (296 KB at two stages, spills at one), which keeps one chunk a step; fp32 tiles take twice the memory.
+# Their launches are LAUNCH's "_paired" entries.
 PAIRED_PASSES = False
-LAUNCH_PAIRED = {
-    ("state_fwd", 64): dict(num_warps=4, num_stages=2),
-    ("state_fwd", 128): dict(num_warps=4, num_stages=2),
-    ("state_bwd", 64): dict(num_warps=8, num_stages=2),
-    ("state_bwd", 128): dict(num_warps=8, num_stages=2),
-}
 
 
 # operands of grad_wy's products for 16-bit inputs (fp32 inputs always take fp32, tf32x3): the input dtype (faster)
@@ -90,17 +90,15 @@ def pairs(name, K, dtype, rank):
             and not (name == "state_bwd" and width == 128 and rank == 1))
 
 
-def launch(name, K, dtype, rank=1, paired=False):
+def launch(name, K, dtype, rank=1):
     """Launch keywords of kernel `name` at key dimension K and `rank` for inputs of `dtype` (Triton's defaults when
-    not tuned); `paired`: a pass at two chunks a step.
+    not tuned). A pass's name carries "_aug" for the scan's flows and "_paired" at two chunks a step.
 
     The table is tuned for 16-bit inputs. fp32 inputs (tf32x3 products: accuracy, not speed) run unpipelined: their
     tiles take twice the shared memory, and the reverse pass needs 272 KB at two stages and D = 128 (the H200 has
     227; kernels/benchmarks/resources.py --dtype fp32).
     """
     key = (name, max(pow2(K), 64))
-    if paired:
-        return dict(LAUNCH_PAIRED[key])
     if dtype == torch.float32:
         return dict(LAUNCH.get(key, {}), num_stages=1)
     return dict(LAUNCH_RANKS.get((*key, rank), LAUNCH.get(key, {})))
@@ -756,6 +754,11 @@ def _reverse_pairs(q, k, w, scale, plan):
     return k1, z
 
 
+def _pass_name(name, aug, paired):
+    """The launch-table name of pass `name` as run: the scan's flows (aug), two chunks a step (paired), or plain."""
+    return name + ("_aug" if aug else "_paired" if paired else "")
+
+
 def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None, w2=None):
     """The forward pass over chunks (two a step when given w2, pair_kernel's W₂')."""
     _, H, R, K = k.shape
@@ -765,7 +768,7 @@ def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None, w2=None):
     state_fwd_kernel[(plan.n, H, cdiv(va, bv))](
         k, w, w2, ut, u, hs, init, final, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
         init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, w2 is not None,
-        **launch("state_fwd_aug" if aug else "state_fwd", K, k.dtype, R, w2 is not None))
+        **launch(_pass_name("state_fwd", aug, w2 is not None), K, k.dtype, R))
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
@@ -825,7 +828,7 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
     state_bwd_kernel[(plan.n, H, cdiv(va, bv))](
         q, k, k1, z, w, do, du, dhs, dfinal, dinit, scale, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
         dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, k1 is not None,
-        **launch("state_bwd_aug" if aug else "state_bwd", K, k.dtype, R, k1 is not None))
+        **launch(_pass_name("state_bwd", aug, k1 is not None), K, k.dtype, R))
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):

@@ -122,16 +122,20 @@ def _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
 
 
 def _per_document(fn, q, k, v, beta, scale, initial_state, output_final_state, offsets):
-    """Run a canonical-shape implementation once per packed document and join the results."""
-    if offsets is None:
-        return fn(q, k, v, beta, scale, initial_state, output_final_state)
-    outs, states = [], []
-    for n, (bos, eos) in enumerate(zip(offsets, offsets[1:])):
-        init = None if initial_state is None else initial_state[n : n + 1]
-        o, s = fn(q[:, bos:eos], k[:, bos:eos], v[:, bos:eos], beta[:, bos:eos], scale, init, output_final_state)
-        outs.append(o)
-        states.append(s)
-    return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
+    """Run a canonical-shape PyTorch implementation once per packed document and join the results.
+
+    Autocast is off inside: it would run their float32 arithmetic in 16 bits (and the reference's triangular solve
+    has no 16-bit CPU kernel)."""
+    with torch.autocast(q.device.type, enabled=False):
+        if offsets is None:
+            return fn(q, k, v, beta, scale, initial_state, output_final_state)
+        outs, states = [], []
+        for n, (bos, eos) in enumerate(zip(offsets, offsets[1:])):
+            init = None if initial_state is None else initial_state[n : n + 1]
+            o, s = fn(q[:, bos:eos], k[:, bos:eos], v[:, bos:eos], beta[:, bos:eos], scale, init, output_final_state)
+            outs.append(o)
+            states.append(s)
+        return torch.cat(outs, dim=1), (torch.cat(states) if output_final_state else None)
 
 
 def _finish(q, o, state):

@@ -7,14 +7,9 @@ def naive_recurrence(q, k, v, beta, scale, initial_state=None, output_final_stat
     """Token-by-token recurrence on canonical shapes, one sequence batch (no cu_seqlens).
 
     q [B,T,H,K], k [B,T,H,R,K], v [B,T,H,R,V], beta [B,T,H,R]. Accumulates in float32, or in
-    float64 when q is float64, also under autocast. Returns o [B,T,H,V] and the final state (or None), both in
+    float64 when q is float64. Returns o [B,T,H,V] and the final state (or None), both in
     the accumulation dtype.
     """
-    with torch.autocast(q.device.type, enabled=False):
-        return _naive_recurrence(q, k, v, beta, scale, initial_state, output_final_state)
-
-
-def _naive_recurrence(q, k, v, beta, scale, initial_state, output_final_state):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, T, H, R, K = k.shape
     V = v.shape[-1]

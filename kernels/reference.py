@@ -46,14 +46,8 @@ def reference_chunked(q, k, v, beta, scale, initial_state=None, output_final_sta
     """Chunked flows with the sequential state pass across chunks, canonical shapes, no cu_seqlens.
 
     Returns o and the final state (or None) in the accumulation dtype (float64 for float64 q,
-    else float32), also under autocast, which would otherwise run the products in 16 bits (and the triangular
-    solve has no 16-bit CPU kernel).
+    else float32).
     """
-    with torch.autocast(q.device.type, enabled=False):
-        return _reference_chunked(q, k, v, beta, scale, initial_state, output_final_state, chunk)
-
-
-def _reference_chunked(q, k, v, beta, scale, initial_state, output_final_state, chunk):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, T, H, R, K = k.shape
     V = v.shape[-1]

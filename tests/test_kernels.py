@@ -431,7 +431,7 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
 
     monkeypatch.setattr(state_passes, "SHAPES", [(1, 130, 1, 16)])
     monkeypatch.setattr(state_passes, "do_bench", lambda fn, **kw: 1.0)
-    tables = [dict(t) for t in (fk.chunk.LAUNCH, fk.chunk.LAUNCH_RANKS, fk.chunk.LAUNCH_PAIRED)]
+    tables = [dict(t) for t in (fk.chunk.LAUNCH, fk.chunk.LAUNCH_RANKS)]
     blocks = fk.chunk._blocks
     state_passes.child("16:4:2", [0], dev="cpu")
     state_passes.child("16:4:2", [0], R=2, dev="cpu")
@@ -439,7 +439,7 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["steps"] for r in rows] == [3, 5, 5] and rows[0]["diff"] == rows[1]["diff"] == 0.0  # R = 2: BT = 32
     assert 0 < rows[2]["diff"] < 2e-2
-    assert [fk.chunk.LAUNCH, fk.chunk.LAUNCH_RANKS, fk.chunk.LAUNCH_PAIRED] == tables and fk.chunk._blocks is blocks
+    assert [fk.chunk.LAUNCH, fk.chunk.LAUNCH_RANKS] == tables and fk.chunk._blocks is blocks
     assert not fk.chunk.PAIRED_PASSES
 
 

@@ -29,9 +29,8 @@ from flowhn_kernels.utils import pow2
 
 STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
 INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
-KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "pair_fwd", "pair_bwd", "state_fwd_aug",
-           "state_bwd_aug",
-           "combine", "recurrent")
+KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "pair_fwd", "pair_bwd",
+           "state_fwd_aug", "state_bwd_aug", "combine", "recurrent")
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -166,8 +165,8 @@ def main():
     dtype = TORCH_DTYPES[args.dtype]
     for D in (int(d) for d in args.dims.split(",")):
         for name in args.kernels.split(","):
-            own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(name, D, dtype, args.rank,
-                                                                      paired(name, D, args.dtype, args.rank))
+            launch_name = name + "_paired" if paired(name, D, args.dtype, args.rank) else name
+            own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(launch_name, D, dtype, args.rank)
             tuned = {"num_warps": 4, "num_stages": 3, **own}
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, args.rank, launch)

@@ -90,10 +90,9 @@ def set_variant(variant):
     bv, warps, stages = (int(x) for x in variant.removeprefix("P:").split(":"))
     chunk._blocks = lambda K, V: (pow2(K), min(pow2(V), bv))
     chunk.PAIRED_PASSES = variant.startswith("P:")
-    for name in ("state_fwd", "state_bwd"):
+    for name in ("state_fwd", "state_bwd", "state_fwd_paired", "state_bwd_paired"):
         for width in (64, 128, 256):
-            for table in (chunk.LAUNCH, chunk.LAUNCH_PAIRED):
-                table[(name, width)] = dict(num_warps=warps, num_stages=stages)
+            chunk.LAUNCH[(name, width)] = dict(num_warps=warps, num_stages=stages)
             for rank in (2, 3, 4):
                 chunk.LAUNCH_RANKS.pop((name, width, rank), None)
 
@@ -115,7 +114,7 @@ def scan_crossover(heads, T=16384, D=128):
 def child(variant, shapes, R=1, dev="cuda"):
     """One variant at every shape, against the committed kernels: prints one JSON line per shape."""
     blocks, paired = chunk._blocks, chunk.PAIRED_PASSES
-    tables = [(table, dict(table)) for table in (chunk.LAUNCH, chunk.LAUNCH_RANKS, chunk.LAUNCH_PAIRED)]
+    tables = [(table, dict(table)) for table in (chunk.LAUNCH, chunk.LAUNCH_RANKS)]
     for i in shapes:
         xs = pass_inputs(*SHAPES[i], R, dev=dev)
         want, fwd0, bwd0 = run_passes(*xs)
