@@ -40,9 +40,14 @@ LAUNCH = {
     ("state_fwd", 128): dict(num_warps=4, num_stages=4),
     ("state_bwd", 64): dict(num_warps=4, num_stages=3),
     ("state_bwd", 128): dict(num_warps=4, num_stages=3),
-    # grad_state may also set block_k, the K columns of one program (default 64): at 128, one program a chunk and head
-    # reads U, dU and dO and forms dO Uᵀ once instead of twice (8 warps: 170-210 registers, no spills at R = 1 to 4;
-    # 4 warps spill; untimed)
+    # the passes at V blocks of 32 (Plan.pass_block_v), at R = 1 and 2 alike: 4 warps beat 8 at R = 2 (reverse
+    # 0.843 against 1.002 ms at B = 1, state_passes.py --rank 2 --variants 32:8:4,32:4:4)
+    ("state_fwd_narrow", 128): dict(num_warps=4, num_stages=4),
+    ("state_bwd_narrow", 128): dict(num_warps=4, num_stages=4),
+    # grad_state at D = 64 tuned at (8, 2048, 12, 64): fwd+bwd 0.784 → 0.709 ms (H200, 2026-12-05, tune_launch.py
+    # --shapes 0 --kernels grad_state). At D = 128 one program over all 128 K columns (8 warps) lost to two of 64:
+    # 1.33-1.40 against 1.29 ms at (8, 2048, 16, 128)
+    ("grad_state", 64): dict(num_warps=4, num_stages=1),
     ("grad_state", 128): dict(num_warps=4, num_stages=1),
     ("grad_wy", 64): dict(num_warps=8, num_stages=2),
     ("grad_wy", 128): dict(num_warps=4, num_stages=1),
@@ -701,14 +706,30 @@ class Plan:
         # The scan does about three passes' work over its segments in place of one pass's chain. Against the
         # pipelined passes (H200, 2026-12-02, one sequence of 16384 tokens, D = 128, fwd+bwd) it wins at 16 programs
         # (H = 8: 1.61 ms against 1.81) and 8, and loses at 32 (H = 16: 2.23 against 2.17)
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return self.n * heads * cdiv(V, _blocks(K, V)[1]) <= sms // 8
+        return self.n * heads * cdiv(V, _blocks(K, V)[1]) <= sm_count(self.device) // 8
+
+    def pass_block_v(self, heads, K, va, aug):
+        """V block of a state pass: _blocks' 64, or 32 where twice the programs (sequences × heads × V blocks)
+        still fit in one wave of the GPU. Each program's chain step is then shorter: at 32 programs (one sequence
+        of 16384 tokens, 16 heads, D = 128; H200, 2026-12-05, state_passes.py --variants 32:4:4) forward 0.353 →
+        0.235 ms and reverse 0.616 → 0.546 at R = 1, 0.684 → 0.453 and 1.180 → 0.843 at R = 2; at 256 programs
+        (8 sequences) both passes take 1.5-1.9× longer. The scan's flow passes keep 64 (not timed at 32)."""
+        bv = _blocks(K, va)[1]
+        if aug or bv != 64 or 2 * self.n * heads * cdiv(va, bv) > sm_count(self.device):
+            return bv
+        return 32
+
+
+def sm_count(device):
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter), where no pass narrows."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 def _blocks(K, V):
     # V blocks of 16 or 32 in these many-dot kernels hit a Triton 3.6 miscompile on Hopper with 16-bit
     # operands (wrong results, illegal addresses; seen on the H200, 2026-12-01), so the GPU keeps 64
-    # (K = 256, whose 32 only the interpreter runs, is refused there)
+    # (K = 256, whose 32 only the interpreter runs, is refused there). The state passes alone run 32 on the GPU
+    # (Plan.pass_block_v), where they give the 64-wide passes' outputs bit for bit.
     bk = pow2(K)
     return bk, min(pow2(V), 64 if bk <= 128 else 32)
 
@@ -754,9 +775,10 @@ def _reverse_pairs(q, k, w, scale, plan):
     return k1, z
 
 
-def _pass_name(name, aug, paired):
-    """The launch-table name of pass `name` as run: the scan's flows (aug), two chunks a step (paired), or plain."""
-    return name + ("_aug" if aug else "_paired" if paired else "")
+def _pass_name(name, aug, paired, bv):
+    """The launch-table name of pass `name` as run: the scan's flows (aug), two chunks a step (paired), V blocks
+    narrowed to 32 (Plan.pass_block_v), or plain."""
+    return name + ("_aug" if aug else "_paired" if paired else "_narrow" if bv == 32 else "")
 
 
 def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None, w2=None):
@@ -764,11 +786,11 @@ def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None, w2=None):
     _, H, R, K = k.shape
     V = ut.shape[-1]
     va = K + V if aug else V
-    bk, bv = _blocks(K, va)
+    bk, bv = pow2(K), plan.pass_block_v(H, K, va, aug)
     state_fwd_kernel[(plan.n, H, cdiv(va, bv))](
         k, w, w2, ut, u, hs, init, final, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
         init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, w2 is not None,
-        **launch(_pass_name("state_fwd", aug, w2 is not None), K, k.dtype, R))
+        **launch(_pass_name("state_fwd", aug, w2 is not None, bv), K, k.dtype, R))
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
@@ -824,11 +846,11 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
     _, H, R, K = k.shape
     V = do.shape[-1]
     va = K + V if aug else V
-    bk, bv = _blocks(K, va)
+    bk, bv = pow2(K), plan.pass_block_v(H, K, va, aug)
     state_bwd_kernel[(plan.n, H, cdiv(va, bv))](
         q, k, k1, z, w, do, du, dhs, dfinal, dinit, scale, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
         dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, k1 is not None,
-        **launch(_pass_name("state_bwd", aug, k1 is not None), K, k.dtype, R))
+        **launch(_pass_name("state_bwd", aug, k1 is not None, bv), K, k.dtype, R))
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):
@@ -855,10 +877,9 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     dbeta = torch.empty_like(beta)
     gk, gv = min(pow2(K), 64), min(pow2(V), 64)
     dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
-    state_launch = launch("grad_state", K, k.dtype)
-    sk = state_launch.pop("block_k", gk)
-    grad_state_kernel[(plan.nc, H, cdiv(K, sk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, *plan.chunks,
-                                                 H, R, K, V, plan.rp, plan.bt, sk, gv, dt, prec, **state_launch)
+    grad_state_kernel[(plan.nc, H, cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, *plan.chunks,
+                                                 H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
+                                                 **launch("grad_state", K, k.dtype))
     grad_wy_kernel[(plan.nc, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, *plan.chunks, H, R, K, V,
                                  plan.rp, plan.bt, gk, gv, dt, prec, dt if WY_TRANSPOSE_16BIT else tl.float32,
                                  dt if WY_CANCELLING_16BIT else tl.float32, **launch("grad_wy", K, k.dtype))

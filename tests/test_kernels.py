@@ -208,12 +208,16 @@ def test_wide_heads_compiled(monkeypatch, dtype, K, V, R, scan):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
-def test_grad_state_over_the_whole_key_width(triton_env, monkeypatch):
-    """grad_state with one program over all of K (its launch setting block_k, which tune_launch.py tries at D = 128)
-    gives the gradients the K blocks of 64 give."""
-    monkeypatch.setitem(fk.chunk.LAUNCH, ("grad_state", 128), dict(num_warps=8, num_stages=1, block_k=128))
-    xs = make_inputs(2, 70, 1, 2, 100, 48, dtype=torch.bfloat16, device=triton_env)
-    check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16])
+def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
+    """The state passes at V blocks of 32 (Plan.pass_block_v, chosen where the GPU has SMs to spare) give the
+    gradients the 64-wide blocks give, at ranks 1 and 2, a batch and packed documents."""
+    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
+    for R in (1, 2):
+        xs = make_inputs(2, 70, 1, R, 100, 48, dtype=torch.bfloat16, device=triton_env)
+        check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16])
+    cu = torch.tensor([0, 1, 70], device=triton_env)
+    xs = make_inputs(1, 70, 1, 1, 100, 48, dtype=torch.bfloat16, device=triton_env, state=False)
+    check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16], cu_seqlens=cu)
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
@@ -432,14 +436,14 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
     monkeypatch.setattr(state_passes, "SHAPES", [(1, 130, 1, 16)])
     monkeypatch.setattr(state_passes, "do_bench", lambda fn, **kw: 1.0)
     tables = [dict(t) for t in (fk.chunk.LAUNCH, fk.chunk.LAUNCH_RANKS)]
-    blocks = fk.chunk._blocks
+    blocks = fk.chunk.Plan.pass_block_v
     state_passes.child("16:4:2", [0], dev="cpu")
     state_passes.child("16:4:2", [0], R=2, dev="cpu")
     state_passes.child("P:16:4:2", [0], R=2, dev="cpu")  # two chunks a step: equal up to bf16 rounding
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["steps"] for r in rows] == [3, 5, 5] and rows[0]["diff"] == rows[1]["diff"] == 0.0  # R = 2: BT = 32
     assert 0 < rows[2]["diff"] < 2e-2
-    assert [fk.chunk.LAUNCH, fk.chunk.LAUNCH_RANKS] == tables and fk.chunk._blocks is blocks
+    assert [fk.chunk.LAUNCH, fk.chunk.LAUNCH_RANKS] == tables and fk.chunk.Plan.pass_block_v is blocks
     assert not fk.chunk.PAIRED_PASSES
 
 

@@ -35,9 +35,8 @@ DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def constexprs(name, D, dtype, R, block_k=None):
-    """The compile-time arguments the launch code passes at width D and rank R, by kernel (block_k: grad_state's
-    K columns a program, as its launch entry may set)."""
+def constexprs(name, D, dtype, R):
+    """The compile-time arguments the launch code passes at width D and rank R, by kernel."""
     bk, bv = chunk._blocks(D, D)
     bka, bva = chunk._blocks(D, 2 * D)  # the scan's flow passes run on K + V columns
     g = min(pow2(D), 64)
@@ -51,7 +50,7 @@ def constexprs(name, D, dtype, R, block_k=None):
         "output": dict(common, BK=pow2(D), BV=min(pow2(D), 64)),
         "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D,
                           PAIRED=paired("state_bwd", D, dtype, R)),
-        "grad_state": dict(common, BK=block_k or g, BV=g),
+        "grad_state": dict(common, BK=g, BV=g),
         "state_fwd_aug": dict(common, BK=bka, BV=bva, HAS_INIT=False, STORE_FINAL=True, AUG=True, VA=2 * D,
                               PAIRED=False),
         "state_bwd_aug": dict(common, BK=bka, BV=bva, HAS_DFINAL=False, STORE_DINIT=True, AUG=True, VA=2 * D,
@@ -79,9 +78,7 @@ def report(name, D, dtype, R, launch) -> dict:
     module = recurrent if name == "recurrent" else chunk
     fn = triton.runtime.jit.JITFunction(getattr(module, f"{kernel_name(name)}_kernel").fn)
     params = inspect.signature(fn.fn).parameters
-    launch = dict(launch)
-    fixed = constexprs(name, D, dtype, R, launch.pop("block_k", None))
-    fixed = {a: v for a, v in fixed.items() if a in params}  # the kernel's own of the set
+    fixed = {a: v for a, v in constexprs(name, D, dtype, R).items() if a in params}  # the kernel's own of the set
     signature = {}
     for arg in params:
         if arg in fixed:
@@ -170,8 +167,7 @@ def main():
             tuned = {"num_warps": 4, "num_stages": 3, **own}
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, args.rank, launch)
-                block = f", BK {launch['block_k']}" if "block_k" in launch else ""
-                print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']}{block} | {r['regs']} | "
+                print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']} | {r['regs']} | "
                       f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} | {r['instructions']} | "
                       f"{loop_cell(r['loop'])} |", flush=True)
 

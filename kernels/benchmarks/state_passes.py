@@ -88,9 +88,10 @@ def set_variant(variant):
     """Run chunk's two passes at "BV:warps:stages" (V block width, num_warps, num_stages); a leading "P:" steps
     them over two chunks at a time."""
     bv, warps, stages = (int(x) for x in variant.removeprefix("P:").split(":"))
-    chunk._blocks = lambda K, V: (pow2(K), min(pow2(V), bv))
+    chunk.Plan.pass_block_v = lambda plan, heads, K, va, aug: min(pow2(va), bv)
     chunk.PAIRED_PASSES = variant.startswith("P:")
-    for name in ("state_fwd", "state_bwd", "state_fwd_paired", "state_bwd_paired"):
+    for name in ("state_fwd", "state_bwd", "state_fwd_narrow", "state_bwd_narrow", "state_fwd_paired",
+                 "state_bwd_paired"):
         for width in (64, 128, 256):
             chunk.LAUNCH[(name, width)] = dict(num_warps=warps, num_stages=stages)
             for rank in (2, 3, 4):
@@ -113,7 +114,7 @@ def scan_crossover(heads, T=16384, D=128):
 
 def child(variant, shapes, R=1, dev="cuda"):
     """One variant at every shape, against the committed kernels: prints one JSON line per shape."""
-    blocks, paired = chunk._blocks, chunk.PAIRED_PASSES
+    blocks, paired = chunk.Plan.pass_block_v, chunk.PAIRED_PASSES
     tables = [(table, dict(table)) for table in (chunk.LAUNCH, chunk.LAUNCH_RANKS)]
     for i in shapes:
         xs = pass_inputs(*SHAPES[i], R, dev=dev)
@@ -122,7 +123,7 @@ def child(variant, shapes, R=1, dev="cuda"):
         try:
             got, fwd, bwd = run_passes(*xs)
         finally:
-            chunk._blocks, chunk.PAIRED_PASSES = blocks, paired
+            chunk.Plan.pass_block_v, chunk.PAIRED_PASSES = blocks, paired
             for table, saved in tables:
                 table.clear()
                 table.update(saved)

@@ -31,14 +31,6 @@ CANDIDATES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)
 MAX_ERROR = 1e-2  # the issue's bf16 bound; correct settings give 4e-3 to 6e-3 at the anchor shapes
 
 
-def candidates(name, width):
-    """The settings tried for kernel `name` at key width `width`; grad_state also tries one program over all of K, at
-    8 warps (at 4 it spills 52-876 B a thread at D = 128, R = 1 to 4: resources.py)."""
-    if name == "grad_state" and width > 64:
-        return CANDIDATES + [dict(num_warps=8, num_stages=s, block_k=width) for s in (1, 2)]
-    return CANDIDATES
-
-
 def fwd_bwd_ms(xs, do):
     def step():
         chunk_delta_rule(*xs)[0].backward(do)
@@ -69,7 +61,7 @@ def main():
                 continue
             key = (name, width) if args.rank == 1 else (name, width, args.rank)
             current = table.get(key, chunk.LAUNCH.get((name, width)))
-            for cand in candidates(name, width):
+            for cand in CANDIDATES:
                 if time.time() > stop:
                     print("time budget spent", flush=True)
                     return
