@@ -60,11 +60,6 @@ LAUNCH = {
     ("state_bwd", 256): dict(num_warps=8, num_stages=1),
     ("state_bwd_aug", 256): dict(num_warps=8, num_stages=1),
     ("combine", 256): dict(num_warps=8),
-    # the passes at two chunks a step (PAIRED_PASSES below), read on the CPU only
-    ("state_fwd_paired", 64): dict(num_warps=4, num_stages=2),
-    ("state_fwd_paired", 128): dict(num_warps=4, num_stages=2),
-    ("state_bwd_paired", 64): dict(num_warps=8, num_stages=2),
-    ("state_bwd_paired", 128): dict(num_warps=8, num_stages=2),
 }
 # R = 2 at D = 128: the reverse pass spills at 4 warps (56-68 B a thread, resources.py --rank 2; R = 1: none) and
 # runs at 8 warps / 4 stages instead, 0.495 → 0.303 ms a pass at (8, 2048, 16, 128) and 1.70 → 1.17 at
@@ -72,13 +67,6 @@ LAUNCH = {
 # warps (100 B) and none at 8, but have not run at 8 / 4 on a GPU, where Triton 3.6 has miscompiled this kernel at
 # other settings (8 warps and one stage gave a wrong dk at R = 3 with fp32 inputs, NOTES.md v9). 16-bit inputs only.
 LAUNCH_RANKS = {("state_bwd", 128, 2): dict(num_warps=8, num_stages=4)}
-# Two chunks a pass step (PAIRED in the passes' kernels): half the chain, twice the operands a step, one pair_kernel
-# launch before each pass. Tested in the interpreter, not yet timed on a GPU, so off by default (state_passes.py
-# --variants P:64:4:2 and bench_delta_rule.py --paired time it). Read on the CPU (resources.py --paired, sm_90a, bf16):
-# at these settings no spills and at most 208 KB of shared memory for K ≤ 128, except the reverse pass at K = 128 and
-# R = 1 (296 KB at two stages, spills at one), which keeps one chunk a step; fp32 tiles take twice the memory.
-# Their launches are LAUNCH's "_paired" entries.
-PAIRED_PASSES = False
 
 
 # operands of grad_wy's products for 16-bit inputs (fp32 inputs always take fp32, tf32x3): the input dtype (faster)
@@ -88,16 +76,9 @@ WY_TRANSPOSE_16BIT = True
 WY_CANCELLING_16BIT = False
 
 
-def pairs(name, K, dtype, rank):
-    """Whether pass `name` ("state_fwd" or "state_bwd") steps over two chunks at a time (PAIRED_PASSES)."""
-    width = max(pow2(K), 64)
-    return (PAIRED_PASSES and dtype != torch.float32 and width <= 128
-            and not (name == "state_bwd" and width == 128 and rank == 1))
-
-
 def launch(name, K, dtype, rank=1):
     """Launch keywords of kernel `name` at key dimension K and `rank` for inputs of `dtype` (Triton's defaults when
-    not tuned). A pass's name carries "_aug" for the scan's flows and "_paired" at two chunks a step.
+    not tuned). A pass's name carries "_aug" for the scan's flows and "_narrow" at V blocks of 32.
 
     The table is tuned for 16-bit inputs. fp32 inputs (tf32x3 products: accuracy, not speed) run unpipelined: their
     tiles take twice the shared memory, and the reverse pass needs 272 KB at two stages and D = 128 (the H200 has
@@ -207,87 +188,28 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, length, UNIFORM: tl.cons
         tl.store(ut + base[:, None] * V + vv[None, :], b_ut.to(ut.dtype.element_ty), mask=vv[None, :] < V)
 
 
-@kernel
-def pair_kernel(q, k, w, ut, w2, k1, z, scale, cu, chunk_idx, length, UNIFORM: tl.constexpr,
-                H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr,
-                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                FORWARD: tl.constexpr):
-    """What the paired passes take off their chain, for the pair of chunks (c, c + 1) of a program with c even
-    (odd c: nothing to do; a lone last chunk pairs with zeros). With M = W₂K₁ᵀ:
-    FORWARD: W₂' = W₂ − M W₁ into w2 and Ũ₂' = Ũ₂ − M Ũ₁ into ut, at the second chunk's rows;
-    else: K₁' = K₁ − MᵀK₂ into k1 and Z = scale·Q₂K₁ᵀ − A₂M (A₂ = scale·Q₂K₂ᵀ ⊙ causal) into z, at the first's.
-    """
-    g = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    ROWS: tl.constexpr = BT * RP
-    bos, eos, c = chunk_span(cu, chunk_idx, length, UNIFORM, g, BT)
-    if c % 2 == 0:
-        ok2 = (c + 1) * BT < eos - bos
-        r = tl.arange(0, ROWS)
-        kk = tl.arange(0, BK)
-        base1 = (g * H + h) * ROWS + r
-        base2 = base1 + H * ROWS
-        sub1, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
-        b_k1 = tl.load(k + sub1[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
-        b_w2 = tl.load(w + base2[:, None] * K + kk[None, :], mask=ok2 & (kk[None, :] < K), other=0.0)
-        m = tl.dot(b_w2.to(DT), tl.trans(b_k1.to(DT)), input_precision=PREC)
-        if FORWARD:
-            b_m = m.to(DT)
-            b_w1 = tl.load(w + base1[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
-            b_w2 = b_w2.to(tl.float32) - tl.dot(b_m, b_w1.to(DT), input_precision=PREC)
-            tl.store(w2 + base2[:, None] * K + kk[None, :], b_w2.to(w2.dtype.element_ty), mask=ok2 & (kk[None, :] < K))
-            for iv in range((V + BV - 1) // BV):
-                vv = iv * BV + tl.arange(0, BV)
-                b_ut1 = tl.load(ut + base1[:, None] * V + vv[None, :], mask=vv[None, :] < V, other=0.0)
-                b_ut2 = tl.load(ut + base2[:, None] * V + vv[None, :], mask=ok2 & (vv[None, :] < V), other=0.0)
-                b_ut2 = b_ut2.to(tl.float32) - tl.dot(b_m, b_ut1.to(DT), input_precision=PREC)
-                tl.store(ut + base2[:, None] * V + vv[None, :], b_ut2.to(ut.dtype.element_ty),
-                         mask=ok2 & (vv[None, :] < V))
-        else:
-            t = tl.arange(0, BT)
-            sub2, row_ok2 = chunk_rows(c + 1, bos, eos, h, r, H, R, RP, BT)
-            b_k2 = tl.load(k + sub2[:, None] * K + kk[None, :], mask=row_ok2[:, None] & (kk[None, :] < K), other=0.0)
-            tq2 = (c + 1) * BT + t
-            b_q2 = tl.load(q + ((bos + tq2) * H + h)[:, None] * K + kk[None, :],
-                           mask=(tq2 < eos - bos)[:, None] & (kk[None, :] < K), other=0.0)
-            b_q2 = (b_q2.to(tl.float32) * scale).to(DT)
-            a2 = tl.dot(b_q2, tl.trans(b_k2.to(DT)), input_precision=PREC)
-            a2 = tl.where(t[:, None] >= (r // RP)[None, :], a2, 0.0)
-            b_z = (tl.dot(b_q2, tl.trans(b_k1.to(DT)), input_precision=PREC)
-                   - tl.dot(a2.to(DT), m.to(DT), input_precision=PREC))
-            b_k1 = b_k1.to(tl.float32) - tl.dot(tl.trans(m).to(DT), b_k2.to(DT), input_precision=PREC)
-            tl.store(k1 + base1[:, None] * K + kk[None, :], b_k1.to(k1.dtype.element_ty), mask=kk[None, :] < K)
-            tl.store(z + ((g * H + h) * BT + t)[:, None] * ROWS + r[None, :], b_z.to(z.dtype.element_ty))
-
-
 @device_function
-def fwd_tiles(k, w, ut, g, c, ok, bos, eos, h, r, kk, col, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
+def fwd_tiles(k, w, ut, g, c, bos, eos, h, r, kk, col, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
               V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr):
-    """Chunk c's (global chunk g's) rows, and its W, Ũ and Kᵀ for the forward pass; zeros where `ok` is False."""
+    """Chunk c's (global chunk g's) rows, and its W, Ũ and Kᵀ for the forward pass."""
     base = (g * H + h) * (BT * RP) + r
     sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
-    row_ok = row_ok & ok
-    b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=ok & (kk[None, :] < K), other=0.0)
-    b_ut = tl.load(ut + base[:, None] * V + col[None, :], mask=ok & (col[None, :] >= 0) & (col[None, :] < V),
-                   other=0.0)
+    b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
+    b_ut = tl.load(ut + base[:, None] * V + col[None, :], mask=(col[None, :] >= 0) & (col[None, :] < V), other=0.0)
     b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0)
     return base, b_w, b_ut, b_kt
 
 
 @kernel
-def state_fwd_kernel(k, w, w2, ut, u, hs, init, final, cu, chunk_off, length, UNIFORM: tl.constexpr,
+def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, length, UNIFORM: tl.constexpr,
                      H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DT: tl.constexpr,
-                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr, PAIRED: tl.constexpr):
+                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
     """Sequential pass over one sequence's chunks: S_end = S_start + Kᵀ(Ũ − W S_start).
 
     A for loop, so that Triton's pipeliner loads the tiles of the next chunks (num_stages − 1 ahead) while this one
     multiplies: with few sequences × heads the step's latency sets the time (kernels/benchmarks/state_passes.py).
-    PAIRED: two chunks a step (chunks 2i and 2i + 1), half the chain. The second chunk's U depends on the pair's
-    start state only through W₂' = W₂ − (W₂K₁ᵀ)W₁ and Ũ₂' = Ũ₂ − (W₂K₁ᵀ)Ũ₁ (pair_kernel: W₂' in w2 and Ũ₂' in
-    place of Ũ₂, at the second chunk's rows), so a step is still two dependent products:
-    [U₁; U₂] = [Ũ₁; Ũ₂'] − [W₁; W₂'] S, then S += K₁ᵀU₁ + K₂ᵀU₂.
     AUG: run the flow of the sequence instead, on the K+V columns [P | J] from [I | 0] with
     Ũ read as [0 | Ũ], and store only the final [P | J] (VA = K + V, else VA = V).
     """
@@ -309,33 +231,14 @@ def state_fwd_kernel(k, w, w2, ut, u, hs, init, final, cu, chunk_off, length, UN
     else:
         S = tl.full([BK, BV], 0.0, tl.float32)
     nc = (eos - bos + BT - 1) // BT
-    if PAIRED:
-        tl.static_assert(not AUG)  # the scan's flow passes run one chunk a step
-        for i in range((nc + 1) // 2):
-            c = 2 * i
-            ok2 = c + 1 < nc  # an odd count leaves the last chunk alone, its partner all zeros
-            base1, b_w1, b_ut1, b_kt1 = fwd_tiles(k, w, ut, g0 + c, c, True, bos, eos, h, r, kk, col,
-                                                  H, R, K, V, RP, BT)
-            base2, b_w2, b_ut2, b_kt2 = fwd_tiles(k, w2, ut, g0 + c + 1, c + 1, ok2, bos, eos, h, r, kk, col,
-                                                  H, R, K, V, RP, BT)
+    for c in range(nc):
+        base, b_w, b_ut, b_kt = fwd_tiles(k, w, ut, g0 + c, c, bos, eos, h, r, kk, col, H, R, K, V, RP, BT)
+        if not AUG:
             tl.store(hs + ((g0 + c) * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=kv_mask)
-            b_s = S.to(DT)
-            b_u1 = b_ut1.to(tl.float32) - tl.dot(b_w1.to(DT), b_s, input_precision=PREC)
-            b_u2 = b_ut2.to(tl.float32) - tl.dot(b_w2.to(DT), b_s, input_precision=PREC)
-            S += tl.dot(b_kt1.to(DT), b_u1.to(DT), input_precision=PREC)
-            tl.store(u + base1[:, None] * V + vv[None, :], b_u1.to(u.dtype.element_ty), mask=vv[None, :] < V)
-            tl.store(u + base2[:, None] * V + vv[None, :], b_u2.to(u.dtype.element_ty), mask=ok2 & (vv[None, :] < V))
-            tl.store(hs + ((g0 + c + 1) * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=ok2 & kv_mask)
-            S += tl.dot(b_kt2.to(DT), b_u2.to(DT), input_precision=PREC)
-    else:
-        for c in range(nc):
-            base, b_w, b_ut, b_kt = fwd_tiles(k, w, ut, g0 + c, c, True, bos, eos, h, r, kk, col, H, R, K, V, RP, BT)
-            if not AUG:
-                tl.store(hs + ((g0 + c) * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=kv_mask)
-            b_u = b_ut.to(tl.float32) - tl.dot(b_w.to(DT), S.to(DT), input_precision=PREC)
-            if not AUG:
-                tl.store(u + base[:, None] * V + vv[None, :], b_u.to(u.dtype.element_ty), mask=vv[None, :] < V)
-            S += tl.dot(b_kt.to(DT), b_u.to(DT), input_precision=PREC)
+        b_u = b_ut.to(tl.float32) - tl.dot(b_w.to(DT), S.to(DT), input_precision=PREC)
+        if not AUG:
+            tl.store(u + base[:, None] * V + vv[None, :], b_u.to(u.dtype.element_ty), mask=vv[None, :] < V)
+        S += tl.dot(b_kt.to(DT), b_u.to(DT), input_precision=PREC)
     if STORE_FINAL:
         tl.store(final + state + kv, S, mask=kv_mask)
 
@@ -370,15 +273,13 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, length, UNIFORM: tl.cons
 
 
 @device_function
-def bwd_tiles(q, k, w, do, scale, g, c, ok, bos, eos, h, r, t, kk, col, H: tl.constexpr, R: tl.constexpr,
+def bwd_tiles(q, k, w, do, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.constexpr, R: tl.constexpr,
               K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr,
               PREC: tl.constexpr):
-    """Chunk c's (global chunk g's) rows, scale·Q, Kᵀ, dOᵀ, W and Aᵀ = (scale·QKᵀ ⊙ causal) for the reverse pass;
-    zeros where `ok` is False."""
+    """Chunk c's (global chunk g's) rows, scale·Q, Kᵀ, dOᵀ, W and Aᵀ = (scale·QKᵀ ⊙ causal) for the reverse pass."""
     tq = c * BT + t
-    q_ok = (tq < eos - bos) & ok
+    q_ok = tq < eos - bos
     sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
-    row_ok = row_ok & ok
     b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K),
                   other=0.0).to(DT)
     b_q = (b_q.to(tl.float32) * scale).to(DT)
@@ -386,27 +287,23 @@ def bwd_tiles(q, k, w, do, scale, g, c, ok, bos, eos, h, r, t, kk, col, H: tl.co
     b_dot = tl.load(do + ((bos + tq) * H + h)[None, :] * V + col[:, None],
                     mask=q_ok[None, :] & (col[:, None] >= 0) & (col[:, None] < V), other=0.0).to(DT)
     base = (g * H + h) * (BT * RP) + r
-    b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=ok & (kk[None, :] < K), other=0.0).to(DT)
+    b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
     at_t = tl.dot(b_q, b_kt, input_precision=PREC)
     at_t = tl.where(t[:, None] >= (r // RP)[None, :], at_t, 0.0).to(DT)
     return base, b_q, b_kt, b_dot, b_w, at_t
 
 
 @kernel
-def state_bwd_kernel(q, k, k1, z, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, length, UNIFORM: tl.constexpr,
+def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, length, UNIFORM: tl.constexpr,
                      H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr,
-                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr, PAIRED: tl.constexpr):
+                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
     """Reverse pass: dU = scale (QKᵀ⊙causal)ᵀ dO + K dS_end, dS_start = dS_end + scale Qᵀ dO − Wᵀ dU.
 
     It carries the transposed state, dUᵀ = dOᵀ Aᵀ + dSᵀ Kᵀ and dSᵀ ← dSᵀ + dOᵀ Q − dUᵀ W, so that the chain's
     operands dSᵀ and dUᵀ come first in their products, which Hopper's wgmma reads from registers; as second
     operands each step would write them to shared memory and wait (NOTES.md v11: 3.1 → 2.6 µs per step).
-    PAIRED: two chunks a step (2i and 2i + 1, the later first), half the chain. With A = scale·QKᵀ ⊙ causal and
-    M = W₂K₁ᵀ, the first chunk's dU depends on the pair's end state dS only through dU₁ᵀ = dO₁ᵀA₁ + dO₂ᵀZ + dSᵀK₁'ᵀ,
-    where Z = scale·Q₂K₁ᵀ − A₂M and K₁' = K₁ − MᵀK₂ (pair_kernel: in z and k1 at the first chunk's rows); then
-    dSᵀ += dO₂ᵀQ₂ + dO₁ᵀQ₁ − dU₂ᵀW₂ − dU₁ᵀW₁.
     AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with dO
     read as [0 | dO]; only the result is stored (VA = K + V, else VA = V).
     """
@@ -429,41 +326,16 @@ def state_bwd_kernel(q, k, k1, z, w, do, du, dhs, dfinal, dinit, scale, cu, chun
     else:
         dSt = tl.full([BV, BK], 0.0, tl.float32)
     nc = (eos - bos + BT - 1) // BT
-    if PAIRED:
-        tl.static_assert(not AUG)  # the scan's flow passes run one chunk a step
-        for i in range((nc + 1) // 2):  # a for loop for the pipeliner, as in state_fwd_kernel
-            c = 2 * ((nc + 1) // 2 - 1 - i)
-            ok2 = c + 1 < nc  # an odd count leaves the last chunk alone, its partner all zeros
-            base2, b_q2, b_kt2, b_dot2, b_w2, at_t2 = bwd_tiles(q, k, w, do, scale, g0 + c + 1, c + 1, ok2, bos, eos,
-                                                                h, r, t, kk, col, H, R, K, V, RP, BT, DT, PREC)
-            base1, b_q1, b_kt1, b_dot1, b_w1, at_t1 = bwd_tiles(q, k, w, do, scale, g0 + c, c, True, bos, eos, h,
-                                                                r, t, kk, col, H, R, K, V, RP, BT, DT, PREC)
-            b_k1t = tl.load(k1 + base1[None, :] * K + kk[:, None], mask=kk[:, None] < K, other=0.0).to(DT)
-            b_z = tl.load(z + ((g0 + c) * H + h) * BT * (BT * RP) + t[:, None] * (BT * RP) + r[None, :]).to(DT)
-            b_g2 = tl.dot(b_dot2, at_t2, input_precision=PREC)
-            b_g1 = tl.dot(b_dot1, at_t1, input_precision=PREC) + tl.dot(b_dot2, b_z, input_precision=PREC)
-            tl.store(dhs + ((g0 + c + 1) * H + h) * K * V + vk, dSt.to(dhs.dtype.element_ty), mask=ok2 & vk_mask)
-            b_ds = dSt.to(DT)
-            b_dut2 = b_g2 + tl.dot(b_ds, b_kt2, input_precision=PREC)
-            b_dut1 = b_g1 + tl.dot(b_ds, b_k1t, input_precision=PREC)
-            dSt += tl.dot(b_dot2, b_q2, input_precision=PREC) - tl.dot(b_dut2.to(DT), b_w2, input_precision=PREC)
-            tl.store(du + base2[None, :] * V + vv[:, None], b_dut2.to(du.dtype.element_ty),
-                     mask=ok2 & (vv[:, None] < V))
-            tl.store(du + base1[None, :] * V + vv[:, None], b_dut1.to(du.dtype.element_ty), mask=vv[:, None] < V)
+    for i in range(nc):
+        c = nc - 1 - i
+        base, b_q, b_kt, b_dot, b_w, at_t = bwd_tiles(q, k, w, do, scale, g0 + c, c, bos, eos, h, r, t, kk, col,
+                                                      H, R, K, V, RP, BT, DT, PREC)
+        if not AUG:
             tl.store(dhs + ((g0 + c) * H + h) * K * V + vk, dSt.to(dhs.dtype.element_ty), mask=vk_mask)
-            dSt += tl.dot(b_dot1, b_q1, input_precision=PREC) - tl.dot(b_dut1.to(DT), b_w1, input_precision=PREC)
-    else:
-        for i in range(nc):
-            c = nc - 1 - i
-            base, b_q, b_kt, b_dot, b_w, at_t = bwd_tiles(q, k, w, do, scale, g0 + c, c, True, bos, eos, h, r, t,
-                                                          kk, col, H, R, K, V, RP, BT, DT, PREC)
-            if not AUG:
-                tl.store(dhs + ((g0 + c) * H + h) * K * V + vk, dSt.to(dhs.dtype.element_ty), mask=vk_mask)
-            b_dut = tl.dot(b_dot, at_t, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
-            if not AUG:
-                tl.store(du + base[None, :] * V + vv[:, None], b_dut.to(du.dtype.element_ty), mask=vv[:, None] < V)
-            dSt += (tl.dot(b_dot, b_q, input_precision=PREC)
-                    - tl.dot(b_dut.to(DT), b_w, input_precision=PREC))
+        b_dut = tl.dot(b_dot, at_t, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
+        if not AUG:
+            tl.store(du + base[None, :] * V + vv[:, None], b_dut.to(du.dtype.element_ty), mask=vv[:, None] < V)
+        dSt += tl.dot(b_dot, b_q, input_precision=PREC) - tl.dot(b_dut.to(DT), b_w, input_precision=PREC)
     if STORE_DINIT:
         tl.store(dinit + state + vk, dSt, mask=vk_mask)
 
@@ -747,50 +619,22 @@ def _prep(k, v, beta, plan):
     return tinv, w, ut
 
 
-def _pair_kernel(q, k, w, ut, w2, k1, z, scale, plan):
-    _, H, R, K = k.shape
-    V = ut.shape[-1] if w2 is not None else 0
-    pair_kernel[(plan.nc, H)](q, k, w, ut, w2, k1, z, scale, *plan.chunks, H, R, K, V, plan.rp, plan.bt, pow2(K),
-                              min(pow2(V), 64), dot_dtype(k.dtype), dot_precision(k.dtype), w2 is not None,
-                              **launch("pair", K, k.dtype))
+def _pass_name(name, aug, bv):
+    """The launch-table name of pass `name` as run: the scan's flows (aug), V blocks narrowed to 32
+    (Plan.pass_block_v), or plain."""
+    return name + ("_aug" if aug else "_narrow" if bv == 32 else "")
 
 
-def _forward_pairs(k, w, ut, plan):
-    """W₂' for a forward pass at two chunks a step (Ũ₂' written into ut), or None where it keeps one."""
-    _, H, R, K = k.shape
-    if not pairs("state_fwd", K, k.dtype, R):
-        return None
-    w2 = torch.empty_like(w)
-    _pair_kernel(None, k, w, ut, w2, None, None, 1.0, plan)
-    return w2
-
-
-def _reverse_pairs(q, k, w, scale, plan):
-    """(K₁', Z) for a reverse pass at two chunks a step, or (None, None) where it keeps one."""
-    _, H, R, K = k.shape
-    if not pairs("state_bwd", K, k.dtype, R):
-        return None, None
-    k1, z = torch.empty_like(w), q.new_empty(plan.nc, H, plan.bt, ROWS)
-    _pair_kernel(q, k, w, None, None, k1, z, scale, plan)
-    return k1, z
-
-
-def _pass_name(name, aug, paired, bv):
-    """The launch-table name of pass `name` as run: the scan's flows (aug), two chunks a step (paired), V blocks
-    narrowed to 32 (Plan.pass_block_v), or plain."""
-    return name + ("_aug" if aug else "_paired" if paired else "_narrow" if bv == 32 else "")
-
-
-def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None, w2=None):
-    """The forward pass over chunks (two a step when given w2, pair_kernel's W₂')."""
+def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
+    """The forward pass over chunks."""
     _, H, R, K = k.shape
     V = ut.shape[-1]
     va = K + V if aug else V
     bk, bv = pow2(K), plan.pass_block_v(H, K, va, aug)
     state_fwd_kernel[(plan.n, H, cdiv(va, bv))](
-        k, w, w2, ut, u, hs, init, final, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, w2 is not None,
-        **launch(_pass_name("state_fwd", aug, w2 is not None, bv), K, k.dtype, R))
+        k, w, ut, u, hs, init, final, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
+        init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
+        **launch(_pass_name("state_fwd", aug, bv), K, k.dtype, R))
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
@@ -812,7 +656,7 @@ def _states(k, w, ut, initial_state, plan, output_final_state, scan):
     hs = k.new_empty(plan.nc, H, K, V)
     final = k.new_empty(plan.n, H, K, V, dtype=torch.float32) if output_final_state else None
     if not plan.use_scan(H, K, V, scan):
-        _state_pass(k, w, ut, initial_state, plan, final, False, u, hs, _forward_pairs(k, w, ut, plan))
+        _state_pass(k, w, ut, initial_state, plan, final, False, u, hs)
         return u, hs, final
     seg, seg_off = plan.segments()
     flows = k.new_empty(seg.n, H, K, K + V, dtype=torch.float32)
@@ -841,16 +685,16 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     return o, final, (tinv, w, u, hs)
 
 
-def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None, k1=None, z=None):
-    """The reverse pass over chunks (two a step when given pair_kernel's K₁' and Z)."""
+def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None):
+    """The reverse pass over chunks."""
     _, H, R, K = k.shape
     V = do.shape[-1]
     va = K + V if aug else V
     bk, bv = pow2(K), plan.pass_block_v(H, K, va, aug)
     state_bwd_kernel[(plan.n, H, cdiv(va, bv))](
-        q, k, k1, z, w, do, du, dhs, dfinal, dinit, scale, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, k1 is not None,
-        **launch(_pass_name("state_bwd", aug, k1 is not None, bv), K, k.dtype, R))
+        q, k, w, do, du, dhs, dfinal, dinit, scale, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
+        dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
+        **launch(_pass_name("state_bwd", aug, bv), K, k.dtype, R))
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):
@@ -871,7 +715,7 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
         _combine(flows, dfinal, ends, dinit, seg_off, plan.n, True)
         _reverse_pass(q, k, w, do, scale, ends, seg, None, False, du, dhs)
     else:
-        _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, du, dhs, *_reverse_pairs(q, k, w, scale, plan))
+        _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, du, dhs)
     dw = torch.empty_like(w)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)

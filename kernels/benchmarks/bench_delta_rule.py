@@ -202,9 +202,7 @@ def main():
     ap.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))))
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     ap.add_argument("--profile", action="store_true", help="print per-kernel GPU times of one fwd+bwd")
-    ap.add_argument("--paired", action="store_true", help="our state passes two chunks a step (chunk.PAIRED_PASSES)")
     args = ap.parse_args()
-    chunk.PAIRED_PASSES = chunk.PAIRED_PASSES or args.paired
     rows = []
     for i in (int(s) for s in args.shapes.split(",")):
         B, T, H, D = SHAPES[i]
@@ -261,8 +259,7 @@ def write_results(rows, path, solvers=""):
                 f"flash-linear-attention {getattr(fla, '__version__', 'not installed')}, python {platform.python_version()}")
     text = (f"# delta_rule benchmark\n\nDevice: {torch.cuda.get_device_name()}. {versions}. bf16 inputs, times in ms "
             "(triton.testing.do_bench medians; decode steps in µs), memory = peak MiB of one forward+backward above "
-            "the inputs, error = max relative error of o, dq, dk, dv, dbeta vs a float64 reference. Our state passes "
-            f"step over {'two chunks' if chunk.PAIRED_PASSES else 'one chunk'} at a time.\n\n"
+            "the inputs, error = max relative error of o, dq, dk, dv, dbeta vs a float64 reference.\n\n"
             + "\n".join(lines) + "\n")
     Path(path).write_text(text + solvers)
 

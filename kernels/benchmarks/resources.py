@@ -7,7 +7,7 @@ loop (a sequential pass's step) by opcode group: a static measure of the work a 
 value width D in {64, 128}, bf16, rank R (default 1), with its launch settings (chunk.LAUNCH, recurrent.LAUNCH) and
 with 8 warps. Prints a markdown table; nothing runs, so it needs no device time.
 
-    python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--rank 1] [--paired]
+    python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--rank 1]
                                             [--kernels grad_wy,prep]
 """
 
@@ -29,7 +29,7 @@ from flowhn_kernels.utils import pow2
 
 STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
 INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
-KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "pair_fwd", "pair_bwd",
+KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "state_fwd_narrow", "state_bwd_narrow",
            "state_fwd_aug", "state_bwd_aug", "combine", "recurrent")
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,33 +45,25 @@ def constexprs(name, D, dtype, R):
                   PREC="tf32x3" if dtype == "fp32" else "tf32")  # UNIFORM: a batch, as training runs them
     return {
         "prep": dict(common, BK=bk, BV=bv),
-        "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D,
-                          PAIRED=paired("state_fwd", D, dtype, R)),
+        "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
         "output": dict(common, BK=pow2(D), BV=min(pow2(D), 64)),
-        "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D,
-                          PAIRED=paired("state_bwd", D, dtype, R)),
+        "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D),
+        "state_fwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
+        "state_bwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_DFINAL=False, STORE_DINIT=False, AUG=False,
+                                 VA=D),
         "grad_state": dict(common, BK=g, BV=g),
-        "state_fwd_aug": dict(common, BK=bka, BV=bva, HAS_INIT=False, STORE_FINAL=True, AUG=True, VA=2 * D,
-                              PAIRED=False),
-        "state_bwd_aug": dict(common, BK=bka, BV=bva, HAS_DFINAL=False, STORE_DINIT=True, AUG=True, VA=2 * D,
-                              PAIRED=False),
+        "state_fwd_aug": dict(common, BK=bka, BV=bva, HAS_INIT=False, STORE_FINAL=True, AUG=True, VA=2 * D),
+        "state_bwd_aug": dict(common, BK=bka, BV=bva, HAS_DFINAL=False, STORE_DINIT=True, AUG=True, VA=2 * D),
         "combine": dict(H=16, K=D, V=D, BK=bk, BV=bv, KB=min(bk, 32), HAS_X0=True, STORE_OUT=True, REVERSE=False),
-        "pair_fwd": dict(common, BK=pow2(D), BV=min(pow2(D), 64), FORWARD=True),
-        "pair_bwd": dict(common, BK=pow2(D), BV=min(pow2(D), 64), FORWARD=False),
         "recurrent": dict(common, BK=rk, BV=rv, HAS_INIT=True, STORE_FINAL=True),
         "grad_wy": dict(common, BK=g, BV=g, LOW=DTYPES[dtype] if chunk.WY_TRANSPOSE_16BIT else tl.float32,
                         CD=DTYPES[dtype] if chunk.WY_CANCELLING_16BIT else tl.float32),
     }[name]
 
 
-def paired(name, D, dtype, R):
-    """Whether delta_rule runs this row's pass at two chunks a step (chunk.pairs; --paired turns them on)."""
-    return name in ("state_fwd", "state_bwd") and chunk.pairs(name, D, TORCH_DTYPES[dtype], R)
-
-
 def kernel_name(name):
-    """The kernel behind a row: the scan's passes (_aug) and pair_kernel's two modes share theirs."""
-    return "pair" if name.startswith("pair_") else name.removesuffix("_aug")
+    """The kernel behind a row: the scan's passes (_aug) and the narrow ones share the passes' kernels."""
+    return name.removesuffix("_aug").removesuffix("_narrow")
 
 
 def report(name, D, dtype, R, launch) -> dict:
@@ -151,10 +143,8 @@ def main():
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--rank", type=int, default=1)
-    parser.add_argument("--paired", action="store_true", help="the state passes two chunks a step")
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset")
     args = parser.parse_args()
-    chunk.PAIRED_PASSES = chunk.PAIRED_PASSES or args.paired
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = {args.rank}\n")
     print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB | SASS instructions "
           "| main loop: instructions (integer / global / shared / local / HGMMA) |")
@@ -162,8 +152,7 @@ def main():
     dtype = TORCH_DTYPES[args.dtype]
     for D in (int(d) for d in args.dims.split(",")):
         for name in args.kernels.split(","):
-            launch_name = name + "_paired" if paired(name, D, args.dtype, args.rank) else name
-            own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(launch_name, D, dtype, args.rank)
+            own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(name, D, dtype, args.rank)
             tuned = {"num_warps": 4, "num_stages": 3, **own}
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, args.rank, launch)

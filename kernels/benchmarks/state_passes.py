@@ -5,9 +5,8 @@ sequence and head, and their step latency, not the arithmetic, sets the time. Fo
 - the GPU time of every kernel of one fwd+bwd (delta_rule, R = 1, bf16, scan chosen as delta_rule chooses);
 - the forward and the reverse pass alone (scan off) under each V block width, warp count and pipeline depth, with
   the time per chunk step and the largest relative difference of their outputs (u, hs; du, dhs) to the committed
-  settings' (chunk.LAUNCH, chunk.LAUNCH_RANKS at its ranks), each variant in a process of its own. A variant
-  "P:..." steps the passes over two chunks at a time where chunk.pairs allows it (the time per step is then per
-  chunk).
+  settings' (chunk.LAUNCH, chunk.LAUNCH_RANKS at its ranks, V blocks as Plan.pass_block_v chooses), each variant in
+  a process of its own.
 
     python kernels/benchmarks/state_passes.py [--shapes 4,3,1] [--variants 64:4:3,64:8:3] [--rank 1] [--no-profile]
                                               [--scan-heads 16,8,4,2,1]
@@ -57,16 +56,12 @@ def pass_inputs(B, T, H, D, R=1, dev="cuda"):
 
 
 def run_passes(q, k, w, ut, do, plan):
-    """(u, hs, du, dhs) and the ms of the forward and the reverse pass, each as delta_rule runs it: at two chunks a
-    step where chunk.pairs says so, pair_kernel's launch then timed with the pass."""
+    """(u, hs, du, dhs) and the ms of the forward and the reverse pass, each as delta_rule runs it."""
     scale = q.shape[-1] ** -0.5
-    ut = ut.clone()  # a paired forward rewrites Ũ in place; repeated in the timing loop, only its values drift
     u, hs = torch.empty_like(ut), q.new_empty(plan.nc, q.shape[1], q.shape[2], ut.shape[-1])
     du, dhs = torch.empty_like(ut), torch.empty_like(hs)
-    fwd = lambda: chunk._state_pass(k, w, ut, None, plan, None, False, u, hs,  # noqa: E731
-                                    chunk._forward_pairs(k, w, ut, plan))
-    bwd = lambda: chunk._reverse_pass(q, k, w, do, scale, None, plan, None, False, du, dhs,  # noqa: E731
-                                      *chunk._reverse_pairs(q, k, w, scale, plan))
+    fwd = lambda: chunk._state_pass(k, w, ut, None, plan, None, False, u, hs)  # noqa: E731
+    bwd = lambda: chunk._reverse_pass(q, k, w, do, scale, None, plan, None, False, du, dhs)  # noqa: E731
     fwd()
     bwd()
     outputs = tuple(x.clone() for x in (u, hs, du, dhs))
@@ -78,20 +73,16 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-# [P:]BV:warps:stages of the two passes; the risky ones last (BV = 32 hits a Triton 3.6 miscompile with 16-bit
-# operands)
-VARIANTS = ("64:4:1", "64:4:2", "64:4:3", "64:4:4", "64:8:2", "64:8:3", "64:8:4", "P:64:4:2", "P:64:4:3", "P:64:8:2",
-            "P:64:8:3", "128:8:2", "32:4:3")
+# BV:warps:stages of the two passes; the risky ones last (BV = 16 hits a Triton 3.6 miscompile with 16-bit operands)
+VARIANTS = ("64:4:1", "64:4:2", "64:4:3", "64:4:4", "64:8:2", "64:8:3", "64:8:4", "128:8:2", "32:4:3", "32:4:4",
+            "32:8:4")
 
 
 def set_variant(variant):
-    """Run chunk's two passes at "BV:warps:stages" (V block width, num_warps, num_stages); a leading "P:" steps
-    them over two chunks at a time."""
-    bv, warps, stages = (int(x) for x in variant.removeprefix("P:").split(":"))
+    """Run chunk's two passes at "BV:warps:stages" (V block width, num_warps, num_stages)."""
+    bv, warps, stages = (int(x) for x in variant.split(":"))
     chunk.Plan.pass_block_v = lambda plan, heads, K, va, aug: min(pow2(va), bv)
-    chunk.PAIRED_PASSES = variant.startswith("P:")
-    for name in ("state_fwd", "state_bwd", "state_fwd_narrow", "state_bwd_narrow", "state_fwd_paired",
-                 "state_bwd_paired"):
+    for name in ("state_fwd", "state_bwd", "state_fwd_narrow", "state_bwd_narrow"):
         for width in (64, 128, 256):
             chunk.LAUNCH[(name, width)] = dict(num_warps=warps, num_stages=stages)
             for rank in (2, 3, 4):
@@ -114,7 +105,7 @@ def scan_crossover(heads, T=16384, D=128):
 
 def child(variant, shapes, R=1, dev="cuda"):
     """One variant at every shape, against the committed kernels: prints one JSON line per shape."""
-    blocks, paired = chunk.Plan.pass_block_v, chunk.PAIRED_PASSES
+    blocks = chunk.Plan.pass_block_v
     tables = [(table, dict(table)) for table in (chunk.LAUNCH, chunk.LAUNCH_RANKS)]
     for i in shapes:
         xs = pass_inputs(*SHAPES[i], R, dev=dev)
@@ -123,7 +114,7 @@ def child(variant, shapes, R=1, dev="cuda"):
         try:
             got, fwd, bwd = run_passes(*xs)
         finally:
-            chunk.Plan.pass_block_v, chunk.PAIRED_PASSES = blocks, paired
+            chunk.Plan.pass_block_v = blocks
             for table, saved in tables:
                 table.clear()
                 table.update(saved)
