@@ -211,9 +211,11 @@ def test_wide_heads_compiled(monkeypatch, dtype, K, V, R, scan):
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
-    """The state passes at V blocks of 32 (Plan.pass_block_v, chosen where the GPU has SMs to spare) give the
-    gradients the 64-wide blocks give, at ranks 1 and 2, a batch and packed documents."""
+    """The state passes at V blocks of 32 (Plan.pass_block_v, chosen where the GPU has SMs to spare, at K blocks of
+    128 only) against float64, at ranks 1 and 2, a batch and packed documents."""
     monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
+    plan = fk.chunk.make_plan(2, 70, 1, torch.device(triton_env))
+    assert plan.pass_block_v(1, 100, 48, False) == 32 and plan.pass_block_v(1, 64, 64, False) == 64
     for R in (1, 2):
         xs = make_inputs(2, 70, 1, R, 100, 48, dtype=torch.bfloat16, device=triton_env)
         check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16])
