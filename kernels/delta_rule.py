@@ -23,8 +23,8 @@ MAX_DIM = 256
 # The widest K and V the compiled kernels take, by input dtype; delta_rule runs wider heads through the PyTorch
 # reference on the GPU (the interpreter runs the kernels up to MAX_DIM). Compiled for Hopper (resources.py --dims 256,
 # read on the CPU), 16-bit tiles of 256 fit a block's 227 KB of shared memory without spills at chunk.LAUNCH's D = 256
-# entries; fp32 tiles spill 1-4 KB a thread and the reverse pass needs 384 KB. 16-bit heads of 256 stay at 128 here
-# until test_wide_heads_compiled has passed on a GPU (Triton 3.6 has miscompiled V blocks of 32 on Hopper before).
+# entries; fp32 tiles spill 1-4 KB a thread and the reverse pass needs 384 KB. 16-bit heads of 256 stay at 128 here:
+# test_wide_heads_compiled failed on the H200 at every K = 256 case (2026-12-05, kernels/benchmarks/NOTES.md v14).
 GPU_KERNEL_MAX_DIM = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 128}
 # without gradients, sequences up to this long run the recurrent kernel (decoding, short prefill)
 RECURRENT_MAX_LEN = 16
