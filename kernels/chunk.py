@@ -601,9 +601,10 @@ def sm_count(device):
 
 def _blocks(K, V):
     # V blocks of 16 or 32 in these many-dot kernels hit a Triton 3.6 miscompile on Hopper with 16-bit
-    # operands (wrong results, illegal addresses; seen on the H200, 2026-12-01), so the GPU keeps 64
-    # (K = 256, whose 32 only the interpreter runs, is refused there). The state passes alone run 32 on the GPU
-    # (Plan.pass_block_v), where they give the 64-wide passes' outputs bit for bit.
+    # operands (wrong results, illegal addresses; seen on the H200, 2026-12-01), so the GPU keeps 64. At K = 256
+    # the passes and combine do not fit 64 and take 32 (their GPU test failed, so delta_rule keeps those heads off
+    # the GPU kernels). At K = 128 the passes run 32 where the GPU has SMs to spare (Plan.pass_block_v), bit for bit
+    # the 64-wide passes' outputs.
     bk = pow2(K)
     return bk, min(pow2(V), 64 if bk <= 128 else 32)
 
@@ -612,7 +613,9 @@ def _prep(k, v, beta, plan):
     """The UT transform of every chunk: T, W and Ũ."""
     _, H, R, K = k.shape
     V = v.shape[-1]
-    bk, bv = _blocks(K, V)
+    # V blocks of 64 at every K: prep fits them at K = 256 too (no spills, 48 KB; resources.py --dims 256), where
+    # _blocks' 32 would put it among the kernels that Triton 3.6 has miscompiled at 32
+    bk, bv = pow2(K), min(pow2(V), 64)
     tinv = k.new_empty(plan.nc, H, ROWS, ROWS, dtype=torch.float32)
     w = k.new_empty(plan.nc, H, ROWS, K)
     ut = v.new_empty(plan.nc, H, ROWS, V)

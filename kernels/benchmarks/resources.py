@@ -44,7 +44,7 @@ def constexprs(name, D, dtype, R):
     common = dict(UNIFORM=True, H=16, R=R, K=D, V=D, RP=pow2(R, 1), BT=chunk.tokens_per_chunk(R), DT=DTYPES[dtype],
                   PREC="tf32x3" if dtype == "fp32" else "tf32")  # UNIFORM: a batch, as training runs them
     return {
-        "prep": dict(common, BK=bk, BV=bv),
+        "prep": dict(common, BK=pow2(D), BV=min(pow2(D), 64)),
         "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
         "output": dict(common, BK=pow2(D), BV=min(pow2(D), 64)),
         "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D),
