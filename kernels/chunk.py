@@ -55,8 +55,8 @@ LAUNCH = {
     ("state_fwd_aug", 128): dict(num_warps=8),
     ("state_bwd_aug", 128): dict(num_warps=8),
     ("combine", 128): dict(num_warps=8),
-    # D = 256, read on the CPU only (resources.py --dims 256; GPU_KERNEL_MAX_DIM keeps these heads off the GPU until
-    # they have run there): the reverse passes need 248-260 KB of shared memory at 3 stages, 128 KB at one
+    # D = 256, read on the CPU (resources.py --dims 256): the reverse passes need 248-260 KB of shared memory at 3
+    # stages, 128 KB at one. GPU_KERNEL_MAX_DIM keeps these heads off the GPU: their GPU test failed (NOTES.md v14)
     ("state_bwd", 256): dict(num_warps=8, num_stages=1),
     ("state_bwd_aug", 256): dict(num_warps=8, num_stages=1),
     ("combine", 256): dict(num_warps=8),
@@ -594,6 +594,7 @@ class Plan:
         return 32
 
 
+@functools.cache
 def sm_count(device):
     """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter), where no pass narrows."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
@@ -624,10 +625,14 @@ def _prep(k, v, beta, plan):
     return tinv, w, ut
 
 
-def _pass_name(name, aug, bv):
-    """The launch-table name of pass `name` as run: the scan's flows (aug), V blocks narrowed to 32
-    (Plan.pass_block_v), or plain."""
-    return name + ("_aug" if aug else "_narrow" if bv == 32 else "")
+def _pass_launch(name, k, va, aug, plan):
+    """(BK, BV, launch keywords) of state pass `name` over va columns. The launch-table name carries "_aug" for the
+    scan's flows and "_narrow" where Plan.pass_block_v narrowed the V blocks below _blocks' (at K = 256 both are
+    32, and the plain entries hold)."""
+    _, H, R, K = k.shape
+    bv = plan.pass_block_v(H, K, va, aug)
+    suffix = "_aug" if aug else "_narrow" if bv < _blocks(K, va)[1] else ""
+    return pow2(K), bv, launch(name + suffix, K, k.dtype, R)
 
 
 def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
@@ -635,11 +640,10 @@ def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
     _, H, R, K = k.shape
     V = ut.shape[-1]
     va = K + V if aug else V
-    bk, bv = pow2(K), plan.pass_block_v(H, K, va, aug)
+    bk, bv, pass_launch = _pass_launch("state_fwd", k, va, aug, plan)
     state_fwd_kernel[(plan.n, H, cdiv(va, bv))](
         k, w, ut, u, hs, init, final, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
-        **launch(_pass_name("state_fwd", aug, bv), K, k.dtype, R))
+        init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, **pass_launch)
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
@@ -695,11 +699,10 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
     _, H, R, K = k.shape
     V = do.shape[-1]
     va = K + V if aug else V
-    bk, bv = pow2(K), plan.pass_block_v(H, K, va, aug)
+    bk, bv, pass_launch = _pass_launch("state_bwd", k, va, aug, plan)
     state_bwd_kernel[(plan.n, H, cdiv(va, bv))](
         q, k, w, do, du, dhs, dfinal, dinit, scale, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
-        **launch(_pass_name("state_bwd", aug, bv), K, k.dtype, R))
+        dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, **pass_launch)
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):

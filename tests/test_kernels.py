@@ -185,7 +185,7 @@ def alike_keys_inputs(R, dtype, device):
 @pytest.mark.parametrize("K,V,R", [(256, 96, 1), (100, 256, 4)])
 def test_chunked_wide_and_odd_head_dims(triton_env, K, V, R):
     """K and V up to 256, not powers of two, R = 4: the kernels in the interpreter; on the GPU the
-    reference above GPU_KERNEL_MAX_DIM (fp32 here), where the compiled kernels refuse clearly."""
+    reference above GPU_KERNEL_MAX_DIM, where the compiled kernels refuse clearly."""
     xs = make_inputs(1, 40, 1, R, K, V, device=triton_env)
     check_against_naive(fk.delta_rule, xs, TOL[torch.float32])
     if triton_env == "cuda":
@@ -200,8 +200,9 @@ def test_chunked_wide_and_odd_head_dims(triton_env, K, V, R):
 def test_wide_heads_compiled(monkeypatch, dtype, K, V, R, scan):
     """The compiled kernels at heads up to 256 with 16-bit inputs (chunk.LAUNCH's D = 256 entries), sequential passes
     and the scan, a batch and packed documents, lengths off the chunk grid. delta_rule gives these heads to the
-    reference until this passes on a GPU: then raise GPU_KERNEL_MAX_DIM to 256 for float16 and bfloat16."""
-    monkeypatch.setitem(delta_rule_module.GPU_KERNEL_MAX_DIM, dtype, 256)
+    reference until this passes on a GPU: then raise GPU_KERNEL_MAX_DIM to 256 for float16 and bfloat16 (fp32
+    tiles of 256 do not fit)."""
+    monkeypatch.setattr(delta_rule_module, "GPU_KERNEL_MAX_DIM", 256)
     fn = functools.partial(chunk_delta_rule, scan=scan)
     check_against_naive(fn, make_inputs(2, 333, 2, R, K, V, dtype=dtype, device="cuda"), TOL[dtype])
     cu = torch.tensor([0, 1, 150, 333], device="cuda")
@@ -216,6 +217,11 @@ def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
     monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
     plan = fk.chunk.make_plan(2, 70, 1, torch.device(triton_env))
     assert plan.pass_block_v(1, 100, 48, False) == 32 and plan.pass_block_v(1, 64, 64, False) == 64
+    # K = 256 runs 32 anyway (_blocks): not narrowed, so the passes keep their D = 256 launch entries
+    k = torch.empty(140, 1, 1, 256, dtype=torch.bfloat16)
+    wide, narrow = (fk.chunk._pass_launch("state_bwd", k[..., :K], V, False, plan) for K, V in ((256, 96), (100, 48)))
+    assert wide == (256, 32, fk.chunk.launch("state_bwd", 256, k.dtype))
+    assert narrow == (128, 32, fk.chunk.LAUNCH["state_bwd_narrow", 128])
     for R in (1, 2):
         xs = make_inputs(2, 70, 1, R, 100, 48, dtype=torch.bfloat16, device=triton_env)
         check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16])

@@ -57,14 +57,15 @@ def time_fwd_bwd(fn, xs, graph=False):
     """Median ms of one forward+backward; `graph`: replayed from a CUDA graph, the GPU's time without the host's."""
     do = torch.randn_like(fn(*xs)[0])
 
-    def step():
-        for x in xs:  # fresh gradients each step: accumulating into old ones would add a kernel per input
-            x.grad = None
+    def step(fresh_grads=False):
+        if fresh_grads:  # the capture allocates them, and replays overwrite them instead of adding a kernel per input
+            for x in xs:
+                x.grad = None
         fn(*xs)[0].backward(do)
 
     if graph:
-        return replayed_ms(step, f"fwd+bwd of {getattr(fn, '__name__', fn)}")
-    return do_bench(step, warmup=25, rep=100, return_mode="median")
+        return replayed_ms(lambda: step(fresh_grads=True), f"fwd+bwd of {getattr(fn, '__name__', fn)}")
+    return do_bench(step, warmup=25, rep=100, grad_to_none=xs, return_mode="median")
 
 
 def replayed_ms(step, label):
