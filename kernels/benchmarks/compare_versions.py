@@ -1,0 +1,70 @@
+"""Two versions of the kernels timed against each other in one run on one GPU: before and after a change.
+
+Each version is a folder in which `import flowhn_kernels` finds that version (e.g. an old commit's kernels/ linked as
+OLD/flowhn_kernels). Each runs in a process of its own, the versions alternating shape by shape, so that both meet
+the same GPU clocks. Per anchor shape it prints delta_rule's fwd+bwd at R = 1 (eager and replayed from a CUDA graph)
+and at R = 2, the peak memory and the largest bf16 error against float64 (bench_delta_rule.py's measures), then the
+ratios old / new.
+
+    python kernels/benchmarks/compare_versions.py --versions old=/tmp/old,new=/tmp/new [--shapes 4,3,1,2,0]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+MEASURES = ("fwd+bwd", "fwd+bwd graph", "R=2 fwd+bwd", "mem MiB", "max rel err")
+
+
+def measure(shape_index):
+    """One shape's measures for the flowhn_kernels this process imports."""
+    from bench_delta_rule import SHAPES, accuracy, inputs, ours, peak_mib, time_fwd_bwd
+
+    B, T, H, D = SHAPES[shape_index]
+    x1 = inputs(B, T, H, D, 1, layout="fla")
+    err, finite = accuracy(B, T, H, D, 1)
+    return {"fwd+bwd": time_fwd_bwd(ours, x1), "fwd+bwd graph": time_fwd_bwd(ours, x1, graph=True),
+            "R=2 fwd+bwd": time_fwd_bwd(ours, inputs(B, T, H, D, 2)), "mem MiB": peak_mib(ours, x1),
+            "max rel err": err if finite else float("nan")}
+
+
+def run_version(folder, shape_index):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([folder, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, __file__, "--worker", str(shape_index)], env=env, capture_output=True,
+                         text=True, cwd=Path(__file__).parent)
+    if out.returncode:
+        raise RuntimeError(f"{folder} at shape {shape_index}:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--versions", help="label=folder,label=folder: the first is the baseline")
+    ap.add_argument("--shapes", default="4,3,1,2,0")
+    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker is not None:
+        print(json.dumps(measure(args.worker)))
+        return
+    import torch
+    from bench_delta_rule import SHAPES
+
+    versions = [v.split("=", 1) for v in args.versions.split(",")]
+    if len(versions) != 2 or any(len(v) != 2 for v in versions):
+        raise ValueError(f"--versions: two label=folder pairs, got {args.versions!r}")
+    (base, _), (new, _) = versions
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms, MiB; ratio = {base} / {new}\n")
+    print("| shape | version | " + " | ".join(MEASURES) + " |\n|---|---|" + "---|" * len(MEASURES), flush=True)
+    for i in (int(s) for s in args.shapes.split(",")):
+        rows = {label: run_version(folder, i) for label, folder in versions}
+        for label, row in rows.items():
+            print(f"| {SHAPES[i]} | {label} | " + " | ".join(f"{row[m]:.3g}" for m in MEASURES) + " |")
+        ratios = [rows[base][m] / rows[new][m] if rows[new][m] else float("nan") for m in MEASURES]
+        print(f"| {SHAPES[i]} | ratio | " + " | ".join(f"{r:.3f}" for r in ratios) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
