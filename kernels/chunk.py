@@ -60,7 +60,7 @@ LAUNCH = {
     ("state_bwd_aug", 128): dict(num_warps=8),
     ("combine", 128): dict(num_warps=8),
     # D = 256, read on the CPU (resources.py --dims 256): the reverse passes need 248-260 KB of shared memory at 3
-    # stages, 128 KB at one. GPU_KERNEL_MAX_DIM keeps these heads off the GPU: their GPU test failed (NOTES.md v14)
+    # stages, 128 KB at one. With grad_state and grad_wy above at one stage, test_wide_heads_compiled passes (v15)
     ("state_bwd", 256): dict(num_warps=8, num_stages=1),
     ("state_bwd_aug", 256): dict(num_warps=8, num_stages=1),
     ("combine", 256): dict(num_warps=8),
@@ -276,70 +276,53 @@ def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, length, UNIFORM: tl.cons
              mask=q_ok[:, None] & (vv[None, :] < V))
 
 
-@kernel
-def local_grad_kernel(q, k, do, du, dhs, scale, cu, chunk_idx, length, UNIFORM: tl.constexpr,
-                      H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
-                      V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      DT: tl.constexpr, PREC: tl.constexpr):
-    """The reverse pass's terms that do not depend on its chain, for one chunk and one block of V, all chunks at
-    once: dU's part from the chunk's own outputs, (scale·QKᵀ ⊙ causal)ᵀ dO, into du, and the state gradient's,
-    scale·Qᵀ dO, into dhs. The pass adds the chain's parts and overwrites both."""
-    g = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    iv = tl.program_id(2)
-    ROWS: tl.constexpr = BT * RP
-    bos, eos, c = chunk_span(cu, chunk_idx, length, UNIFORM, g, BT)
-    r = tl.arange(0, ROWS)
-    t = tl.arange(0, BT)
-    kk = tl.arange(0, BK)
-    vv = iv * BV + tl.arange(0, BV)
+@device_function
+def bwd_tiles(q, k, w, do, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.constexpr, R: tl.constexpr,
+              K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr,
+              PREC: tl.constexpr):
+    """Chunk c's (global chunk g's) rows, scale·Q, Kᵀ, dOᵀ, W and Aᵀ = (scale·QKᵀ ⊙ causal) for the reverse pass."""
     tq = c * BT + t
     q_ok = tq < eos - bos
     sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
     b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K),
-                  other=0.0)
+                  other=0.0).to(DT)
     b_q = (b_q.to(tl.float32) * scale).to(DT)
-    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
-    b_do = tl.load(do + ((bos + tq) * H + h)[:, None] * V + vv[None, :], mask=q_ok[:, None] & (vv[None, :] < V),
-                   other=0.0).to(DT)
-    a_t = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
-    a_t = tl.where((r // RP)[:, None] <= t[None, :], a_t, 0.0).to(DT)
-    b_du = tl.dot(a_t, b_do, input_precision=PREC)
-    tl.store(du + ((g * H + h) * ROWS + r)[:, None] * V + vv[None, :], b_du.to(du.dtype.element_ty),
-             mask=vv[None, :] < V)
-    b_ds = tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
-    tl.store(dhs + (g * H + h) * K * V + kk[:, None] * V + vv[None, :], b_ds.to(dhs.dtype.element_ty),
-             mask=(kk[:, None] < K) & (vv[None, :] < V))
+    b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0).to(DT)
+    b_dot = tl.load(do + ((bos + tq) * H + h)[None, :] * V + col[:, None],
+                    mask=q_ok[None, :] & (col[:, None] >= 0) & (col[:, None] < V), other=0.0).to(DT)
+    base = (g * H + h) * (BT * RP) + r
+    b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
+    at_t = tl.dot(b_q, b_kt, input_precision=PREC)
+    at_t = tl.where(t[:, None] >= (r // RP)[None, :], at_t, 0.0).to(DT)
+    return base, b_q, b_kt, b_dot, b_w, at_t
 
 
 @kernel
-def state_bwd_kernel(k, w, du, dhs, dfinal, dinit, cu, chunk_off, length, UNIFORM: tl.constexpr,
+def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, length, UNIFORM: tl.constexpr,
                      H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr,
                      PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
-    """Reverse pass: dU = dU_local + K dS_end, dS_start = dS_end + dS_local − Wᵀ dU, where local_grad_kernel has
-    left each chunk's dU_local in du and dS_local in dhs; the pass overwrites them with dU and dS_end.
+    """Reverse pass: dU = scale (QKᵀ⊙causal)ᵀ dO + K dS_end, dS_start = dS_end + scale Qᵀ dO − Wᵀ dU.
 
-    It carries the transposed state, dUᵀ = dU_localᵀ + dSᵀ Kᵀ and dSᵀ ← dSᵀ + dS_localᵀ − dUᵀ W, so that the chain's
+    It carries the transposed state, dUᵀ = dOᵀ Aᵀ + dSᵀ Kᵀ and dSᵀ ← dSᵀ + dOᵀ Q − dUᵀ W, so that the chain's
     operands dSᵀ and dUᵀ come first in their products, which Hopper's wgmma reads from registers; as second
     operands each step would write them to shared memory and wait (NOTES.md v11: 3.1 → 2.6 µs per step).
-    dS_end is stored after dS_local is read from the same place: the pipeliner loads a chunk's tiles steps ahead.
-    AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with the local terms
-    read as [0 | ·]; only the result is stored (VA = K + V, else VA = V).
+    AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with dO
+    read as [0 | dO]; only the result is stored (VA = K + V, else VA = V).
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
     bos, eos, g0 = sequence_span(cu, chunk_off, length, UNIFORM, seq, BT)
     r = tl.arange(0, BT * RP)
+    t = tl.arange(0, BT)
     kk = tl.arange(0, BK)
     vv = iv * BV + tl.arange(0, BV)
     vk_mask = (vv[:, None] < VA) & (kk[None, :] < K)
     vk = kk[None, :] * VA + vv[:, None]  # element (v, k) of dSᵀ lives at dS[k, v]
     state = (seq * H + h).to(tl.int64) * K * VA
-    col = vv - (VA - V)  # the column of du and dhs (negative for the Pᵀ columns in AUG mode)
-    col_ok = (col >= 0) & (col < V)
+    col = vv - (VA - V)  # the column of dO (negative for the Pᵀ columns in AUG mode)
     if AUG:
         dSt = tl.where((vv[:, None] == kk[None, :]) & (vv[:, None] < K), 1.0, 0.0)
     elif HAS_DFINAL:
@@ -349,20 +332,14 @@ def state_bwd_kernel(k, w, du, dhs, dfinal, dinit, cu, chunk_off, length, UNIFOR
     nc = (eos - bos + BT - 1) // BT
     for i in range(nc):
         c = nc - 1 - i
-        g = g0 + c
-        sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
-        base = (g * H + h) * (BT * RP) + r
-        chunk_vk = (g * H + h) * K * V + kk[None, :] * V + col[:, None]
-        b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0).to(DT)
-        b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
-        b_dut = tl.load(du + base[None, :] * V + col[:, None], mask=col_ok[:, None], other=0.0).to(tl.float32)
-        b_dst = tl.load(dhs + chunk_vk, mask=col_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-        dSt_end = dSt.to(DT)
-        b_dut += tl.dot(dSt_end, b_kt, input_precision=PREC)
-        dSt += b_dst - tl.dot(b_dut.to(DT), b_w, input_precision=PREC)
+        base, b_q, b_kt, b_dot, b_w, at_t = bwd_tiles(q, k, w, do, scale, g0 + c, c, bos, eos, h, r, t, kk, col,
+                                                      H, R, K, V, RP, BT, DT, PREC)
         if not AUG:
-            tl.store(du + base[None, :] * V + col[:, None], b_dut.to(du.dtype.element_ty), mask=col_ok[:, None])
-            tl.store(dhs + chunk_vk, dSt_end.to(dhs.dtype.element_ty), mask=col_ok[:, None] & (kk[None, :] < K))
+            tl.store(dhs + ((g0 + c) * H + h) * K * V + vk, dSt.to(dhs.dtype.element_ty), mask=vk_mask)
+        b_dut = tl.dot(b_dot, at_t, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
+        if not AUG:
+            tl.store(du + base[None, :] * V + vv[:, None], b_dut.to(du.dtype.element_ty), mask=vv[:, None] < V)
+        dSt += tl.dot(b_dot, b_q, input_precision=PREC) - tl.dot(b_dut.to(DT), b_w, input_precision=PREC)
     if STORE_DINIT:
         tl.store(dinit + state + vk, dSt, mask=vk_mask)
 
@@ -721,24 +698,14 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     return o, final, (tinv, w, u, hs)
 
 
-def _local_grads(q, k, do, scale, du, dhs, plan):
-    """Every chunk's own dU and dS terms into du and dhs, for the reverse pass to finish."""
+def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None):
+    """The reverse pass over chunks."""
     _, H, R, K = k.shape
     V = do.shape[-1]
-    bk, bv = pow2(K), min(pow2(V), 64)
-    local_grad_kernel[(plan.nc, H, cdiv(V, bv))](q, k, do, du, dhs, scale, *plan.chunks, H, R, K, V, plan.rp,
-                                                 plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype),
-                                                 **launch("local_grad", K, k.dtype))
-
-
-def _reverse_pass(k, w, dfinal, plan, dinit, aug, du, dhs):
-    """The reverse pass over chunks, from _local_grads' du and dhs (overwritten unless aug)."""
-    _, H, R, K = k.shape
-    V = du.shape[-1]
     va = K + V if aug else V
     bk, bv, pass_launch = _pass_launch("state_bwd", k, va, aug, plan)
     state_bwd_kernel[(plan.n, H, cdiv(va, bv))](
-        k, w, du, dhs, dfinal, dinit, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
+        q, k, w, do, du, dhs, dfinal, dinit, scale, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
         dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, **pass_launch)
 
 
@@ -748,20 +715,19 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     V = v.shape[-1]
     tinv, w, u, hs = saved
     # input dtype, like hs: the gradient kernels multiply them in that dtype
-    du = torch.empty_like(u, dtype=torch.float32)
+    du = torch.empty_like(u)
     dhs = torch.empty_like(hs)
     dinit = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if need_dinit else None
     do = do.contiguous()
-    _local_grads(q, k, do, scale, du, dhs, plan)
     if plan.use_scan(H, K, V, scan):
         seg, seg_off = plan.segments()
         flows = q.new_empty(seg.n, H, K, K + V, dtype=torch.float32)
-        _reverse_pass(k, w, None, seg, flows, True, du, dhs)
+        _reverse_pass(q, k, w, do, scale, None, seg, flows, True)
         ends = q.new_empty(seg.n, H, K, V, dtype=torch.float32)
         _combine(flows, dfinal, ends, dinit, seg_off, plan.n, True)
-        _reverse_pass(k, w, ends, seg, None, False, du, dhs)
+        _reverse_pass(q, k, w, do, scale, ends, seg, None, False, du, dhs)
     else:
-        _reverse_pass(k, w, dfinal, plan, dinit, False, du, dhs)
+        _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, du, dhs)
     dw = torch.empty_like(w)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty_like(beta)

@@ -20,12 +20,12 @@ from .utils import interpreting
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_RANK = 4
 MAX_DIM = 256
-# The widest K and V the compiled kernels take on the GPU; delta_rule runs wider heads through the PyTorch reference
-# there (the interpreter runs the kernels up to MAX_DIM). Compiled for Hopper (resources.py --dims 256, read on the
-# CPU), 16-bit tiles of 256 fit a block's 227 KB of shared memory at chunk.LAUNCH's D = 256 entries, but
-# test_wide_heads_compiled failed on the H200 at every K = 256 case (2026-12-05, kernels/benchmarks/NOTES.md v14);
-# fp32 tiles of 256 spill 1-4 KB a thread and the reverse pass needs 384 KB, so a raise would be for 16-bit inputs.
-GPU_KERNEL_MAX_DIM = 128
+# The widest K and V the compiled kernels take on the GPU, by input dtype; delta_rule runs wider heads through the
+# PyTorch reference there (the interpreter runs the kernels up to MAX_DIM). 16-bit tiles of 256 fit a block's 227 KB
+# of shared memory at chunk.LAUNCH's D = 256 entries and pass test_wide_heads_compiled on the H200 (2026-12-05,
+# kernels/benchmarks/NOTES.md v15); fp32 tiles of 256 spill 1-4 KB a thread and the reverse pass needs 384 KB
+# (resources.py --dims 256 --dtype fp32, read on the CPU).
+GPU_KERNEL_MAX_DIM = {torch.float16: 256, torch.bfloat16: 256, torch.float32: 128}
 # without gradients, sequences up to this long run the recurrent kernel (decoding, short prefill)
 RECURRENT_MAX_LEN = 16
 
@@ -170,9 +170,10 @@ def _why_not_kernels(q, v) -> str | None:
     if q.dtype == torch.float64 or not triton_enabled(q.device):
         return (f"q: the Triton kernels need float16/bfloat16/float32 tensors on CUDA (or TRITON_INTERPRET=1), "
                 f"got {q.dtype} on {q.device}")
-    if q.device.type == "cuda" and max(q.shape[-1], v.shape[-1]) > GPU_KERNEL_MAX_DIM:
-        return (f"q, v: on the GPU the Triton kernels take K and V up to {GPU_KERNEL_MAX_DIM}, got K={q.shape[-1]}, "
-                f"V={v.shape[-1]} (delta_rule runs wider heads through the PyTorch reference)")
+    widest = GPU_KERNEL_MAX_DIM[q.dtype]
+    if q.device.type == "cuda" and max(q.shape[-1], v.shape[-1]) > widest:
+        return (f"q, v: on the GPU the Triton kernels take K and V up to {widest} for {q.dtype}, got "
+                f"K={q.shape[-1]}, V={v.shape[-1]} (delta_rule runs wider heads through the PyTorch reference)")
     return None
 
 

@@ -6,7 +6,6 @@ With CUDA the same tests also run compiled on the GPU at larger sizes.
 """
 
 import functools
-import sys
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ import torch
 import flowhn_kernels as fk
 from flowhn_kernels.delta_rule import chunk_delta_rule, recurrent_delta_rule
 
-delta_rule_module = sys.modules["flowhn_kernels.delta_rule"]  # the package's `delta_rule` is the function
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
@@ -184,8 +182,8 @@ def alike_keys_inputs(R, dtype, device):
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 @pytest.mark.parametrize("K,V,R", [(256, 96, 1), (100, 256, 4)])
 def test_chunked_wide_and_odd_head_dims(triton_env, K, V, R):
-    """K and V up to 256, not powers of two, R = 4: the kernels in the interpreter; on the GPU the
-    reference above GPU_KERNEL_MAX_DIM, where the compiled kernels refuse clearly."""
+    """K and V up to 256, not powers of two, R = 4: the kernels in the interpreter; on the GPU these fp32 heads go
+    to the reference (GPU_KERNEL_MAX_DIM: 128 for fp32), where the compiled kernels refuse clearly."""
     xs = make_inputs(1, 40, 1, R, K, V, device=triton_env)
     check_against_naive(fk.delta_rule, xs, TOL[torch.float32])
     if triton_env == "cuda":
@@ -197,12 +195,10 @@ def test_chunked_wide_and_odd_head_dims(triton_env, K, V, R):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("K,V,R,scan", [(256, 96, 1, False), (100, 256, 4, False), (256, 256, 2, False),
                                         (256, 200, 1, True)])
-def test_wide_heads_compiled(monkeypatch, dtype, K, V, R, scan):
+def test_wide_heads_compiled(dtype, K, V, R, scan):
     """The compiled kernels at heads up to 256 with 16-bit inputs (chunk.LAUNCH's D = 256 entries), sequential passes
-    and the scan, a batch and packed documents, lengths off the chunk grid. delta_rule gives these heads to the
-    reference until this passes on a GPU: then raise GPU_KERNEL_MAX_DIM to 256 for float16 and bfloat16 (fp32
-    tiles of 256 do not fit)."""
-    monkeypatch.setattr(delta_rule_module, "GPU_KERNEL_MAX_DIM", 256)
+    and the scan, a batch and packed documents, lengths off the chunk grid: GPU_KERNEL_MAX_DIM lets delta_rule give
+    these heads to them."""
     fn = functools.partial(chunk_delta_rule, scan=scan)
     check_against_naive(fn, make_inputs(2, 333, 2, R, K, V, dtype=dtype, device="cuda"), TOL[dtype])
     cu = torch.tensor([0, 1, 150, 333], device="cuda")

@@ -29,8 +29,8 @@ from flowhn_kernels.utils import pow2
 
 STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
 INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
-KERNELS = ("prep", "state_fwd", "output", "local_grad", "state_bwd", "grad_state", "grad_wy", "state_fwd_narrow",
-           "state_bwd_narrow", "state_fwd_aug", "state_bwd_aug", "combine", "recurrent")
+KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "state_fwd_narrow", "state_bwd_narrow",
+           "state_fwd_aug", "state_bwd_aug", "combine", "recurrent")
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -47,7 +47,6 @@ def constexprs(name, D, dtype, R):
         "prep": dict(common, BK=pow2(D), BV=min(pow2(D), 64)),
         "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
         "output": dict(common, BK=pow2(D), BV=min(pow2(D), 64)),
-        "local_grad": dict(common, BK=pow2(D), BV=min(pow2(D), 64)),
         "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D),
         "state_fwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
         "state_bwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_DFINAL=False, STORE_DINIT=False, AUG=False,

@@ -23,8 +23,8 @@ from flowhn_kernels.delta_rule import chunk_delta_rule
 
 from bench_delta_rule import SHAPES, accuracy, inputs
 
-KERNELS = ["prep", "state_fwd", "output", "local_grad", "state_bwd", "grad_state", "grad_wy", "combine",
-           "state_fwd_aug", "state_bwd_aug"]
+KERNELS = ["prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "combine", "state_fwd_aug",
+           "state_bwd_aug"]
 SCAN_ONLY = {"combine", "state_fwd_aug", "state_bwd_aug"}
 # Triton's default (4 warps, 3 stages) is the baseline every candidate must beat by 2%
 CANDIDATES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3) if (w, s) != (4, 3)]
