@@ -408,6 +408,20 @@ def test_host_time_script_stubs_the_launches_and_puts_them_back(benchmark_script
     assert fk.utils.kernel.__getitem__ is launch
 
 
+def test_compare_versions_script_prints_both_versions_and_their_ratios(monkeypatch, capsys, benchmark_script):
+    """kernels/benchmarks/compare_versions.py (each version's measures stubbed): both rows per shape, then base / new;
+    a --versions that is not two label=folder pairs is refused by name."""
+    compare = benchmark_script("compare_versions")
+    with pytest.raises(ValueError, match="--versions"):
+        compare.main(["--versions", "old=/a"])
+    measures = {"/a": (2.0, 1.0, 3.0, 100.0, 1e-3), "/b": (1.0, 1.0, 2.0, 50.0, 1e-3)}
+    monkeypatch.setattr(compare, "run_version", lambda folder, i: dict(zip(compare.MEASURES, measures[folder])))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a GPU")
+    compare.main(["--versions", "old=/a,new=/b", "--shapes", "0,4"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| ratio |" in line]
+    assert len(rows) == 2 and rows[0].endswith("| 2.000 | 1.000 | 1.500 | 2.000 | 1.000 |")
+
+
 @pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
 def test_state_passes_script_compares_a_variant_with_the_committed_settings(triton_env, monkeypatch, capsys,
                                                                            benchmark_script):

@@ -40,12 +40,12 @@ def run_version(folder, shape_index):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--versions", help="label=folder,label=folder: the first is the baseline")
     ap.add_argument("--shapes", default="4,3,1,2,0")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(measure(args.worker)))
         return
