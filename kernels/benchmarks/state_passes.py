@@ -36,9 +36,9 @@ def kernel_times(B, T, H, D):
     wall = do_bench(lambda: delta_rule(*xs)[0].backward(do), warmup=10, rep=50, grad_to_none=xs, return_mode="median")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            delta_rule(*xs)[0].backward(do)
-            for x in xs:
+            for x in xs:  # do_bench leaves its last gradients: without this the first backward adds to them
                 x.grad = None
+            delta_rule(*xs)[0].backward(do)
         torch.cuda.synchronize()
     total = defaultdict(float)
     for e in prof.events():
