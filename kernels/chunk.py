@@ -590,8 +590,9 @@ class Plan:
         of 16384 tokens, 16 heads, D = 128; H200, 2026-12-05, state_passes.py --variants 32:4:4) forward 0.353 →
         0.235 ms and reverse 0.616 → 0.546 at R = 1, 0.684 → 0.453 and 1.180 → 0.843 at R = 2; at 256 programs
         (8 sequences) both passes take 1.5-1.9× longer. The scan's flow passes keep 64 (not timed at 32). Only at
-        K blocks of 128, where the GPU tests and the benchmark ran them: at D = 64 the passes at V blocks of 32 gave
-        wrong results on the H200 in v7 (kernels/benchmarks/NOTES.md) and have not run on a GPU since."""
+        K blocks of 128, where the benchmark timed them: at D = 64 they give the 64-wide outputs bit for bit on the
+        H200 (v15, kernels/benchmarks/NOTES.md; v7's wrong results there are gone) but have been timed only at 192
+        programs, where they lose."""
         bv = _blocks(K, va)[1]
         if aug or bv != 64 or pow2(K) != 128 or 2 * self.n * heads * cdiv(va, bv) > sm_count(self.device):
             return bv
