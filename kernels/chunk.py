@@ -606,22 +606,25 @@ def sm_count(device):
 
 
 def _blocks(K, V):
-    # V blocks of 16 or 32 in these many-dot kernels hit a Triton 3.6 miscompile on Hopper with 16-bit
-    # operands (wrong results, illegal addresses; seen on the H200, 2026-12-01), so the GPU keeps 64. At K = 256
-    # the passes and combine do not fit 64 and take 32 (their GPU test failed, so delta_rule keeps those heads off
-    # the GPU kernels). At K = 128 the passes run 32 where the GPU has SMs to spare (Plan.pass_block_v), bit for bit
-    # the 64-wide passes' outputs.
+    """(BK, BV) of the sequential passes and combine: all of K, V blocks of 64, 32 at K = 256 (64 does not fit there).
+    V blocks of 16 or 32 in these many-dot kernels have hit a Triton 3.6 miscompile on Hopper with 16-bit operands
+    (wrong results, illegal addresses; H200, 2026-12-01), so they keep 64 where it fits; the 32 at K = 256 passes
+    the GPU tests (v15), and at K = 128 the passes run 32 where the GPU has SMs to spare (Plan.pass_block_v)."""
     bk = pow2(K)
     return bk, min(pow2(V), 64 if bk <= 128 else 32)
+
+
+def _chunk_blocks(K, V):
+    """(BK, BV) of the per-chunk kernels prep and output: all of K, V blocks of 64 at every K (prep and
+    output fit 64 at K = 256 without spills, resources.py --dims 256)."""
+    return pow2(K), min(pow2(V), 64)
 
 
 def _prep(k, v, beta, plan):
     """The UT transform of every chunk: T, W and Ũ."""
     _, H, R, K = k.shape
     V = v.shape[-1]
-    # V blocks of 64 at every K: prep fits them at K = 256 too (no spills, 48 KB; resources.py --dims 256), where
-    # _blocks' 32 would put it among the kernels that Triton 3.6 has miscompiled at 32
-    bk, bv = pow2(K), min(pow2(V), 64)
+    bk, bv = _chunk_blocks(K, V)
     tinv = k.new_empty(plan.nc, H, ROWS, ROWS, dtype=torch.float32)
     w = k.new_empty(plan.nc, H, ROWS, K)
     ut = v.new_empty(plan.nc, H, ROWS, V)
@@ -692,7 +695,7 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     u, hs, final = _states(k, w, ut, initial_state, plan, output_final_state, scan)
     del ut
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
-    bk, bv = pow2(K), min(pow2(V), 64)
+    bk, bv = _chunk_blocks(K, V)
     output_kernel[(plan.nc, H, cdiv(V, bv))](q, k, u, hs, o, scale, *plan.chunks, H, R, K, V,
                                              plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype),
                                              **launch("output", K, k.dtype))

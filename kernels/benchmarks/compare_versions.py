@@ -32,7 +32,8 @@ def measure(shape_index):
 
 
 def run_version(folder, shape_index):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([folder, os.environ.get("PYTHONPATH", "")]))
+    path = [folder] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     out = subprocess.run([sys.executable, __file__, "--worker", str(shape_index)], env=env, capture_output=True,
                          text=True, cwd=Path(__file__).parent)
     if out.returncode:

@@ -39,14 +39,15 @@ def constexprs(name, D, dtype, R):
     """The compile-time arguments the launch code passes at width D and rank R, by kernel."""
     bk, bv = chunk._blocks(D, D)
     bka, bva = chunk._blocks(D, 2 * D)  # the scan's flow passes run on K + V columns
+    ck, cv = chunk._chunk_blocks(D, D)
     g = min(pow2(D), 64)
     rk, rv = recurrent.blocks(R, D, D)
     common = dict(UNIFORM=True, H=16, R=R, K=D, V=D, RP=pow2(R, 1), BT=chunk.tokens_per_chunk(R), DT=DTYPES[dtype],
                   PREC="tf32x3" if dtype == "fp32" else "tf32")  # UNIFORM: a batch, as training runs them
     return {
-        "prep": dict(common, BK=pow2(D), BV=min(pow2(D), 64)),
+        "prep": dict(common, BK=ck, BV=cv),
         "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
-        "output": dict(common, BK=pow2(D), BV=min(pow2(D), 64)),
+        "output": dict(common, BK=ck, BV=cv),
         "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D),
         "state_fwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
         "state_bwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_DFINAL=False, STORE_DINIT=False, AUG=False,
