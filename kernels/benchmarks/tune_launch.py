@@ -1,7 +1,8 @@
 """Pick num_warps / num_stages for each Triton kernel of flowhn_kernels.chunk on this GPU.
 
 Greedy, one kernel at a time with the others at their current settings, judged by the
-forward+backward time of delta_rule (bf16, R = 1) at an anchor shape of each key width. A faster
+forward+backward time of delta_rule (bf16, R = 1) at an anchor shape of each key width, replayed from a CUDA graph:
+launch settings change the GPU's time, and at D = 64 the eager call is host-bound (state_passes.py). A faster
 setting counts only if the bf16 outputs and gradients at that shape, R = 1 and R = 2, stay within
 MAX_ERROR of the float64 reference: Triton 3.6 miscompiles some of these kernels at some settings
 (two stages at D = 128). Prints the chosen entries in the form of chunk.LAUNCH, to paste there
@@ -16,12 +17,10 @@ the settings that only that rank takes.
 import argparse
 import time
 
-from triton.testing import do_bench
-
 from flowhn_kernels import chunk
 from flowhn_kernels.delta_rule import chunk_delta_rule
 
-from bench_delta_rule import SHAPES, accuracy, inputs
+from bench_delta_rule import SHAPES, accuracy, inputs, time_fwd_bwd
 
 KERNELS = ["prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "combine", "state_fwd_aug",
            "state_bwd_aug"]
@@ -29,13 +28,6 @@ SCAN_ONLY = {"combine", "state_fwd_aug", "state_bwd_aug"}
 # Triton's default (4 warps, 3 stages) is the baseline every candidate must beat by 2%
 CANDIDATES = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3) if (w, s) != (4, 3)]
 MAX_ERROR = 1e-2  # the issue's bf16 bound; correct settings give 4e-3 to 6e-3 at the anchor shapes
-
-
-def fwd_bwd_ms(xs, do):
-    def step():
-        chunk_delta_rule(*xs)[0].backward(do)
-
-    return do_bench(step, warmup=10, rep=50, grad_to_none=xs, return_mode="median")
 
 
 def main():
@@ -52,9 +44,8 @@ def main():
         B, T, H, D = shape
         width = max(chunk.pow2(D), 64)
         xs = inputs(B, T, H, D, args.rank, layout="fla" if args.rank == 1 else "ours")
-        do = xs[0].detach().clone().normal_()
         scan = chunk.make_plan(B, T, args.rank, xs[0].device).use_scan(H, D, D, None)  # as delta_rule will choose
-        best = fwd_bwd_ms(xs, do)
+        best = time_fwd_bwd(chunk_delta_rule, xs, graph=True)
         print(f"shape {shape}: {best:.3f} ms with the current settings", flush=True)
         for name in args.kernels.split(","):
             if name in SCAN_ONLY and not scan:
@@ -67,7 +58,7 @@ def main():
                     return
                 table[key] = cand
                 try:
-                    ms = fwd_bwd_ms(xs, do)
+                    ms = time_fwd_bwd(chunk_delta_rule, xs, graph=True)
                 except Exception as e:  # out of shared memory or registers: not a candidate
                     print(f"  {key} {cand}: {type(e).__name__}", flush=True)
                     continue
