@@ -446,7 +446,7 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
 @pytest.mark.parametrize("rank", [1, 2])
 def test_tune_launch_takes_a_faster_setting_only_when_its_results_are_right(triton_env, monkeypatch, capsys,
                                                                            benchmark_script, rank):
-    """kernels/benchmarks/tune_launch.py (timings and the accuracy check stubbed): the fastest candidate gives wrong
+    """kernels/benchmarks/tune_launch.py (graph timings and the accuracy check stubbed): the fastest candidate gives wrong
     results and is rejected, the next faster one is taken, into chunk.LAUNCH at R = 1 and LAUNCH_RANKS above."""
     import functools
     import sys
@@ -459,7 +459,7 @@ def test_tune_launch_takes_a_faster_setting_only_when_its_results_are_right(trit
     times = iter([1.0, 0.5, 0.9, 1.0, 1.0, 1.0])  # the current settings, then the five candidates
     monkeypatch.setattr(tune, "SHAPES", [(1, 70, 1, 16)])
     monkeypatch.setattr(tune, "inputs", functools.partial(bench.inputs, dev="cpu"))
-    monkeypatch.setattr(tune, "do_bench", lambda fn, **kw: (fn(), next(times))[1])
+    monkeypatch.setattr(tune, "time_fwd_bwd", lambda fn, xs, graph: (fn(*xs), graph and next(times))[1])
     monkeypatch.setattr(tune, "accuracy", lambda *a: (5e-2 if table.get(key) == tune.CANDIDATES[0] else 1e-3, True))
     monkeypatch.setattr(sys, "argv", ["tune_launch.py", "--shapes", "0", "--kernels", "prep", "--rank", str(rank)])
     tune.main()
