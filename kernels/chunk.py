@@ -7,9 +7,9 @@ kernels covers both layouts. Per chunk g and head h the kernels keep:
 
   tinv [NC,H,ROWS,ROWS] fp32   T = (I + strict ⊙ diag(β) K Kᵀ)⁻¹ (saved for backward)
   w [NC,H,ROWS,K]              W = T diag(β) K (saved for backward)
-  ut [NC,H,ROWS,V]             Ũ = T diag(β) V (forward only)
+  ut [NC,H,ROWS,V]             Ũ = T diag(β) V, overwritten by the forward pass with
+                               U = Ũ − W S_start (saved for backward)
   hs [NC,H,K,V]                the state entering the chunk (saved for backward)
-  u [NC,H,ROWS,V]              U = Ũ − W S_start (saved for backward)
 Saving W, U and hs costs ROWS·(K + V) + K·V values per chunk and head; it spares the backward the
 UT transform and a second sequential pass over the chunks. Nothing per token and K×V is stored.
 """
@@ -78,6 +78,14 @@ LAUNCH_RANKS = {("state_bwd", 128, 2): dict(num_warps=8, num_stages=4)}
 # always 16-bit. dT in 16 bits costs dβ with alike keys (2.3e-2 in bf16, tolerance 2e-2); NOTES.md v6 has all four.
 WY_TRANSPOSE_16BIT = True
 WY_CANCELLING_16BIT = False
+
+
+# One long sequence leaves most SMs idle during the sequential passes (B = 1: 16 heads × 4 V blocks of 32 = 64
+# programs on 132 SMs, 45% of a fwd+bwd's GPU time at (1, 16384, 16, 128), kernels/benchmarks/NOTES.md v15). There the
+# passes run over OVERLAP_WINDOWS windows of chunks, and the output kernel (forward) and the gradient kernels
+# (backward) of each finished window run beside the next window's pass on the idle SMs (Plan.windows).
+OVERLAP_WINDOWS = 4
+OVERLAP_MIN_CHUNKS = 64
 
 
 def launch(name, K, dtype, rank=1):
@@ -205,7 +213,7 @@ def fwd_tiles(k, w, ut, g, c, bos, eos, h, r, kk, col, H: tl.constexpr, R: tl.co
 
 
 @kernel
-def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, length, UNIFORM: tl.constexpr,
+def state_fwd_kernel(k, w, ut, u, hs, init, final, c_lo, c_hi, cu, chunk_off, length, UNIFORM: tl.constexpr,
                      H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DT: tl.constexpr,
@@ -216,6 +224,7 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, length, UNIFOR
     multiplies: with few sequences × heads the step's latency sets the time (kernels/benchmarks/state_passes.py).
     AUG: run the flow of the sequence instead, on the K+V columns [P | J] from [I | 0] with
     Ũ read as [0 | Ũ], and store only the final [P | J] (VA = K + V, else VA = V).
+    Only chunks c_lo ≤ c < c_hi of the sequence: a window of it (Plan.windows), from init to final.
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -235,7 +244,7 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, length, UNIFOR
     else:
         S = tl.full([BK, BV], 0.0, tl.float32)
     nc = (eos - bos + BT - 1) // BT
-    for c in range(nc):
+    for c in range(c_lo, tl.minimum(nc, c_hi)):
         base, b_w, b_ut, b_kt = fwd_tiles(k, w, ut, g0 + c, c, bos, eos, h, r, kk, col, H, R, K, V, RP, BT)
         if not AUG:
             tl.store(hs + ((g0 + c) * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=kv_mask)
@@ -248,12 +257,13 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, cu, chunk_off, length, UNIFOR
 
 
 @kernel
-def output_kernel(q, k, u, hs, o, scale, cu, chunk_idx, length, UNIFORM: tl.constexpr,
+def output_kernel(q, k, u, hs, o, scale, chunk0, cu, chunk_idx, length, UNIFORM: tl.constexpr,
                   H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   DT: tl.constexpr, PREC: tl.constexpr):
-    """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk and one block of V."""
-    g = tl.program_id(0).to(tl.int64)
+    """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk (chunk0 + the program's first index) and one block
+    of V."""
+    g = tl.program_id(0).to(tl.int64) + chunk0
     h = tl.program_id(1)
     iv = tl.program_id(2)
     ROWS: tl.constexpr = BT * RP
@@ -298,7 +308,8 @@ def bwd_tiles(q, k, w, do, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.conste
 
 
 @kernel
-def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, length, UNIFORM: tl.constexpr,
+def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, c_lo, c_hi, cu, chunk_off, length,
+                     UNIFORM: tl.constexpr,
                      H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr,
@@ -310,6 +321,7 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
     operands each step would write them to shared memory and wait (NOTES.md v11: 3.1 → 2.6 µs per step).
     AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with dO
     read as [0 | dO]; only the result is stored (VA = K + V, else VA = V).
+    Only chunks c_lo ≤ c < c_hi of the sequence, from the last: a window of it (Plan.windows), from dfinal to dinit.
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -329,9 +341,9 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, cu, chunk_off, 
         dSt = tl.load(dfinal + state + vk, mask=vk_mask, other=0.0).to(tl.float32)
     else:
         dSt = tl.full([BV, BK], 0.0, tl.float32)
-    nc = (eos - bos + BT - 1) // BT
-    for i in range(nc):
-        c = nc - 1 - i
+    c_end = tl.minimum((eos - bos + BT - 1) // BT, c_hi)
+    for i in range(c_end - c_lo):
+        c = c_end - 1 - i
         base, b_q, b_kt, b_dot, b_w, at_t = bwd_tiles(q, k, w, do, scale, g0 + c, c, bos, eos, h, r, t, kk, col,
                                                       H, R, K, V, RP, BT, DT, PREC)
         if not AUG:
@@ -393,14 +405,15 @@ def combine_kernel(flows, x0, xs, xout, seg_off, H: tl.constexpr, K: tl.constexp
 
 
 @kernel
-def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx, length, UNIFORM: tl.constexpr,
+def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, chunk0, cu, chunk_idx, length,
+                      UNIFORM: tl.constexpr,
                       H: tl.constexpr, R: tl.constexpr,
                       K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """The state side of one chunk's gradients, for one block of K: dq, the part of dk that does not
-    go through W, and dW = dU S_startᵀ (negated by grad_wy_kernel). One [rows, BK] accumulator each
-    keeps the registers small; Q dOᵀ-style products over V are shared by all K blocks."""
-    g = tl.program_id(0).to(tl.int64)
+    """The state side of one chunk's gradients (chunk chunk0 + the program's first index), for one block of K: dq,
+    the part of dk that does not go through W, and dW = dU S_startᵀ (negated by grad_wy_kernel). One [rows, BK]
+    accumulator each keeps the registers small; Q dOᵀ-style products over V are shared by all K blocks."""
+    g = tl.program_id(0).to(tl.int64) + chunk0
     h = tl.program_id(1)
     ik = tl.program_id(2)
     ROWS: tl.constexpr = BT * RP
@@ -445,13 +458,13 @@ def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, cu, chunk_idx
 
 
 @kernel
-def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, cu, chunk_idx, length, UNIFORM: tl.constexpr,
+def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu, chunk_idx, length, UNIFORM: tl.constexpr,
                    H: tl.constexpr, R: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, LOW: tl.constexpr, CD: tl.constexpr):
-    """Back through one chunk's UT transform W = T diag(β) K, Ũ = T diag(β) V, T = (I + A)⁻¹:
-    dv and dβ, and dk = (grad_state_kernel's part) + the parts through W and A."""
-    g = tl.program_id(0).to(tl.int64)
+    """Back through one chunk's UT transform W = T diag(β) K, Ũ = T diag(β) V, T = (I + A)⁻¹ (chunk chunk0 + the
+    program's first index): dv and dβ, and dk = (grad_state_kernel's part) + the parts through W and A."""
+    g = tl.program_id(0).to(tl.int64) + chunk0
     h = tl.program_id(1)
     ROWS: tl.constexpr = BT * RP
     bos, eos, c = chunk_span(cu, chunk_idx, length, UNIFORM, g, BT)
@@ -584,6 +597,17 @@ class Plan:
         # (H = 8: 1.61 ms against 1.81) and 8, and loses at 32 (H = 16: 2.23 against 2.17)
         return self.n * heads * cdiv(V, _blocks(K, V)[1]) <= sm_count(self.device) // 8
 
+    def windows(self, heads, K, V):
+        """Chunk windows [lo, hi) that the sequential passes take one after another: OVERLAP_WINDOWS of them where
+        one sequence's passes leave at least half the GPU's SMs idle and it has OVERLAP_MIN_CHUNKS chunks, so that
+        the per-chunk kernels of each finished window run beside the next window's pass (chunk._overlapped); one
+        window, all chunks, elsewhere. With one sequence a window's chunks are also its global chunk ids."""
+        passes = heads * cdiv(V, self.pass_block_v(heads, K, V, False))
+        if self.n != 1 or self.nc < OVERLAP_MIN_CHUNKS or 2 * passes > sm_count(self.device):
+            return ((0, self.nc),)
+        step = cdiv(self.nc, OVERLAP_WINDOWS)
+        return tuple((lo, min(lo + step, self.nc)) for lo in range(0, self.nc, step))
+
     def pass_block_v(self, heads, K, va, aug):
         """V block of a state pass: _blocks' 64, or 32 where twice the programs (sequences × heads × V blocks)
         still fit in one wave of the GPU. Each program's chain step is then shorter: at 32 programs (one sequence
@@ -643,14 +667,15 @@ def _pass_launch(name, k, va, aug, plan):
     return pow2(K), bv, launch(name + suffix, K, k.dtype, R)
 
 
-def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None):
-    """The forward pass over chunks."""
+def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None, window=None):
+    """The forward pass over chunks, or over the window of them [lo, hi) of every sequence."""
     _, H, R, K = k.shape
     V = ut.shape[-1]
     va = K + V if aug else V
+    lo, hi = window or (0, plan.nc)
     bk, bv, pass_launch = _pass_launch("state_fwd", k, va, aug, plan)
     state_fwd_kernel[(plan.n, H, cdiv(va, bv))](
-        k, w, ut, u, hs, init, final, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
+        k, w, ut, u, hs, init, final, lo, hi, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
         init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, **pass_launch)
 
 
@@ -661,27 +686,58 @@ def _combine(flows, x0, xs, xout, seg_off, n, reverse):
                                         x0 is not None, xout is not None, reverse, **launch("combine", K, xs.dtype))
 
 
-def _states(k, w, ut, initial_state, plan, output_final_state, scan):
-    """State entering every chunk (hs), U = Ũ − W S, and the final state.
+@functools.cache
+def _pass_stream(device):
+    """The stream the overlapped passes run on: the highest priority, so that the block scheduler serves each window's
+    pass before the per-chunk kernels queued beside it."""
+    return torch.cuda.Stream(device, priority=-100)
 
-    Sequential pass, or a parallel scan: the flows [P | J] of all segments at once, a short walk
-    over segments for their start states, then all segments' passes at once.
+
+def _overlapped(windows, run_pass, then, device):
+    """run_pass(i, lo, hi) for each chunk window in order, and then(lo, hi) once window i's pass is done. With several
+    windows the passes run on _pass_stream and each then() on the caller's stream, beside the next windows' passes."""
+    if len(windows) == 1 or device.type != "cuda":  # (the interpreter's windows: one after another)
+        for i, (lo, hi) in enumerate(windows):
+            run_pass(i, lo, hi)
+            then(lo, hi)
+        return
+    main, passes = torch.cuda.current_stream(device), _pass_stream(device)
+    passes.wait_stream(main)
+    for i, (lo, hi) in enumerate(windows):
+        with torch.cuda.stream(passes):
+            run_pass(i, lo, hi)
+        main.wait_stream(passes)
+        then(lo, hi)
+
+
+def _states(k, w, ut, hs, initial_state, plan, output_final_state, scan, then):
+    """The state entering every chunk (into hs), U = Ũ − W S (over Ũ in ut) and the final state; then(lo, hi) on
+    the chunks [lo, hi) whose U and states are done.
+
+    Sequential passes (over windows of chunks, Plan.windows), or a parallel scan: the flows [P | J] of all segments
+    at once, a short walk over segments for their start states, then all segments' passes at once.
     """
     _, H, R, K = k.shape
     V = ut.shape[-1]
-    u = torch.empty_like(ut)
-    hs = k.new_empty(plan.nc, H, K, V)
     final = k.new_empty(plan.n, H, K, V, dtype=torch.float32) if output_final_state else None
-    if not plan.use_scan(H, K, V, scan):
-        _state_pass(k, w, ut, initial_state, plan, final, False, u, hs)
-        return u, hs, final
-    seg, seg_off = plan.segments()
-    flows = k.new_empty(seg.n, H, K, K + V, dtype=torch.float32)
-    _state_pass(k, w, ut, None, seg, flows, True)
-    starts = k.new_empty(seg.n, H, K, V, dtype=torch.float32)
-    _combine(flows, initial_state, starts, final, seg_off, plan.n, False)
-    _state_pass(k, w, ut, starts, seg, None, False, u, hs)
-    return u, hs, final
+    if plan.use_scan(H, K, V, scan):
+        seg, seg_off = plan.segments()
+        flows = k.new_empty(seg.n, H, K, K + V, dtype=torch.float32)
+        _state_pass(k, w, ut, None, seg, flows, True)
+        starts = k.new_empty(seg.n, H, K, V, dtype=torch.float32)
+        _combine(flows, initial_state, starts, final, seg_off, plan.n, False)
+        _state_pass(k, w, ut, starts, seg, None, False, ut, hs)
+        then(0, plan.nc)
+        return final
+    windows = plan.windows(H, K, V)
+    carry = k.new_empty(plan.n, H, K, V, dtype=torch.float32) if len(windows) > 1 else None
+
+    def run_pass(i, lo, hi):
+        last = i == len(windows) - 1
+        _state_pass(k, w, ut, carry if i else initial_state, plan, final if last else carry, False, ut, hs, (lo, hi))
+
+    _overlapped(windows, run_pass, then, k.device)
+    return final
 
 
 def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, scan=None):
@@ -691,30 +747,35 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     """
     _, H, R, K = k.shape
     V = v.shape[-1]
-    tinv, w, ut = _prep(k, v, beta, plan)
-    u, hs, final = _states(k, w, ut, initial_state, plan, output_final_state, scan)
-    del ut
+    tinv, w, u = _prep(k, v, beta, plan)  # u holds Ũ until the passes write U over it
+    hs = k.new_empty(plan.nc, H, K, V)
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = _chunk_blocks(K, V)
-    output_kernel[(plan.nc, H, cdiv(V, bv))](q, k, u, hs, o, scale, *plan.chunks, H, R, K, V,
-                                             plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype),
-                                             **launch("output", K, k.dtype))
+
+    def output(lo, hi):
+        output_kernel[(hi - lo, H, cdiv(V, bv))](q, k, u, hs, o, scale, lo, *plan.chunks, H, R, K, V,
+                                                 plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype),
+                                                 dot_precision(k.dtype), **launch("output", K, k.dtype))
+
+    final = _states(k, w, u, hs, initial_state, plan, output_final_state, scan, output)
     return o, final, (tinv, w, u, hs)
 
 
-def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None):
-    """The reverse pass over chunks."""
+def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None, window=None):
+    """The reverse pass over chunks, or over the window of them [lo, hi) of every sequence."""
     _, H, R, K = k.shape
     V = do.shape[-1]
     va = K + V if aug else V
+    lo, hi = window or (0, plan.nc)
     bk, bv, pass_launch = _pass_launch("state_bwd", k, va, aug, plan)
     state_bwd_kernel[(plan.n, H, cdiv(va, bv))](
-        q, k, w, do, du, dhs, dfinal, dinit, scale, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
+        q, k, w, do, du, dhs, dfinal, dinit, scale, lo, hi, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
         dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, **pass_launch)
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):
-    """Backward from the forward's T, W, U and chunk states: the reverse state pass, then the gradients."""
+    """Backward from the forward's T, W, U and chunk states: the reverse state pass, then the gradients (window by
+    window, beside the pass, where Plan.windows splits it)."""
     _, H, R, K = k.shape
     V = v.shape[-1]
     tinv, w, u, hs = saved
@@ -723,6 +784,20 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     dhs = torch.empty_like(hs)
     dinit = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if need_dinit else None
     do = do.contiguous()
+    dw = torch.empty_like(w)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbeta = torch.empty_like(beta)
+    gk, gv = min(pow2(K), 64), min(pow2(V), 64)
+    dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
+
+    def grads(lo, hi):
+        grad_state_kernel[(hi - lo, H, cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, lo, *plan.chunks,
+                                                     H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
+                                                     **launch("grad_state", K, k.dtype))
+        grad_wy_kernel[(hi - lo, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, lo, *plan.chunks, H, R, K, V,
+                                     plan.rp, plan.bt, gk, gv, dt, prec, dt if WY_TRANSPOSE_16BIT else tl.float32,
+                                     dt if WY_CANCELLING_16BIT else tl.float32, **launch("grad_wy", K, k.dtype))
+
     if plan.use_scan(H, K, V, scan):
         seg, seg_off = plan.segments()
         flows = q.new_empty(seg.n, H, K, K + V, dtype=torch.float32)
@@ -730,17 +805,15 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
         ends = q.new_empty(seg.n, H, K, V, dtype=torch.float32)
         _combine(flows, dfinal, ends, dinit, seg_off, plan.n, True)
         _reverse_pass(q, k, w, do, scale, ends, seg, None, False, du, dhs)
-    else:
-        _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, False, du, dhs)
-    dw = torch.empty_like(w)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dbeta = torch.empty_like(beta)
-    gk, gv = min(pow2(K), 64), min(pow2(V), 64)
-    dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
-    grad_state_kernel[(plan.nc, H, cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, *plan.chunks,
-                                                 H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
-                                                 **launch("grad_state", K, k.dtype))
-    grad_wy_kernel[(plan.nc, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, *plan.chunks, H, R, K, V,
-                                 plan.rp, plan.bt, gk, gv, dt, prec, dt if WY_TRANSPOSE_16BIT else tl.float32,
-                                 dt if WY_CANCELLING_16BIT else tl.float32, **launch("grad_wy", K, k.dtype))
+        grads(0, plan.nc)
+        return dq, dk, dv, dbeta, dinit
+    windows = plan.windows(H, K, V)[::-1]
+    carry = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if len(windows) > 1 else None
+
+    def run_pass(i, lo, hi):
+        last = i == len(windows) - 1
+        _reverse_pass(q, k, w, do, scale, carry if i else dfinal, plan, dinit if last else carry, False, du, dhs,
+                      (lo, hi))
+
+    _overlapped(windows, run_pass, grads, q.device)
     return dq, dk, dv, dbeta, dinit

@@ -227,6 +227,28 @@ def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_passes_over_windows_of_chunks(triton_env, monkeypatch, dtype):
+    """One sequence's passes split into windows of chunks, each window's per-chunk kernels after it (on the GPU on
+    their own stream, beside the next window's pass: chunk._overlapped), against float64: ranks 1 and 2, initial and
+    final states, one packed document. A batch keeps one window."""
+    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
+    monkeypatch.setattr(fk.chunk, "OVERLAP_MIN_CHUNKS", 2)
+    monkeypatch.setattr(fk.chunk, "OVERLAP_WINDOWS", 3)
+    device = torch.device(triton_env)
+    assert fk.chunk.make_plan(1, 333, 1, device).windows(2, 16, 32) == ((0, 2), (2, 4), (4, 6))
+    assert fk.chunk.make_plan(1, 333, 2, device).windows(2, 16, 32) == ((0, 4), (4, 8), (8, 11))
+    assert fk.chunk.make_plan(2, 333, 1, device).windows(2, 16, 32) == ((0, 12),)
+    H, K, V = dims(triton_env)
+    for R in (1, 2):
+        check_against_naive(chunk_delta_rule, make_inputs(1, 333, H, R, K, V, dtype=dtype, device=triton_env),
+                            TOL[dtype])
+    cu = torch.tensor([0, 333], device=triton_env)
+    check_against_naive(chunk_delta_rule, make_inputs(1, 333, H, 1, K, V, dtype=dtype, device=triton_env),
+                        TOL[dtype], cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_chunked_rank_one_without_rank_axis_and_initial_state(triton_env):
     H, K, V = dims(triton_env)
     xs = make_inputs(1, 40, H, 1, K, V, device=triton_env, squeeze=True, state=False)

@@ -78,7 +78,7 @@ def report(name, D, dtype, R, launch) -> dict:
             signature[arg] = "constexpr"
         elif arg == "scale":
             signature[arg] = "fp32"
-        elif arg == "length":
+        elif arg in ("length", "c_lo", "c_hi", "chunk0"):
             signature[arg] = "i32"
         else:
             signature[arg] = "*fp32" if arg in STATE_F32 else "*i32" if arg in INDEX_I32 else f"*{dtype}"
