@@ -14,6 +14,7 @@ Saving W, U and hs costs ROWS·(K + V) + K·V values per chunk and head; it spar
 UT transform and a second sequential pass over the chunks. Nothing per token and K×V is stored.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -693,21 +694,22 @@ def _pass_stream(device):
     return torch.cuda.Stream(device, priority=-100)
 
 
-def _overlapped(windows, run_pass, then, device):
-    """run_pass(i, lo, hi) for each chunk window in order, and then(lo, hi) once window i's pass is done. With several
-    windows the passes run on _pass_stream and each then() on the caller's stream, beside the next windows' passes."""
-    if len(windows) == 1 or device.type != "cuda":  # (the interpreter's windows: one after another)
-        for i, (lo, hi) in enumerate(windows):
-            run_pass(i, lo, hi)
-            then(lo, hi)
-        return
-    main, passes = torch.cuda.current_stream(device), _pass_stream(device)
-    passes.wait_stream(main)
-    for i, (lo, hi) in enumerate(windows):
-        with torch.cuda.stream(passes):
-            run_pass(i, lo, hi)
-        main.wait_stream(passes)
-        then(lo, hi)
+def _overlapped(windows, one_pass, then, start, end, state_shape, device):
+    """one_pass(state in, state out, (lo, hi)) over each chunk window in order, from `start` to `end` (either may be
+    None), the states between windows carried in an fp32 buffer; then(lo, hi) once the window's pass is done. With
+    several windows on the GPU the passes run on _pass_stream and each then() on the caller's stream, beside the next
+    windows' passes."""
+    carry = torch.empty(state_shape, dtype=torch.float32, device=device) if len(windows) > 1 else None
+    overlap = len(windows) > 1 and device.type == "cuda"  # (the interpreter's windows run one after another)
+    if overlap:
+        main, passes = torch.cuda.current_stream(device), _pass_stream(device)
+        passes.wait_stream(main)
+    for i, window in enumerate(windows):
+        with torch.cuda.stream(passes) if overlap else contextlib.nullcontext():
+            one_pass(carry if i else start, end if i == len(windows) - 1 else carry, window)
+        if overlap:
+            main.wait_stream(passes)
+        then(*window)
 
 
 def _states(k, w, ut, hs, initial_state, plan, output_final_state, scan, then):
@@ -729,14 +731,11 @@ def _states(k, w, ut, hs, initial_state, plan, output_final_state, scan, then):
         _state_pass(k, w, ut, starts, seg, None, False, ut, hs)
         then(0, plan.nc)
         return final
-    windows = plan.windows(H, K, V)
-    carry = k.new_empty(plan.n, H, K, V, dtype=torch.float32) if len(windows) > 1 else None
 
-    def run_pass(i, lo, hi):
-        last = i == len(windows) - 1
-        _state_pass(k, w, ut, carry if i else initial_state, plan, final if last else carry, False, ut, hs, (lo, hi))
+    def one_pass(init, out, window):
+        _state_pass(k, w, ut, init, plan, out, False, ut, hs, window)
 
-    _overlapped(windows, run_pass, then, k.device)
+    _overlapped(plan.windows(H, K, V), one_pass, then, initial_state, final, (plan.n, H, K, V), k.device)
     return final
 
 
@@ -807,13 +806,9 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
         _reverse_pass(q, k, w, do, scale, ends, seg, None, False, du, dhs)
         grads(0, plan.nc)
         return dq, dk, dv, dbeta, dinit
-    windows = plan.windows(H, K, V)[::-1]
-    carry = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if len(windows) > 1 else None
 
-    def run_pass(i, lo, hi):
-        last = i == len(windows) - 1
-        _reverse_pass(q, k, w, do, scale, carry if i else dfinal, plan, dinit if last else carry, False, du, dhs,
-                      (lo, hi))
+    def one_pass(dend, dstart, window):
+        _reverse_pass(q, k, w, do, scale, dend, plan, dstart, False, du, dhs, window)
 
-    _overlapped(windows, run_pass, grads, q.device)
+    _overlapped(plan.windows(H, K, V)[::-1], one_pass, grads, dfinal, dinit, (plan.n, H, K, V), q.device)
     return dq, dk, dv, dbeta, dinit
