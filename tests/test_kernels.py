@@ -490,6 +490,15 @@ def test_tune_launch_takes_a_faster_setting_only_when_its_results_are_right(trit
     assert f"LAUNCH{'' if rank == 1 else '_RANKS'}[{key!r}] = {tune.CANDIDATES[1]}" in out
 
 
+def test_blocks_per_sm_follow_registers_and_shared_memory(benchmark_script):
+    """resources.blocks_per_sm: registers go per warp in units of 256, shared memory per block plus 1 KB."""
+    blocks = benchmark_script("resources").blocks_per_sm
+    assert blocks(195, 8, 56 * 1024) == 1 and blocks(128, 8, 56 * 1024) == 2  # 200 · 32 · 8 > 32K; 128 fits twice
+    assert blocks(255, 4, 40 * 1024) == 2 and blocks(168, 4, 40 * 1024) == 3
+    assert blocks(100, 4, 190 * 1024) == 1  # shared memory: 191 KB of 228
+    assert blocks(32, 1, 0) == 32
+
+
 def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):
     """kernels/benchmarks/resources.py reads registers, spills and shared memory from Triton's sm_90a build."""
     import os
@@ -500,7 +509,7 @@ def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):
         pytest.skip("this triton wheel carries no ptxas")
     resources = benchmark_script("resources")
     r = resources.report("state_fwd", 64, "bf16", 1, dict(num_warps=4, num_stages=2))
-    assert 0 < r["regs"] <= 255 and r["smem_kb"] > 0 and r["spill_st"] >= 0
+    assert 0 < r["regs"] <= 255 and r["smem_kb"] > 0 and r["spill_st"] >= 0 and 1 <= r["blocks"] <= 16
     assert 0 < r["loop"]["instructions"] < r["instructions"] and r["loop"]["HGMMA"] > 0  # the pass over chunks
     # the decode kernel keeps its fp32 state tile in registers (its 16-row tl.dot form spilled 588 B a thread)
     r = resources.report("recurrent", 128, "bf16", 1, resources.recurrent.LAUNCH)

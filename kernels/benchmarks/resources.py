@@ -2,7 +2,7 @@
 
 Triton compiles to PTX on any machine and ships ptxas, whose report is what the device would load: registers per
 thread, spill stores and loads (bytes per thread, local memory: slow), and Triton's own shared-memory figure (the
-H100/H200 give a block 227 KB); nvdisasm counts the machine instructions (SASS) of the kernel, and of its longest
+H100/H200 give a block 227 KB), and from those two the blocks an SM can hold at once; nvdisasm counts the machine instructions (SASS) of the kernel, and of its longest
 loop (a sequential pass's step) by opcode group: a static measure of the work a step issues. Each kernel at key and
 value width D in {64, 128}, bf16, rank R (default 1), with its launch settings (chunk.LAUNCH, recurrent.LAUNCH) and
 with 8 warps. Prints a markdown table; nothing runs, so it needs no device time.
@@ -62,6 +62,15 @@ def constexprs(name, D, dtype, R):
     }[name]
 
 
+def blocks_per_sm(regs, warps, smem_bytes):
+    """Blocks of a kernel one Hopper SM holds at once: 64K registers allocated per warp in units of 256, 228 KB of
+    shared memory with 1 KB reserved per block, 64 warps, 32 blocks. Latency-bound kernels hide their loads across
+    these blocks, so a kernel at one block an SM waits on each of them."""
+    by_regs = 65536 // (-(-regs * 32 // 256) * 256) // warps
+    by_smem = 228 * 1024 // (smem_bytes + 1024)
+    return min(by_regs, by_smem, 64 // warps, 32)
+
+
 def kernel_name(name):
     """The kernel behind a row: the scan's passes (_aug) and the narrow ones share the passes' kernels."""
     return name.removesuffix("_aug").removesuffix("_narrow")
@@ -104,6 +113,7 @@ def report(name, D, dtype, R, launch) -> dict:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return dict(regs=int(regs.group(1)), spill_st=int(spills.group(1)), spill_ld=int(spills.group(2)),
                 smem_kb=compiled.metadata.shared / 1024,
+                blocks=blocks_per_sm(int(regs.group(1)), launch["num_warps"], compiled.metadata.shared),
                 instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.MULTILINE)), loop=loop)
 
 
@@ -147,9 +157,9 @@ def main():
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = {args.rank}\n")
-    print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB | SASS instructions "
-          "| main loop: instructions (integer / global / shared / local / HGMMA) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB | blocks an SM "
+          "| SASS instructions | main loop: instructions (integer / global / shared / local / HGMMA) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     dtype = TORCH_DTYPES[args.dtype]
     for D in (int(d) for d in args.dims.split(",")):
         for name in args.kernels.split(","):
@@ -158,7 +168,7 @@ def main():
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, args.rank, launch)
                 print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']} | {r['regs']} | "
-                      f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} | {r['instructions']} | "
+                      f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} | {r['blocks']} | {r['instructions']} | "
                       f"{loop_cell(r['loop'])} |", flush=True)
 
 
