@@ -46,8 +46,14 @@ class FlowHNRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Llama's RMSNorm (in float32, the weight applied in the input dtype) through torch's fused op
-        normed = F.rms_norm(hidden_states.float(), hidden_states.shape[-1:], eps=self.variance_epsilon)
+        # Llama's RMSNorm: in float32, the weight applied in the input dtype
+        x = hidden_states.float()
+        if torch.compiler.is_compiling():
+            # torch's fused op reaches Inductor as aten._fused_rms_norm, which it calls as a CUDA kernel of its own
+            # instead of fusing the norm with its neighbours; the formula it fuses
+            normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        else:  # eager (decoding): one kernel where the formula takes six
+            normed = F.rms_norm(x, x.shape[-1:], eps=self.variance_epsilon)
         return self.weight * normed.to(hidden_states.dtype)
 
 

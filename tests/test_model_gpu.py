@@ -66,3 +66,31 @@ def test_cuda_generate_left_padded_batch():
     for row, prompt in ((0, long), (1, short)):
         alone = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
         assert torch.equal(batched[row, -10:], alone[0, -10:])
+
+
+def test_compiled_rmsnorm_leaves_the_norm_to_inductor():
+    """Under torch.compile FlowHNRMSNorm is plain arithmetic, for Inductor to fuse with its neighbours. Through
+    F.rms_norm it would reach Inductor as aten._fused_rms_norm on CUDA, which Inductor calls as a kernel of its own
+    (the 91 ATen reductions of the compiled FAC step's profile, training/benchmarks/NOTES.md sessions 10 and 17)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from flowhn_hf.modeling_flowhn import FlowHNRMSNorm
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    norm = FlowHNRMSNorm(64).cuda()
+    x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch._dynamo.reset()
+    try:
+        y = torch.compile(norm, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)(x)
+        y.float().sum().backward()
+    finally:
+        torch._dynamo.reset()
+    ops = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert len(graphs) == 2 and not any("fused_rms_norm" in op for op in ops), ops
+    torch.testing.assert_close(y, norm(x), atol=1e-2, rtol=1e-2)  # the eager F.rms_norm path
