@@ -248,6 +248,37 @@ def test_passes_over_windows_of_chunks(triton_env, monkeypatch, dtype):
                         TOL[dtype], cu_seqlens=cu)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_windows_replay_from_a_cuda_graph(monkeypatch):
+    """The windows' two streams inside a CUDA graph (as torch.compile's reduce-overhead and the benchmark's graph
+    columns run them): replays give the eager outputs and gradients."""
+    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
+    monkeypatch.setattr(fk.chunk, "OVERLAP_MIN_CHUNKS", 2)
+    monkeypatch.setattr(fk.chunk, "OVERLAP_WINDOWS", 3)
+    xs = [x.requires_grad_() for x in make_inputs(1, 333, 4, 1, 128, 64, dtype=torch.bfloat16, device="cuda")[:4]]
+    do = torch.randn(1, 333, 4, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        for x in xs:
+            x.grad = None
+        o, _ = chunk_delta_rule(*xs)
+        o.backward(do)
+        return o
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        want = [step().detach().clone()] + [x.grad.clone() for x in xs]
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, g, w in zip(["o", "dq", "dk", "dv", "dbeta"], [o] + [x.grad for x in xs], want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_chunked_rank_one_without_rank_axis_and_initial_state(triton_env):
     H, K, V = dims(triton_env)
@@ -431,17 +462,20 @@ def test_host_time_script_stubs_the_launches_and_puts_them_back(benchmark_script
 
 
 def test_compare_versions_script_prints_both_versions_and_their_ratios(monkeypatch, capsys, benchmark_script):
-    """kernels/benchmarks/compare_versions.py (each version's measures stubbed): both rows per shape, then base / new;
-    a --versions that is not two label=folder pairs is refused by name."""
+    """kernels/benchmarks/compare_versions.py (each version's measures stubbed): both rows per shape, then base / new,
+    a dash and no ratio where a graph could not be captured; a --versions that is not two label=folder pairs is refused
+    by name."""
     compare = benchmark_script("compare_versions")
     with pytest.raises(ValueError, match="--versions"):
         compare.main(["--versions", "old=/a"])
-    measures = {"/a": (2.0, 1.0, 3.0, 100.0, 1e-3), "/b": (1.0, 1.0, 2.0, 50.0, 1e-3)}
+    measures = {"/a": (2.0, 1.0, 3.0, 100.0, 1e-3), "/b": (1.0, None, 2.0, 50.0, 1e-3)}
     monkeypatch.setattr(compare, "run_version", lambda folder, i: dict(zip(compare.MEASURES, measures[folder])))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a GPU")
     compare.main(["--versions", "old=/a,new=/b", "--shapes", "0,4"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if "| ratio |" in line]
-    assert len(rows) == 2 and rows[0].endswith("| 2.000 | 1.000 | 1.500 | 2.000 | 1.000 |")
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if "| ratio |" in line]
+    assert len(rows) == 2 and rows[0].endswith("| 2.000 | nan | 1.500 | 2.000 | 1.000 |")
+    assert any(line.endswith("| new | 1 | – | 2 | 50 | 0.001 |") for line in out)
 
 
 @pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)

@@ -61,9 +61,10 @@ def main(argv=None):
     print("| shape | version | " + " | ".join(MEASURES) + " |\n|---|---|" + "---|" * len(MEASURES), flush=True)
     for i in (int(s) for s in args.shapes.split(",")):
         rows = {label: run_version(folder, i) for label, folder in versions}
-        for label, row in rows.items():
-            print(f"| {SHAPES[i]} | {label} | " + " | ".join(f"{row[m]:.3g}" for m in MEASURES) + " |")
-        ratios = [rows[base][m] / rows[new][m] if rows[new][m] else float("nan") for m in MEASURES]
+        for label, row in rows.items():  # None: a graph that could not be captured
+            print(f"| {SHAPES[i]} | {label} | " + " | ".join("–" if row[m] is None else f"{row[m]:.3g}"
+                                                           for m in MEASURES) + " |")
+        ratios = [rows[base][m] / rows[new][m] if rows[base][m] and rows[new][m] else float("nan") for m in MEASURES]
         print(f"| {SHAPES[i]} | ratio | " + " | ".join(f"{r:.3f}" for r in ratios) + " |", flush=True)
 
 
