@@ -502,8 +502,8 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
 @pytest.mark.parametrize("rank", [1, 2])
 def test_tune_launch_takes_a_faster_setting_only_when_its_results_are_right(triton_env, monkeypatch, capsys,
                                                                            benchmark_script, rank):
-    """kernels/benchmarks/tune_launch.py (graph timings and the accuracy check stubbed): the fastest candidate gives wrong
-    results and is rejected, the next faster one is taken, into chunk.LAUNCH at R = 1 and LAUNCH_RANKS above."""
+    """kernels/benchmarks/tune_launch.py (graph timings and the accuracy check stubbed): the fastest candidate gives
+    wrong results and is rejected, the next faster one is taken, into chunk.LAUNCH at R = 1 and LAUNCH_RANKS above."""
     import functools
     import sys
 

@@ -1,9 +1,10 @@
 """Registers, spills and shared memory of every Triton kernel of delta_rule, compiled for Hopper (sm_90a) without a GPU.
 
 Triton compiles to PTX on any machine and ships ptxas, whose report is what the device would load: registers per
-thread, spill stores and loads (bytes per thread, local memory: slow), and Triton's own shared-memory figure (the
-H100/H200 give a block 227 KB), and from those two the blocks an SM can hold at once; nvdisasm counts the machine instructions (SASS) of the kernel, and of its longest
-loop (a sequential pass's step) by opcode group: a static measure of the work a step issues. Each kernel at key and
+thread, spill stores and loads (bytes per thread, local memory: slow), Triton's own shared-memory figure (the
+H100/H200 give a block 227 KB) and from those two the blocks an SM can hold at once; nvdisasm counts the machine
+instructions (SASS) of the kernel, and of its longest loop (a sequential pass's step) by opcode group: a static
+measure of the work a step issues. Each kernel at key and
 value width D in {64, 128}, bf16, rank R (default 1), with its launch settings (chunk.LAUNCH, recurrent.LAUNCH) and
 with 8 warps. Prints a markdown table; nothing runs, so it needs no device time.
 
@@ -168,7 +169,8 @@ def main():
             for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
                 r = report(name, D, args.dtype, args.rank, launch)
                 print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']} | {r['regs']} | "
-                      f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} | {r['blocks']} | {r['instructions']} | "
+                      f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} | {r['blocks']} | "
+                      f"{r['instructions']} | "
                       f"{loop_cell(r['loop'])} |", flush=True)
 
 
