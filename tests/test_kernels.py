@@ -232,10 +232,15 @@ def test_passes_over_windows_of_chunks(triton_env, monkeypatch, dtype):
     """One sequence's passes split into windows of chunks, each window's per-chunk kernels after it (on the GPU on
     their own stream, beside the next window's pass: chunk._overlapped), against float64: ranks 1 and 2, initial and
     final states, one packed document. A batch keeps one window."""
+    device = torch.device(triton_env)
+    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 132)  # the H100's and H200's SMs, at the anchor shapes
+    assert len(fk.chunk.make_plan(1, 16384, 1, device).windows(16, 128, 128)) == fk.chunk.OVERLAP_WINDOWS
+    assert len(fk.chunk.make_plan(1, 16384, 1, device).windows(32, 128, 128)) == 1  # 128 programs: no SMs to spare
+    assert len(fk.chunk.make_plan(2, 8192, 1, device).windows(16, 128, 128)) == 1  # two sequences
+    assert len(fk.chunk.make_plan(1, 2048, 1, device).windows(16, 128, 128)) == 1  # 32 chunks: too short
     monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
     monkeypatch.setattr(fk.chunk, "OVERLAP_MIN_CHUNKS", 2)
     monkeypatch.setattr(fk.chunk, "OVERLAP_WINDOWS", 3)
-    device = torch.device(triton_env)
     assert fk.chunk.make_plan(1, 333, 1, device).windows(2, 16, 32) == ((0, 2), (2, 4), (4, 6))
     assert fk.chunk.make_plan(1, 333, 2, device).windows(2, 16, 32) == ((0, 4), (4, 8), (8, 11))
     assert fk.chunk.make_plan(2, 333, 1, device).windows(2, 16, 32) == ((0, 12),)
