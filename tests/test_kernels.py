@@ -466,6 +466,16 @@ def test_host_time_script_stubs_the_launches_and_puts_them_back(benchmark_script
     assert fk.utils.kernel.__getitem__ is launch
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_host_time_on_the_gpu_times_real_calls(benchmark_script, capsys):
+    """host_time.py --gpu-shapes: real eager fwd+bwd calls, host and wall time, with the windows as they are and off."""
+    host_time = benchmark_script("host_time")
+    host, wall = host_time.gpu_host_and_wall((1, 4096, 4, 64), calls=3)
+    assert 0 < host <= wall
+    host_time.gpu_table([0])
+    assert capsys.readouterr().out.count("| (8, 2048, 12, 64) |") == 2
+
+
 def test_compare_versions_script_prints_both_versions_and_their_ratios(monkeypatch, capsys, benchmark_script):
     """kernels/benchmarks/compare_versions.py (each version's measures stubbed): both rows per shape, then base / new,
     a dash and no ratio where a graph could not be captured; a --versions that is not two label=folder pairs is refused

@@ -7,6 +7,10 @@ run of 2026-12-02 had (8, 2048, 12, 64) at 1.45-1.61 ms fwd+bwd against ~0.87 ms
 (TRITON_INTERPRET=1 routes delta_rule to them) and each launch returns at once.
 
     python kernels/benchmarks/host_time.py [--iters 300]
+
+On a GPU, `--gpu-shapes 4,0` (anchor shapes) also times real eager fwd+bwd calls: the host's time to issue a few of
+them back to back against the time until the GPU has run them, each with the windows of chunk.Plan.windows as they
+are and turned off. Host below wall: the call is GPU-bound, with that much host time to spare.
 """
 
 import argparse
@@ -55,9 +59,51 @@ def measure(iters):
     return results
 
 
+def gpu_host_and_wall(shape, calls=10):
+    """(host µs, wall µs) of one eager fwd+bwd at shape (B, T, H, D) on the GPU: `calls` calls issued back to back
+    after a synchronize (few enough that the launch queue never fills, so issuing never waits on the GPU), then the
+    time until the GPU is done."""
+    xs = inputs(*shape, 1, layout="fla")
+    do = torch.randn_like(xs[2])
+
+    def fwd_bwd():
+        delta_rule(*xs)[0].backward(do)
+        for x in xs:
+            x.grad = None
+
+    for _ in range(3):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fwd_bwd()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    return 1e6 * (issued - start) / calls, 1e6 * (time.perf_counter() - start) / calls
+
+
+def gpu_table(shape_indices):
+    from bench_delta_rule import SHAPES
+    from flowhn_kernels import chunk
+
+    print("\n| shape | windows | host µs | wall µs |\n|---|---|---|---|")
+    for i in shape_indices:
+        windows = chunk.OVERLAP_WINDOWS
+        for count in (windows, 1):
+            chunk.OVERLAP_WINDOWS = count
+            try:
+                used = len(chunk.make_plan(SHAPES[i][0], SHAPES[i][1], 1, torch.device("cuda")).windows(
+                    SHAPES[i][2], SHAPES[i][3], SHAPES[i][3]))
+                host, wall = gpu_host_and_wall(SHAPES[i])
+            finally:
+                chunk.OVERLAP_WINDOWS = windows
+            print(f"| {SHAPES[i]} | {used} | {host:.0f} | {wall:.0f} |", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--gpu-shapes", default="", help="anchor shape indices: real calls on the GPU as well")
     args = ap.parse_args(argv)
     saved_env, saved_launch = os.environ.get("TRITON_INTERPRET"), kernel.__getitem__
     os.environ["TRITON_INTERPRET"] = "1"
@@ -74,6 +120,8 @@ def main(argv=None):
     print("| call | host µs |\n|---|---|")
     for case, us in results.items():
         print(f"| {case} | {us:.0f} |")
+    if args.gpu_shapes:
+        gpu_table([int(i) for i in args.gpu_shapes.split(",")])
     return results
 
 
