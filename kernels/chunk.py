@@ -214,12 +214,12 @@ def fwd_tiles(k, w, ut, g, c, bos, eos, h, r, kk, col, H: tl.constexpr, R: tl.co
 
 
 @kernel
-def state_fwd_kernel(k, w, ut, u, hs, init, final, c_lo, c_hi, cu, chunk_off, length, UNIFORM: tl.constexpr,
+def state_fwd_kernel(k, w, ut, hs, init, final, c_lo, c_hi, cu, chunk_off, length, UNIFORM: tl.constexpr,
                      H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DT: tl.constexpr,
                      PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
-    """Sequential pass over one sequence's chunks: S_end = S_start + Kᵀ(Ũ − W S_start).
+    """Sequential pass over one sequence's chunks: S_end = S_start + Kᵀ U with U = Ũ − W S_start, written over Ũ.
 
     A for loop, so that Triton's pipeliner loads the tiles of the next chunks (num_stages − 1 ahead) while this one
     multiplies: with few sequences × heads the step's latency sets the time (kernels/benchmarks/state_passes.py).
@@ -251,7 +251,7 @@ def state_fwd_kernel(k, w, ut, u, hs, init, final, c_lo, c_hi, cu, chunk_off, le
             tl.store(hs + ((g0 + c) * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=kv_mask)
         b_u = b_ut.to(tl.float32) - tl.dot(b_w.to(DT), S.to(DT), input_precision=PREC)
         if not AUG:
-            tl.store(u + base[:, None] * V + vv[None, :], b_u.to(u.dtype.element_ty), mask=vv[None, :] < V)
+            tl.store(ut + base[:, None] * V + vv[None, :], b_u.to(ut.dtype.element_ty), mask=vv[None, :] < V)
         S += tl.dot(b_kt.to(DT), b_u.to(DT), input_precision=PREC)
     if STORE_FINAL:
         tl.store(final + state + kv, S, mask=kv_mask)
@@ -668,15 +668,16 @@ def _pass_launch(name, k, va, aug, plan):
     return pow2(K), bv, launch(name + suffix, K, k.dtype, R)
 
 
-def _state_pass(k, w, ut, init, plan, final, aug, u=None, hs=None, window=None):
-    """The forward pass over chunks, or over the window of them [lo, hi) of every sequence."""
+def _state_pass(k, w, ut, init, plan, final, aug, hs=None, window=None):
+    """The forward pass over chunks, or over the window of them [lo, hi) of every sequence: U over Ũ in ut, the chunk
+    states into hs (none in the scan's flow pass, aug)."""
     _, H, R, K = k.shape
     V = ut.shape[-1]
     va = K + V if aug else V
     lo, hi = window or (0, plan.nc)
     bk, bv, pass_launch = _pass_launch("state_fwd", k, va, aug, plan)
     state_fwd_kernel[(plan.n, H, cdiv(va, bv))](
-        k, w, ut, u, hs, init, final, lo, hi, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
+        k, w, ut, hs, init, final, lo, hi, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
         init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, **pass_launch)
 
 
@@ -728,12 +729,12 @@ def _states(k, w, ut, hs, initial_state, plan, output_final_state, scan, then):
         _state_pass(k, w, ut, None, seg, flows, True)
         starts = k.new_empty(seg.n, H, K, V, dtype=torch.float32)
         _combine(flows, initial_state, starts, final, seg_off, plan.n, False)
-        _state_pass(k, w, ut, starts, seg, None, False, ut, hs)
+        _state_pass(k, w, ut, starts, seg, None, False, hs)
         then(0, plan.nc)
         return final
 
     def one_pass(init, out, window):
-        _state_pass(k, w, ut, init, plan, out, False, ut, hs, window)
+        _state_pass(k, w, ut, init, plan, out, False, hs, window)
 
     _overlapped(plan.windows(H, K, V), one_pass, then, initial_state, final, (plan.n, H, K, V), k.device)
     return final
@@ -750,11 +751,11 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     hs = k.new_empty(plan.nc, H, K, V)
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = _chunk_blocks(K, V)
+    dt, prec, output_launch = dot_dtype(k.dtype), dot_precision(k.dtype), launch("output", K, k.dtype)
 
     def output(lo, hi):
         output_kernel[(hi - lo, H, cdiv(V, bv))](q, k, u, hs, o, scale, lo, *plan.chunks, H, R, K, V,
-                                                 plan.rp, plan.bt, bk, bv, dot_dtype(k.dtype),
-                                                 dot_precision(k.dtype), **launch("output", K, k.dtype))
+                                                 plan.rp, plan.bt, bk, bv, dt, prec, **output_launch)
 
     final = _states(k, w, u, hs, initial_state, plan, output_final_state, scan, output)
     return o, final, (tinv, w, u, hs)
@@ -788,14 +789,15 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     dbeta = torch.empty_like(beta)
     gk, gv = min(pow2(K), 64), min(pow2(V), 64)
     dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
+    low = dt if WY_TRANSPOSE_16BIT else tl.float32
+    cd = dt if WY_CANCELLING_16BIT else tl.float32
+    state_launch, wy_launch = launch("grad_state", K, k.dtype), launch("grad_wy", K, k.dtype)
 
     def grads(lo, hi):
         grad_state_kernel[(hi - lo, H, cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, lo, *plan.chunks,
-                                                     H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec,
-                                                     **launch("grad_state", K, k.dtype))
+                                                     H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec, **state_launch)
         grad_wy_kernel[(hi - lo, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, lo, *plan.chunks, H, R, K, V,
-                                     plan.rp, plan.bt, gk, gv, dt, prec, dt if WY_TRANSPOSE_16BIT else tl.float32,
-                                     dt if WY_CANCELLING_16BIT else tl.float32, **launch("grad_wy", K, k.dtype))
+                                     plan.rp, plan.bt, gk, gv, dt, prec, low, cd, **wy_launch)
 
     if plan.use_scan(H, K, V, scan):
         seg, seg_off = plan.segments()

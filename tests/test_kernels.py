@@ -226,21 +226,32 @@ def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
     check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16], cu_seqlens=cu)
 
 
+@pytest.fixture
+def three_windows(monkeypatch):
+    """Windows wherever one sequence has two chunks or more, three of them (Plan.windows)."""
+    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
+    monkeypatch.setattr(fk.chunk, "OVERLAP_MIN_CHUNKS", 2)
+    monkeypatch.setattr(fk.chunk, "OVERLAP_WINDOWS", 3)
+
+
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_passes_over_windows_of_chunks(triton_env, monkeypatch, dtype):
-    """One sequence's passes split into windows of chunks, each window's per-chunk kernels after it (on the GPU on
-    their own stream, beside the next window's pass: chunk._overlapped), against float64: ranks 1 and 2, initial and
-    final states, one packed document. A batch keeps one window."""
+def test_windows_at_the_anchor_shapes(triton_env, monkeypatch):
+    """Plan.windows on a 132-SM GPU (the H100's and H200's): B = 1 at 16 heads only."""
     device = torch.device(triton_env)
-    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 132)  # the H100's and H200's SMs, at the anchor shapes
+    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 132)
     assert len(fk.chunk.make_plan(1, 16384, 1, device).windows(16, 128, 128)) == fk.chunk.OVERLAP_WINDOWS
     assert len(fk.chunk.make_plan(1, 16384, 1, device).windows(32, 128, 128)) == 1  # 128 programs: no SMs to spare
     assert len(fk.chunk.make_plan(2, 8192, 1, device).windows(16, 128, 128)) == 1  # two sequences
     assert len(fk.chunk.make_plan(1, 2048, 1, device).windows(16, 128, 128)) == 1  # 32 chunks: too short
-    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
-    monkeypatch.setattr(fk.chunk, "OVERLAP_MIN_CHUNKS", 2)
-    monkeypatch.setattr(fk.chunk, "OVERLAP_WINDOWS", 3)
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_passes_over_windows_of_chunks(triton_env, three_windows, dtype):
+    """One sequence's passes split into windows of chunks, each window's per-chunk kernels after it (on the GPU on
+    their own stream, beside the next window's pass: chunk._overlapped), against float64: ranks 1 and 2, initial and
+    final states, one packed document. A batch keeps one window."""
+    device = torch.device(triton_env)
     assert fk.chunk.make_plan(1, 333, 1, device).windows(2, 16, 32) == ((0, 2), (2, 4), (4, 6))
     assert fk.chunk.make_plan(1, 333, 2, device).windows(2, 16, 32) == ((0, 4), (4, 8), (8, 11))
     assert fk.chunk.make_plan(2, 333, 1, device).windows(2, 16, 32) == ((0, 12),)
@@ -254,12 +265,9 @@ def test_passes_over_windows_of_chunks(triton_env, monkeypatch, dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_windows_replay_from_a_cuda_graph(monkeypatch):
+def test_windows_replay_from_a_cuda_graph(three_windows):
     """The windows' two streams inside a CUDA graph (as torch.compile's reduce-overhead and the benchmark's graph
     columns run them): replays give the eager outputs and gradients."""
-    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
-    monkeypatch.setattr(fk.chunk, "OVERLAP_MIN_CHUNKS", 2)
-    monkeypatch.setattr(fk.chunk, "OVERLAP_WINDOWS", 3)
     xs = [x.requires_grad_() for x in make_inputs(1, 333, 4, 1, 128, 64, dtype=torch.bfloat16, device="cuda")[:4]]
     do = torch.randn(1, 333, 4, 64, device="cuda", dtype=torch.bfloat16)
 

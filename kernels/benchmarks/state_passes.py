@@ -56,11 +56,12 @@ def pass_inputs(B, T, H, D, R=1, dev="cuda"):
 
 
 def run_passes(q, k, w, ut, do, plan):
-    """(u, hs, du, dhs) and the ms of the forward and the reverse pass, each as delta_rule runs it."""
+    """(u, hs, du, dhs) and the ms of the forward and the reverse pass, each as delta_rule runs it. The forward writes
+    U over its copy of Ũ: the first call's U is the output, the timed calls' work on what the last one left."""
     scale = q.shape[-1] ** -0.5
-    u, hs = torch.empty_like(ut), q.new_empty(plan.nc, q.shape[1], q.shape[2], ut.shape[-1])
+    u, hs = ut.clone(), q.new_empty(plan.nc, q.shape[1], q.shape[2], ut.shape[-1])
     du, dhs = torch.empty_like(ut), torch.empty_like(hs)
-    fwd = lambda: chunk._state_pass(k, w, ut, None, plan, None, False, u, hs)  # noqa: E731
+    fwd = lambda: chunk._state_pass(k, w, u, None, plan, None, False, hs)  # noqa: E731
     bwd = lambda: chunk._reverse_pass(q, k, w, do, scale, None, plan, None, False, du, dhs)  # noqa: E731
     fwd()
     bwd()
