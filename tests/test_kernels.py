@@ -6,6 +6,8 @@ With CUDA the same tests also run compiled on the GPU at larger sizes.
 """
 
 import functools
+import os
+import sys
 
 import pytest
 import torch
@@ -464,14 +466,26 @@ def test_interpreted_launches_leave_triton_language_as_it_was(triton_env):
         assert now.keys() == was.keys() and all(now[n] is was[n] for n in was), ns
 
 
-def test_host_time_script_stubs_the_launches_and_puts_them_back(benchmark_script):
-    """kernels/benchmarks/host_time.py times the host side of eager calls with the launches stubbed out."""
-    host_time = benchmark_script("host_time")
+def test_host_time_script_stubs_the_launches_and_puts_them_back(benchmark_script, capsys):
+    """kernels/benchmarks/host_time.py times the host side of eager calls with the launches stubbed out, at our launch
+    wrapper and behind Triton's own dispatch (kernels compiled for sm_90a, a stand-in driver), and puts back all it
+    replaced."""
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.driver import driver
 
-    launch = fk.utils.kernel.__getitem__
+    host_time = benchmark_script("host_time")
+    module = sys.modules[fk.delta_rule.__module__]
+    replaced = [fk.utils.kernel.__getitem__, CompiledKernel._init_handles, driver._active, module.interpreting,
+                os.environ.get("TRITON_INTERPRET")]
     results = host_time.main(["--iters", "3"])
-    assert len(results) == 4 and all(us > 0 for us in results.values())
-    assert fk.utils.kernel.__getitem__ is launch
+    assert set(results) == {"ours", "triton"}
+    assert all(len(r) == 5 and all(us > 0 for us in r.values()) for r in results.values())
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| chunked") or line.startswith("| decode")}
+    assert rows["chunked fwd+bwd, R = 1"] == "6" and rows["decode step"] == "1"
+    assert int(rows[f"chunked fwd+bwd, R = 1, {fk.chunk.OVERLAP_WINDOWS} windows"]) > 6
+    assert [fk.utils.kernel.__getitem__, CompiledKernel._init_handles, driver._active, module.interpreting,
+            os.environ.get("TRITON_INTERPRET")] == replaced
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

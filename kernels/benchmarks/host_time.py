@@ -1,10 +1,19 @@
-"""Host time of eager delta_rule calls with every Triton launch stubbed out: the Python and dispatch work around the
+"""Host time of eager delta_rule calls with the GPU launches stubbed out: the Python and dispatch work around the
 kernels, measured on any machine.
 
 On a GPU a call whose host time exceeds its kernels' GPU time is host-bound and measures as its host time (the H200
 run of 2026-12-02 had (8, 2048, 12, 64) at 1.45-1.61 ms fwd+bwd against ~0.87 ms of kernels, and a decode step at
-0.10-0.20 ms). The shapes here are small; the tensors stay on the CPU, the kernels' host code runs as on the GPU
-(TRITON_INTERPRET=1 routes delta_rule to them) and each launch returns at once.
+0.10-0.20 ms). The shapes here are small and the tensors stay on the CPU; two columns, each launch stubbed at a
+different depth:
+
+- "ours": at our launch wrapper (utils.kernel), with TRITON_INTERPRET=1 routing delta_rule to the kernels' host code:
+  the Python and torch work of our own code.
+- "with Triton's dispatch": the kernels compiled for Hopper (sm_90a, as resources.py does; Triton caches them on disk)
+  and launched through Triton's own dispatch (argument binding, specialisation, its kernel cache), under a stand-in
+  driver whose launch only reads each tensor's address: the host time of an eager call on a GPU, less the driver's
+  launch, CUDA's allocator and the windows' stream switches.
+
+The windows row forces chunk.Plan.windows' overlapped windows at a small shape: what they add to a call's host time.
 
     python kernels/benchmarks/host_time.py [--iters 300]
 
@@ -14,49 +23,141 @@ are and turned off. Host below wall: the call is GPU-bound, with that much host 
 """
 
 import argparse
+import contextlib
 import os
+import sys
 import time
 
 import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import CompiledKernel
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
 
-from flowhn_kernels import delta_rule
+from flowhn_kernels import chunk, delta_rule
 from flowhn_kernels.utils import kernel
 
 from bench_delta_rule import inputs
 
 SHAPE = (2, 128, 2, 64)  # B, T, H, D: the host work does not depend on them
+WINDOWS_SHAPE = (1, 256, 2, 64)  # one sequence of 4 chunks: one chunk a window
+LEVELS = {"ours": "ours", "triton": "with Triton's dispatch"}
 
 
-def microseconds(step, iters):
+def microseconds(step, iters, repeats=5):
+    """The fastest of `repeats` means over iters / repeats calls: the host's time with the least interference from
+    other work on the machine."""
     for _ in range(max(3, iters // 10)):
         step()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return (time.perf_counter() - start) / iters * 1e6
+    per_repeat = max(1, iters // repeats)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(per_repeat):
+            step()
+        best = min(best, (time.perf_counter() - start) / per_repeat)
+    return best * 1e6
 
 
-def measure(iters):
-    """{case: µs per call}: chunked fwd+bwd at R = 1 and 2, chunked forward without gradients, one decode step."""
-    results = {}
+@contextlib.contextmanager
+def forced_windows():
+    """chunk.Plan.windows' windows at any sequence of several chunks, whatever the device."""
+    saved = chunk.OVERLAP_MIN_CHUNKS, chunk.sm_count
+    chunk.OVERLAP_MIN_CHUNKS, chunk.sm_count = 1, lambda device: 1 << 20
+    try:
+        yield
+    finally:
+        chunk.OVERLAP_MIN_CHUNKS, chunk.sm_count = saved
+
+
+def measure(iters, launches):
+    """{case: µs per call}: chunked fwd+bwd at R = 1 and 2 and with forced windows, chunked forward without gradients,
+    one decode step; launches[case]: the kernel launches of one call (`launches` counts them as they happen)."""
+    cases = {}
     for R in (1, 2):
-        xs = inputs(*SHAPE, R, layout="fla" if R == 1 else "ours", dev="cpu")
-        do = torch.randn_like(xs[0])
+        cases[f"chunked fwd+bwd, R = {R}"] = (fwd_bwd(SHAPE, R), contextlib.nullcontext)
+    cases[f"chunked fwd+bwd, R = 1, {chunk.OVERLAP_WINDOWS} windows"] = (fwd_bwd(WINDOWS_SHAPE, 1), forced_windows)
+    xs = [x.detach() for x in inputs(*SHAPE, 1, layout="fla", dev="cpu")]
+    step = [x[:, :1] for x in xs]
+    state = torch.randn(SHAPE[0], SHAPE[2], SHAPE[3], SHAPE[3])
+    cases["chunked forward, no grad"] = (lambda: delta_rule(*xs), torch.no_grad)
+    cases["decode step"] = (lambda: delta_rule(*step, initial_state=state, output_final_state=True), torch.no_grad)
+    results, counts = {}, {}
+    for case, (call, context) in cases.items():
+        with context():
+            before = launches[0]
+            call()
+            counts[case] = launches[0] - before
+            results[case] = microseconds(call, iters)
+    return results, counts
 
-        def fwd_bwd():
-            delta_rule(*xs)[0].backward(do)
-            for x in xs:
-                x.grad = None
 
-        results[f"chunked fwd+bwd, R = {R}"] = microseconds(fwd_bwd, iters)
-    with torch.no_grad():
-        xs = inputs(*SHAPE, 1, layout="fla", dev="cpu")
-        results["chunked forward, no grad"] = microseconds(lambda: delta_rule(*xs), iters)
-        step = [x[:, :1] for x in xs]
-        state = torch.randn(SHAPE[0], SHAPE[2], SHAPE[3], SHAPE[3])
-        results["decode step"] = microseconds(lambda: delta_rule(*step, initial_state=state, output_final_state=True),
-                                              iters)  # fmt: skip
-    return results
+def fwd_bwd(shape, R):
+    xs = inputs(*shape, R, layout="fla" if R == 1 else "ours", dev="cpu")
+    do = torch.randn_like(xs[0])
+
+    def call():
+        delta_rule(*xs)[0].backward(do)
+        for x in xs:
+            x.grad = None
+
+    return call
+
+
+class _HopperWithoutGpu:
+    """A stand-in for Triton's CUDA driver: device 0, stream 0, an sm_90 target, so kernels compile and dispatch."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+@contextlib.contextmanager
+def stubbed_launches(level, launches):
+    """Every launch of delta_rule's kernels counted in launches[0] and stubbed out at `level` (LEVELS); all put back
+    afterwards. The "triton" level dispatches through kernels of its own, so no stubbed kernel outlives it."""
+    saved_env, saved_launch = os.environ.get("TRITON_INTERPRET"), kernel.__getitem__
+    module = sys.modules[delta_rule.__module__]
+    saved_driver, saved_handles, saved_routing = driver._active, CompiledKernel._init_handles, module.interpreting
+
+    def count(*args, **kwargs):
+        launches[0] += 1
+
+    if level == "ours":
+        os.environ["TRITON_INTERPRET"] = "1"
+        kernel.__getitem__ = lambda self, grid: count
+    else:
+        forms = {}
+
+        def dispatch(self, grid):
+            if self not in forms:
+                forms[self] = JITFunction(self.fn)
+            return forms[self][grid]
+
+        def stub_handles(compiled):
+            compiled.function = 0
+            compiled._run = lambda *args: count(*[a.data_ptr() for a in args if isinstance(a, torch.Tensor)])
+
+        os.environ.pop("TRITON_INTERPRET", None)
+        driver.set_active(_HopperWithoutGpu())
+        CompiledKernel._init_handles = stub_handles
+        kernel.__getitem__ = dispatch
+        module.interpreting = lambda: True  # CPU tensors take the kernels
+    try:
+        yield
+    finally:
+        kernel.__getitem__, module.interpreting = saved_launch, saved_routing
+        CompiledKernel._init_handles = saved_handles
+        driver._active = saved_driver  # (reset_active would look for a GPU)
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
 
 
 def gpu_host_and_wall(shape, calls=10):
@@ -105,21 +206,14 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--gpu-shapes", default="", help="anchor shape indices: real calls on the GPU as well")
     args = ap.parse_args(argv)
-    saved_env, saved_launch = os.environ.get("TRITON_INTERPRET"), kernel.__getitem__
-    os.environ["TRITON_INTERPRET"] = "1"
-    kernel.__getitem__ = lambda self, grid: (lambda *a, **kw: None)
-    try:
-        results = measure(args.iters)
-    finally:
-        kernel.__getitem__ = saved_launch
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
+    results, launches = {}, [0]
+    for level in LEVELS:
+        with stubbed_launches(level, launches):
+            results[level], counts = measure(args.iters, launches)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; host µs per call, launches stubbed\n")
-    print("| call | host µs |\n|---|---|")
-    for case, us in results.items():
-        print(f"| {case} | {us:.0f} |")
+    print(f"| call | launches | {' | '.join(LEVELS.values())} |\n|---|---|{'---|' * len(LEVELS)}")
+    for case, count in counts.items():
+        print(f"| {case} | {count} | {' | '.join(f'{results[level][case]:.0f}' for level in LEVELS)} |")
     if args.gpu_shapes:
         gpu_table([int(i) for i in args.gpu_shapes.split(",")])
     return results
