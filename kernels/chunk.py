@@ -20,7 +20,7 @@ import functools
 import torch
 import triton.language as tl
 
-from .utils import cdiv, device_function, dot_dtype, dot_precision, kernel, pow2
+from .utils import Repeats, cdiv, device_function, dot_dtype, dot_precision, kernel, pow2
 
 ROWS = 64
 # launch settings (num_warps, num_stages) per kernel and key width pow2(K): 64, 128 or 256.
@@ -101,6 +101,12 @@ def launch(name, K, dtype, rank=1):
     if dtype == torch.float32:
         return dict(LAUNCH.get(key, {}), num_stages=1)
     return dict(LAUNCH_RANKS.get((*key, rank), LAUNCH.get(key, {})))
+
+
+def windowed(fn):
+    """A kernel that runs over a window of chunks: its bounds (c_lo, c_hi or chunk0) left unspecialised, so that every
+    window's launch can run the kernel compiled for the first (utils.Repeats)."""
+    return kernel(fn, do_not_specialize=("c_lo", "c_hi", "chunk0"))
 
 
 @device_function
@@ -213,7 +219,7 @@ def fwd_tiles(k, w, ut, g, c, bos, eos, h, r, kk, col, H: tl.constexpr, R: tl.co
     return base, b_w, b_ut, b_kt
 
 
-@kernel
+@windowed
 def state_fwd_kernel(k, w, ut, hs, init, final, c_lo, c_hi, cu, chunk_off, length, UNIFORM: tl.constexpr,
                      H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -257,7 +263,7 @@ def state_fwd_kernel(k, w, ut, hs, init, final, c_lo, c_hi, cu, chunk_off, lengt
         tl.store(final + state + kv, S, mask=kv_mask)
 
 
-@kernel
+@windowed
 def output_kernel(q, k, u, hs, o, scale, chunk0, cu, chunk_idx, length, UNIFORM: tl.constexpr,
                   H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -308,7 +314,7 @@ def bwd_tiles(q, k, w, do, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.conste
     return base, b_q, b_kt, b_dot, b_w, at_t
 
 
-@kernel
+@windowed
 def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, c_lo, c_hi, cu, chunk_off, length,
                      UNIFORM: tl.constexpr,
                      H: tl.constexpr, R: tl.constexpr,
@@ -405,7 +411,7 @@ def combine_kernel(flows, x0, xs, xout, seg_off, H: tl.constexpr, K: tl.constexp
         tl.store(xout + state + kv, X, mask=kv_mask)
 
 
-@kernel
+@windowed
 def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, chunk0, cu, chunk_idx, length,
                       UNIFORM: tl.constexpr,
                       H: tl.constexpr, R: tl.constexpr,
@@ -458,7 +464,7 @@ def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, chunk0, cu, c
     tl.store(dw + base[:, None] * K + kk[None, :], b_dw.to(dw.dtype.element_ty), mask=k_ok[None, :])
 
 
-@kernel
+@windowed
 def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu, chunk_idx, length, UNIFORM: tl.constexpr,
                    H: tl.constexpr, R: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -668,17 +674,18 @@ def _pass_launch(name, k, va, aug, plan):
     return pow2(K), bv, launch(name + suffix, K, k.dtype, R)
 
 
-def _state_pass(k, w, ut, init, plan, final, aug, hs=None, window=None):
+def _state_pass(k, w, ut, init, plan, final, aug, hs=None, window=None, repeats=None):
     """The forward pass over chunks, or over the window of them [lo, hi) of every sequence: U over Ũ in ut, the chunk
-    states into hs (none in the scan's flow pass, aug)."""
+    states into hs (none in the scan's flow pass, aug). `repeats`: the call's earlier windows' launches."""
     _, H, R, K = k.shape
     V = ut.shape[-1]
     va = K + V if aug else V
     lo, hi = window or (0, plan.nc)
     bk, bv, pass_launch = _pass_launch("state_fwd", k, va, aug, plan)
-    state_fwd_kernel[(plan.n, H, cdiv(va, bv))](
-        k, w, ut, hs, init, final, lo, hi, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, **pass_launch)
+    (repeats or Repeats(state_fwd_kernel))(
+        (plan.n, H, cdiv(va, bv)), k, w, ut, hs, init, final, lo, hi, *plan.sequences, H, R, K, V, plan.rp, plan.bt,
+        bk, bv, init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
+        key=(id(init), id(final)), **pass_launch)
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
@@ -733,8 +740,10 @@ def _states(k, w, ut, hs, initial_state, plan, output_final_state, scan, then):
         then(0, plan.nc)
         return final
 
+    repeats = Repeats(state_fwd_kernel)
+
     def one_pass(init, out, window):
-        _state_pass(k, w, ut, init, plan, out, False, hs, window)
+        _state_pass(k, w, ut, init, plan, out, False, hs, window, repeats)
 
     _overlapped(plan.windows(H, K, V), one_pass, then, initial_state, final, (plan.n, H, K, V), k.device)
     return final
@@ -752,25 +761,28 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = _chunk_blocks(K, V)
     dt, prec, output_launch = dot_dtype(k.dtype), dot_precision(k.dtype), launch("output", K, k.dtype)
+    repeats = Repeats(output_kernel)
 
     def output(lo, hi):
-        output_kernel[(hi - lo, H, cdiv(V, bv))](q, k, u, hs, o, scale, lo, *plan.chunks, H, R, K, V,
-                                                 plan.rp, plan.bt, bk, bv, dt, prec, **output_launch)
+        repeats((hi - lo, H, cdiv(V, bv)), q, k, u, hs, o, scale, lo, *plan.chunks, H, R, K, V, plan.rp, plan.bt, bk,
+                bv, dt, prec, **output_launch)
 
     final = _states(k, w, u, hs, initial_state, plan, output_final_state, scan, output)
     return o, final, (tinv, w, u, hs)
 
 
-def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None, window=None):
-    """The reverse pass over chunks, or over the window of them [lo, hi) of every sequence."""
+def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None, window=None, repeats=None):
+    """The reverse pass over chunks, or over the window of them [lo, hi) of every sequence. `repeats`: the call's
+    earlier windows' launches."""
     _, H, R, K = k.shape
     V = do.shape[-1]
     va = K + V if aug else V
     lo, hi = window or (0, plan.nc)
     bk, bv, pass_launch = _pass_launch("state_bwd", k, va, aug, plan)
-    state_bwd_kernel[(plan.n, H, cdiv(va, bv))](
-        q, k, w, do, du, dhs, dfinal, dinit, scale, lo, hi, *plan.sequences, H, R, K, V, plan.rp, plan.bt, bk, bv,
-        dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, **pass_launch)
+    (repeats or Repeats(state_bwd_kernel))(
+        (plan.n, H, cdiv(va, bv)), q, k, w, do, du, dhs, dfinal, dinit, scale, lo, hi, *plan.sequences, H, R, K, V,
+        plan.rp, plan.bt, bk, bv, dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype),
+        aug, va, key=(id(dfinal), id(dinit)), **pass_launch)
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):
@@ -792,12 +804,13 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     low = dt if WY_TRANSPOSE_16BIT else tl.float32
     cd = dt if WY_CANCELLING_16BIT else tl.float32
     state_launch, wy_launch = launch("grad_state", K, k.dtype), launch("grad_wy", K, k.dtype)
+    state_repeats, wy_repeats = Repeats(grad_state_kernel), Repeats(grad_wy_kernel)
 
     def grads(lo, hi):
-        grad_state_kernel[(hi - lo, H, cdiv(K, gk))](q, k, u, hs, du, dhs, do, dq, dk, dw, scale, lo, *plan.chunks,
-                                                     H, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec, **state_launch)
-        grad_wy_kernel[(hi - lo, H)](k, v, beta, tinv, du, dw, dk, dv, dbeta, lo, *plan.chunks, H, R, K, V,
-                                     plan.rp, plan.bt, gk, gv, dt, prec, low, cd, **wy_launch)
+        state_repeats((hi - lo, H, cdiv(K, gk)), q, k, u, hs, du, dhs, do, dq, dk, dw, scale, lo, *plan.chunks, H, R,
+                      K, V, plan.rp, plan.bt, gk, gv, dt, prec, **state_launch)
+        wy_repeats((hi - lo, H), k, v, beta, tinv, du, dw, dk, dv, dbeta, lo, *plan.chunks, H, R, K, V, plan.rp,
+                   plan.bt, gk, gv, dt, prec, low, cd, **wy_launch)
 
     if plan.use_scan(H, K, V, scan):
         seg, seg_off = plan.segments()
@@ -809,8 +822,10 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
         grads(0, plan.nc)
         return dq, dk, dv, dbeta, dinit
 
+    repeats = Repeats(state_bwd_kernel)
+
     def one_pass(dend, dstart, window):
-        _reverse_pass(q, k, w, do, scale, dend, plan, dstart, False, du, dhs, window)
+        _reverse_pass(q, k, w, do, scale, dend, plan, dstart, False, du, dhs, window, repeats)
 
     _overlapped(plan.windows(H, K, V)[::-1], one_pass, grads, dfinal, dinit, (plan.n, H, K, V), q.device)
     return dq, dk, dv, dbeta, dinit

@@ -27,27 +27,33 @@ class kernel:
     triton.jit decides at decoration (import) time from TRITON_INTERPRET; deciding per launch
     keeps CPU tests valid whatever order pytest imports modules in. triton.language's own jitted
     helpers (tl.sum, tl.cdiv, ...) were decided at triton's import too: an interpreted launch swaps
-    in their interpreted forms for its duration.
+    in their interpreted forms for its duration. `do_not_specialize`: integer arguments Triton
+    compiles no variants for (see Repeats).
     """
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, do_not_specialize=()):
+        self.fn, self.do_not_specialize = fn, do_not_specialize
+        self.arity = fn.__code__.co_argcount
         self._forms = {}
 
-    def _form(self):
-        interp = interpreting()
+    def jit(self):
+        """A new compiled form, with its own cache of compiled kernels."""
+        return triton.runtime.jit.JITFunction(self.fn, do_not_specialize=self.do_not_specialize)
+
+    def _form(self, interp):
         if interp not in self._forms:
             if interp:
                 from triton.runtime.interpreter import InterpretedFunction
 
                 self._forms[interp] = InterpretedFunction(self.fn)
             else:
-                self._forms[interp] = triton.runtime.jit.JITFunction(self.fn)
+                self._forms[interp] = self.jit()
         return self._forms[interp]
 
     def __getitem__(self, grid):
-        launcher = self._form()[grid]
-        if not interpreting():
+        interp = interpreting()
+        launcher = self._form(interp)[grid]
+        if not interp:
             return launcher
 
         def interpreted(*args, **kwargs):
@@ -55,6 +61,28 @@ class kernel:
                 return launcher(*args, **kwargs)
 
         return interpreted
+
+
+class Repeats:
+    """Launches of one kernel within one call that differ only in their grid and in arguments the kernel does not
+    specialise on (`do_not_specialize`), with the same tensors: the first launch of each `key` goes through Triton's
+    dispatch, the others straight to the compiled kernel it returned, by Triton's own runner (3-4 µs of host time a
+    launch on the CPU box against 10-13 through the dispatch; kernels/benchmarks/NOTES.md, session 18). Every
+    argument is passed, constexprs included, as the dispatch passes them to the same runner."""
+
+    def __init__(self, kern: kernel):
+        self.kernel, self._compiled = kern, {}
+
+    def __call__(self, grid, *args, key=None, **options):
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            if len(args) != self.kernel.arity:  # the runner takes no defaults
+                raise TypeError(f"{self.kernel.fn.__name__} takes {self.kernel.arity} arguments, got {len(args)}")
+            compiled = self.kernel[grid](*args, **options)
+            if compiled is not None:  # (the interpreter's launches return None: each one goes through it)
+                self._compiled[key] = compiled
+        else:
+            compiled[tuple(grid) + (1,) * (3 - len(grid))](*args)
 
 
 class device_function(triton.runtime.jit.JITFunction):

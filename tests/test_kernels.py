@@ -488,6 +488,44 @@ def test_host_time_script_stubs_the_launches_and_puts_them_back(benchmark_script
             os.environ.get("TRITON_INTERPRET")] == replaced
 
 
+def test_repeated_window_launches_pass_what_the_dispatch_passes(benchmark_script, monkeypatch):
+    """utils.Repeats runs a window's launch straight from the kernel Triton compiled for the first window. Behind
+    host_time.py's stand-in driver (kernels compiled for sm_90a, each launch recorded), a fwd+bwd over four windows
+    hands the runner the same kernels, grids and arguments as when every launch goes through Triton's dispatch, and
+    dispatches only each kernel's first window (and the passes' first and last, whose states in or out differ)."""
+    from triton.runtime.jit import JITFunction
+
+    host_time = benchmark_script("host_time")
+    dispatches, run = [0], JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        dispatches[0] += 1
+        return run(self, *args, **kwargs)
+
+    def described(arg):
+        return (tuple(arg.shape), arg.stride(), arg.dtype) if isinstance(arg, torch.Tensor) else arg
+
+    def launches_of_one_call():
+        launches = host_time.Launches(record=True)
+        with host_time.stubbed_launches("triton", launches), host_time.forced_windows():
+            call = host_time.fwd_bwd(host_time.WINDOWS_SHAPE, 1)
+            torch.manual_seed(0)
+            call()
+            dispatches[0], launches.seen = 0, []
+            call()
+        return [(name, args[:3], [described(a) for a in args[9:]]) for name, args in launches.seen], dispatches[0]
+
+    monkeypatch.setattr(JITFunction, "run", counted)
+    repeated, repeated_dispatches = launches_of_one_call()
+    monkeypatch.setattr(fk.utils.Repeats, "__call__", lambda self, grid, *args, key=None, **options:
+                        self.kernel[grid](*args, **options))
+    dispatched, all_dispatches = launches_of_one_call()
+    assert len(repeated) == len(dispatched) == all_dispatches == 21
+    assert repeated == dispatched
+    # prep; of the 4 windows' launches: the passes' first, middle and last, the first output; the same backward
+    assert repeated_dispatches == 10
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_host_time_on_the_gpu_times_real_calls(benchmark_script, capsys):
     """host_time.py --gpu-shapes: real eager fwd+bwd calls, host and wall time, with the windows as they are and off."""

@@ -10,8 +10,8 @@ different depth:
   the Python and torch work of our own code.
 - "with Triton's dispatch": the kernels compiled for Hopper (sm_90a, as resources.py does; Triton caches them on disk)
   and launched through Triton's own dispatch (argument binding, specialisation, its kernel cache), under a stand-in
-  driver whose launch only reads each tensor's address: the host time of an eager call on a GPU, less the driver's
-  launch, CUDA's allocator and the windows' stream switches.
+  driver whose launch does nothing: the host time of an eager call on a GPU, less the driver's launch (Triton's C
+  launcher: reading the arguments, cuLaunchKernelEx), CUDA's allocator and the windows' stream switches.
 
 The windows row forces chunk.Plan.windows' overlapped windows at a small shape: what they add to a call's host time.
 
@@ -24,6 +24,7 @@ are and turned off. Host below wall: the call is GPU-bound, with that much host 
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -32,7 +33,6 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import CompiledKernel
 from triton.runtime.driver import driver
-from triton.runtime.jit import JITFunction
 
 from flowhn_kernels import chunk, delta_rule
 from flowhn_kernels.utils import kernel
@@ -72,7 +72,7 @@ def forced_windows():
 
 def measure(iters, launches):
     """{case: µs per call}: chunked fwd+bwd at R = 1 and 2 and with forced windows, chunked forward without gradients,
-    one decode step; launches[case]: the kernel launches of one call (`launches` counts them as they happen)."""
+    one decode step; and {case: the kernel launches of one call} (`launches`, the stub's Launches, counts them)."""
     cases = {}
     for R in (1, 2):
         cases[f"chunked fwd+bwd, R = {R}"] = (fwd_bwd(SHAPE, R), contextlib.nullcontext)
@@ -85,9 +85,9 @@ def measure(iters, launches):
     results, counts = {}, {}
     for case, (call, context) in cases.items():
         with context():
-            before = launches[0]
+            before = launches.count
             call()
-            counts[case] = launches[0] - before
+            counts[case] = launches.count - before
             results[case] = microseconds(call, iters)
     return results, counts
 
@@ -117,31 +117,41 @@ class _HopperWithoutGpu:
         return GPUTarget("cuda", 90, 32)
 
 
+class Launches:
+    """The launches a stub receives: how many, and with `record` each one's kernel and arguments (at the "triton" level
+    the compiled variant's name and hash, and the runner's arguments: the grid, the stream, the compiled function,
+    ..., then every kernel argument)."""
+
+    def __init__(self, record=False):
+        self.count, self.record, self.seen = 0, record, []
+
+    def __call__(self, name, *args, **kwargs):
+        self.count += 1
+        if self.record:
+            self.seen.append((name, args))
+
+
 @contextlib.contextmanager
 def stubbed_launches(level, launches):
-    """Every launch of delta_rule's kernels counted in launches[0] and stubbed out at `level` (LEVELS); all put back
-    afterwards. The "triton" level dispatches through kernels of its own, so no stubbed kernel outlives it."""
+    """Every launch of delta_rule's kernels stubbed out at `level` (LEVELS) and handed to `launches` (Launches); all
+    put back afterwards. The "triton" level dispatches through kernels of its own, so no stubbed kernel outlives it."""
     saved_env, saved_launch = os.environ.get("TRITON_INTERPRET"), kernel.__getitem__
     module = sys.modules[delta_rule.__module__]
     saved_driver, saved_handles, saved_routing = driver._active, CompiledKernel._init_handles, module.interpreting
-
-    def count(*args, **kwargs):
-        launches[0] += 1
-
     if level == "ours":
         os.environ["TRITON_INTERPRET"] = "1"
-        kernel.__getitem__ = lambda self, grid: count
+        kernel.__getitem__ = lambda self, grid: functools.partial(launches, self.fn.__name__)
     else:
         forms = {}
 
         def dispatch(self, grid):
             if self not in forms:
-                forms[self] = JITFunction(self.fn)
+                forms[self] = self.jit()
             return forms[self][grid]
 
         def stub_handles(compiled):
             compiled.function = 0
-            compiled._run = lambda *args: count(*[a.data_ptr() for a in args if isinstance(a, torch.Tensor)])
+            compiled._run = functools.partial(launches, f"{compiled.name} {compiled.hash[:12]}")  # variant by hash
 
         os.environ.pop("TRITON_INTERPRET", None)
         driver.set_active(_HopperWithoutGpu())
@@ -206,8 +216,9 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--gpu-shapes", default="", help="anchor shape indices: real calls on the GPU as well")
     args = ap.parse_args(argv)
-    results, launches = {}, [0]
+    results = {}
     for level in LEVELS:
+        launches = Launches()
         with stubbed_launches(level, launches):
             results[level], counts = measure(args.iters, launches)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; host µs per call, launches stubbed\n")
