@@ -67,7 +67,7 @@ class Repeats:
     """Launches of one kernel within one call that differ only in their grid and in arguments the kernel does not
     specialise on (`do_not_specialize`), with the same tensors: the first launch of each `key` goes through Triton's
     dispatch, the others straight to the compiled kernel it returned, by Triton's own runner (3-4 µs of host time a
-    launch on the CPU box against 10-13 through the dispatch; kernels/benchmarks/NOTES.md, session 18). Every
+    launch on the CPU box against 10-13 through the dispatch; kernels/benchmarks/NOTES.md v17). Every
     argument is passed, constexprs included, as the dispatch passes them to the same runner."""
 
     def __init__(self, kern: kernel):
