@@ -536,20 +536,25 @@ def test_host_time_on_the_gpu_times_real_calls(benchmark_script, capsys):
     assert capsys.readouterr().out.count("| (8, 2048, 12, 64) |") == 2
 
 
-def test_compare_versions_script_prints_both_versions_and_their_ratios(monkeypatch, capsys, benchmark_script):
-    """kernels/benchmarks/compare_versions.py (each version's measures stubbed): both rows per shape, then base / new,
-    a dash and no ratio where a graph could not be captured; a --versions that is not two label=folder pairs is refused
-    by name."""
+def test_compare_versions_script_prints_every_version_and_its_ratios(monkeypatch, capsys, benchmark_script):
+    """kernels/benchmarks/compare_versions.py (each version's measures stubbed): every version's row per shape, then
+    the baseline over each other version, a dash and no ratio where a graph could not be captured; a --versions that
+    is not two or more label=folder pairs with distinct labels is refused by name."""
     compare = benchmark_script("compare_versions")
-    with pytest.raises(ValueError, match="--versions"):
-        compare.main(["--versions", "old=/a"])
-    measures = {"/a": (2.0, 1.0, 3.0, 100.0, 1e-3), "/b": (1.0, None, 2.0, 50.0, 1e-3)}
+    for bad in ("old=/a", "old=/a,old=/b", "old=/a,/b"):
+        with pytest.raises(ValueError, match="--versions"):
+            compare.main(["--versions", bad])
+    measures = {"/a": (2.0, 1.0, 3.0, 100.0, 1e-3), "/b": (1.0, None, 2.0, 50.0, 1e-3),
+                "/c": (4.0, 2.0, 1.0, 100.0, 2e-3)}
     monkeypatch.setattr(compare, "run_version", lambda folder, i: dict(zip(compare.MEASURES, measures[folder])))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a GPU")
-    compare.main(["--versions", "old=/a,new=/b", "--shapes", "0,4"])
+    compare.main(["--versions", "old=/a,new=/b,other=/c", "--shapes", "0,4"])
     out = capsys.readouterr().out.splitlines()
-    rows = [line for line in out if "| ratio |" in line]
+    assert [line.split(" | ")[1] for line in out if line.startswith("| (8, 2048, 12, 64)")] == [
+        "old", "new", "other", "old / new", "old / other"]
+    rows = [line for line in out if "| old / new |" in line]
     assert len(rows) == 2 and rows[0].endswith("| 2.000 | nan | 1.500 | 2.000 | 1.000 |")
+    assert any(line.endswith("| old / other | 0.500 | 0.500 | 3.000 | 1.000 | 0.500 |") for line in out)
     assert any(line.endswith("| new | 1 | – | 2 | 50 | 0.001 |") for line in out)
 
 

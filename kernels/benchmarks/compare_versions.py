@@ -1,12 +1,13 @@
-"""Two versions of the kernels timed against each other in one run on one GPU: before and after a change.
+"""Versions of the kernels timed against each other in one run on one GPU: before and after a change, or several
+candidates against a baseline.
 
 Each version is a folder in which `import flowhn_kernels` finds that version (e.g. an old commit's kernels/ linked as
-OLD/flowhn_kernels). Each runs in a process of its own, the versions alternating shape by shape, so that both meet
+OLD/flowhn_kernels). Each runs in a process of its own, the versions taking turns shape by shape, so that all meet
 the same GPU clocks. Per anchor shape it prints delta_rule's fwd+bwd at R = 1 (eager and replayed from a CUDA graph)
 and at R = 2, the peak memory and the largest bf16 error against float64 (bench_delta_rule.py's measures), then the
-ratios old / new.
+ratios of the first version's measures to each other version's.
 
-    python kernels/benchmarks/compare_versions.py --versions old=/tmp/old,new=/tmp/new [--shapes 4,3,1,2,0]
+    python kernels/benchmarks/compare_versions.py --versions old=/tmp/old,new=/tmp/new[,...] [--shapes 4,3,1,2,0]
 """
 
 import argparse
@@ -43,7 +44,7 @@ def run_version(folder, shape_index):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--versions", help="label=folder,label=folder: the first is the baseline")
+    ap.add_argument("--versions", help="label=folder,label=folder[,...]: the first is the baseline")
     ap.add_argument("--shapes", default="4,3,1,2,0")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -54,18 +55,21 @@ def main(argv=None):
     from bench_delta_rule import SHAPES
 
     versions = [v.split("=", 1) for v in args.versions.split(",")]
-    if len(versions) != 2 or any(len(v) != 2 for v in versions):
-        raise ValueError(f"--versions: two label=folder pairs, got {args.versions!r}")
-    (base, _), (new, _) = versions
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms, MiB; ratio = {base} / {new}\n")
+    labels = [v[0] for v in versions]
+    if len(versions) < 2 or any(len(v) != 2 for v in versions) or len(set(labels)) != len(labels):
+        raise ValueError(f"--versions: two or more label=folder pairs with distinct labels, got {args.versions!r}")
+    base = labels[0]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms, MiB; ratio = {base} / version\n")
     print("| shape | version | " + " | ".join(MEASURES) + " |\n|---|---|" + "---|" * len(MEASURES), flush=True)
     for i in (int(s) for s in args.shapes.split(",")):
         rows = {label: run_version(folder, i) for label, folder in versions}
         for label, row in rows.items():  # None: a graph that could not be captured
             print(f"| {SHAPES[i]} | {label} | " + " | ".join("–" if row[m] is None else f"{row[m]:.3g}"
                                                            for m in MEASURES) + " |")
-        ratios = [rows[base][m] / rows[new][m] if rows[base][m] and rows[new][m] else float("nan") for m in MEASURES]
-        print(f"| {SHAPES[i]} | ratio | " + " | ".join(f"{r:.3f}" for r in ratios) + " |", flush=True)
+        for label in labels[1:]:
+            ratios = [rows[base][m] / rows[label][m] if rows[base][m] and rows[label][m] else float("nan")
+                      for m in MEASURES]
+            print(f"| {SHAPES[i]} | {base} / {label} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |", flush=True)
 
 
 if __name__ == "__main__":
