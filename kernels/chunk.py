@@ -84,9 +84,15 @@ WY_CANCELLING_16BIT = False
 # One long sequence leaves most SMs idle during the sequential passes (B = 1: 16 heads × 4 V blocks of 32 = 64
 # programs on 132 SMs, 45% of a fwd+bwd's GPU time at (1, 16384, 16, 128), kernels/benchmarks/NOTES.md v15). There the
 # passes run over OVERLAP_WINDOWS windows of chunks, and the output kernel (forward) and the gradient kernels
-# (backward) of each finished window run beside the next window's pass on the idle SMs (Plan.windows).
+# (backward) of each finished window run beside the next window's pass on the idle SMs (Plan.windows). The reverse
+# pass's windows grow by OVERLAP_GROWTH from the first it takes: the gradients of a window are more work than the
+# idle SMs do beside the next pass (626 µs at the whole GPU against 544 µs of passes on 68 of 132 SMs), so a short
+# first window starts them early and the queue never runs dry. A queue model of v15's kernel times (NOTES.md v17):
+# the backward 960 → 935 µs at 4 windows, 834 → 795 at 8 with the 64-wide reverse pass. The forward's output work
+# is lighter than what its idle SMs can do beside the passes, so its windows stay equal.
 OVERLAP_WINDOWS = 4
 OVERLAP_MIN_CHUNKS = 64
+OVERLAP_GROWTH = 1.3
 
 
 def launch(name, K, dtype, rank=1):
@@ -604,16 +610,19 @@ class Plan:
         # (H = 8: 1.61 ms against 1.81) and 8, and loses at 32 (H = 16: 2.23 against 2.17)
         return self.n * heads * cdiv(V, _blocks(K, V)[1]) <= sm_count(self.device) // 8
 
-    def windows(self, heads, K, V):
-        """Chunk windows [lo, hi) that the sequential passes take one after another: OVERLAP_WINDOWS of them where
-        one sequence's passes leave at least half the GPU's SMs idle and it has OVERLAP_MIN_CHUNKS chunks, so that
-        the per-chunk kernels of each finished window run beside the next window's pass (chunk._overlapped); one
-        window, all chunks, elsewhere. With one sequence a window's chunks are also its global chunk ids."""
+    def windows(self, heads, K, V, reverse=False):
+        """Chunk windows [lo, hi) in the order a sequential pass takes them, from the last chunk for the `reverse`
+        pass: OVERLAP_WINDOWS of them where one sequence's passes leave at least half the GPU's SMs idle and it has
+        OVERLAP_MIN_CHUNKS chunks, so that the per-chunk kernels of each finished window run beside the next window's
+        pass (chunk._overlapped); one window, all chunks, elsewhere. The forward's windows are equal, the reverse
+        pass's grow by OVERLAP_GROWTH. With one sequence a window's chunks are also its global chunk ids."""
         passes = heads * cdiv(V, self.pass_block_v(heads, K, V, False))
         if self.n != 1 or self.nc < OVERLAP_MIN_CHUNKS or 2 * passes > sm_count(self.device):
             return ((0, self.nc),)
-        step = cdiv(self.nc, OVERLAP_WINDOWS)
-        return tuple((lo, min(lo + step, self.nc)) for lo in range(0, self.nc, step))
+        weights = [(OVERLAP_GROWTH if reverse else 1.0) ** i for i in range(OVERLAP_WINDOWS)]
+        ends = [round(self.nc * sum(weights[:i]) / sum(weights)) for i in range(len(weights) + 1)]
+        taken = [(lo, hi) for lo, hi in zip(ends, ends[1:]) if hi > lo]  # chunks counted in the pass's direction
+        return tuple((self.nc - hi, self.nc - lo) for lo, hi in taken) if reverse else tuple(taken)
 
     def pass_block_v(self, heads, K, va, aug):
         """V block of a state pass: _blocks' 64, or 32 where twice the programs (sequences × heads × V blocks)
@@ -827,5 +836,5 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     def one_pass(dend, dstart, window):
         _reverse_pass(q, k, w, do, scale, dend, plan, dstart, False, du, dhs, window, repeats)
 
-    _overlapped(plan.windows(H, K, V)[::-1], one_pass, grads, dfinal, dinit, (plan.n, H, K, V), q.device)
+    _overlapped(plan.windows(H, K, V, reverse=True), one_pass, grads, dfinal, dinit, (plan.n, H, K, V), q.device)
     return dq, dk, dv, dbeta, dinit

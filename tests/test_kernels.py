@@ -242,6 +242,9 @@ def test_windows_at_the_anchor_shapes(triton_env, monkeypatch):
     device = torch.device(triton_env)
     monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 132)
     assert len(fk.chunk.make_plan(1, 16384, 1, device).windows(16, 128, 128)) == fk.chunk.OVERLAP_WINDOWS
+    backward = fk.chunk.make_plan(1, 16384, 1, device).windows(16, 128, 128, reverse=True)
+    sizes = [hi - lo for lo, hi in backward]  # from the last chunk, each window OVERLAP_GROWTH times the one before
+    assert backward[0][1] == 256 and backward[-1][0] == 0 and sizes == sorted(sizes) and sum(sizes) == 256
     assert len(fk.chunk.make_plan(1, 16384, 1, device).windows(32, 128, 128)) == 1  # 128 programs: no SMs to spare
     assert len(fk.chunk.make_plan(2, 8192, 1, device).windows(16, 128, 128)) == 1  # two sequences
     assert len(fk.chunk.make_plan(1, 2048, 1, device).windows(16, 128, 128)) == 1  # 32 chunks: too short
@@ -255,7 +258,8 @@ def test_passes_over_windows_of_chunks(triton_env, three_windows, dtype):
     final states, one packed document. A batch keeps one window."""
     device = torch.device(triton_env)
     assert fk.chunk.make_plan(1, 333, 1, device).windows(2, 16, 32) == ((0, 2), (2, 4), (4, 6))
-    assert fk.chunk.make_plan(1, 333, 2, device).windows(2, 16, 32) == ((0, 4), (4, 8), (8, 11))
+    assert fk.chunk.make_plan(1, 333, 2, device).windows(2, 16, 32) == ((0, 4), (4, 7), (7, 11))
+    assert fk.chunk.make_plan(1, 333, 2, device).windows(2, 16, 32, reverse=True) == ((8, 11), (5, 8), (0, 5))
     assert fk.chunk.make_plan(2, 333, 1, device).windows(2, 16, 32) == ((0, 12),)
     H, K, V = dims(triton_env)
     for R in (1, 2):
@@ -556,6 +560,16 @@ def test_compare_versions_script_prints_every_version_and_its_ratios(monkeypatch
     assert len(rows) == 2 and rows[0].endswith("| 2.000 | nan | 1.500 | 2.000 | 1.000 |")
     assert any(line.endswith("| old / other | 0.500 | 0.500 | 3.000 | 1.000 | 0.500 |") for line in out)
     assert any(line.endswith("| new | 1 | – | 2 | 50 | 0.001 |") for line in out)
+
+
+def test_window_model_reproduces_the_notes(benchmark_script, capsys):
+    """kernels/benchmarks/window_model.py, the queue model behind chunk.OVERLAP_GROWTH: v16's figures for equal
+    windows (NOTES.md), and the reverse pass's growing windows ahead of equal ones."""
+    table = benchmark_script("window_model").main(["--windows", "4,8", "--growth", "1,1.3"])
+    narrow, wide = table["backward, narrow pass"], table["backward, wide pass"]  # one window, then 4 ×1, ×1.3, 8 ...
+    assert [round(t) for t in narrow] == [1170, 960, 935, 925, 902] and [round(t) for t in wide[1:4:2]] == [892, 834]
+    assert round(table["forward, narrow pass"][1]) == 280 and wide[4] < wide[3]
+    assert "| backward, wide pass |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)

@@ -40,7 +40,7 @@ from flowhn_kernels.utils import kernel
 from bench_delta_rule import inputs
 
 SHAPE = (2, 128, 2, 64)  # B, T, H, D: the host work does not depend on them
-WINDOWS_SHAPE = (1, 256, 2, 64)  # one sequence of 4 chunks: one chunk a window
+WINDOWS_SHAPE = (1, 512, 2, 64)  # one sequence of 8 chunks: 4 windows each way
 LEVELS = {"ours": "ours", "triton": "with Triton's dispatch"}
 
 
