@@ -78,6 +78,19 @@ def test_resume_continues_exactly(tmp_path):
         full / "checkpoints" / "step_00000006")["eval_loss"]
 
 
+def test_resume_keeps_the_runs_own_config(tmp_path):
+    """A resumed run builds its model from its checkpoint's config.json, not from the preset as the package defines
+    it now: defaults that change between releases (split_period's did in session 18) do not change a run under way."""
+    run = tmp_path / "run"
+    train_cli(*SHORT, "--output-dir", run, "--max-steps", 1, "--save-every", 1, "--eval-every", 1)
+    saved = run / "checkpoints" / "step_00000001" / "config.json"
+    config = json.loads(saved.read_text())
+    assert config["split_period"] == 32  # the tiny preset's
+    saved.write_text(json.dumps({**config, "split_period": 16}))  # as a release with another default saved it
+    train_cli(*SHORT, "--output-dir", run, "--max-steps", 2, "--save-every", 1, "--eval-every", 1, "--resume")
+    assert json.loads((run / "checkpoints" / "step_00000002" / "config.json").read_text())["split_period"] == 16
+
+
 def test_streamed_jsonl_with_a_given_tokenizer_resumes_exactly(tmp_path):
     """Local jsonl, streamed, a tokenizer from a path and --max-tokens; resume skips the stream forward."""
     from training.corpus import builtin_corpus_files, train_bpe_tokenizer
