@@ -289,16 +289,16 @@ def train(args) -> dict:
     if args.eval_blocks < world:
         raise ValueError(f"--eval-blocks {args.eval_blocks} is below the {world} processes: each needs one")
 
-    vocab = args.config_overrides.get("vocab_size", math.ceil(len(tokenizer) / 64) * 64)
     if resume_from is not None:  # the run's own config: defaults of a later release do not change a run under way
         config = flowhn_hf.FlowHNConfig.from_pretrained(resume_from)
     else:
         config = flowhn_hf.preset_config(args.preset, **{
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            **args.config_overrides, "vocab_size": vocab})
-    if vocab < len(tokenizer):
-        raise ValueError(f"--override vocab_size={vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
+            "vocab_size": math.ceil(len(tokenizer) / 64) * 64, **args.config_overrides})
+    if config.vocab_size < len(tokenizer):
+        raise ValueError(f"--override vocab_size={config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} "
+                         "tokens")
     model = AutoModelForCausalLM.from_config(config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
