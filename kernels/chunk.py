@@ -694,7 +694,7 @@ def _state_pass(k, w, ut, init, plan, final, aug, hs=None, window=None, repeats=
     (repeats or Repeats(state_fwd_kernel))(
         (plan.n, H, cdiv(va, bv)), k, w, ut, hs, init, final, lo, hi, *plan.sequences, H, R, K, V, plan.rp, plan.bt,
         bk, bv, init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
-        **pass_launch)
+        key=(id(init), id(final)), **pass_launch)
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
@@ -791,7 +791,7 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
     (repeats or Repeats(state_bwd_kernel))(
         (plan.n, H, cdiv(va, bv)), q, k, w, do, du, dhs, dfinal, dinit, scale, lo, hi, *plan.sequences, H, R, K, V,
         plan.rp, plan.bt, bk, bv, dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype),
-        aug, va, **pass_launch)
+        aug, va, key=(id(dfinal), id(dinit)), **pass_launch)
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):

@@ -34,8 +34,6 @@ class kernel:
     def __init__(self, fn, do_not_specialize=()):
         self.fn, self.do_not_specialize = fn, do_not_specialize
         self.arity = fn.__code__.co_argcount
-        self.unspecialised = frozenset(i for i, name in enumerate(fn.__code__.co_varnames[:self.arity])
-                                       if name in do_not_specialize)
         self._forms = {}
 
     def jit(self):
@@ -66,32 +64,28 @@ class kernel:
 
 
 class Repeats:
-    """Launches of one kernel within one call: each goes straight to the kernel Triton compiled for an earlier launch
-    with the same arguments, all but those the kernel does not specialise on (`do_not_specialize`: a window's
-    bounds), so with the same specialisation; the others go through Triton's dispatch. Triton's own runner takes 3-4 µs
-    of host time a launch on the CPU box against 10-13 through the dispatch (kernels/benchmarks/NOTES.md v17). Every
-    argument is passed, constexprs included, as the dispatch passes them.
+    """Launches of one kernel within one call: the first launch of each `key` goes through Triton's dispatch, the
+    others straight to the compiled kernel it returned, by Triton's own runner (3-4 µs of host time a launch on the
+    CPU box against 10-13 through the dispatch; kernels/benchmarks/NOTES.md v17). Every argument is passed,
+    constexprs included, as the dispatch passes them to the same runner.
 
-    "The same" is the same object: the key holds the arguments' ids, and each entry keeps its launch's arguments alive
-    so that no other object can take one of those ids while the Repeats lives."""
+    The caller's promise: launches with one key differ only in their grid and in arguments the kernel does not
+    specialise on (`do_not_specialize`), and pass the same tensors. (A key worked out here from every argument's id
+    would keep that promise itself, but costs ~1.5 µs a launch, half of what the runner saves at 4 windows.)"""
 
     def __init__(self, kern: kernel):
         self.kernel, self._compiled = kern, {}
 
-    def __call__(self, grid, *args, **options):
-        if len(args) != self.kernel.arity:  # the runner takes no defaults
-            raise TypeError(f"{self.kernel.fn.__name__} takes {self.kernel.arity} arguments, got {len(args)}")
-        ids = list(map(id, args))
-        for i in self.kernel.unspecialised:
-            ids[i] = None
-        key = tuple(ids)
-        found = self._compiled.get(key)
-        if found is None:
+    def __call__(self, grid, *args, key=None, **options):
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            if len(args) != self.kernel.arity:  # the runner takes no defaults
+                raise TypeError(f"{self.kernel.fn.__name__} takes {self.kernel.arity} arguments, got {len(args)}")
             compiled = self.kernel[grid](*args, **options)
             if compiled is not None:  # (the interpreter's launches return None: each one goes through it)
-                self._compiled[key] = compiled, args
+                self._compiled[key] = compiled
         else:
-            found[0][tuple(grid) + (1,) * (3 - len(grid))](*args)
+            compiled[tuple(grid) + (1,) * (3 - len(grid))](*args)
 
 
 class device_function(triton.runtime.jit.JITFunction):

@@ -521,7 +521,7 @@ def test_repeated_window_launches_pass_what_the_dispatch_passes(benchmark_script
 
     monkeypatch.setattr(JITFunction, "run", counted)
     repeated, repeated_dispatches = launches_of_one_call()
-    monkeypatch.setattr(fk.utils.Repeats, "__call__", lambda self, grid, *args, **options:
+    monkeypatch.setattr(fk.utils.Repeats, "__call__", lambda self, grid, *args, key=None, **options:
                         self.kernel[grid](*args, **options))
     dispatched, all_dispatches = launches_of_one_call()
     assert len(repeated) == len(dispatched) == all_dispatches == 21
