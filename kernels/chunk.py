@@ -90,9 +90,14 @@ WY_CANCELLING_16BIT = False
 # first window starts them early and the queue never runs dry. A queue model of v15's kernel times (NOTES.md v17):
 # the backward 960 → 935 µs at 4 windows, 834 → 795 at 8 with the 64-wide reverse pass. The forward's output work
 # is lighter than what its idle SMs can do beside the passes, so its windows stay equal.
+# Eager calls at rank 1 keep one window: there the host's launches take longer than the windows' GPU work, and the
+# GPU waits on them (H100, 2026-12-05, one sequence of 16384 tokens, fwd+bwd: 1.87 → 2.57 ms eager with 4 windows,
+# 1.84 → 1.68 ms replayed from a CUDA graph; at R = 2, with twice the work a launch, 3.32 → 2.98 ms eager). Calls
+# captured into a graph take the windows at every rank.
 OVERLAP_WINDOWS = 4
 OVERLAP_MIN_CHUNKS = 64
 OVERLAP_GROWTH = 1.3
+OVERLAP_EAGER_MIN_RANK = 2
 
 
 def launch(name, K, dtype, rank=1):
@@ -614,10 +619,12 @@ class Plan:
         """Chunk windows [lo, hi) in the order a sequential pass takes them, from the last chunk for the `reverse`
         pass: OVERLAP_WINDOWS of them where one sequence's passes leave at least half the GPU's SMs idle and it has
         OVERLAP_MIN_CHUNKS chunks, so that the per-chunk kernels of each finished window run beside the next window's
-        pass (chunk._overlapped); one window, all chunks, elsewhere. The forward's windows are equal, the reverse
-        pass's grow by OVERLAP_GROWTH. With one sequence a window's chunks are also its global chunk ids."""
+        pass (chunk._overlapped), at rank OVERLAP_EAGER_MIN_RANK or more unless a CUDA graph is being captured; one
+        window, all chunks, elsewhere. The forward's windows are equal, the reverse pass's grow by OVERLAP_GROWTH.
+        With one sequence a window's chunks are also its global chunk ids."""
         passes = heads * cdiv(V, self.pass_block_v(heads, K, V, False))
-        if self.n != 1 or self.nc < OVERLAP_MIN_CHUNKS or 2 * passes > sm_count(self.device):
+        if (self.n != 1 or self.nc < OVERLAP_MIN_CHUNKS or 2 * passes > sm_count(self.device)
+                or self.rank < OVERLAP_EAGER_MIN_RANK and not capturing(self.device)):
             return ((0, self.nc),)
         weights = [(OVERLAP_GROWTH if reverse else 1.0) ** i for i in range(OVERLAP_WINDOWS)]
         ends = [round(self.nc * sum(weights[:i]) / sum(weights)) for i in range(len(weights) + 1)]
@@ -643,6 +650,11 @@ class Plan:
 def sm_count(device):
     """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter), where no pass narrows."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def capturing(device):
+    """Whether work on the device's current stream is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _blocks(K, V):

@@ -234,13 +234,18 @@ def three_windows(monkeypatch):
     monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
     monkeypatch.setattr(fk.chunk, "OVERLAP_MIN_CHUNKS", 2)
     monkeypatch.setattr(fk.chunk, "OVERLAP_WINDOWS", 3)
+    monkeypatch.setattr(fk.chunk, "OVERLAP_EAGER_MIN_RANK", 1)
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_windows_at_the_anchor_shapes(triton_env, monkeypatch):
-    """Plan.windows on a 132-SM GPU (the H100's and H200's): B = 1 at 16 heads only."""
+    """Plan.windows on a 132-SM GPU (the H100's and H200's): B = 1 at 16 heads only; eager calls at rank 1 only
+    where OVERLAP_EAGER_MIN_RANK allows them."""
     device = torch.device(triton_env)
     monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 132)
+    assert len(fk.chunk.make_plan(1, 16384, 1, device).windows(16, 128, 128)) == 1
+    assert len(fk.chunk.make_plan(1, 16384, 2, device).windows(16, 128, 128)) == fk.chunk.OVERLAP_WINDOWS
+    monkeypatch.setattr(fk.chunk, "OVERLAP_EAGER_MIN_RANK", 1)
     assert len(fk.chunk.make_plan(1, 16384, 1, device).windows(16, 128, 128)) == fk.chunk.OVERLAP_WINDOWS
     backward = fk.chunk.make_plan(1, 16384, 1, device).windows(16, 128, 128, reverse=True)
     sizes = [hi - lo for lo, hi in backward]  # from the last chunk, each window OVERLAP_GROWTH times the one before

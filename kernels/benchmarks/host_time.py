@@ -18,8 +18,8 @@ The windows row forces chunk.Plan.windows' overlapped windows at a small shape: 
     python kernels/benchmarks/host_time.py [--iters 300]
 
 On a GPU, `--gpu-shapes 4,0` (anchor shapes) also times real eager fwd+bwd calls: the host's time to issue a few of
-them back to back against the time until the GPU has run them, each with the windows of chunk.Plan.windows as they
-are and turned off. Host below wall: the call is GPU-bound, with that much host time to spare.
+them back to back against the time until the GPU has run them, each with the windows of chunk.Plan.windows (here
+also at rank 1, which eager calls otherwise skip) and with one window. Host below wall: the call is GPU-bound, with that much host time to spare.
 """
 
 import argparse
@@ -62,12 +62,12 @@ def microseconds(step, iters, repeats=5):
 @contextlib.contextmanager
 def forced_windows():
     """chunk.Plan.windows' windows at any sequence of several chunks, whatever the device."""
-    saved = chunk.OVERLAP_MIN_CHUNKS, chunk.sm_count
-    chunk.OVERLAP_MIN_CHUNKS, chunk.sm_count = 1, lambda device: 1 << 20
+    saved = chunk.OVERLAP_MIN_CHUNKS, chunk.sm_count, chunk.OVERLAP_EAGER_MIN_RANK
+    chunk.OVERLAP_MIN_CHUNKS, chunk.sm_count, chunk.OVERLAP_EAGER_MIN_RANK = 1, lambda device: 1 << 20, 1
     try:
         yield
     finally:
-        chunk.OVERLAP_MIN_CHUNKS, chunk.sm_count = saved
+        chunk.OVERLAP_MIN_CHUNKS, chunk.sm_count, chunk.OVERLAP_EAGER_MIN_RANK = saved
 
 
 def measure(iters, launches):
@@ -199,15 +199,15 @@ def gpu_table(shape_indices):
 
     print("\n| shape | windows | host µs | wall µs |\n|---|---|---|---|")
     for i in shape_indices:
-        windows = chunk.OVERLAP_WINDOWS
-        for count in (windows, 1):
-            chunk.OVERLAP_WINDOWS = count
+        saved = chunk.OVERLAP_WINDOWS, chunk.OVERLAP_EAGER_MIN_RANK
+        for count in (saved[0], 1):
+            chunk.OVERLAP_WINDOWS, chunk.OVERLAP_EAGER_MIN_RANK = count, 1
             try:
                 used = len(chunk.make_plan(SHAPES[i][0], SHAPES[i][1], 1, torch.device("cuda")).windows(
                     SHAPES[i][2], SHAPES[i][3], SHAPES[i][3]))
                 host, wall = gpu_host_and_wall(SHAPES[i])
             finally:
-                chunk.OVERLAP_WINDOWS = windows
+                chunk.OVERLAP_WINDOWS, chunk.OVERLAP_EAGER_MIN_RANK = saved
             print(f"| {SHAPES[i]} | {used} | {host:.0f} | {wall:.0f} |", flush=True)
 
 
