@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import sys
 from collections import Counter
 
@@ -142,7 +143,10 @@ def test_profile_step_groups_the_kernels_of_a_training_step(tmp_path, one_thread
     profile_step.main(["--smoke", "--models", "flowhn-FAC", "--top", "5", "--out-dir", str(tmp_path)])
     text = (tmp_path / "profile_flowhn-FAC.md").read_text()
     assert "ms a step" in text and "| group | launches/step | ms/step | share |" in text
-    assert len([line for line in text.splitlines() if line.startswith("| `")]) == 5
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == 5
+    # each kernel's launchers, e.g. "SplitTokens (8); top level (8)": the autograd node or op above the ATen call
+    assert all(re.search(r"\| [^|]+ \(\d+\)(; [^|]+ \(\d+\))* \|$", row) for row in rows), rows
 
 
 def test_max_minutes_leaves_out_rows_that_would_not_finish(tmp_path, one_thread):

@@ -2,8 +2,8 @@
 
 Builds a model exactly as `throughput.py` does (same names, same batch, same precision, eager or compiled), runs its
 warm-up steps, then profiles `--steps` training steps and prints the kernels by total GPU time, with each kernel
-put in a group (DeltaNet kernels, matmuls, attention, Inductor-fused code, other element-wise, optimizer, copies), so
-that what to fuse or speed up next is read off one table. Writes the table to --out-dir (and $OUT) as
+put in a group (DeltaNet kernels, matmuls, attention, Inductor-fused code, other element-wise, optimizer, copies) and
+the ops that launched it, so that what to fuse or speed up next is read off one table. Writes the table to --out-dir (and $OUT) as
 profile_<model>.md, and a Chrome trace when --trace is given.
 
     python -m training.benchmarks.profile_step --models flowhn-FAC,llama --compile on
@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -47,6 +47,29 @@ def group_of(name):
     return "other"
 
 
+def launchers(prof, device_type):
+    """{kernel name: Counter of what launched it}: the op that issued the launch and, after "<-", its nearest
+    ancestor outside ATen (a custom op, an autograd node, Inductor's compiled region), so that an ATen kernel in a
+    compiled step can be traced to the model code behind it. On the CPU, where the rows are ops, the ancestor alone."""
+    found = defaultdict(Counter)
+    for event in prof.events():
+        if device_type == "cuda":
+            names = [kernel.name for kernel in event.kernels]
+            if not names:
+                continue
+        elif event.device_type == torch.autograd.DeviceType.CPU:
+            names = [event.key]
+        else:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        where = parent.name if parent is not None else "top level"
+        for name in names:
+            found[name][f"{event.name} <- {where}" if device_type == "cuda" else where] += 1
+    return found
+
+
 def kernel_rows(prof, steps, device_type):
     """(name, group, calls per step, µs per step) of every device kernel, biggest first."""
     rows = []
@@ -63,7 +86,7 @@ def kernel_rows(prof, steps, device_type):
     return sorted(rows, key=lambda r: -r[3])
 
 
-def report(name, rows, step_ms, top):
+def report(name, rows, step_ms, top, launched_by):
     total = sum(r[3] for r in rows)
     by_group = defaultdict(lambda: [0.0, 0.0])
     for _, group, calls, us in rows:
@@ -73,10 +96,13 @@ def report(name, rows, step_ms, top):
              "| group | launches/step | ms/step | share |", "|---|---|---|---|"]  # fmt: skip
     for group, (calls, us) in sorted(by_group.items(), key=lambda kv: -kv[1][1]):
         lines.append(f"| {group} | {calls:.0f} | {us / 1000:.2f} | {100 * us / total:.1f}% |")
-    lines += ["", "| kernel | group | calls/step | µs/step | share |", "|---|---|---|---|---|"]
+    lines += ["", "| kernel | group | calls/step | µs/step | share | launched by (launches in all steps) |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for kernel, group, calls, us in rows[:top]:
         short = kernel if len(kernel) <= 90 else kernel[:87] + "..."
-        lines.append(f"| `{short.replace('|', '/')}` | {group} | {calls:.0f} | {us:.0f} | {100 * us / total:.1f}% |")
+        by = "; ".join(f"{op} ({n})" for op, n in launched_by[kernel].most_common(3)) or "-"
+        lines.append(f"| `{short.replace('|', '/')}` | {group} | {calls:.0f} | {us:.0f} | {100 * us / total:.1f}% | "
+                     f"{by.replace('|', '/')} |")
     return "\n".join(lines)
 
 
@@ -103,7 +129,7 @@ def profile_model(name, args, extra, device, batch):
         prof.export_chrome_trace(str(extra.trace_dir / f"trace_{name}.json"))
     torch._dynamo.reset()
     return report(name + (" (compiled)" if args.compile == "on" else ""), kernel_rows(prof, args.steps, device.type),
-                  step_ms, extra.top)  # fmt: skip
+                  step_ms, extra.top, launchers(prof, device.type))  # fmt: skip
 
 
 def main(argv=None):
