@@ -16,14 +16,59 @@ REMOTE_CODE_PACKAGES = ["torch", "triton", "transformers", "safetensors", "token
 
 @pytest.fixture
 def triton_env(monkeypatch, request):
-    """Device for Triton kernels: the interpreter on CPU, the GPU when the test asks for cuda (parametrize it
-    indirectly); flowhn_kernels reads TRITON_INTERPRET at each launch."""
+    """Device for Triton kernels: the interpreter on CPU, rounding as the GPU does (round_as_on_the_gpu), or the GPU
+    when the test asks for cuda (parametrize it indirectly); flowhn_kernels reads TRITON_INTERPRET at each launch."""
     device = request.param if hasattr(request, "param") else "cpu"
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+        round_as_on_the_gpu(monkeypatch)
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     return device
+
+
+def round_as_on_the_gpu(monkeypatch):
+    """Make Triton's interpreter round 16-bit floats as Hopper does, so that bf16 errors measured on the CPU are the
+    GPU's (kernels/benchmarks/NOTES.md v18): fp32 -> bf16 casts and stores round to nearest even (the interpreter
+    drops the low bits), tl.dot takes bf16 operands as the compiled kernels do (utils.dot_dtype gives the interpreter
+    fp32 ones, since it cannot multiply bf16), and fp32 operands of a one-pass "tf32" product lose their low 13 bits,
+    as the tensor cores read them. Written against triton 3.6's interpreter (constraints.txt pins it)."""
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    import flowhn_kernels as fk
+
+    cast = InterpreterBuilder.cast_impl
+
+    def bf16_bits(x):
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
+        return x.view(torch.int16).numpy().view(np.uint16)
+
+    def rounded_cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return TensorHandle(bf16_bits(src.data), dst_type.scalar)
+        return cast(self, src, dst_type)
+
+    def operand(x):
+        if x.dtype == tl.bfloat16:
+            return (np.asarray(x.data).astype(np.uint32) << 16).view(np.float32)
+        return x.data
+
+    def tf32(a):
+        return (np.ascontiguousarray(a, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        x, y = operand(a), operand(b)
+        if a.dtype == tl.float32 and b.dtype == tl.float32 and str(input_precision).upper().endswith("TF32"):
+            x, y = tf32(x), tf32(y)
+        return TensorHandle(np.matmul(x, y, dtype=d.data.dtype) + d.data, d.dtype.scalar)
+
+    monkeypatch.setattr(InterpreterBuilder, "cast_impl", rounded_cast)
+    monkeypatch.setattr(InterpreterBuilder, "create_fp_trunc", rounded_cast)
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", dot)
+    monkeypatch.setattr(fk.chunk, "dot_dtype", lambda dtype: fk.utils._DOT_DTYPES[dtype])
 
 
 @pytest.fixture
