@@ -173,6 +173,41 @@ def test_chunked_with_alike_keys(triton_env, R, dtype):
     check_against_naive(chunk_delta_rule, alike_keys_inputs(R, dtype, triton_env), tol)
 
 
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+def test_interpreter_rounds_as_the_gpu(triton_env):
+    """The kernel tests' interpreter (conftest.round_as_on_the_gpu) and the GPU round alike: an fp32 -> bf16 store
+    rounds to nearest even, as torch does; tl.dot multiplies bf16 operands exactly in fp32, and cuts fp32 operands to
+    tf32 in a "tf32" product only. On the CPU it guards the patches against a Triton whose interpreter they no longer
+    reach; on the GPU it checks the model they follow."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def products(x, y, rounded, bf16_dot, tf32_dot, ieee_dot):
+        r = tl.arange(0, 16)
+        tile = r[:, None] * 16 + r[None, :]
+        a, b = tl.load(x + tile), tl.load(y + tile)
+        tl.store(rounded + tile, a)
+        tl.store(bf16_dot + tile, tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16)))
+        tl.store(tf32_dot + tile, tl.dot(a, b, input_precision="tf32"))
+        tl.store(ieee_dot + tile, tl.dot(a, b, input_precision="ieee"))
+
+    x, y = (torch.randn(16, 16, dtype=torch.float64, device=triton_env) for _ in range(2))
+    a, b = x.float(), y.float()
+    rounded = torch.empty(16, 16, dtype=torch.bfloat16, device=triton_env)
+    bf16_dot, tf32_dot, ieee_dot = (torch.empty(16, 16, device=triton_env) for _ in range(3))
+    products[(1,)](a, b, rounded, bf16_dot, tf32_dot, ieee_dot)
+
+    def tf32(t):
+        return (t.view(torch.int32) & -(1 << 13)).view(torch.float32).double()
+
+    assert torch.equal(rounded, a.to(torch.bfloat16))
+    torch.testing.assert_close(bf16_dot.double(), a.bfloat16().double() @ b.bfloat16().double(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(tf32_dot.double(), tf32(a) @ tf32(b), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ieee_dot.double(), x @ y, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(tf32_dot, ieee_dot, rtol=1e-5, atol=1e-5)
+
+
 def alike_keys_inputs(R, dtype, device):
     """Inputs whose keys are close to one another, β near its bound: 2 (negative eigenvalues) in fp32; in 16 bits
     near 1, the model's default bound. With β near 2 the updates are near-reflections that carry each chunk's
