@@ -19,7 +19,8 @@ The windows row forces chunk.Plan.windows' overlapped windows at a small shape: 
 
 On a GPU, `--gpu-shapes 4,0` (anchor shapes) also times real eager fwd+bwd calls: the host's time to issue a few of
 them back to back against the time until the GPU has run them, each with the windows of chunk.Plan.windows (here
-also at rank 1, which eager calls otherwise skip) and with one window. Host below wall: the call is GPU-bound, with that much host time to spare.
+also at rank 1, which eager calls otherwise skip) and with one window. Host below wall: the call is GPU-bound, with
+that much host time to spare.
 """
 
 import argparse

@@ -3,8 +3,8 @@
 Builds a model exactly as `throughput.py` does (same names, same batch, same precision, eager or compiled), runs its
 warm-up steps, then profiles `--steps` training steps and prints the kernels by total GPU time, with each kernel
 put in a group (DeltaNet kernels, matmuls, attention, Inductor-fused code, other element-wise, optimizer, copies) and
-the ops that launched it, so that what to fuse or speed up next is read off one table. Writes the table to --out-dir (and $OUT) as
-profile_<model>.md, and a Chrome trace when --trace is given.
+the ops that launched it, so that what to fuse or speed up next is read off one table. Writes the table to
+--out-dir (and $OUT) as profile_<model>.md, and a Chrome trace when --trace is given.
 
     python -m training.benchmarks.profile_step --models flowhn-FAC,llama --compile on
     python -m training.benchmarks.profile_step --smoke --models flowhn-FAC      # CPU: tests the script
