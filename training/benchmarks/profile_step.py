@@ -71,9 +71,12 @@ def launchers(prof, device_type):
 
 
 def kernel_rows(prof, steps, device_type):
-    """(name, group, calls per step, µs per step) of every device kernel, biggest first."""
+    """(name, group, calls per step, µs per step) of every device kernel, biggest first. Regions a user annotated
+    (the optimizer's step) appear on the GPU's timeline as well, over kernels already counted: left out."""
     rows = []
     for event in prof.key_averages():
+        if event.is_user_annotation:
+            continue
         if device_type == "cuda":
             total = event.self_device_time_total
             if total <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
