@@ -66,7 +66,6 @@ def round_as_on_the_gpu(monkeypatch):
         return TensorHandle(np.matmul(x, y, dtype=d.data.dtype) + d.data, d.dtype.scalar)
 
     monkeypatch.setattr(InterpreterBuilder, "cast_impl", rounded_cast)
-    monkeypatch.setattr(InterpreterBuilder, "create_fp_trunc", rounded_cast)
     monkeypatch.setattr(InterpreterBuilder, "create_dot", dot)
     monkeypatch.setattr(fk.chunk, "dot_dtype", lambda dtype: fk.utils._DOT_DTYPES[dtype])
 

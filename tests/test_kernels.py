@@ -577,7 +577,7 @@ def test_repeated_window_launches_pass_what_the_dispatch_passes(benchmark_script
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_host_time_on_the_gpu_times_real_calls(benchmark_script, capsys):
-    """host_time.py --gpu-shapes: real eager fwd+bwd calls, host and wall time, with the windows as they are and off."""
+    """host_time.py --gpu-shapes: real eager fwd+bwd calls, host and wall time, with the windows and with one."""
     host_time = benchmark_script("host_time")
     host, wall = host_time.gpu_host_and_wall((1, 4096, 4, 64), calls=3)
     assert 0 < host <= wall
@@ -643,9 +643,6 @@ def test_tune_launch_takes_a_faster_setting_only_when_its_results_are_right(trit
                                                                            benchmark_script, rank):
     """kernels/benchmarks/tune_launch.py (graph timings and the accuracy check stubbed): the fastest candidate gives
     wrong results and is rejected, the next faster one is taken, into chunk.LAUNCH at R = 1 and LAUNCH_RANKS above."""
-    import functools
-    import sys
-
     tune = benchmark_script("tune_launch")
     bench = benchmark_script("bench_delta_rule")
     for name in ("LAUNCH", "LAUNCH_RANKS"):
@@ -674,8 +671,6 @@ def test_blocks_per_sm_follow_registers_and_shared_memory(benchmark_script):
 
 def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):
     """kernels/benchmarks/resources.py reads registers, spills and shared memory from Triton's sm_90a build."""
-    import os
-
     import triton
 
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):

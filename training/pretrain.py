@@ -296,9 +296,9 @@ def train(args) -> dict:
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             "vocab_size": math.ceil(len(tokenizer) / 64) * 64, **args.config_overrides})
-    if config.vocab_size < len(tokenizer):
-        raise ValueError(f"--override vocab_size={config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} "
-                         "tokens")
+        if config.vocab_size < len(tokenizer):
+            raise ValueError(f"--override vocab_size={config.vocab_size} is smaller than the tokenizer's "
+                             f"{len(tokenizer)} tokens")
     model = AutoModelForCausalLM.from_config(config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()

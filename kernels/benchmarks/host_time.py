@@ -93,8 +93,9 @@ def measure(iters, launches):
     return results, counts
 
 
-def fwd_bwd(shape, R):
-    xs = inputs(*shape, R, layout="fla" if R == 1 else "ours", dev="cpu")
+def fwd_bwd(shape, R, dev="cpu"):
+    """One eager fwd+bwd of delta_rule at shape (B, T, H, D) and rank R, as a call without arguments."""
+    xs = inputs(*shape, R, layout="fla" if R == 1 else "ours", dev=dev)
     do = torch.randn_like(xs[0])
 
     def call():
@@ -175,20 +176,13 @@ def gpu_host_and_wall(shape, calls=10):
     """(host µs, wall µs) of one eager fwd+bwd at shape (B, T, H, D) on the GPU: `calls` calls issued back to back
     after a synchronize (few enough that the launch queue never fills, so issuing never waits on the GPU), then the
     time until the GPU is done."""
-    xs = inputs(*shape, 1, layout="fla")
-    do = torch.randn_like(xs[2])
-
-    def fwd_bwd():
-        delta_rule(*xs)[0].backward(do)
-        for x in xs:
-            x.grad = None
-
+    call = fwd_bwd(shape, 1, dev="cuda")
     for _ in range(3):
-        fwd_bwd()
+        call()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
-        fwd_bwd()
+        call()
     issued = time.perf_counter()
     torch.cuda.synchronize()
     return 1e6 * (issued - start) / calls, 1e6 * (time.perf_counter() - start) / calls
@@ -196,7 +190,6 @@ def gpu_host_and_wall(shape, calls=10):
 
 def gpu_table(shape_indices):
     from bench_delta_rule import SHAPES
-    from flowhn_kernels import chunk
 
     print("\n| shape | windows | host µs | wall µs |\n|---|---|---|---|")
     for i in shape_indices:
