@@ -91,6 +91,14 @@ def test_resume_keeps_the_runs_own_config(tmp_path):
     assert json.loads((run / "checkpoints" / "step_00000002" / "config.json").read_text())["split_period"] == 16
 
 
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
+    """--override vocab_size below the tokenizer's size would leave token ids without embeddings: refused by name."""
+    proc = train_cli(*SHORT, "--output-dir", tmp_path / "run", "--max-steps", 1, "--override", "vocab_size=64",
+                     check=False)
+    assert proc.returncode != 0
+    assert "--override vocab_size=64 is smaller than the tokenizer's" in proc.stderr
+
+
 def test_streamed_jsonl_with_a_given_tokenizer_resumes_exactly(tmp_path):
     """Local jsonl, streamed, a tokenizer from a path and --max-tokens; resume skips the stream forward."""
     from training.corpus import builtin_corpus_files, train_bpe_tokenizer
