@@ -48,6 +48,7 @@ def test_tiny_run_learns_and_samples(tmp_path):
     eval_loss = float(re.search(r"done: .* eval loss ([\d.]+)", out).group(1))
     assert eval_loss < entropy - 0.4, out
     assert "sample:\nTo be, or not to be" in out
+    assert "Removed shared tensor" not in out + proc.stderr  # accelerate's note on the tied head, silenced
     (final,) = list_checkpoints(tmp_path / "run")[-1:]
     state = read_state(final)
     assert state["step"] == 100 and state["tokens_seen"] == 100 * 16 * 128

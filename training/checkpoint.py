@@ -6,8 +6,11 @@ place once complete; only then are older checkpoints pruned. A crash during a sa
 a `.tmp-*` directory that is never read and is removed by the next save.
 """
 
+import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -45,6 +48,28 @@ def resolve_checkpoint(path) -> Path:
     return latest
 
 
+class _TiedHeadNote(logging.Filter):
+    """Drops accelerate's warning that `save_state` left a tied output head out of the safetensors file (it warns at
+    every save and asks the reader to check the reload). The model ties the head back to the embedding when it
+    loads, and resumed runs repeat the uninterrupted run's losses exactly (tests/test_training.py)."""
+
+    NOTE = re.compile(r"Removed shared tensor \{(.*)\} while saving")
+
+    def filter(self, record):
+        found = self.NOTE.search(record.getMessage())
+        return not found or not all(n.strip(" '").endswith("lm_head.weight") for n in found.group(1).split(","))
+
+
+@contextlib.contextmanager
+def _quiet_tied_head():
+    logger, note = logging.getLogger("accelerate.utils.other"), _TiedHeadNote()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
+
+
 def read_state(checkpoint) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
@@ -59,7 +84,8 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, config, tok
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _quiet_tied_head():
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         config.to_json_file(tmp / "config.json")
