@@ -76,12 +76,14 @@ def test_loads_in_a_fresh_virtualenv(exported, reference, bare_python, tmp_path)
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained({str(exported)!r}, trust_remote_code=True)
-ids = AutoTokenizer.from_pretrained({str(exported)!r})({PROMPT!r}, return_tensors="pt").input_ids
+tokenizer = AutoTokenizer.from_pretrained({str(exported)!r}, trust_remote_code=True)  # as the model card has it
+ids = tokenizer({PROMPT!r}, return_tensors="pt").input_ids
 with torch.no_grad():
     torch.save({{"ids": ids, "logits": model(ids).logits, "module": type(model).__module__}}, "out.pt")
 """
     proc = run_bare(bare_python, code, tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
     got = torch.load(tmp_path / "out.pt")
     assert not got["module"].startswith("flowhn_hf")
     assert got["ids"].equal(ids)

@@ -59,6 +59,9 @@ def test_tiny_run_learns_and_samples(tmp_path):
     assert {"model.safetensors", "config.json", "modeling_flowhn.py", "delta_rule.py", "tokenizer.json",
             "generation_config.json", "README.md"} <= {p.name for p in hub.iterdir()}
     assert "auto_map" in json.loads((hub / "config.json").read_text())
+    card = (hub / "README.md").read_text()
+    assert "# run\n" in card and 'from_pretrained("run", trust_remote_code=True)' in card  # the run's name
+    assert "hub.tmp" not in card  # not the folder the export was written into before its rename
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -83,8 +83,9 @@ def render_model_card(state: dict, config, model_name: str, repo_id: str, licens
 
 
 def export(checkpoint, out_dir, dtype: str = "float32", max_shard_size: str = "2GB", repo_id: str | None = None,
-           license: str = "apache-2.0", eval_results_file=None) -> Path:
-    """Write the Hub-ready folder `out_dir` from a flowhn-train checkpoint (or run directory)."""
+           license: str = "apache-2.0", eval_results_file=None, name: str | None = None) -> Path:
+    """Write the Hub-ready folder `out_dir` from a flowhn-train checkpoint (or run directory). The card calls the
+    model `name` (default: the folder's name) and loads it from `repo_id` (default: the name)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"OUT_DIR {out} exists and is not empty")
@@ -105,7 +106,8 @@ def export(checkpoint, out_dir, dtype: str = "float32", max_shard_size: str = "2
     model.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.model_max_length = model.config.max_position_embeddings
     tokenizer.save_pretrained(out)
-    card = render_model_card(state, model.config, out.resolve().name, repo_id or out.resolve().name, license)
+    name = name or out.resolve().name
+    card = render_model_card(state, model.config, name, repo_id or name, license)
     (out / "README.md").write_text(card)
     if results is not None:
         from flowhn_hf.evaluate import update_model_card

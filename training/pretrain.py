@@ -450,10 +450,10 @@ def train(args) -> dict:
 
 def export_run(output_dir):
     """Export the run's latest checkpoint to OUTPUT_DIR/hub, replacing an earlier export only once the new one is
-    complete."""
+    complete. Its card names the model after the run's directory."""
     hub, fresh = Path(output_dir) / "hub", Path(output_dir) / "hub.tmp"
     shutil.rmtree(fresh, ignore_errors=True)
-    export(latest_checkpoint(output_dir), fresh)
+    export(latest_checkpoint(output_dir), fresh, name=Path(output_dir).resolve().name)
     shutil.rmtree(hub, ignore_errors=True)
     fresh.rename(hub)
 
