@@ -61,14 +61,21 @@ def microseconds(step, iters, repeats=5):
 
 
 @contextlib.contextmanager
-def forced_windows():
-    """chunk.Plan.windows' windows at any sequence of several chunks, whatever the device."""
-    saved = chunk.OVERLAP_MIN_CHUNKS, chunk.sm_count, chunk.OVERLAP_EAGER_MIN_RANK
-    chunk.OVERLAP_MIN_CHUNKS, chunk.sm_count, chunk.OVERLAP_EAGER_MIN_RANK = 1, lambda device: 1 << 20, 1
+def chunk_settings(**values):
+    """flowhn_kernels.chunk's module-level settings at `values` inside the block, put back after it."""
+    saved = {name: getattr(chunk, name) for name in values}
+    for name, value in values.items():
+        setattr(chunk, name, value)
     try:
         yield
     finally:
-        chunk.OVERLAP_MIN_CHUNKS, chunk.sm_count, chunk.OVERLAP_EAGER_MIN_RANK = saved
+        for name, value in saved.items():
+            setattr(chunk, name, value)
+
+
+def forced_windows():
+    """chunk.Plan.windows' windows at any sequence of several chunks and any rank, whatever the device."""
+    return chunk_settings(OVERLAP_MIN_CHUNKS=1, sm_count=lambda device: 1 << 20, OVERLAP_EAGER_MIN_RANK=1)
 
 
 def measure(iters, launches):
@@ -193,15 +200,11 @@ def gpu_table(shape_indices):
 
     print("\n| shape | windows | host µs | wall µs |\n|---|---|---|---|")
     for i in shape_indices:
-        saved = chunk.OVERLAP_WINDOWS, chunk.OVERLAP_EAGER_MIN_RANK
-        for count in (saved[0], 1):
-            chunk.OVERLAP_WINDOWS, chunk.OVERLAP_EAGER_MIN_RANK = count, 1
-            try:
+        for count in (chunk.OVERLAP_WINDOWS, 1):
+            with chunk_settings(OVERLAP_WINDOWS=count, OVERLAP_EAGER_MIN_RANK=1):
                 used = len(chunk.make_plan(SHAPES[i][0], SHAPES[i][1], 1, torch.device("cuda")).windows(
                     SHAPES[i][2], SHAPES[i][3], SHAPES[i][3]))
                 host, wall = gpu_host_and_wall(SHAPES[i])
-            finally:
-                chunk.OVERLAP_WINDOWS, chunk.OVERLAP_EAGER_MIN_RANK = saved
             print(f"| {SHAPES[i]} | {used} | {host:.0f} | {wall:.0f} |", flush=True)
 
 
