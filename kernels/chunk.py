@@ -162,6 +162,13 @@ def chunk_rows(c, bos, eos, h, r, H: tl.constexpr, R: tl.constexpr, RP: tl.const
 
 
 @device_function
+def value_rows(c, bos, h, r, v_stride, R: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, V: tl.constexpr):
+    """Offsets in v of chunk c's rows (as chunk_rows'): v's tokens lie v_stride elements apart, each token's [H, R, V]
+    values contiguous, so that v can be a slice of a wider projection, read in place."""
+    return (bos + c * BT + r // RP) * v_stride + (h * R + r % RP) * V
+
+
+@device_function
 def block_inverses(a):
     """(I + D)⁻¹ for the eight 8×8 diagonal blocks D of a 64×64 strictly lower-triangular a, zero elsewhere."""
     blk = tl.arange(0, 8)
@@ -177,7 +184,7 @@ def block_inverses(a):
 
 
 @kernel
-def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, length, UNIFORM: tl.constexpr,
+def prep_kernel(k, v, v_stride, beta, tinv, w, ut, cu, chunk_idx, length, UNIFORM: tl.constexpr,
                 H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 DT: tl.constexpr, PREC: tl.constexpr):
@@ -211,9 +218,10 @@ def prep_kernel(k, v, beta, tinv, w, ut, cu, chunk_idx, length, UNIFORM: tl.cons
     base = (g * H + h) * ROWS + r
     b_w = tl.dot(b_tl, (b_k * b_beta[:, None]).to(DT), input_precision=PREC)
     tl.store(w + base[:, None] * K + kk[None, :], b_w.to(w.dtype.element_ty), mask=kk[None, :] < K)
+    vrow = value_rows(c, bos, h, r, v_stride, R, RP, BT, V)
     for iv in range((V + BV - 1) // BV):
         vv = iv * BV + tl.arange(0, BV)
-        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & (vv[None, :] < V), other=0.0).to(DT)
+        b_v = tl.load(v + vrow[:, None] + vv[None, :], mask=row_ok[:, None] & (vv[None, :] < V), other=0.0).to(DT)
         b_ut = tl.dot(b_tl, (b_v * b_beta[:, None]).to(DT), input_precision=PREC)
         tl.store(ut + base[:, None] * V + vv[None, :], b_ut.to(ut.dtype.element_ty), mask=vv[None, :] < V)
 
@@ -476,7 +484,8 @@ def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, chunk0, cu, c
 
 
 @windowed
-def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu, chunk_idx, length, UNIFORM: tl.constexpr,
+def grad_wy_kernel(k, v, v_stride, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu, chunk_idx, length,
+                   UNIFORM: tl.constexpr,
                    H: tl.constexpr, R: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, LOW: tl.constexpr, CD: tl.constexpr):
@@ -496,11 +505,12 @@ def grad_wy_kernel(k, v, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu, chunk_id
     b_dbeta = tl.full([ROWS], 0.0, tl.float32)
     b_dtv = tl.full([ROWS, ROWS], 0.0, tl.float32)
     b_kk = tl.full([ROWS, ROWS], 0.0, tl.float32)
+    vrow = value_rows(c, bos, h, r, v_stride, R, RP, BT, V)
     for iv in range((V + BV - 1) // BV):
         vv = iv * BV + tl.arange(0, BV)
         v_ok = vv < V
         b_du = tl.load(du + base[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0)
-        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=row_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(v + vrow[:, None] + vv[None, :], mask=row_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
         b_dvt = tl.dot(b_tl, b_du.to(LOW), input_precision=PREC)
         tl.store(dv + sub[:, None] * V + vv[None, :], (b_dvt * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
@@ -680,7 +690,7 @@ def _prep(k, v, beta, plan):
     tinv = k.new_empty(plan.nc, H, ROWS, ROWS, dtype=torch.float32)
     w = k.new_empty(plan.nc, H, ROWS, K)
     ut = v.new_empty(plan.nc, H, ROWS, V)
-    prep_kernel[(plan.nc, H)](k, v, beta, tinv, w, ut, *plan.chunks, H, R, K, V, plan.rp, plan.bt, bk,
+    prep_kernel[(plan.nc, H)](k, v, v.stride(0), beta, tinv, w, ut, *plan.chunks, H, R, K, V, plan.rp, plan.bt, bk,
                               bv, dot_dtype(k.dtype), dot_precision(k.dtype), **launch("prep", K, k.dtype))
     return tinv, w, ut
 
@@ -771,7 +781,8 @@ def _states(k, w, ut, hs, initial_state, plan, output_final_state, scan, then):
 
 
 def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, scan=None):
-    """Forward on packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V], beta [N,H,R].
+    """Forward on packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V] (contiguous but for v's token stride, see
+    value_rows), beta [N,H,R].
 
     Returns o [N,H,V], the final state (or None) and what backward reuses: T, W, U and the chunk states.
     """
@@ -818,7 +829,7 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     dinit = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if need_dinit else None
     do = do.contiguous()
     dw = torch.empty_like(w)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), v.new_empty(v.shape)  # (v may be strided, dv is not)
     dbeta = torch.empty_like(beta)
     gk, gv = min(pow2(K), 64), min(pow2(V), 64)
     dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
@@ -830,7 +841,7 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     def grads(lo, hi):
         state_repeats((hi - lo, H, cdiv(K, gk)), q, k, u, hs, du, dhs, do, dq, dk, dw, scale, lo, *plan.chunks, H, R,
                       K, V, plan.rp, plan.bt, gk, gv, dt, prec, **state_launch)
-        wy_repeats((hi - lo, H), k, v, beta, tinv, du, dw, dk, dv, dbeta, lo, *plan.chunks, H, R, K, V, plan.rp,
+        wy_repeats((hi - lo, H), k, v, v.stride(0), beta, tinv, du, dw, dk, dv, dbeta, lo, *plan.chunks, H, R, K, V, plan.rp,
                    plan.bt, gk, gv, dt, prec, low, cd, **wy_launch)
 
     if plan.use_scan(H, K, V, scan):

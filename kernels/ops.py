@@ -22,10 +22,14 @@ NAMESPACE = op_namespace(__name__)
 
 
 def pack(q, k, v, beta):
-    """Canonical [B,T,...] tensors as contiguous [B·T,...] ones, the kernels' packed layout."""
+    """Canonical [B,T,...] tensors as [B·T,...] ones, the kernels' packed layout: contiguous, except that v's tokens
+    may lie any distance apart as long as each token's values are contiguous (chunk.value_rows). So v can be a slice
+    of a wider projection, as the model's q, k, v are of its short conv's output, and is read in place: a copy would
+    cost a pass over v in every forward and again in every backward."""
     B, T, H, R, K = k.shape
+    v = v.reshape(B * T, H, R, -1)
     return (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, R, K).contiguous(),
-            v.reshape(B * T, H, R, -1).contiguous(), beta.reshape(B * T, H, R).contiguous())  # fmt: skip
+            v if v[0].is_contiguous() else v.contiguous(), beta.reshape(B * T, H, R).contiguous())  # fmt: skip
 
 
 def _plan(k, offsets):

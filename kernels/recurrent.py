@@ -8,7 +8,7 @@ from .utils import cdiv, kernel, pow2
 
 
 @kernel
-def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, chunk_off, length, UNIFORM: tl.constexpr,
+def recurrent_kernel(q, k, v, v_stride, beta, o, init, final, scale, cu, chunk_off, length, UNIFORM: tl.constexpr,
                      BT: tl.constexpr, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                      V: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
                      STORE_FINAL: tl.constexpr):
@@ -39,7 +39,8 @@ def recurrent_kernel(q, k, v, beta, o, init, final, scale, cu, chunk_off, length
         sub = (n * H + h) * R + r
         b_q = tl.load(q + (n * H + h) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
         b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        b_v = tl.load(v + sub[:, None] * V + vv[None, :], mask=r_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(v + (n * v_stride + (h * R + r) * V)[:, None] + vv[None, :], mask=r_ok[:, None] & v_ok[None, :],
+                      other=0.0).to(tl.float32)
         b_beta = tl.load(beta + sub, mask=r_ok, other=0.0).to(tl.float32)
         b_u = b_beta[:, None] * (b_v - tl.sum(b_k[:, :, None] * S[None, :, :], axis=1))
         S += tl.sum(b_k[:, :, None] * b_u[:, None, :], axis=0)
@@ -64,13 +65,15 @@ def blocks(R, K, V):
 
 
 def recurrent_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state):
-    """Forward only, packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V], beta [N,H,R], sequences as chunk.Plan."""
+    """Forward only, packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V] (v's tokens may lie apart, as in
+    chunk.value_rows), beta [N,H,R], sequences as chunk.Plan."""
     _, H, R, K = k.shape
     V = v.shape[-1]
     bk, bv = blocks(R, K, V)
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     final = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if output_final_state else None
-    recurrent_kernel[(plan.n, H, cdiv(V, bv))](q, k, v, beta, o, initial_state, final, scale, *plan.sequences,
+    recurrent_kernel[(plan.n, H, cdiv(V, bv))](q, k, v, v.stride(0), beta, o, initial_state, final, scale,
+                                              *plan.sequences,
                                               plan.bt, H, R, K, V, plan.rp, bk, bv, initial_state is not None,
                                               output_final_state, **LAUNCH)
     return o, final

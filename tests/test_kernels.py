@@ -351,6 +351,35 @@ def test_chunked_rank_one_without_rank_axis_and_initial_state(triton_env):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("R", [1, 2])
+def test_values_sliced_from_a_wider_tensor_are_read_in_place(triton_env, R):
+    """v as the model makes it, a slice of its short conv's [q | k | v] output (here at an odd offset and token
+    stride): pack hands it to the kernels uncopied, and the chunked (forward and backward) and recurrent kernels give
+    exactly what they give for a contiguous copy."""
+    from flowhn_kernels.ops import pack
+
+    H, K, V = dims(triton_env)
+    B, T = 2, 70
+    q, k, v, beta, s0 = make_inputs(B, T, H, R, K, V, device=triton_env)
+    wide = torch.randn(B, T, 5 + H * R * V + 3, device=triton_env)
+    wide[..., 5 : 5 + H * R * V] = v.flatten(2)
+    v_slice = wide[..., 5 : 5 + H * R * V].view(B, T, H, R, V)
+    assert not v_slice.is_contiguous() and torch.equal(v_slice, v)
+    assert pack(q, k, v_slice, beta)[2].data_ptr() == v_slice.data_ptr()
+
+    check_against_naive(fk.delta_rule, [q, k, v_slice, beta, s0], TOL[torch.float32])
+    do = torch.randn(B, T, H, V, dtype=torch.float64, device=triton_env)
+    ds = torch.randn(B, H, K, V, dtype=torch.float64, device=triton_env)
+    for got, want in zip(run(fk.delta_rule, [q, k, v_slice, beta, s0], do, ds),
+                         run(fk.delta_rule, [q, k, v, beta, s0], do, ds)):  # fmt: skip
+        assert torch.equal(got, want)
+    o, s = recurrent_delta_rule(q, k, v_slice, beta, initial_state=s0, output_final_state=True)
+    o64, s64 = fk.delta_rule_naive(*(x.double() for x in (q, k, v, beta)), initial_state=s0.double(),
+                                   output_final_state=True)  # fmt: skip
+    assert rel(o, o64) < 1e-5 and rel(s, s64) < 1e-5
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_varlen_with_a_one_token_document(triton_env):
     H, K, V = dims(triton_env)
     cu = torch.tensor([0, 1, 20, 86, 87], device=triton_env)
