@@ -606,12 +606,16 @@ def test_repeated_window_launches_pass_what_the_dispatch_passes(benchmark_script
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_host_time_on_the_gpu_times_real_calls(benchmark_script, capsys):
-    """host_time.py --gpu-shapes: real eager fwd+bwd calls, host and wall time, with the windows and with one."""
+    """host_time.py --gpu-shapes: real eager fwd+bwd calls, host and wall time, with the windows and with one; and
+    --gpu-profile: their host time by function, the backward's (chunk_bwd) among them."""
     host_time = benchmark_script("host_time")
     host, wall = host_time.gpu_host_and_wall((1, 4096, 4, 64), calls=3)
     assert 0 < host <= wall
     host_time.gpu_table([0])
     assert capsys.readouterr().out.count("| (8, 2048, 12, 64) |") == 2
+    host_time.gpu_host_profile((1, 4096, 4, 64), calls=2)
+    printed = capsys.readouterr().out
+    assert "on the calling thread" in printed and "(chunk_bwd)" in printed
 
 
 def test_compare_versions_script_prints_every_version_and_its_ratios(monkeypatch, capsys, benchmark_script):

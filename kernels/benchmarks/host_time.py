@@ -20,13 +20,17 @@ The windows row forces chunk.Plan.windows' overlapped windows at a small shape: 
 On a GPU, `--gpu-shapes 4,0` (anchor shapes) also times real eager fwd+bwd calls: the host's time to issue a few of
 them back to back against the time until the GPU has run them, each with the windows of chunk.Plan.windows (here
 also at rank 1, which eager calls otherwise skip) and with one window. Host below wall: the call is GPU-bound, with
-that much host time to spare.
+that much host time to spare. `--gpu-profile 0` says where a real call's host time goes: Python's profile of it,
+function by function (the stubs above leave out the real launches, CUDA's allocator and autograd's device thread,
+which the device's host spent ~700 µs a call on in session 21, kernels/benchmarks/NOTES.md v19).
 """
 
 import argparse
 import contextlib
+import cProfile
 import functools
 import os
+import pstats
 import sys
 import time
 
@@ -179,11 +183,11 @@ def stubbed_launches(level, launches):
             os.environ["TRITON_INTERPRET"] = saved_env
 
 
-def gpu_host_and_wall(shape, calls=10):
-    """(host µs, wall µs) of one eager fwd+bwd at shape (B, T, H, D) on the GPU: `calls` calls issued back to back
-    after a synchronize (few enough that the launch queue never fills, so issuing never waits on the GPU), then the
-    time until the GPU is done."""
-    call = fwd_bwd(shape, 1, dev="cuda")
+def gpu_host_and_wall(shape, calls=10, call=None):
+    """(host µs, wall µs) of one eager fwd+bwd at shape (B, T, H, D) on the GPU (or of `call`): `calls` calls issued
+    back to back after a synchronize (few enough that the launch queue never fills, so issuing never waits on the
+    GPU), then the time until the GPU is done."""
+    call = call or fwd_bwd(shape, 1, dev="cuda")
     for _ in range(3):
         call()
     torch.cuda.synchronize()
@@ -208,10 +212,37 @@ def gpu_table(shape_indices):
             print(f"| {SHAPES[i]} | {used} | {host:.0f} | {wall:.0f} |", flush=True)
 
 
+def gpu_host_profile(shape, calls=20, top=25):
+    """Where an eager fwd+bwd's host time goes on the GPU, at shape (B, T, H, D): its host µs with the backward on
+    autograd's device thread (the default for CUDA tensors) and on the calling thread, then Python's profile of
+    `calls` calls by each function's own time, and of our own functions by their time including what they call, the
+    backward on the calling thread (cProfile sees that thread only).
+    Each profiled call is followed by a synchronize, so the GPU never holds the host back inside one; the
+    synchronize's own line is the GPU's time."""
+    call = fwd_bwd(shape, 1, dev="cuda")
+    host = {}
+    for threads in (True, False):
+        with torch.autograd.set_multithreading_enabled(threads):
+            host[threads] = gpu_host_and_wall(shape, call=call)[0]
+    print(f"\n## {shape}: host µs of one eager fwd+bwd, backward on autograd's device thread {host[True]:.0f}, "
+          f"on the calling thread {host[False]:.0f}\n", flush=True)
+    profile = cProfile.Profile()
+    with torch.autograd.set_multithreading_enabled(False):
+        for _ in range(calls):
+            profile.enable()
+            call()
+            torch.cuda.synchronize()
+            profile.disable()
+    stats = pstats.Stats(profile, stream=sys.stdout)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(r"(flowhn_kernels|kernels)/\w+\.py", top)  # ours, with their callees
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--gpu-shapes", default="", help="anchor shape indices: real calls on the GPU as well")
+    ap.add_argument("--gpu-profile", default="", help="anchor shape indices: Python's profile of real calls")
     args = ap.parse_args(argv)
     results = {}
     for level in LEVELS:
@@ -224,6 +255,11 @@ def main(argv=None):
         print(f"| {case} | {count} | {' | '.join(f'{results[level][case]:.0f}' for level in LEVELS)} |")
     if args.gpu_shapes:
         gpu_table([int(i) for i in args.gpu_shapes.split(",")])
+    if args.gpu_profile:
+        from bench_delta_rule import SHAPES
+
+        for i in args.gpu_profile.split(","):
+            gpu_host_profile(SHAPES[int(i)])
     return results
 
 
