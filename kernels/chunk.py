@@ -841,8 +841,8 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     def grads(lo, hi):
         state_repeats((hi - lo, H, cdiv(K, gk)), q, k, u, hs, du, dhs, do, dq, dk, dw, scale, lo, *plan.chunks, H, R,
                       K, V, plan.rp, plan.bt, gk, gv, dt, prec, **state_launch)
-        wy_repeats((hi - lo, H), k, v, v.stride(0), beta, tinv, du, dw, dk, dv, dbeta, lo, *plan.chunks, H, R, K, V, plan.rp,
-                   plan.bt, gk, gv, dt, prec, low, cd, **wy_launch)
+        wy_repeats((hi - lo, H), k, v, v.stride(0), beta, tinv, du, dw, dk, dv, dbeta, lo, *plan.chunks, H, R, K, V,
+                   plan.rp, plan.bt, gk, gv, dt, prec, low, cd, **wy_launch)
 
     if plan.use_scan(H, K, V, scan):
         seg, seg_off = plan.segments()

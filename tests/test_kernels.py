@@ -609,7 +609,7 @@ def test_host_time_on_the_gpu_times_real_calls(benchmark_script, capsys):
     """host_time.py --gpu-shapes: real eager fwd+bwd calls, host and wall time, with the windows and with one; and
     --gpu-profile: their host time by function, the backward's (chunk_bwd) among them."""
     host_time = benchmark_script("host_time")
-    host, wall = host_time.gpu_host_and_wall((1, 4096, 4, 64), calls=3)
+    host, wall = host_time.gpu_host_and_wall(host_time.fwd_bwd((1, 4096, 4, 64), 1, dev="cuda"), calls=3)
     assert 0 < host <= wall
     host_time.gpu_table([0])
     assert capsys.readouterr().out.count("| (8, 2048, 12, 64) |") == 2

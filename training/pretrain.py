@@ -4,9 +4,9 @@
     accelerate launch --config_file training/configs/ddp.yaml -m training.pretrain --preset 135m ...
 
 Documents are joined with EOS and packed into fixed blocks, each block one sequence unless
---document-masking keeps its documents apart. bf16 autocast on GPU, AdamW (fused on CUDA), cosine schedule with warmup,
-gradient clipping and accumulation; eval loss on a held-out slice; atomic checkpoints with exact
-resume; SIGTERM / SIGINT save a checkpoint and exit.
+--document-masking keeps its documents apart. bf16 autocast on GPU, AdamW (fused on CUDA), cosine
+schedule with warmup, gradient clipping and accumulation; eval loss on a held-out slice; atomic
+checkpoints with exact resume; SIGTERM / SIGINT save a checkpoint and exit.
 """
 
 import argparse

@@ -42,7 +42,7 @@ from triton.runtime.driver import driver
 from flowhn_kernels import chunk, delta_rule
 from flowhn_kernels.utils import kernel
 
-from bench_delta_rule import inputs
+from bench_delta_rule import SHAPES, inputs
 
 SHAPE = (2, 128, 2, 64)  # B, T, H, D: the host work does not depend on them
 WINDOWS_SHAPE = (1, 512, 2, 64)  # one sequence of 8 chunks: 4 windows each way
@@ -183,11 +183,10 @@ def stubbed_launches(level, launches):
             os.environ["TRITON_INTERPRET"] = saved_env
 
 
-def gpu_host_and_wall(shape, calls=10, call=None):
-    """(host µs, wall µs) of one eager fwd+bwd at shape (B, T, H, D) on the GPU (or of `call`): `calls` calls issued
-    back to back after a synchronize (few enough that the launch queue never fills, so issuing never waits on the
-    GPU), then the time until the GPU is done."""
-    call = call or fwd_bwd(shape, 1, dev="cuda")
+def gpu_host_and_wall(call, calls=10):
+    """(host µs, wall µs) of one `call` on the GPU (fwd_bwd's): `calls` calls issued back to back after a synchronize
+    (few enough that the launch queue never fills, so issuing never waits on the GPU), then the time until the GPU is
+    done."""
     for _ in range(3):
         call()
     torch.cuda.synchronize()
@@ -200,15 +199,13 @@ def gpu_host_and_wall(shape, calls=10, call=None):
 
 
 def gpu_table(shape_indices):
-    from bench_delta_rule import SHAPES
-
     print("\n| shape | windows | host µs | wall µs |\n|---|---|---|---|")
     for i in shape_indices:
         for count in (chunk.OVERLAP_WINDOWS, 1):
             with chunk_settings(OVERLAP_WINDOWS=count, OVERLAP_EAGER_MIN_RANK=1):
                 used = len(chunk.make_plan(SHAPES[i][0], SHAPES[i][1], 1, torch.device("cuda")).windows(
                     SHAPES[i][2], SHAPES[i][3], SHAPES[i][3]))
-                host, wall = gpu_host_and_wall(SHAPES[i])
+                host, wall = gpu_host_and_wall(fwd_bwd(SHAPES[i], 1, dev="cuda"))
             print(f"| {SHAPES[i]} | {used} | {host:.0f} | {wall:.0f} |", flush=True)
 
 
@@ -223,7 +220,7 @@ def gpu_host_profile(shape, calls=20, top=25):
     host = {}
     for threads in (True, False):
         with torch.autograd.set_multithreading_enabled(threads):
-            host[threads] = gpu_host_and_wall(shape, call=call)[0]
+            host[threads] = gpu_host_and_wall(call)[0]
     print(f"\n## {shape}: host µs of one eager fwd+bwd, backward on autograd's device thread {host[True]:.0f}, "
           f"on the calling thread {host[False]:.0f}\n", flush=True)
     profile = cProfile.Profile()
@@ -256,8 +253,6 @@ def main(argv=None):
     if args.gpu_shapes:
         gpu_table([int(i) for i in args.gpu_shapes.split(",")])
     if args.gpu_profile:
-        from bench_delta_rule import SHAPES
-
         for i in args.gpu_profile.split(","):
             gpu_host_profile(SHAPES[int(i)])
     return results
