@@ -12,6 +12,11 @@ the settings that only that rank takes.
     python kernels/benchmarks/tune_launch.py [--shapes 0,1] [--kernels grad_wy,prep] [--max-minutes 4]
     python kernels/benchmarks/tune_launch.py --shapes 16x1000x9x64   # B x T x H x D: the 135M model's DeltaNet branch
     python kernels/benchmarks/tune_launch.py --shapes 1 --rank 3 --kernels state_bwd
+    python kernels/benchmarks/tune_launch.py --shapes 4 --windows 1   # one long sequence as eager rank-1 calls run it
+
+A graph capture at one long sequence runs the passes over chunk.OVERLAP_WINDOWS windows, with the per-chunk kernels
+beside them (chunk.Plan.windows), which hides part of their time; eager calls at rank 1 take one window, and
+`--windows 1` times that schedule.
 """
 
 import argparse
@@ -44,7 +49,12 @@ def main():
     ap.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset, tuned in this order")
     ap.add_argument("--max-minutes", type=float, default=4.0)
     ap.add_argument("--rank", type=int, default=1)
+    ap.add_argument("--windows", type=int, default=chunk.OVERLAP_WINDOWS,
+                    help="windows of the passes at one long sequence (chunk.OVERLAP_WINDOWS)")
     args = ap.parse_args()
+    if args.windows < 1:
+        ap.error(f"--windows must be at least 1, got {args.windows}")
+    chunk.OVERLAP_WINDOWS = args.windows
     ranks = (1, 2) if args.rank == 1 else (args.rank,)  # checked for accuracy
     table = chunk.LAUNCH if args.rank == 1 else chunk.LAUNCH_RANKS
     stop = time.time() + 60 * args.max_minutes
