@@ -282,16 +282,24 @@ def state_fwd_kernel(k, w, ut, hs, init, final, c_lo, c_hi, cu, chunk_off, lengt
         tl.store(final + state + kv, S, mask=kv_mask)
 
 
+@device_function
+def block_of_chunk(chunk0, blocks: tl.constexpr):
+    """(global chunk, block) of a program of a kernel that splits each chunk into `blocks` programs: the first grid
+    axis runs over chunks × blocks with the blocks of one chunk next to each other, so that they run together and
+    the rows they all read come once from memory and then from L2 (as a grid axis of its own the blocks of one
+    chunk were a whole grid's width apart)."""
+    pid = tl.program_id(0)
+    return (pid // blocks).to(tl.int64) + chunk0, pid % blocks
+
+
 @windowed
 def output_kernel(q, k, u, hs, o, scale, chunk0, cu, chunk_idx, length, UNIFORM: tl.constexpr,
                   H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   DT: tl.constexpr, PREC: tl.constexpr):
-    """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk (chunk0 + the program's first index) and one block
-    of V."""
-    g = tl.program_id(0).to(tl.int64) + chunk0
+    """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk and one block of V (block_of_chunk)."""
+    g, iv = block_of_chunk(chunk0, (V + BV - 1) // BV)
     h = tl.program_id(1)
-    iv = tl.program_id(2)
     ROWS: tl.constexpr = BT * RP
     bos, eos, c = chunk_span(cu, chunk_idx, length, UNIFORM, g, BT)
     r = tl.arange(0, ROWS)
@@ -436,12 +444,11 @@ def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, chunk0, cu, c
                       H: tl.constexpr, R: tl.constexpr,
                       K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """The state side of one chunk's gradients (chunk chunk0 + the program's first index), for one block of K: dq,
-    the part of dk that does not go through W, and dW = dU S_startᵀ (negated by grad_wy_kernel). One [rows, BK]
-    accumulator each keeps the registers small; Q dOᵀ-style products over V are shared by all K blocks."""
-    g = tl.program_id(0).to(tl.int64) + chunk0
+    """The state side of one chunk's gradients, for one block of K (block_of_chunk): dq, the part of dk that does not
+    go through W, and dW = dU S_startᵀ (negated by grad_wy_kernel). One [rows, BK] accumulator each keeps the
+    registers small; Q dOᵀ-style products over V are shared by all K blocks."""
+    g, ik = block_of_chunk(chunk0, (K + BK - 1) // BK)
     h = tl.program_id(1)
-    ik = tl.program_id(2)
     ROWS: tl.constexpr = BT * RP
     bos, eos, c = chunk_span(cu, chunk_idx, length, UNIFORM, g, BT)
     r = tl.arange(0, ROWS)
@@ -796,7 +803,7 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     repeats = Repeats(output_kernel)
 
     def output(lo, hi):
-        repeats((hi - lo, H, cdiv(V, bv)), q, k, u, hs, o, scale, lo, *plan.chunks, H, R, K, V, plan.rp, plan.bt, bk,
+        repeats(((hi - lo) * cdiv(V, bv), H), q, k, u, hs, o, scale, lo, *plan.chunks, H, R, K, V, plan.rp, plan.bt, bk,
                 bv, dt, prec, **output_launch)
 
     final = _states(k, w, u, hs, initial_state, plan, output_final_state, scan, output)
@@ -839,7 +846,7 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     state_repeats, wy_repeats = Repeats(grad_state_kernel), Repeats(grad_wy_kernel)
 
     def grads(lo, hi):
-        state_repeats((hi - lo, H, cdiv(K, gk)), q, k, u, hs, du, dhs, do, dq, dk, dw, scale, lo, *plan.chunks, H, R,
+        state_repeats(((hi - lo) * cdiv(K, gk), H), q, k, u, hs, du, dhs, do, dq, dk, dw, scale, lo, *plan.chunks, H, R,
                       K, V, plan.rp, plan.bt, gk, gv, dt, prec, **state_launch)
         wy_repeats((hi - lo, H), k, v, v.stride(0), beta, tinv, du, dw, dk, dv, dbeta, lo, *plan.chunks, H, R, K, V,
                    plan.rp, plan.bt, gk, gv, dt, prec, low, cd, **wy_launch)

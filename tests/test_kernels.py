@@ -224,9 +224,11 @@ def alike_keys_inputs(R, dtype, device):
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 @pytest.mark.parametrize("K,V,R", [(256, 96, 1), (100, 256, 4)])
 def test_chunked_wide_and_odd_head_dims(triton_env, K, V, R):
-    """K and V up to 256, not powers of two, R = 4: the kernels in the interpreter; on the GPU these fp32 heads go
-    to the reference (GPU_KERNEL_MAX_DIM: 128 for fp32), where the compiled kernels refuse clearly."""
-    xs = make_inputs(1, 40, 1, R, K, V, device=triton_env)
+    """K and V up to 256, not powers of two, R = 4, over two chunks (the second partial) and two heads, so that the
+    kernels that split a chunk's K or V into blocks (chunk.block_of_chunk) run several blocks of several chunks: the
+    kernels in the interpreter; on the GPU these fp32 heads go to the reference (GPU_KERNEL_MAX_DIM: 128 for fp32),
+    where the compiled kernels refuse clearly."""
+    xs = make_inputs(1, 100, 2, R, K, V, device=triton_env)
     check_against_naive(fk.delta_rule, xs, TOL[torch.float32])
     if triton_env == "cuda":
         with pytest.raises(ValueError, match="K and V up to"):
