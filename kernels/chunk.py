@@ -28,7 +28,9 @@ ROWS = 64
 # Measured on an H200 (2026-11-22): fwd+bwd at (8, 2048, 16, 128) 1.975 → 1.869 ms, at (8, 2048, 12, 64) 0.913 → 0.836;
 # grad_wy retuned after its row sums became tl.sum (2026-12-02): (8, 2048, 12, 64) 1.132 → 0.866 ms.
 # Two stages miscompile at D = 128 with Triton 3.6 on the H200 (bf16): grad_state gives dk, dβ off by 4e-2 at R = 2,
-# grad_wy dβ off by 2e-2 at R = 1; tune_launch.py now rejects a setting that moves the gradients.
+# grad_wy dβ off by 2e-2 at R = 1; tune_launch.py now rejects a setting that moves the gradients. The H100 gives
+# grad_state's error too (5e-2 at R = 2, 2026-12-05, tune_launch.py --shapes 4 --windows 1, which found no setting
+# of the per-chunk kernels 2% faster than these at B = 1).
 # The sequential passes are for loops that Triton pipelines by num_stages (2026-12-02, H200, state_passes.py, B = 1,
 # T = 16384, H = 16, D = 128): forward 0.686 → 0.384 ms at 4 warps / 3 stages, 0.353 at 4 / 4; reverse 0.996 → 0.804
 # at 8 / 3; on the transposed state (2026-12-03) 0.671 at 4 / 3. Their D = 64 entries follow D = 128's choices,
