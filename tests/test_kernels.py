@@ -677,13 +677,14 @@ def test_state_passes_script_compares_a_variant_with_the_committed_settings(trit
 def test_tune_launch_takes_a_faster_setting_only_when_its_results_are_right(triton_env, monkeypatch, capsys,
                                                                            benchmark_script, rank):
     """kernels/benchmarks/tune_launch.py (graph timings and the accuracy check stubbed): the fastest candidate gives
-    wrong results and is rejected, the next faster one is taken, into chunk.LAUNCH at R = 1 and LAUNCH_RANKS above."""
+    wrong results and is rejected, the next faster one is taken, and then that one with its registers capped, which
+    is faster still, into chunk.LAUNCH at R = 1 and LAUNCH_RANKS above."""
     tune = benchmark_script("tune_launch")
     bench = benchmark_script("bench_delta_rule")
     for name in ("LAUNCH", "LAUNCH_RANKS"):
         monkeypatch.setattr(fk.chunk, name, dict(getattr(fk.chunk, name)))
     table, key = (fk.chunk.LAUNCH, ("prep", 64)) if rank == 1 else (fk.chunk.LAUNCH_RANKS, ("prep", 64, rank))
-    times = iter([1.0, 0.5, 0.9, 1.0, 1.0, 1.0])  # the current settings, then the five candidates
+    times = iter([1.0, 0.5, 0.9, 1.0, 1.0, 1.0, 1.0, 0.8])  # the current settings, the five candidates, two caps
     monkeypatch.setattr(tune, "SHAPES", [(1, 70, 1, 16)])
     monkeypatch.setattr(tune, "inputs", functools.partial(bench.inputs, dev="cpu"))
     monkeypatch.setattr(tune, "time_fwd_bwd", lambda fn, xs, graph: (fn(*xs), graph and next(times))[1])
@@ -691,8 +692,10 @@ def test_tune_launch_takes_a_faster_setting_only_when_its_results_are_right(trit
     monkeypatch.setattr(sys, "argv", ["tune_launch.py", "--shapes", "0", "--kernels", "prep", "--rank", str(rank)])
     tune.main()
     out = capsys.readouterr().out
-    assert "rejected: wrong results" in out and table[key] == tune.CANDIDATES[1]
-    assert f"LAUNCH{'' if rank == 1 else '_RANKS'}[{key!r}] = {tune.CANDIDATES[1]}" in out
+    capped = dict(tune.CANDIDATES[1], maxnreg=tune.REGISTER_CAPS[1])
+    assert "rejected: wrong results" in out and table[key] == capped
+    assert f"LAUNCH{'' if rank == 1 else '_RANKS'}[{key!r}] = {capped}" in out
+    assert next(times, None) is None  # every setting was timed
 
 
 def test_blocks_per_sm_follow_registers_and_shared_memory(benchmark_script):
@@ -717,6 +720,9 @@ def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):
     # the decode kernel keeps its fp32 state tile in registers (its 16-row tl.dot form spilled 588 B a thread)
     r = resources.report("recurrent", 128, "bf16", 1, resources.recurrent.LAUNCH)
     assert r["spill_st"] == 0 and r["spill_ld"] == 0
+    # a register cap (--maxnreg) holds: prep at D = 128 takes ~206 registers uncapped, two blocks an SM
+    r = resources.report("prep", 128, "bf16", 1, dict(num_warps=4, num_stages=3, maxnreg=168))
+    assert r["regs"] <= 168 and r["blocks"] == 3
 
 
 @pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)

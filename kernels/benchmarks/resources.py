@@ -6,10 +6,11 @@ H100/H200 give a block 227 KB) and from those two the blocks an SM can hold at o
 instructions (SASS) of the kernel, and of its longest loop (a sequential pass's step) by opcode group: a static
 measure of the work a step issues. Each kernel at key and
 value width D in {64, 128}, bf16, rank R (default 1), with its launch settings (chunk.LAUNCH, recurrent.LAUNCH) and
-with 8 warps. Prints a markdown table; nothing runs, so it needs no device time.
+with 8 warps, and with `--maxnreg` at those register caps (ptxas fits the kernel in fewer registers, spilling what
+does not fit, so that more blocks share an SM). Prints a markdown table; nothing runs, so it needs no device time.
 
     python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--rank 1]
-                                            [--kernels grad_wy,prep]
+                                            [--kernels grad_wy,prep] [--maxnreg 168,128]
 """
 
 import argparse
@@ -156,9 +157,12 @@ def main():
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset")
+    parser.add_argument("--maxnreg", default="", help="register caps, e.g. 168,128: each kernel at its own settings "
+                                                      "capped at each")
     args = parser.parse_args()
+    caps = [int(n) for n in args.maxnreg.split(",") if n]
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = {args.rank}\n")
-    print("| kernel | D | warps, stages | registers | spill stores / loads (B/thread) | shared KB | blocks an SM "
+    print("| kernel | D | warps, stages, cap | registers | spill stores / loads (B/thread) | shared KB | blocks an SM "
           "| SASS instructions | main loop: instructions (integer / global / shared / local / HGMMA) |")
     print("|---|---|---|---|---|---|---|---|---|")
     dtype = TORCH_DTYPES[args.dtype]
@@ -166,9 +170,11 @@ def main():
         for name in args.kernels.split(","):
             own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(name, D, dtype, args.rank)
             tuned = {"num_warps": 4, "num_stages": 3, **own}
-            for launch in (tuned, dict(tuned, num_warps=8)) if tuned["num_warps"] != 8 else (tuned,):
+            launches = [tuned, dict(tuned, num_warps=8)] if tuned["num_warps"] != 8 else [tuned]
+            for launch in launches + [dict(tuned, maxnreg=cap) for cap in caps]:
                 r = report(name, D, args.dtype, args.rank, launch)
-                print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']} | {r['regs']} | "
+                cap = f", {launch['maxnreg']}" if "maxnreg" in launch else ""
+                print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']}{cap} | {r['regs']} | "
                       f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} | {r['blocks']} | "
                       f"{r['instructions']} | "
                       f"{loop_cell(r['loop'])} |", flush=True)
