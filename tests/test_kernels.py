@@ -608,13 +608,17 @@ def test_repeated_window_launches_pass_what_the_dispatch_passes(benchmark_script
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_host_time_on_the_gpu_times_real_calls(benchmark_script, capsys):
-    """host_time.py --gpu-shapes: real eager fwd+bwd calls, host and wall time, with the windows and with one; and
-    --gpu-profile: their host time by function, the backward's (chunk_bwd) among them."""
+    """host_time.py --gpu-shapes: real eager fwd+bwd calls, host and wall time and do_bench's median, with the
+    windows and with one, or with each count of --gpu-windows; and --gpu-profile: their host time by function, the
+    backward's (chunk_bwd) among them."""
     host_time = benchmark_script("host_time")
     host, wall = host_time.gpu_host_and_wall(host_time.fwd_bwd((1, 4096, 4, 64), 1, dev="cuda"), calls=3)
     assert 0 < host <= wall
     host_time.gpu_table([0])
     assert capsys.readouterr().out.count("| (8, 2048, 12, 64) |") == 2
+    host_time.gpu_table([0], [1, 2, 3])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| (8, 2048")]
+    assert len(rows) == 3 and all(float(row[-1].rstrip(" |")) > 0 for row in rows)
     host_time.gpu_host_profile((1, 4096, 4, 64), calls=2)
     printed = capsys.readouterr().out
     assert "on the calling thread" in printed and "(chunk_bwd)" in printed

@@ -18,9 +18,9 @@ The windows row forces chunk.Plan.windows' overlapped windows at a small shape: 
     python kernels/benchmarks/host_time.py [--iters 300]
 
 On a GPU, `--gpu-shapes 4,0` (anchor shapes) also times real eager fwd+bwd calls: the host's time to issue a few of
-them back to back against the time until the GPU has run them, each with the windows of chunk.Plan.windows (here
-also at rank 1, which eager calls otherwise skip) and with one window. Host below wall: the call is GPU-bound, with
-that much host time to spare. `--gpu-profile 0` says where a real call's host time goes: Python's profile of it,
+them back to back against the time until the GPU has run them, and do_bench's median of one call, each with the
+windows of chunk.Plan.windows (here also at rank 1, which eager calls otherwise skip) and with one window, or with
+each count of `--gpu-windows 1,2,3,4`. Host below wall: the call is GPU-bound, with that much host time to spare. `--gpu-profile 0` says where a real call's host time goes: Python's profile of it,
 function by function (the stubs above leave out the real launches, CUDA's allocator and autograd's device thread,
 which the device's host spent ~700 µs a call on in session 21, kernels/benchmarks/NOTES.md v19).
 """
@@ -42,7 +42,7 @@ from triton.runtime.driver import driver
 from flowhn_kernels import chunk, delta_rule
 from flowhn_kernels.utils import kernel
 
-from bench_delta_rule import SHAPES, inputs
+from bench_delta_rule import SHAPES, inputs, time_fwd_bwd
 
 SHAPE = (2, 128, 2, 64)  # B, T, H, D: the host work does not depend on them
 WINDOWS_SHAPE = (1, 512, 2, 64)  # one sequence of 8 chunks: 4 windows each way
@@ -198,15 +198,19 @@ def gpu_host_and_wall(call, calls=10):
     return 1e6 * (issued - start) / calls, 1e6 * (time.perf_counter() - start) / calls
 
 
-def gpu_table(shape_indices):
-    print("\n| shape | windows | host µs | wall µs |\n|---|---|---|---|")
+def gpu_table(shape_indices, window_counts=None):
+    """Real eager fwd+bwd calls at rank 1 with each count of windows (default: chunk.OVERLAP_WINDOWS, and one): the
+    host's and the wall's µs a call, and the issue's measure, do_bench's median ms of one call (bench_delta_rule's
+    eager column), which reads the host's time where that exceeds the GPU's."""
+    print("\n| shape | windows | host µs | wall µs | do_bench ms |\n|---|---|---|---|---|")
     for i in shape_indices:
-        for count in (chunk.OVERLAP_WINDOWS, 1):
+        for count in window_counts or (chunk.OVERLAP_WINDOWS, 1):
             with chunk_settings(OVERLAP_WINDOWS=count, OVERLAP_EAGER_MIN_RANK=1):
                 used = len(chunk.make_plan(SHAPES[i][0], SHAPES[i][1], 1, torch.device("cuda")).windows(
                     SHAPES[i][2], SHAPES[i][3], SHAPES[i][3]))
                 host, wall = gpu_host_and_wall(fwd_bwd(SHAPES[i], 1, dev="cuda"))
-            print(f"| {SHAPES[i]} | {used} | {host:.0f} | {wall:.0f} |", flush=True)
+                ms = time_fwd_bwd(delta_rule, inputs(*SHAPES[i], 1, layout="fla"))
+            print(f"| {SHAPES[i]} | {used} | {host:.0f} | {wall:.0f} | {ms:.3f} |", flush=True)
 
 
 def gpu_host_profile(shape, calls=20, top=25):
@@ -239,6 +243,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--gpu-shapes", default="", help="anchor shape indices: real calls on the GPU as well")
+    ap.add_argument("--gpu-windows", default="", help="window counts of those calls, e.g. 1,2,3,4 (default: "
+                                                      "chunk.OVERLAP_WINDOWS and 1)")
     ap.add_argument("--gpu-profile", default="", help="anchor shape indices: Python's profile of real calls")
     args = ap.parse_args(argv)
     results = {}
@@ -251,7 +257,7 @@ def main(argv=None):
     for case, count in counts.items():
         print(f"| {case} | {count} | {' | '.join(f'{results[level][case]:.0f}' for level in LEVELS)} |")
     if args.gpu_shapes:
-        gpu_table([int(i) for i in args.gpu_shapes.split(",")])
+        gpu_table([int(i) for i in args.gpu_shapes.split(",")], [int(n) for n in args.gpu_windows.split(",") if n])
     if args.gpu_profile:
         for i in args.gpu_profile.split(","):
             gpu_host_profile(SHAPES[int(i)])
