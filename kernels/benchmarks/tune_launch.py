@@ -1,4 +1,4 @@
-"""Pick num_warps / num_stages for each Triton kernel of flowhn_kernels.chunk on this GPU.
+"""Pick num_warps / num_stages (and a register cap, maxnreg) for each Triton kernel of flowhn_kernels.chunk on this GPU.
 
 Greedy, one kernel at a time with the others at their current settings, judged by the
 forward+backward time of delta_rule (bf16, R = 1) at an anchor shape of each key width, replayed from a CUDA graph:
