@@ -20,9 +20,11 @@ The windows row forces chunk.Plan.windows' overlapped windows at a small shape: 
 On a GPU, `--gpu-shapes 4,0` (anchor shapes) also times real eager fwd+bwd calls: the host's time to issue a few of
 them back to back against the time until the GPU has run them, and do_bench's median of one call, each with the
 windows of chunk.Plan.windows (here also at rank 1, which eager calls otherwise skip) and with one window, or with
-each count of `--gpu-windows 1,2,3,4`. Host below wall: the call is GPU-bound, with that much host time to spare. `--gpu-profile 0` says where a real call's host time goes: Python's profile of it,
-function by function (the stubs above leave out the real launches, CUDA's allocator and autograd's device thread,
-which the device's host spent ~700 µs a call on in session 21, kernels/benchmarks/NOTES.md v19).
+each count of `--gpu-windows 1,2,3,4`. Host below wall: the call is GPU-bound, with that much host time to spare.
+`--gpu-profile 0` says where a real call's host time goes: Python's profile of it, function by function, and its host
+time with the backward on autograd's device thread and on the calling thread (the stubs above leave out the real
+launches, CUDA's allocator and that thread, which the device's host spent ~700 µs a call on in session 21,
+kernels/benchmarks/NOTES.md v19; the thread's hand-off alone ~400 µs in session 22, v20).
 """
 
 import argparse
