@@ -38,6 +38,10 @@ ROWS = 64
 # tune_launch.py --shapes 16x1024x9x64): fwd+bwd 0.821 → 0.673 ms there.
 LAUNCH = {
     ("prep", 64): dict(num_warps=4, num_stages=1),
+    # prep at D = 128 capped at 168 registers: 8 B of spills, 3 blocks an SM instead of 2 (resources.py --maxnreg
+    # 168). fwd+bwd at (1, 16384, 16, 128) 1.78 → 1.75 ms eager, 1.59 → 1.57 graph, R = 2 2.83 → 2.77 (H100,
+    # 2026-12-05, compare_versions.py, kernels/benchmarks/NOTES.md v21)
+    ("prep", 128): dict(num_warps=4, num_stages=3, maxnreg=168),
     ("output", 64): dict(num_warps=8, num_stages=1),
     ("state_fwd", 64): dict(num_warps=4, num_stages=3),
     ("state_fwd", 128): dict(num_warps=4, num_stages=4),
@@ -52,7 +56,10 @@ LAUNCH = {
     # 1.33-1.40 against 1.29 ms at (8, 2048, 16, 128)
     ("grad_state", 64): dict(num_warps=4, num_stages=1),
     ("grad_state", 128): dict(num_warps=4, num_stages=1),
-    ("grad_wy", 64): dict(num_warps=8, num_stages=2),
+    # grad_wy at D = 64 timed from CUDA graphs (its eager call is host-bound): 8 warps / 2 stages → 4 / 1, fwd+bwd
+    # 0.479 → 0.404 ms at (16, 1024, 9, 64), the 135M model's branch (tune_launch.py), 0.627 → 0.525 at
+    # (8, 2048, 12, 64), R = 2 1.38 → 0.92 (H100, 2026-12-05, compare_versions.py)
+    ("grad_wy", 64): dict(num_warps=4, num_stages=1),
     ("grad_wy", 128): dict(num_warps=4, num_stages=1),
     # D = 256 as D = 128, one stage: at Triton's default three the H200 gave dk and dβ off by 2e-2 to 1.2e-1 at every
     # K = 256 case of test_wide_heads_compiled, all other outputs right (2026-12-05, the miscompile above)
@@ -111,8 +118,8 @@ def launch(name, K, dtype, rank=1):
     227; kernels/benchmarks/resources.py --dtype fp32).
     """
     key = (name, max(pow2(K), 64))
-    if dtype == torch.float32:
-        return dict(LAUNCH.get(key, {}), num_stages=1)
+    if dtype == torch.float32:  # twice the registers too: no cap
+        return {**{k: v for k, v in LAUNCH.get(key, {}).items() if k != "maxnreg"}, "num_stages": 1}
     return dict(LAUNCH_RANKS.get((*key, rank), LAUNCH.get(key, {})))
 
 
@@ -311,11 +318,13 @@ def output_kernel(q, k, u, hs, o, scale, chunk0, cu, chunk_idx, length, UNIFORM:
     tq = c * BT + t
     q_ok = tq < eos - bos
     sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
-    b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+    b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K),
+                  other=0.0).to(DT)
     b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     a = tl.where(t[:, None] >= (r // RP)[None, :], a, 0.0)
-    b_s = tl.load(hs + (g * H + h) * K * V + kk[:, None] * V + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V), other=0.0)
+    b_s = tl.load(hs + (g * H + h) * K * V + kk[:, None] * V + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V),
+                  other=0.0)
     b_u = tl.load(u + ((g * H + h) * ROWS + r)[:, None] * V + vv[None, :], mask=vv[None, :] < V, other=0.0)
     b_o = tl.dot(b_q, b_s.to(DT), input_precision=PREC) + tl.dot(a.to(DT), b_u.to(DT), input_precision=PREC)
     tl.store(o + ((bos + tq) * H + h)[:, None] * V + vv[None, :], (b_o * scale).to(o.dtype.element_ty),
@@ -528,7 +537,8 @@ def grad_wy_kernel(k, v, v_stride, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu
     for ik in range((K + BK - 1) // BK):
         kk = ik * BK + tl.arange(0, BK)
         k_ok = kk < K
-        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                      other=0.0).to(tl.float32)
         b_dw = tl.load(dw + base[:, None] * K + kk[None, :], mask=k_ok[None, :], other=0.0)
         b_dtv -= tl.dot(b_dw.to(CD), tl.trans((b_k * b_beta[:, None]).to(CD)), input_precision=PREC)
         b_kk += tl.dot(b_k.to(DT), tl.trans(b_k.to(DT)), input_precision=PREC)

@@ -250,6 +250,18 @@ def test_wide_heads_compiled(dtype, K, V, R, scan):
                         cu_seqlens=cu)
 
 
+def test_fp32_inputs_launch_unpipelined_and_uncapped():
+    """fp32 tiles take twice the shared memory and registers of the 16-bit ones the launch table is tuned for: one
+    stage and no register cap for every entry, while 16-bit inputs keep the table's caps."""
+    capped = [key for key, entry in fk.chunk.LAUNCH.items() if "maxnreg" in entry]
+    assert capped
+    for name, K in capped:
+        assert fk.chunk.launch(name, K, torch.bfloat16) == fk.chunk.LAUNCH[name, K]
+    for name, K in fk.chunk.LAUNCH:
+        entry = fk.chunk.launch(name, K, torch.float32)
+        assert entry["num_stages"] == 1 and "maxnreg" not in entry
+
+
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
     """The state passes at V blocks of 32 (Plan.pass_block_v, chosen where the GPU has SMs to spare, at K blocks of
