@@ -17,7 +17,8 @@ from typing import Any
 
 EVAL_EXTRA = "pip install 'flowhn[eval]'"
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CARD_START = "<!-- flowhn-eval results start -->"
 CARD_END = "<!-- flowhn-eval results end -->"
@@ -196,7 +197,8 @@ def _card_table(entries: list) -> str:
     rows = ["| Task | Metric | n-shot | Value |", "|---|---|---|---:|"]
     for e in entries:
         shots = (e.dataset_args or {}).get("num_few_shot", "")
-        rows.append(f"| {e.task_name or e.dataset_name} | {e.metric_name or e.metric_type} | {shots} | {e.metric_value} |")
+        task, metric = e.task_name or e.dataset_name, e.metric_name or e.metric_type
+        rows.append(f"| {task} | {metric} | {shots} | {e.metric_value} |")
     return "\n".join(rows)
 
 
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=float, help="documents per task (a fraction if below 1); for smoke tests only")
     parser.add_argument("--batch-size", type=_batch_size, default=1, help="batch size, or 'auto' (default 1)")
     parser.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--output", type=Path, help="write the results JSON here and the markdown table beside it (.md)")
+    parser.add_argument("--output", type=Path,
+                        help="write the results JSON here and the markdown table beside it (.md)")
     parser.add_argument(
         "--update-model-card",
         action="store_true",

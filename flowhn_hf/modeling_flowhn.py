@@ -328,7 +328,8 @@ def plan_route(
             # Decoding rows that disagree: each branch takes the one place, a filler where the token went to the other
             # branch; sizing the branches by their counts would cost two host syncs a layer at every step.
             place = torch.zeros_like(positions)
-            attention, deltanet = BranchTokens(place, to_attention, documents), BranchTokens(place, to_deltanet, documents)
+            attention = BranchTokens(place, to_attention, documents)
+            deltanet = BranchTokens(place, to_deltanet, documents)
         else:
             attention, deltanet = _compact(to_attention, documents), _compact(to_deltanet, documents)
     rank_attention = to_attention.cumsum(-1) - 1
@@ -709,15 +710,16 @@ class FlowHNModel(FlowHNPreTrainedModel):
             past_key_values = None
         if past_key_values is not None and len(past_key_values.layers) != self.config.num_hidden_layers:
             raise ValueError(
-                "`past_key_values` must hold one hybrid layer per decoder layer: pass `DynamicCache(config=model.config)`"
+                "`past_key_values` must hold one hybrid layer per decoder layer: pass "
+                "`DynamicCache(config=model.config)`"
             )
         positions, real, start, documents = token_positions(
             inputs_embeds, attention_mask, position_ids, past_key_values
         )
         if documents is not None and past_key_values is not None:
             raise ValueError(
-                "`position_ids` restart inside a row (packed documents), which a `past_key_values` cache can't continue: "
-                "pass packed documents without a cache"
+                "`position_ids` restart inside a row (packed documents), which a `past_key_values` cache can't "
+                "continue: pass packed documents without a cache"
             )
         # a training step has no next token to decode; packed documents have no single next token
         if use_cache and past_key_values is None and not self.training and documents is None:

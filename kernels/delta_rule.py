@@ -47,16 +47,19 @@ def _check_shape(name, x, expected):
         raise ValueError(f"{name} must have shape {tuple(expected)} to match q, got {tuple(x.shape)}")
 
 
-def _check_cu_seqlens(cu_seqlens, batch, total, device):
-    """Validate cu_seqlens and return it as an int64 tensor on `device` and as a Python list."""
+def _check_cu_seqlens(cu_seqlens, batch, total):
+    """Validate cu_seqlens and return its offsets as a Python list."""
     if isinstance(cu_seqlens, (list, tuple)):
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens):
             raise ValueError("cu_seqlens must hold integers")
         cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.long)
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor or None, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype in (torch.bool, torch.complex64, torch.complex128):
-        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got dtype {cu_seqlens.dtype} and shape {tuple(cu_seqlens.shape)}")
+    integer = not cu_seqlens.dtype.is_floating_point and cu_seqlens.dtype not in (torch.bool, torch.complex64,
+                                                                                    torch.complex128)
+    if cu_seqlens.dim() != 1 or not integer:
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got dtype {cu_seqlens.dtype} and shape "
+                         f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must hold at least two offsets [0, ..., T]")
     if batch != 1:
@@ -68,7 +71,7 @@ def _check_cu_seqlens(cu_seqlens, batch, total, device):
         raise ValueError("cu_seqlens must be strictly increasing (every document at least one token)")
     if offsets[-1] != total:
         raise ValueError(f"cu_seqlens must end at the total length T={total}, got {offsets[-1]}")
-    return cu_seqlens.to(device=device, dtype=torch.long), offsets
+    return offsets
 
 
 def _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
@@ -108,7 +111,7 @@ def _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
         raise ValueError(f"output_final_state must be a bool, got {output_final_state!r}")
     offsets = None
     if cu_seqlens is not None:
-        cu_seqlens, offsets = _check_cu_seqlens(cu_seqlens, B, T, q.device)
+        offsets = _check_cu_seqlens(cu_seqlens, B, T)
     N = B if offsets is None else len(offsets) - 1
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor) or initial_state.dtype not in FLOAT_DTYPES:
@@ -118,7 +121,7 @@ def _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
             raise ValueError(f"initial_state must be on q's device {q.device}, got {initial_state.device}")
     if not rank_axis:
         k, v, beta = k.unsqueeze(3), v.unsqueeze(3), beta.unsqueeze(3)
-    return q, k, v, beta, float(scale), initial_state, cu_seqlens, offsets
+    return q, k, v, beta, float(scale), initial_state, offsets
 
 
 def _per_document(fn, q, k, v, beta, scale, initial_state, output_final_state, offsets):
@@ -145,7 +148,7 @@ def _finish(q, o, state):
 
 def delta_rule_naive(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Step-by-step recurrence, one token at a time: the ground truth (run it in float64 in tests)."""
-    q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    q, k, v, beta, scale, init, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
     o, state = _per_document(naive_recurrence, q, k, v, beta, scale, init, output_final_state, offsets)
     return _finish(q, o, state)
 
@@ -155,7 +158,7 @@ def delta_rule_reference(q, k, v, beta, *, scale=None, initial_state=None, outpu
 
     Any device and dtype; differentiable by autograd in q, k, v, beta and initial_state.
     """
-    q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    q, k, v, beta, scale, init, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
     o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
     return _finish(q, o, state)
 
@@ -188,7 +191,7 @@ def _recurrent(q, k, v, beta, scale, init, offsets, output_final_state):
 
 
 def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
-    q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    q, k, v, beta, scale, init, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
     reason = _why_not_kernels(q, v)
     if reason is not None:
         raise ValueError(reason)
@@ -222,7 +225,7 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     interpreter; so do heads wider than GPU_KERNEL_MAX_DIM on the GPU. Without gradients, sequences
     of at most RECURRENT_MAX_LEN tokens take the recurrent kernel, everything else the chunked one.
     """
-    q, k, v, beta, scale, init, _, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    q, k, v, beta, scale, init, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
     if _why_not_kernels(q, v) is not None:
         o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
         return _finish(q, o, state)

@@ -41,7 +41,8 @@ def _build_tokenizer():
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
@@ -53,7 +54,8 @@ def tokenizer():
 def _fit(model, tokenizer, steps: int = 60) -> None:
     """Overfit the task texts for a few seconds, so that answers, and with them the stop sequences, differ per row."""
     texts = [d["prompt"] + " " + d["answer"] + ".\n" for d in _docs("gen")]
-    texts += [d["question"] + " " + d["choices"][d["label"]] + ".\n" for d in _docs("mc")] + [d["text"] for d in _docs("ppl")]
+    texts += [d["question"] + " " + d["choices"][d["label"]] + ".\n" for d in _docs("mc")]
+    texts += [d["text"] for d in _docs("ppl")]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -137,7 +139,8 @@ def test_multiple_choice_scores_match_direct_loglikelihoods(runs, model, tokeniz
     acc = acc_norm = 0
     for doc, sample in zip(docs, _by_doc(runs[1], "flowhn_mc"), strict=True):
         context = tokenizer(doc["question"]).input_ids
-        lls = [_logprob(model, context, tokenizer(doc["question"] + " " + c).input_ids[len(context) :]) for c in doc["choices"]]
+        lls = [_logprob(model, context, tokenizer(doc["question"] + " " + c).input_ids[len(context) :])
+               for c in doc["choices"]]
         assert _lls(sample) == pytest.approx(lls, abs=1e-4)
         acc += max(range(len(lls)), key=lls.__getitem__) == doc["label"]
         acc_norm += max(range(len(lls)), key=lambda i: lls[i] / len(doc["choices"][i])) == doc["label"]
@@ -214,12 +217,14 @@ def test_flowhn_eval_writes_results_table_and_model_card(checkpoint, runs, tmp_p
     assert ("flowhn_gen", "exact_match") in scores
 
     # A later run adds its tasks and replaces same-metric scores; earlier ones stay.
-    later = dict(runs[8], results={**runs[8]["results"], "flowhn_mc": {**runs[8]["results"]["flowhn_mc"], "acc,none": 0.5}})
+    mc = {**runs[8]["results"]["flowhn_mc"], "acc,none": 0.5}
+    later = dict(runs[8], results={**runs[8]["results"], "flowhn_mc": mc})
     flowhn_eval.update_model_card(checkpoint, later)
     (entry,) = _card_metadata(checkpoint)["model-index"]
     scores = {(r["task"]["name"], m["type"]): m["value"] for r in entry["results"] for m in r["metrics"]}
     assert scores[("flowhn_mc", "acc")] == 0.5
-    assert {("flowhn_gen", "exact_match"), ("flowhn_ppl", "word_perplexity"), ("flowhn_mc", "acc_norm")} <= scores.keys()
+    expected = {("flowhn_gen", "exact_match"), ("flowhn_ppl", "word_perplexity"), ("flowhn_mc", "acc_norm")}
+    assert expected <= scores.keys()
     with pytest.raises(ValueError, match="--limit"):
         flowhn_eval.update_model_card(checkpoint, dict(runs[1], config={**runs[1]["config"], "limit": 3}))
     body = (checkpoint / "README.md").read_text()
@@ -228,10 +233,12 @@ def test_flowhn_eval_writes_results_table_and_model_card(checkpoint, runs, tmp_p
 
 def test_lm_eval_cli_loads_checkpoint_with_remote_code(checkpoint, runs, tmp_path):
     """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` on a saved checkpoint."""
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={checkpoint},trust_remote_code=True"]
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
+           "--model_args", f"pretrained={checkpoint},trust_remote_code=True"]
     cmd += ["--tasks", "flowhn_mc", "--include_path", str(TASKS_DIR), "--device", "cpu", "--batch_size", "4"]
     cmd += ["--output_path", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result_file,) = (tmp_path / "out").rglob("results_*.json")
     acc = json.loads(result_file.read_text())["results"]["flowhn_mc"]["acc,none"]
@@ -273,7 +280,8 @@ def test_rejects_bad_arguments(checkpoint, tmp_path, capsys):
     assert "--batch-size" in _cli_error([str(checkpoint), "--tasks", "flowhn_mc", "--batch-size", "0"], capsys)
     err = _cli_error([str(checkpoint), "--tasks", "flowhn_mc", "--include-path", str(tmp_path / "none")], capsys)
     assert "--include-path" in err and "not a directory" in err
-    assert "--device 'gpu' is not a torch device" in _cli_error([str(checkpoint), "--tasks", "flowhn_mc", "--device", "gpu"], capsys)
+    error = _cli_error([str(checkpoint), "--tasks", "flowhn_mc", "--device", "gpu"], capsys)
+    assert "--device 'gpu' is not a torch device" in error
     err = _cli_error([str(checkpoint), "--tasks", "flowhn_mc", "--limit", "3", "--update-model-card"], capsys)
     assert "--update-model-card" in err and "--limit" in err
 

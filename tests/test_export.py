@@ -38,7 +38,8 @@ def reference(checkpoint):
 def exported(checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "flowhn-tiny-test"
     cli = Path(sys.executable).with_name("flowhn-export")
-    proc = subprocess.run([str(cli), str(checkpoint.parent.parent), str(out)], check=False, capture_output=True, text=True)
+    proc = subprocess.run([str(cli), str(checkpoint.parent.parent), str(out)], check=False, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -48,7 +49,8 @@ def test_export_writes_a_hub_folder(exported):
     assert {"model.safetensors", "config.json", "configuration_flowhn.py", "modeling_flowhn.py", "tokenizer.json",
             "tokenizer_config.json", "generation_config.json", "README.md"} <= names
     config = json.loads((exported / "config.json").read_text())
-    assert config["model_type"] == "flowhn" and config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_flowhn.")
+    assert config["model_type"] == "flowhn"
+    assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_flowhn.")
     assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == config["eos_token_id"]
     tokenizer_config = json.loads((exported / "tokenizer_config.json").read_text())
     assert tokenizer_config["model_max_length"] == config["max_position_embeddings"]

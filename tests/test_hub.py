@@ -27,7 +27,8 @@ def test_auto_classes():
 def test_save_pretrained_is_hub_ready_and_round_trips(tmp_path):
     model = saved_model(tmp_path, split_mode="alternating", delta_rank=2)
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"model.safetensors", "config.json", "configuration_flowhn.py", "modeling_flowhn.py", "delta_rule.py"} <= files
+    expected = {"model.safetensors", "config.json", "configuration_flowhn.py", "modeling_flowhn.py", "delta_rule.py"}
+    assert expected <= files
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_flowhn.FlowHNForCausalLM"
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()

@@ -403,7 +403,8 @@ def test_varlen_with_a_one_token_document(triton_env):
     # each document alone, from its own initial state, gives the same output and state
     o, s = chunk_delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True, cu_seqlens=cu)
     for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
-        o1, s1 = fk.delta_rule_naive(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b], initial_state=s0[n : n + 1], output_final_state=True)
+        o1, s1 = fk.delta_rule_naive(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b], initial_state=s0[n : n + 1],
+                                     output_final_state=True)
         assert rel(o[:, a:b], o1) < TOL[torch.float32] and rel(s[n : n + 1], s1) < TOL[torch.float32]
 
 
@@ -415,7 +416,8 @@ def test_recurrent_equals_chunked(triton_env, dtype, R):
     q, k, v, beta, s0 = make_inputs(2, 20, H, R, K, V, dtype=dtype, device=triton_env)
     o1, s1 = recurrent_delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True)
     o2, s2 = chunk_delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True)
-    o3, s3 = fk.delta_rule_naive(*(x.double() for x in (q, k, v, beta)), initial_state=s0.double(), output_final_state=True)
+    o3, s3 = fk.delta_rule_naive(*(x.double() for x in (q, k, v, beta)), initial_state=s0.double(),
+                                 output_final_state=True)
     assert rel(o1, o3) < TOL[dtype] and rel(s1, s3) < TOL[dtype]
     assert rel(o1, o2) < TOL[dtype] and rel(s1, s2) < TOL[dtype]
 
@@ -427,7 +429,8 @@ def test_recurrent_varlen(triton_env):
     q, k, v, beta, _ = make_inputs(1, 12, H, 2, K, V, device=triton_env)
     s0 = torch.randn(3, H, K, V, device=triton_env)
     o1, s1 = recurrent_delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True, cu_seqlens=cu)
-    o2, s2 = fk.delta_rule_naive(*(x.double() for x in (q, k, v, beta)), initial_state=s0.double(), output_final_state=True, cu_seqlens=cu)
+    o2, s2 = fk.delta_rule_naive(*(x.double() for x in (q, k, v, beta)), initial_state=s0.double(),
+                                 output_final_state=True, cu_seqlens=cu)
     assert rel(o1, o2) < 1e-5 and rel(s1, s2) < 1e-5
 
 
@@ -438,11 +441,13 @@ def test_state_continuation(triton_env):
     q, k, v, beta, s0 = make_inputs(1, 75, H, 2, K, V, device=triton_env)
     o, s = chunk_delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True)
     oa, sa = chunk_delta_rule(q[:, :50], k[:, :50], v[:, :50], beta[:, :50], initial_state=s0, output_final_state=True)
-    ob, sb = chunk_delta_rule(q[:, 50:70], k[:, 50:70], v[:, 50:70], beta[:, 50:70], initial_state=sa, output_final_state=True)
+    ob, sb = chunk_delta_rule(q[:, 50:70], k[:, 50:70], v[:, 50:70], beta[:, 50:70], initial_state=sa,
+                              output_final_state=True)
     outs = [oa, ob]
     with torch.no_grad():
         for t in range(70, 75):
-            ot, sb = fk.delta_rule(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], beta[:, t : t + 1], initial_state=sb, output_final_state=True)
+            step = (x[:, t : t + 1] for x in (q, k, v, beta))
+            ot, sb = fk.delta_rule(*step, initial_state=sb, output_final_state=True)
             outs.append(ot)
     assert rel(torch.cat(outs, dim=1), o) < TOL[torch.float32] and rel(sb, s) < TOL[torch.float32]
 
@@ -501,7 +506,8 @@ BAD = [
     ("k", dict(k=torch.randn(1, 8, 2, 2, 16, dtype=torch.float16))),
     ("q", dict(q=torch.randn(1, 8, 2, 300), k=torch.randn(1, 8, 2, 2, 300))),
     ("v", dict(v=torch.randn(1, 8, 2, 2, 300))),
-    ("q", dict(q=torch.randn(1, 0, 2, 16), k=torch.randn(1, 0, 2, 2, 16), v=torch.randn(1, 0, 2, 2, 8), beta=torch.rand(1, 0, 2, 2))),
+    ("q", dict(q=torch.randn(1, 0, 2, 16), k=torch.randn(1, 0, 2, 2, 16), v=torch.randn(1, 0, 2, 2, 8),
+               beta=torch.rand(1, 0, 2, 2))),
     ("scale", dict(scale="big")),
     ("initial_state", dict(initial_state=torch.randn(2, 2, 16, 8))),
     ("output_final_state", dict(output_final_state=1)),

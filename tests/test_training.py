@@ -210,8 +210,8 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     args = [*SHORT, "--output-dir", str(run), "--max-steps", "4", "--save-every", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", CRASHING_SAVE, *args], cwd=REPO, env=env, check=False, capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-c", CRASHING_SAVE, *args], cwd=REPO, env=env, check=False,
+                          capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr
     root = run / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [".tmp-step_00000004", "step_00000002"]
@@ -344,8 +344,8 @@ def test_output_dir_with_other_runs_checkpoint(offline, capsys, tmp_path):
 
 def test_trainer_example(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "training.trainer_example", "--output-dir", str(tmp_path / "t"),
-                           "--max-steps", "30", "--batch-size", "8"], cwd=REPO, check=False, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                           "--max-steps", "30", "--batch-size", "8"], cwd=REPO, check=False, capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     loss = float(re.search(r"held-out loss after 30 steps: ([\d.]+)", proc.stdout).group(1))
     assert loss < 6.8  # ln(2048) = 7.6 at the start

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep packed documents apart: position ids restart after each EOS, so attention and the "
                         "DeltaNet state stop at document boundaries")
     p.add_argument("--peak-tflops", type=float, help="peak FLOP/s per device for MFU (default: by GPU name)")
-    p.add_argument("--prompt", default="To be, or not to be", help="prompt of the sample printed at the end ('To be, or not to be')")
+    p.add_argument("--prompt", default="To be, or not to be",
+                   help="prompt of the sample printed at the end ('To be, or not to be')")
     p.add_argument("--sample-tokens", type=int, default=64, help="tokens of that sample, 0 for none (64)")
     return p
 

@@ -259,7 +259,8 @@ def write_results(rows, path, solvers=""):
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     versions = (f"torch {torch.__version__}, triton {triton.__version__}, "
-                f"flash-linear-attention {getattr(fla, '__version__', 'not installed')}, python {platform.python_version()}")
+                f"flash-linear-attention {getattr(fla, '__version__', 'not installed')}, "
+                f"python {platform.python_version()}")
     text = (f"# delta_rule benchmark\n\nDevice: {torch.cuda.get_device_name()}. {versions}. bf16 inputs, times in ms "
             "(triton.testing.do_bench medians; decode steps in µs), memory = peak MiB of one forward+backward above "
             "the inputs, error = max relative error of o, dq, dk, dv, dbeta vs a float64 reference.\n\n"

@@ -31,7 +31,7 @@ PROMPT, STEPS = 64, 32
 def host_side_delta_rule(q, k, v, beta, *, initial_state=None, output_final_state=False, cu_seqlens=None):
     """What delta_rule does on the host before its kernel launch on a GPU, then one operation in the kernel's place
     (filling the output) and the state passed through."""
-    q, k, v, beta, _, init, _, _ = _prepare(q, k, v, beta, None, initial_state, output_final_state, cu_seqlens)
+    q, k, v, beta, _, init, _ = _prepare(q, k, v, beta, None, initial_state, output_final_state, cu_seqlens)
     pack(q, k, v, beta)
     state = init if init is not None else q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1])
     return q.new_zeros(*q.shape[:3], v.shape[-1]), state
