@@ -116,7 +116,7 @@ def report(name, D, dtype, R, launch) -> dict:
     return dict(regs=int(regs.group(1)), spill_st=int(spills.group(1)), spill_ld=int(spills.group(2)),
                 smem_kb=compiled.metadata.shared / 1024,
                 blocks=blocks_per_sm(int(regs.group(1)), launch["num_warps"], compiled.metadata.shared),
-                instructions=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.MULTILINE)), loop=loop)
+                instructions=len(sass_instructions(sass)[0]), loop=loop)
 
 
 # opcode groups of the loop report: where a sequential pass's step spends its issue slots
@@ -124,8 +124,9 @@ OPCODE_GROUPS = (("integer", r"^U?(I[A-Z0-9]*|LOP3|LEA|SHF|SEL|PRMT|SGXT|VIADD)$
                  ("shared", r"^(LDS|STS|LDSM|STSM)$"), ("local", r"^(LDL|STL)$"), ("HGMMA", r"^HGMMA$"))
 
 
-def main_loop(sass):
-    """Instruction count and opcode groups of the longest loop (the span of the longest backward branch), or None."""
+def sass_instructions(sass):
+    """The machine instructions of nvdisasm's listing as (address, opcode, operands), and the address of each branch
+    label. Only lines with an opcode count: the listing's data sections also carry address comments."""
     labels, ops, target = {}, [], None
     for line in sass.splitlines():
         label = re.match(r"\s*\.L_x_(\d+):", line)
@@ -138,6 +139,12 @@ def main_loop(sass):
             if target is not None:
                 labels[target], target = at, None
             ops.append((at, instr.group(2), instr.group(3)))
+    return ops, labels
+
+
+def main_loop(sass):
+    """Instruction count and opcode groups of the longest loop (the span of the longest backward branch), or None."""
+    ops, labels = sass_instructions(sass)
     loops = []
     for at, op, rest in ops:
         branch = re.search(r"\.L_x_(\d+)", rest) if op == "BRA" else None
