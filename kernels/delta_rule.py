@@ -55,9 +55,8 @@ def _check_cu_seqlens(cu_seqlens, batch, total):
         cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.long)
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor or None, got {type(cu_seqlens).__name__}")
-    integer = not cu_seqlens.dtype.is_floating_point and cu_seqlens.dtype not in (torch.bool, torch.complex64,
-                                                                                    torch.complex128)
-    if cu_seqlens.dim() != 1 or not integer:
+    dtype = cu_seqlens.dtype
+    if cu_seqlens.dim() != 1 or dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got dtype {cu_seqlens.dtype} and shape "
                          f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.numel() < 2:
