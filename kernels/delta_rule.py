@@ -4,13 +4,17 @@
 
 Shapes: q [B,T,H,K], k [B,T,H,R,K], v [B,T,H,R,V], beta [B,T,H,R]; for R = 1 also k [B,T,H,K],
 v [B,T,H,V], beta [B,T,H]. Returns o [B,T,H,V] in the input dtype and the final state [N,H,K,V]
-in float32 (float64 for float64 inputs), or None unless output_final_state.
+in float32 (float64 for float64 inputs), or None unless output_final_state. Keys are expected at unit
+length; with normalize_qk=True every entry point scales q and each key to unit length itself
+(x / max(‖x‖, 1e-12), as F.normalize, in float32 at least): inside the recurrent kernel, in PyTorch
+(differentiable, fused by torch.compile) before the chunked kernels and the references.
 """
 
 import math
 from numbers import Real
 
 import torch
+import torch.nn.functional as F
 
 from .naive import naive_recurrence
 from .ops import chunk, recurrent
@@ -73,7 +77,7 @@ def _check_cu_seqlens(cu_seqlens, batch, total):
     return offsets
 
 
-def _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
+def _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, normalize_qk):
     """Check every argument before any work; return canonical (rank-axis) tensors and metadata."""
     _check_tensor("q", q, (4,))
     _check_tensor("k", k, (4, 5))
@@ -106,8 +110,9 @@ def _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
         scale = K**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
-    if not isinstance(output_final_state, bool):
-        raise ValueError(f"output_final_state must be a bool, got {output_final_state!r}")
+    for name, flag in (("output_final_state", output_final_state), ("normalize_qk", normalize_qk)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
     offsets = None
     if cu_seqlens is not None:
         offsets = _check_cu_seqlens(cu_seqlens, B, T)
@@ -123,12 +128,18 @@ def _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
     return q, k, v, beta, float(scale), initial_state, offsets
 
 
-def _per_document(fn, q, k, v, beta, scale, initial_state, output_final_state, offsets):
+def _unit_length(x, normalize):
+    """x scaled to unit length over its last axis when `normalize`, in float32 at least, returned in x's dtype."""
+    return F.normalize(x if x.dtype == torch.float64 else x.float(), dim=-1).to(x.dtype) if normalize else x
+
+
+def _per_document(fn, q, k, v, beta, scale, initial_state, output_final_state, offsets, normalize_qk):
     """Run a canonical-shape PyTorch implementation once per packed document and join the results.
 
     Autocast is off inside: it would run their float32 arithmetic in 16 bits (and the reference's triangular solve
     has no 16-bit CPU kernel)."""
     with torch.autocast(q.device.type, enabled=False):
+        q, k = _unit_length(q, normalize_qk), _unit_length(k, normalize_qk)
         if offsets is None:
             return fn(q, k, v, beta, scale, initial_state, output_final_state)
         outs, states = [], []
@@ -145,20 +156,24 @@ def _finish(q, o, state):
     return o.to(q.dtype), (None if state is None else state.to(state_dtype))
 
 
-def delta_rule_naive(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def delta_rule_naive(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     normalize_qk=False):
     """Step-by-step recurrence, one token at a time: the ground truth (run it in float64 in tests)."""
-    q, k, v, beta, scale, init, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    o, state = _per_document(naive_recurrence, q, k, v, beta, scale, init, output_final_state, offsets)
+    q, k, v, beta, scale, init, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                                   normalize_qk)
+    o, state = _per_document(naive_recurrence, q, k, v, beta, scale, init, output_final_state, offsets, normalize_qk)
     return _finish(q, o, state)
 
 
-def delta_rule_reference(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def delta_rule_reference(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                         normalize_qk=False):
     """Chunked flows (UT transform per chunk, sequential state pass) in plain PyTorch.
 
     Any device and dtype; differentiable by autograd in q, k, v, beta and initial_state.
     """
-    q, k, v, beta, scale, init, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
+    q, k, v, beta, scale, init, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                                   normalize_qk)
+    o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets, normalize_qk)
     return _finish(q, o, state)
 
 
@@ -179,18 +194,20 @@ def _why_not_kernels(q, v) -> str | None:
     return None
 
 
-def _chunked(q, k, v, beta, scale, init, offsets, output_final_state, scan=None):
-    o, final, *_ = chunk(q, k, v, beta, init, scale, offsets, output_final_state, scan)
+def _chunked(q, k, v, beta, scale, init, offsets, output_final_state, normalize_qk, scan=None):
+    o, final, *_ = chunk(_unit_length(q, normalize_qk), _unit_length(k, normalize_qk), v, beta, init, scale, offsets,
+                         output_final_state, scan)  # fmt: skip
     return _finish(q, o, final if output_final_state else None)
 
 
-def _recurrent(q, k, v, beta, scale, init, offsets, output_final_state):
-    o, final = recurrent(q, k, v, beta, init, scale, offsets, output_final_state)
+def _recurrent(q, k, v, beta, scale, init, offsets, output_final_state, normalize_qk):
+    o, final = recurrent(q, k, v, beta, init, scale, offsets, output_final_state, normalize_qk)
     return _finish(q, o, final if output_final_state else None)
 
 
-def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
-    q, k, v, beta, scale, init, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, normalize_qk):
+    q, k, v, beta, scale, init, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                                   normalize_qk)
     reason = _why_not_kernels(q, v)
     if reason is not None:
         raise ValueError(reason)
@@ -198,38 +215,43 @@ def _triton_args(q, k, v, beta, scale, initial_state, output_final_state, cu_seq
 
 
 def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                     scan=None):
+                     normalize_qk=False, scan=None):
     """The chunked Triton path (training, prefill), whatever the length.
 
     scan: True or False forces the parallel scan over segment flows on or off; None lets the
     plan choose (on when few sequences × heads leave the GPU idle during the sequential pass).
     """
     q, k, v, beta, scale, init, offsets = _triton_args(q, k, v, beta, scale, initial_state, output_final_state,
-                                                       cu_seqlens)
-    return _chunked(q, k, v, beta, scale, init, offsets, output_final_state, scan)
+                                                       cu_seqlens, normalize_qk)
+    return _chunked(q, k, v, beta, scale, init, offsets, output_final_state, normalize_qk, scan)
 
 
-def recurrent_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def recurrent_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                         normalize_qk=False):
     """The recurrent Triton path (decoding); forward only."""
     q, k, v, beta, scale, init, offsets = _triton_args(q, k, v, beta, scale, initial_state, output_final_state,
-                                                       cu_seqlens)
-    return _recurrent(q, k, v, beta, scale, init, offsets, output_final_state)
+                                                       cu_seqlens, normalize_qk)
+    return _recurrent(q, k, v, beta, scale, init, offsets, output_final_state, normalize_qk)
 
 
-def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+               normalize_qk=False):
     """Parallel-flow DeltaNet; the fast path for training, prefill and decoding.
 
     Differentiable in q, k, v, beta and initial_state. On CPU tensors (and for float64) it runs the
     PyTorch reference, except under TRITON_INTERPRET=1 where the Triton kernels run in the
     interpreter; so do heads wider than GPU_KERNEL_MAX_DIM on the GPU. Without gradients, sequences
     of at most RECURRENT_MAX_LEN tokens take the recurrent kernel, everything else the chunked one.
+    normalize_qk: scale q and the keys to unit length first (the module docstring says where).
     """
-    q, k, v, beta, scale, init, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    q, k, v, beta, scale, init, offsets = _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                                   normalize_qk)
     if _why_not_kernels(q, v) is not None:
-        o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets)
+        o, state = _per_document(reference_chunked, q, k, v, beta, scale, init, output_final_state, offsets,
+                                 normalize_qk)  # fmt: skip
         return _finish(q, o, state)
     longest = q.shape[1] if offsets is None else max(b - a for a, b in zip(offsets, offsets[1:]))
     tensors = (q, k, v, beta) if init is None else (q, k, v, beta, init)
     if longest <= RECURRENT_MAX_LEN and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
-        return _recurrent(q, k, v, beta, scale, init, offsets, output_final_state)
-    return _chunked(q, k, v, beta, scale, init, offsets, output_final_state)
+        return _recurrent(q, k, v, beta, scale, init, offsets, output_final_state, normalize_qk)
+    return _chunked(q, k, v, beta, scale, init, offsets, output_final_state, normalize_qk)

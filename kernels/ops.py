@@ -145,13 +145,14 @@ def chunk(*args):
 
 def _recurrent_forward(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, initial_state: Optional[Tensor], scale: float,
-    offsets: Optional[List[int]], output_final_state: bool,
+    offsets: Optional[List[int]], output_final_state: bool, normalize_qk: bool,
 ) -> Tuple[Tensor, Tensor]:  # fmt: skip
-    """(o, final state), one token at a time; forward only."""
+    """(o, final state), one token at a time; forward only. normalize_qk: q and k scaled to unit length in the
+    kernel."""
     B, T, H = q.shape[:3]
     init = None if initial_state is None else initial_state.contiguous()
     plan = _plan(k, offsets)
-    o, final = recurrent_fwd(*pack(q, k, v, beta), scale, init, plan, output_final_state)
+    o, final = recurrent_fwd(*pack(q, k, v, beta), scale, init, plan, output_final_state, normalize_qk)
     return o.view(B, T, H, -1), _state_or_empty(final, q)
 
 
@@ -159,7 +160,7 @@ recurrent_forward = torch.library.custom_op(f"{NAMESPACE}::recurrent_forward", _
 
 
 @recurrent_forward.register_fake
-def _(q, k, v, beta, initial_state, scale, offsets, output_final_state):
+def _(q, k, v, beta, initial_state, scale, offsets, output_final_state, normalize_qk):
     final = q.new_empty(_state_shape(k, v, offsets) if output_final_state else (0,), dtype=torch.float32)
     return q.new_empty(*q.shape[:3], v.shape[-1]), final
 

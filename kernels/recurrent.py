@@ -11,11 +11,13 @@ from .utils import cdiv, kernel, pow2
 def recurrent_kernel(q, k, v, v_stride, beta, o, init, final, scale, cu, chunk_off, length, UNIFORM: tl.constexpr,
                      BT: tl.constexpr, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                      V: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
-                     STORE_FINAL: tl.constexpr):
+                     STORE_FINAL: tl.constexpr, NORMALIZE: tl.constexpr):
     """S ← S + Σ_i k_i β_i (v_i − S_prevᵀ k_i)ᵀ, o = scale Sᵀ q, for one sequence, head and V block.
 
     The R components are the rows of an RP-row tile (RP = pow2(R)). A token is too little work for tensor cores:
-    the products are fp32 broadcasts and sums, exact to fp32 over long decodes.
+    the products are fp32 broadcasts and sums, exact to fp32 over long decodes. NORMALIZE: q and each k_i are first
+    scaled to unit length, as F.normalize does (x / max(‖x‖, 1e-12)), in fp32 here rather than in launches of their
+    own before the call.
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -42,6 +44,9 @@ def recurrent_kernel(q, k, v, v_stride, beta, o, init, final, scale, cu, chunk_o
         b_v = tl.load(v + (n * v_stride + (h * R + r) * V)[:, None] + vv[None, :], mask=r_ok[:, None] & v_ok[None, :],
                       other=0.0).to(tl.float32)
         b_beta = tl.load(beta + sub, mask=r_ok, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q, axis=0)), 1e-12)
+            b_k = b_k / tl.maximum(tl.sqrt(tl.sum(b_k * b_k, axis=1)), 1e-12)[:, None]
         b_u = b_beta[:, None] * (b_v - tl.sum(b_k[:, :, None] * S[None, :, :], axis=1))
         S += tl.sum(b_k[:, :, None] * b_u[:, None, :], axis=0)
         b_o = tl.sum(b_q[:, None] * S, axis=0) * scale
@@ -64,9 +69,9 @@ def blocks(R, K, V):
     return bk, min(pow2(V), max(4, TILE_ELEMENTS // (pow2(R, 1) * bk)))
 
 
-def recurrent_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state):
+def recurrent_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, normalize_qk):
     """Forward only, packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V] (v's tokens may lie apart, as in
-    chunk.value_rows), beta [N,H,R], sequences as chunk.Plan."""
+    chunk.value_rows), beta [N,H,R], sequences as chunk.Plan; normalize_qk: q and k scaled to unit length first."""
     _, H, R, K = k.shape
     V = v.shape[-1]
     bk, bv = blocks(R, K, V)
@@ -75,5 +80,5 @@ def recurrent_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state)
     recurrent_kernel[(plan.n, H, cdiv(V, bv))](q, k, v, v.stride(0), beta, o, initial_state, final, scale,
                                               *plan.sequences,
                                               plan.bt, H, R, K, V, plan.rp, bk, bv, initial_state is not None,
-                                              output_final_state, **LAUNCH)
+                                              output_final_state, normalize_qk, **LAUNCH)
     return o, final

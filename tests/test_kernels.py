@@ -54,14 +54,15 @@ def run(fn, xs, do, ds, cu_seqlens=None, dtype=None):
     return [o, s] + [x.grad for x in ins]
 
 
-def check_against_naive(fn, xs, tol, cu_seqlens=None):
+def check_against_naive(fn, xs, tol, cu_seqlens=None, **options):
+    """fn's output, final state and gradients against the float64 recurrence's, both called with `options`."""
     B, T, H = xs[0].shape[:3]
     V = xs[2].shape[-1]
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     do = torch.randn(B, T, H, V, dtype=torch.float64, device=xs[0].device)
     ds = torch.randn(N, H, xs[0].shape[-1], V, dtype=torch.float64, device=xs[0].device)
-    got = run(fn, xs, do, ds, cu_seqlens)
-    want = run(fk.delta_rule_naive, xs, do, ds, cu_seqlens, dtype=torch.float64)
+    got = run(functools.partial(fn, **options), xs, do, ds, cu_seqlens)
+    want = run(functools.partial(fk.delta_rule_naive, **options), xs, do, ds, cu_seqlens, dtype=torch.float64)
     names = ["o", "final_state", "dq", "dk", "dv", "dbeta", "dinitial_state"]
     for name, g, w in zip(names, got, want):
         assert g.shape == w.shape, name
@@ -423,6 +424,30 @@ def test_recurrent_equals_chunked(triton_env, dtype, R):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalize_qk_on_keys_off_unit_length(triton_env, dtype):
+    """normalize_qk=True scales q and every key to unit length: the chunked path (in PyTorch, before its kernels) with
+    gradients through the scaling, and the recurrent kernel (inside it), against the float64 recurrence on the same
+    raw inputs; without the option the keys' lengths would change the results."""
+    H, K, V = dims(triton_env)
+    q, k, v, beta, s0 = make_inputs(1, 33, H, 2, K, V, device=triton_env)
+    q, k = 3 * q, k * (0.3 + 2 * torch.rand(k.shape[:-1], device=triton_env))[..., None]
+    xs = [x.to(dtype) for x in (q, k, v, beta)] + [s0]
+    check_against_naive(chunk_delta_rule, xs, TOL[dtype], normalize_qk=True)
+    want = fk.delta_rule_naive(*(x.double() for x in xs[:4]), initial_state=s0.double(), output_final_state=True,
+                               normalize_qk=True)
+    raw = fk.delta_rule_naive(*(x.double() for x in xs[:4]), initial_state=s0.double(), output_final_state=True)
+    assert rel(raw[0], want[0]) > 0.1
+    for n in (1, 33):  # a decoding step, and a whole sequence through the recurrent kernel
+        got = recurrent_delta_rule(*(x[:, :n] for x in xs[:4]), initial_state=s0, output_final_state=True,
+                                   normalize_qk=True)
+        end = fk.delta_rule_naive(*(x[:, :n].double() for x in xs[:4]), initial_state=s0.double(),
+                                  output_final_state=True, normalize_qk=True)
+        assert rel(got[0], end[0]) < TOL[dtype] and rel(got[1], end[1]) < TOL[dtype], n
+    assert rel(fk.delta_rule_reference(*xs[:4], initial_state=s0, normalize_qk=True)[0], want[0]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_recurrent_varlen(triton_env):
     H, K, V = dims(triton_env)
     cu = torch.tensor([0, 1, 5, 12], device=triton_env)
@@ -511,6 +536,7 @@ BAD = [
     ("scale", dict(scale="big")),
     ("initial_state", dict(initial_state=torch.randn(2, 2, 16, 8))),
     ("output_final_state", dict(output_final_state=1)),
+    ("normalize_qk", dict(normalize_qk="yes")),
     ("cu_seqlens", dict(cu_seqlens=torch.tensor([1, 8]))),
     ("cu_seqlens", dict(cu_seqlens=torch.tensor([0, 5, 5, 8]))),
     ("cu_seqlens", dict(cu_seqlens=torch.tensor([0, 6, 4, 8]))),
@@ -766,5 +792,6 @@ def test_custom_ops_pass_torch_library_opcheck(triton_env):
     rest = [x.detach() for x in (k, v, beta)]
     torch.library.opcheck(ops.chunk_backward, (permuted_q, *rest, *saved, torch.randn_like(o), torch.randn_like(final),
                                                0.25, None, True, None))  # fmt: skip
-    torch.library.opcheck(ops.recurrent_forward, tuple(x.detach()[:, :3] for x in (q, k, v, beta)) +
-                          (s0.detach(), 0.25, None, True))  # fmt: skip
+    for normalize_qk in (False, True):
+        torch.library.opcheck(ops.recurrent_forward, tuple(x.detach()[:, :3] for x in (q, k, v, beta)) +
+                              (s0.detach(), 0.25, None, True, normalize_qk))  # fmt: skip

@@ -58,7 +58,7 @@ def constexprs(name, D, dtype, R):
         "state_fwd_aug": dict(common, BK=bka, BV=bva, HAS_INIT=False, STORE_FINAL=True, AUG=True, VA=2 * D),
         "state_bwd_aug": dict(common, BK=bka, BV=bva, HAS_DFINAL=False, STORE_DINIT=True, AUG=True, VA=2 * D),
         "combine": dict(H=16, K=D, V=D, BK=bk, BV=bv, KB=min(bk, 32), HAS_X0=True, STORE_OUT=True, REVERSE=False),
-        "recurrent": dict(common, BK=rk, BV=rv, HAS_INIT=True, STORE_FINAL=True),
+        "recurrent": dict(common, BK=rk, BV=rv, HAS_INIT=True, STORE_FINAL=True, NORMALIZE=True),  # as decoding runs
         "grad_wy": dict(common, BK=g, BV=g, LOW=DTYPES[dtype] if chunk.WY_TRANSPOSE_16BIT else tl.float32,
                         CD=DTYPES[dtype] if chunk.WY_CANCELLING_16BIT else tl.float32),
     }[name]
