@@ -487,18 +487,22 @@ class FlowHNDeltaNet(nn.Module):
             qkv = F.silu(causal_conv(x.transpose(1, 2), self.conv1d.weight))
             layer.update_conv_state(self._last_inputs(x, tokens.valid))
         q, k, v = qkv.split(self.split_sizes, dim=-1)
+        # q and k are L2-normalised by the kernel call (normalize_qk): in the decoding kernel itself, saving the
+        # launches that F.normalize would take at every token; the kernel takes q, k and v in one dtype
+        q = q.view(batch, length, self.num_heads, self.key_dim)
+        k = k.view(batch, length, self.num_heads, self.rank, self.key_dim)
         v = v.reshape(batch, length, self.num_heads, self.rank, self.value_dim)
-        # autocast runs normalize in float32; the kernel takes q, k and v in one dtype
-        q = F.normalize(q.view(batch, length, self.num_heads, self.key_dim), dim=-1).to(v.dtype)
-        k = F.normalize(k.view(batch, length, self.num_heads, self.rank, self.key_dim), dim=-1).to(v.dtype)
         beta = self.b_proj(hidden_states).sigmoid().view(batch, length, self.num_heads, self.rank)
         beta = beta * (self.beta_max / self.rank)
         if tokens.valid is not None:
             beta = beta * tokens.valid[..., None, None].to(beta.dtype)
 
         if tokens.documents is None:
-            o, final_state = delta_rule(q, k, v, beta, initial_state=state, output_final_state=layer is not None)
-        else:  # the rows' documents packed along one sequence, the state reset at each
+            o, final_state = delta_rule(q, k, v, beta, initial_state=state, output_final_state=layer is not None,
+                                        normalize_qk=True)
+        else:  # the rows' documents packed along one sequence, the state reset at each; q and k normalised here,
+            # where torch.compile fuses it, since packed_delta_rule runs outside the graph (autocast: in float32)
+            q, k = (F.normalize(x, dim=-1).to(v.dtype) for x in (q, k))
             packed = (t.flatten(0, 1)[None] for t in (q, k, v, beta))
             o = packed_delta_rule(*packed, cu_seqlens=document_offsets(tokens.documents))[0].view(v.shape[:3] + (-1,))
         if layer is not None:

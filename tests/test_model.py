@@ -150,6 +150,26 @@ def test_cached_decoding_matches_one_forward(mode, rank):
     torch.testing.assert_close(torch.cat(steps, 1), full, **TOL)
 
 
+@pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
+def test_cached_decoding_through_the_kernels_matches_one_forward(triton_env):
+    """The same in Triton's interpreter, where the kernels run: the whole sequence's DeltaNet calls take the chunked
+    kernels (more than RECURRENT_MAX_LEN tokens a branch), each decoding step's the recurrent kernel, which
+    L2-normalises q and k itself."""
+    model = tiny_model(split_mode="flop_aware_circulating", delta_rank=2)
+    with torch.no_grad():  # keys far from unit length, and a DeltaNet branch that moves the logits
+        for layer in model.model.layers:
+            layer.deltanet_branch.mixer.qkv_proj.weight.mul_(20)
+            layer.deltanet_branch.mixer.o_proj.weight.mul_(20)
+    x = tokens(2, 48)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(x[:, :36], past_key_values=cache, use_cache=True).logits]
+        for t in range(36, 48):
+            steps.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, **TOL)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_left_padded_cached_decoding_matches_one_forward(mode):
     model = tiny_model(split_mode=mode)

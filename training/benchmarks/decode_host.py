@@ -28,10 +28,13 @@ MODES = ["flop_aware_circulating", "flop_aware", "alternating", "none"]
 PROMPT, STEPS = 64, 32
 
 
-def host_side_delta_rule(q, k, v, beta, *, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """What delta_rule does on the host before its kernel launch on a GPU, then one operation in the kernel's place
-    (filling the output) and the state passed through."""
-    q, k, v, beta, _, init, _ = _prepare(q, k, v, beta, None, initial_state, output_final_state, cu_seqlens)
+def host_side_delta_rule(q, k, v, beta, *, initial_state=None, output_final_state=False, cu_seqlens=None,
+                         normalize_qk=False):
+    """What delta_rule does on the host before its kernel launch on a GPU (a decoding step's call normalises q and k
+    inside the kernel), then one operation in the kernel's place (filling the output) and the state passed
+    through."""
+    q, k, v, beta, _, init, _ = _prepare(q, k, v, beta, None, initial_state, output_final_state, cu_seqlens,
+                                         normalize_qk)
     pack(q, k, v, beta)
     state = init if init is not None else q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1])
     return q.new_zeros(*q.shape[:3], v.shape[-1]), state
