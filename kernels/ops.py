@@ -21,15 +21,21 @@ from .utils import op_namespace
 NAMESPACE = op_namespace(__name__)
 
 
-def pack(q, k, v, beta):
+def _rows(x):
+    """x [N,...] as it is when each row's entries are contiguous (its rows may lie any distance apart), else a copy."""
+    return x if x[0].is_contiguous() else x.contiguous()
+
+
+def pack(q, k, v, beta, keys_in_place=False):
     """Canonical [B,T,...] tensors as [B·T,...] ones, the kernels' packed layout: contiguous, except that v's tokens
     may lie any distance apart as long as each token's values are contiguous (chunk.value_rows). So v can be a slice
     of a wider projection, as the model's q, k, v are of its short conv's output, and is read in place: a copy would
-    cost a pass over v in every forward and again in every backward."""
+    cost a pass over v in every forward and again in every backward. keys_in_place: q and k likewise (the recurrent
+    kernel reads every input by token stride: at decoding, a copy is a launch a step)."""
     B, T, H, R, K = k.shape
-    v = v.reshape(B * T, H, R, -1)
-    return (q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, R, K).contiguous(),
-            v if v[0].is_contiguous() else v.contiguous(), beta.reshape(B * T, H, R).contiguous())  # fmt: skip
+    q, k = q.reshape(B * T, H, K), k.reshape(B * T, H, R, K)
+    q, k = (_rows(q), _rows(k)) if keys_in_place else (q.contiguous(), k.contiguous())
+    return q, k, _rows(v.reshape(B * T, H, R, -1)), beta.reshape(B * T, H, R).contiguous()
 
 
 def _plan(k, offsets):
@@ -152,7 +158,8 @@ def _recurrent_forward(
     B, T, H = q.shape[:3]
     init = None if initial_state is None else initial_state.contiguous()
     plan = _plan(k, offsets)
-    o, final = recurrent_fwd(*pack(q, k, v, beta), scale, init, plan, output_final_state, normalize_qk)
+    o, final = recurrent_fwd(*pack(q, k, v, beta, keys_in_place=True), scale, init, plan, output_final_state,
+                             normalize_qk)
     return o.view(B, T, H, -1), _state_or_empty(final, q)
 
 

@@ -8,7 +8,8 @@ from .utils import cdiv, kernel, pow2
 
 
 @kernel
-def recurrent_kernel(q, k, v, v_stride, beta, o, init, final, scale, cu, chunk_off, length, UNIFORM: tl.constexpr,
+def recurrent_kernel(q, q_stride, k, k_stride, v, v_stride, beta, o, init, final, scale, cu, chunk_off, length,
+                     UNIFORM: tl.constexpr,
                      BT: tl.constexpr, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                      V: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
                      STORE_FINAL: tl.constexpr, NORMALIZE: tl.constexpr):
@@ -17,7 +18,8 @@ def recurrent_kernel(q, k, v, v_stride, beta, o, init, final, scale, cu, chunk_o
     The R components are the rows of an RP-row tile (RP = pow2(R)). A token is too little work for tensor cores:
     the products are fp32 broadcasts and sums, exact to fp32 over long decodes. NORMALIZE: q and each k_i are first
     scaled to unit length, as F.normalize does (x / max(‖x‖, 1e-12)), in fp32 here rather than in launches of their
-    own before the call.
+    own before the call. q, k and v are read by token stride (each token's entries contiguous), so that they can be
+    slices of one projection.
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -39,8 +41,9 @@ def recurrent_kernel(q, k, v, v_stride, beta, o, init, final, scale, cu, chunk_o
     n = bos
     while n < eos:
         sub = (n * H + h) * R + r
-        b_q = tl.load(q + (n * H + h) * K + kk, mask=k_ok, other=0.0).to(tl.float32)
-        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        b_q = tl.load(q + n * q_stride + h * K + kk, mask=k_ok, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (n * k_stride + (h * R + r) * K)[:, None] + kk[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                      other=0.0).to(tl.float32)
         b_v = tl.load(v + (n * v_stride + (h * R + r) * V)[:, None] + vv[None, :], mask=r_ok[:, None] & v_ok[None, :],
                       other=0.0).to(tl.float32)
         b_beta = tl.load(beta + sub, mask=r_ok, other=0.0).to(tl.float32)
@@ -70,15 +73,14 @@ def blocks(R, K, V):
 
 
 def recurrent_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, normalize_qk):
-    """Forward only, packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V] (v's tokens may lie apart, as in
-    chunk.value_rows), beta [N,H,R], sequences as chunk.Plan; normalize_qk: q and k scaled to unit length first."""
+    """Forward only, packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V] (their tokens may lie apart, as in
+    ops.pack), beta [N,H,R], sequences as chunk.Plan; normalize_qk: q and k scaled to unit length first."""
     _, H, R, K = k.shape
     V = v.shape[-1]
     bk, bv = blocks(R, K, V)
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     final = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if output_final_state else None
-    recurrent_kernel[(plan.n, H, cdiv(V, bv))](q, k, v, v.stride(0), beta, o, initial_state, final, scale,
-                                              *plan.sequences,
-                                              plan.bt, H, R, K, V, plan.rp, bk, bv, initial_state is not None,
-                                              output_final_state, normalize_qk, **LAUNCH)
+    recurrent_kernel[(plan.n, H, cdiv(V, bv))](q, q.stride(0), k, k.stride(0), v, v.stride(0), beta, o, initial_state,
+                                              final, scale, *plan.sequences, plan.bt, H, R, K, V, plan.rp, bk, bv,
+                                              initial_state is not None, output_final_state, normalize_qk, **LAUNCH)
     return o, final

@@ -367,30 +367,38 @@ def test_chunked_rank_one_without_rank_axis_and_initial_state(triton_env):
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 @pytest.mark.parametrize("R", [1, 2])
-def test_values_sliced_from_a_wider_tensor_are_read_in_place(triton_env, R):
-    """v as the model makes it, a slice of its short conv's [q | k | v] output (here at an odd offset and token
-    stride): pack hands it to the kernels uncopied, and the chunked (forward and backward) and recurrent kernels give
-    exactly what they give for a contiguous copy."""
+def test_inputs_sliced_from_a_wider_tensor_are_read_in_place(triton_env, R):
+    """q, k and v as the model makes them, slices of its short conv's [q | k | v] output (here at an odd offset and
+    token stride): pack hands v to the kernels uncopied, and q and k as well to the recurrent kernel (the chunked
+    ones take them contiguous); the chunked (forward and backward) and recurrent kernels give exactly what they give
+    for contiguous copies."""
     from flowhn_kernels.ops import pack
 
     H, K, V = dims(triton_env)
     B, T = 2, 70
     q, k, v, beta, s0 = make_inputs(B, T, H, R, K, V, device=triton_env)
-    wide = torch.randn(B, T, 5 + H * R * V + 3, device=triton_env)
-    wide[..., 5 : 5 + H * R * V] = v.flatten(2)
-    v_slice = wide[..., 5 : 5 + H * R * V].view(B, T, H, R, V)
-    assert not v_slice.is_contiguous() and torch.equal(v_slice, v)
-    assert pack(q, k, v_slice, beta)[2].data_ptr() == v_slice.data_ptr()
+    widths = [H * K, H * R * K, H * R * V]
+    wide = torch.randn(B, T, 5 + sum(widths) + 3, device=triton_env)
+    wide[..., 5 : 5 + sum(widths)] = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
+    q_s, k_s, v_s = wide[..., 5 : 5 + sum(widths)].split(widths, dim=-1)
+    q_s, k_s, v_s = q_s.view(B, T, H, K), k_s.view(B, T, H, R, K), v_s.view(B, T, H, R, V)
+    assert not v_s.is_contiguous() and all(torch.equal(a, b) for a, b in zip((q_s, k_s, v_s), (q, k, v)))
+    packed = pack(q_s, k_s, v_s, beta)
+    assert packed[0].is_contiguous() and packed[1].is_contiguous() and packed[2].data_ptr() == v_s.data_ptr()
+    in_place = pack(q_s, k_s, v_s, beta, keys_in_place=True)
+    assert [x.data_ptr() for x in in_place[:3]] == [x.data_ptr() for x in (q_s, k_s, v_s)]
 
-    check_against_naive(fk.delta_rule, [q, k, v_slice, beta, s0], TOL[torch.float32])
+    sliced, whole = [q_s, k_s, v_s, beta, s0], [q, k, v, beta, s0]
+    check_against_naive(fk.delta_rule, sliced, TOL[torch.float32])
     do = torch.randn(B, T, H, V, dtype=torch.float64, device=triton_env)
     ds = torch.randn(B, H, K, V, dtype=torch.float64, device=triton_env)
-    for got, want in zip(run(fk.delta_rule, [q, k, v_slice, beta, s0], do, ds),
-                         run(fk.delta_rule, [q, k, v, beta, s0], do, ds)):  # fmt: skip
+    for got, want in zip(run(fk.delta_rule, sliced, do, ds), run(fk.delta_rule, whole, do, ds)):
         assert torch.equal(got, want)
-    o, s = recurrent_delta_rule(q, k, v_slice, beta, initial_state=s0, output_final_state=True)
-    o64, s64 = fk.delta_rule_naive(*(x.double() for x in (q, k, v, beta)), initial_state=s0.double(),
-                                   output_final_state=True)  # fmt: skip
+    o, s = recurrent_delta_rule(*sliced[:4], initial_state=s0, output_final_state=True, normalize_qk=True)
+    o1, s1 = recurrent_delta_rule(*whole[:4], initial_state=s0, output_final_state=True, normalize_qk=True)
+    assert torch.equal(o, o1) and torch.equal(s, s1)
+    o64, s64 = fk.delta_rule_naive(*(x.double() for x in whole[:4]), initial_state=s0.double(),
+                                   output_final_state=True, normalize_qk=True)  # fmt: skip
     assert rel(o, o64) < 1e-5 and rel(s, s64) < 1e-5
 
 

@@ -89,13 +89,13 @@ def report(name, D, dtype, R, launch) -> dict:
             signature[arg] = "constexpr"
         elif arg == "scale":
             signature[arg] = "fp32"
-        elif arg in ("length", "c_lo", "c_hi", "chunk0", "v_stride"):
+        elif arg in ("length", "c_lo", "c_hi", "chunk0", "v_stride", "q_stride", "k_stride"):
             signature[arg] = "i32"
         else:
             signature[arg] = "*fp32" if arg in STATE_F32 else "*i32" if arg in INDEX_I32 else f"*{dtype}"
     # what the JIT assumes at the anchor shapes: 16-byte aligned tensors, lengths a multiple of 16
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, kind in signature.items()
-               if kind.startswith("*") or a in ("length", "v_stride")}
+               if kind.startswith("*") or a in ("length", "v_stride", "q_stride", "k_stride")}
     source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(a),): v for a, v in fixed.items()},
                        attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch)
