@@ -6,7 +6,8 @@ CPU, where it can be timed without a GPU: the models keep the 135M presets' dept
 at tiny widths, so arithmetic is negligible, and FlowHN's DeltaNet kernel call is replaced by its argument checks
 and packing, as the GPU runs it (the kernel itself is one launch there; on the CPU the PyTorch reference would run
 instead and dominate). Prints a markdown table: ms per decoding step, and the number of tensor operations that are
-not views or allocations per step (on a GPU each is a kernel launch; unlike the times, it does not move between runs).
+not views or allocations per step (on a GPU each is a kernel launch; unlike the times, it does not move between runs),
+at each batch size.
 
     python -m training.benchmarks.decode_host [--batch-sizes 1,8] [--threads 1] [--rounds 7]
 """
@@ -30,12 +31,12 @@ PROMPT, STEPS = 64, 32
 
 def host_side_delta_rule(q, k, v, beta, *, initial_state=None, output_final_state=False, cu_seqlens=None,
                          normalize_qk=False):
-    """What delta_rule does on the host before its kernel launch on a GPU (a decoding step's call normalises q and k
-    inside the kernel), then one operation in the kernel's place (filling the output) and the state passed
+    """What delta_rule does on the host before its recurrent kernel's launch on a GPU (which normalises q and k and
+    reads them in place), then one operation in the kernel's place (filling the output) and the state passed
     through."""
     q, k, v, beta, _, init, _ = _prepare(q, k, v, beta, None, initial_state, output_final_state, cu_seqlens,
                                          normalize_qk)
-    pack(q, k, v, beta)
+    pack(q, k, v, beta, keys_in_place=True)
     state = init if init is not None else q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1])
     return q.new_zeros(*q.shape[:3], v.shape[-1]), state
 
@@ -91,15 +92,16 @@ def main(argv=None):
         torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {args.threads} CPU thread(s); ms of host time per decoding step (best of "
           f"{args.rounds} rounds of {STEPS} steps after a {PROMPT}-token prompt)\n")
-    print("| model | " + " | ".join(f"ms, batch {b}" for b in sizes) + f" | operations per step, batch {sizes[0]} |")
-    print("|---|" + "---|" * (len(sizes) + 1))
-    for name in ops:
+    print("| model | " + " | ".join(f"ms, batch {b}" for b in sizes) + " | "
+          + " | ".join(f"operations per step, batch {b}" for b in sizes) + " |")
+    print("|---|" + "---|" * 2 * len(sizes))
+    for name in dict.fromkeys(name for name, _ in ops):
         times = " | ".join(f"{best[name, b] * 1e3:.2f}" for b in sizes)
-        print(f"| {name} | {times} | {ops[name]:.0f} |")
+        print(f"| {name} | {times} | " + " | ".join(f"{ops[name, b]:.0f}" for b in sizes) + " |")
 
 
 def measure(sizes, rounds):
-    """Best seconds per step for every (model, batch size), and operations per step at the first batch size."""
+    """Best seconds per step and operations per step for every (model, batch size)."""
     torch.manual_seed(0)
     models = {f"FlowHN {mode} (15 layers)": modeling.FlowHNForCausalLM(
         preset_config("tiny", num_hidden_layers=15, split_mode=mode)) for mode in MODES}
@@ -108,10 +110,10 @@ def measure(sizes, rounds):
         num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=None))
     decoders = {(name, b): Decoder(model, b) for name, model in models.items() for b in sizes}
     ops = {}
-    for name in models:
+    for key, decoder in decoders.items():
         with CountOps() as counter:
-            decoders[name, sizes[0]].seconds(STEPS)
-        ops[name] = counter.count / STEPS
+            decoder.seconds(STEPS)
+        ops[key] = counter.count / STEPS
     best = dict.fromkeys(decoders, float("inf"))
     for round_ in range(rounds + 1):  # the models take turns, so a busy spell of the machine hits them all
         for key, decoder in decoders.items():
