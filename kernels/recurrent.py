@@ -9,8 +9,7 @@ from .utils import cdiv, kernel, pow2
 
 @kernel
 def recurrent_kernel(q, q_stride, k, k_stride, v, v_stride, beta, o, init, final, scale, cu, chunk_off, length,
-                     UNIFORM: tl.constexpr,
-                     BT: tl.constexpr, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
+                     UNIFORM: tl.constexpr, BT: tl.constexpr, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                      V: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
                      STORE_FINAL: tl.constexpr, NORMALIZE: tl.constexpr):
     """S ← S + Σ_i k_i β_i (v_i − S_prevᵀ k_i)ᵀ, o = scale Sᵀ q, for one sequence, head and V block.
