@@ -27,11 +27,11 @@ from .configuration_flowhn import FlowHNConfig
 
 try:  # a Hub checkpoint carries the kernel modules flat beside this file
     from .cross_entropy import softmax_cross_entropy
-    from .delta_rule import delta_rule
+    from .delta_rule import delta_rule, l2_normalize
     from .short_conv import causal_conv, short_conv_silu
     from .utils import op_namespace
 except ImportError:  # the installed package
-    from flowhn_kernels import causal_conv, delta_rule, short_conv_silu, softmax_cross_entropy
+    from flowhn_kernels import causal_conv, delta_rule, l2_normalize, short_conv_silu, softmax_cross_entropy
     from flowhn_kernels.utils import op_namespace
 
 # delta_rule's kernels are custom ops that torch.compile traces through; packed documents are the exception: their
@@ -501,8 +501,8 @@ class FlowHNDeltaNet(nn.Module):
             o, final_state = delta_rule(q, k, v, beta, initial_state=state, output_final_state=layer is not None,
                                         normalize_qk=True)
         else:  # the rows' documents packed along one sequence, the state reset at each; q and k normalised here,
-            # where torch.compile fuses it, since packed_delta_rule runs outside the graph (autocast: in float32)
-            q, k = (F.normalize(x, dim=-1).to(v.dtype) for x in (q, k))
+            # as normalize_qk would, where torch.compile fuses it: packed_delta_rule runs outside the graph
+            q, k = l2_normalize(q), l2_normalize(k)
             packed = (t.flatten(0, 1)[None] for t in (q, k, v, beta))
             o = packed_delta_rule(*packed, cu_seqlens=document_offsets(tokens.documents))[0].view(v.shape[:3] + (-1,))
         if layer is not None:

@@ -33,7 +33,7 @@ GPU_KERNEL_MAX_DIM = {torch.float16: 256, torch.bfloat16: 256, torch.float32: 12
 # without gradients, sequences up to this long run the recurrent kernel (decoding, short prefill)
 RECURRENT_MAX_LEN = 16
 
-__all__ = ["delta_rule", "delta_rule_reference", "delta_rule_naive"]
+__all__ = ["delta_rule", "delta_rule_reference", "delta_rule_naive", "l2_normalize"]
 
 
 def _check_tensor(name, x, dims):
@@ -128,9 +128,10 @@ def _prepare(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
     return q, k, v, beta, float(scale), initial_state, offsets
 
 
-def _unit_length(x, normalize):
-    """x scaled to unit length over its last axis when `normalize`, in float32 at least, returned in x's dtype."""
-    return F.normalize(x if x.dtype == torch.float64 else x.float(), dim=-1).to(x.dtype) if normalize else x
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x scaled to unit length over its last axis, x / max(‖x‖, 1e-12), worked out in float32 at least and returned
+    in x's dtype: what normalize_qk=True does to q and the keys."""
+    return F.normalize(x if x.dtype == torch.float64 else x.float(), dim=-1).to(x.dtype)
 
 
 def _per_document(fn, q, k, v, beta, scale, initial_state, output_final_state, offsets, normalize_qk):
@@ -139,7 +140,8 @@ def _per_document(fn, q, k, v, beta, scale, initial_state, output_final_state, o
     Autocast is off inside: it would run their float32 arithmetic in 16 bits (and the reference's triangular solve
     has no 16-bit CPU kernel)."""
     with torch.autocast(q.device.type, enabled=False):
-        q, k = _unit_length(q, normalize_qk), _unit_length(k, normalize_qk)
+        if normalize_qk:
+            q, k = l2_normalize(q), l2_normalize(k)
         if offsets is None:
             return fn(q, k, v, beta, scale, initial_state, output_final_state)
         outs, states = [], []
@@ -195,8 +197,8 @@ def _why_not_kernels(q, v) -> str | None:
 
 
 def _chunked(q, k, v, beta, scale, init, offsets, output_final_state, normalize_qk, scan=None):
-    o, final, *_ = chunk(_unit_length(q, normalize_qk), _unit_length(k, normalize_qk), v, beta, init, scale, offsets,
-                         output_final_state, scan)  # fmt: skip
+    qn, kn = (l2_normalize(q), l2_normalize(k)) if normalize_qk else (q, k)
+    o, final, *_ = chunk(qn, kn, v, beta, init, scale, offsets, output_final_state, scan)
     return _finish(q, o, final if output_final_state else None)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import sys
 from collections import Counter
@@ -263,8 +264,10 @@ def test_decode_host_prints_every_model_with_its_operation_count(capsys):
     from training.benchmarks import decode_host
 
     kernel_call, threads = modeling_flowhn.delta_rule, torch.get_num_threads()
+    launch, interpret = decode_host.kernel_ops.recurrent_fwd, os.environ.get("TRITON_INTERPRET")
     decode_host.main(["--batch-sizes", "1", "--rounds", "1"])
     assert modeling_flowhn.delta_rule is kernel_call and torch.get_num_threads() == threads, "left as found"
+    assert decode_host.kernel_ops.recurrent_fwd is launch and os.environ.get("TRITON_INTERPRET") == interpret
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| FlowHN") or
             line.startswith("| Llama")]
     assert len(rows) == len(decode_host.MODES) + 1

@@ -3,9 +3,9 @@
 On a GPU, decoding a ~135M model one token at a time is bound by the host (Python, op dispatch, kernel launches),
 not by the card: throughput.py's decode rows run at 16-26 tokens/s on an H200. This measures that host side on the
 CPU, where it can be timed without a GPU: the models keep the 135M presets' depth (FlowHN 15 layers, the Llama 30)
-at tiny widths, so arithmetic is negligible, and FlowHN's DeltaNet kernel call is replaced by its argument checks
-and packing, as the GPU runs it (the kernel itself is one launch there; on the CPU the PyTorch reference would run
-instead and dominate). Prints a markdown table: ms per decoding step, and the number of tensor operations that are
+at tiny widths, so arithmetic is negligible, and FlowHN's decoding steps take delta_rule's own path to the recurrent
+kernel, as on the GPU, with the kernel's launch replaced by one operation (on the CPU the PyTorch reference would run
+instead and dominate; the prompt runs it). Prints a markdown table: ms per decoding step, and the number of tensor operations that are
 not views or allocations per step (on a GPU each is a kernel launch; unlike the times, it does not move between runs),
 at each batch size.
 
@@ -13,6 +13,8 @@ at each batch size.
 """
 
 import argparse
+import contextlib
+import os
 import time
 
 import torch
@@ -20,8 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import flowhn_hf.modeling_flowhn as modeling
-from flowhn_kernels.delta_rule import _prepare
-from flowhn_kernels.ops import pack
+from flowhn_kernels import ops as kernel_ops
 from flowhn_hf.presets import preset_config
 
 MODES = ["flop_aware_circulating", "flop_aware", "alternating", "none"]
@@ -29,16 +30,28 @@ MODES = ["flop_aware_circulating", "flop_aware", "alternating", "none"]
 PROMPT, STEPS = 64, 32
 
 
-def host_side_delta_rule(q, k, v, beta, *, initial_state=None, output_final_state=False, cu_seqlens=None,
-                         normalize_qk=False):
-    """What delta_rule does on the host before its recurrent kernel's launch on a GPU (which normalises q and k and
-    reads them in place), then one operation in the kernel's place (filling the output) and the state passed
-    through."""
-    q, k, v, beta, _, init, _ = _prepare(q, k, v, beta, None, initial_state, output_final_state, cu_seqlens,
-                                         normalize_qk)
-    pack(q, k, v, beta, keys_in_place=True)
-    state = init if init is not None else q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1])
-    return q.new_zeros(*q.shape[:3], v.shape[-1]), state
+def recurrent_launch(q, k, v, beta, scale, initial_state, plan, output_final_state, normalize_qk):
+    """recurrent.recurrent_fwd's stand-in: one operation where the GPU launches the kernel (filling the output), the
+    state passed through."""
+    H, K, V = k.shape[1], k.shape[-1], v.shape[-1]
+    state = initial_state if initial_state is not None else q.new_zeros(plan.n, H, K, V)
+    return q.new_zeros(q.shape[0], H, V), state
+
+
+@contextlib.contextmanager
+def kernel_launch_stubbed():
+    """delta_rule on CPU tensors takes the kernels' host path (TRITON_INTERPRET=1 routes it there, as CUDA tensors go),
+    with the recurrent kernel's launch replaced by recurrent_launch; both put back afterwards."""
+    saved_env, saved_launch = os.environ.get("TRITON_INTERPRET"), kernel_ops.recurrent_fwd
+    os.environ["TRITON_INTERPRET"], kernel_ops.recurrent_fwd = "1", recurrent_launch
+    try:
+        yield
+    finally:
+        kernel_ops.recurrent_fwd = saved_launch
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
 
 
 class CountOps(TorchDispatchMode):
@@ -82,13 +95,11 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds of each model, taking turns")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    threads, kernel_call = torch.get_num_threads(), modeling.delta_rule
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    modeling.delta_rule = host_side_delta_rule
     try:
         best, ops = measure(sizes, args.rounds)
-    finally:  # the caller's process gets its model and threads back
-        modeling.delta_rule = kernel_call
+    finally:  # the caller's process gets its threads back
         torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {args.threads} CPU thread(s); ms of host time per decoding step (best of "
           f"{args.rounds} rounds of {STEPS} steps after a {PROMPT}-token prompt)\n")
@@ -109,17 +120,17 @@ def measure(sizes, rounds):
         vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=30, num_attention_heads=4,
         num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=None))
     decoders = {(name, b): Decoder(model, b) for name, model in models.items() for b in sizes}
-    ops = {}
-    for key, decoder in decoders.items():
-        with CountOps() as counter:
-            decoder.seconds(STEPS)
-        ops[key] = counter.count / STEPS
-    best = dict.fromkeys(decoders, float("inf"))
-    for round_ in range(rounds + 1):  # the models take turns, so a busy spell of the machine hits them all
+    ops, best = {}, dict.fromkeys(decoders, float("inf"))
+    with kernel_launch_stubbed():
         for key, decoder in decoders.items():
-            seconds = decoder.seconds(STEPS)
-            if round_:  # round 0 warms up
-                best[key] = min(best[key], seconds / STEPS)
+            with CountOps() as counter:
+                decoder.seconds(STEPS)
+            ops[key] = counter.count / STEPS
+        for round_ in range(rounds + 1):  # the models take turns, so a busy spell of the machine hits them all
+            for key, decoder in decoders.items():
+                seconds = decoder.seconds(STEPS)
+                if round_:  # round 0 warms up
+                    best[key] = min(best[key], seconds / STEPS)
     return best, ops
 
 
