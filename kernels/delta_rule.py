@@ -56,18 +56,19 @@ def _check_cu_seqlens(cu_seqlens, batch, total):
     if isinstance(cu_seqlens, (list, tuple)):
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens):
             raise ValueError("cu_seqlens must hold integers")
-        cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.long)
-    if not isinstance(cu_seqlens, torch.Tensor):
+        offsets = list(cu_seqlens)
+    elif isinstance(cu_seqlens, torch.Tensor):
+        dtype = cu_seqlens.dtype
+        if cu_seqlens.dim() != 1 or dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got dtype {cu_seqlens.dtype} and shape "
+                             f"{tuple(cu_seqlens.shape)}")
+        offsets = cu_seqlens.tolist()
+    else:
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor or None, got {type(cu_seqlens).__name__}")
-    dtype = cu_seqlens.dtype
-    if cu_seqlens.dim() != 1 or dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
-        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got dtype {cu_seqlens.dtype} and shape "
-                         f"{tuple(cu_seqlens.shape)}")
-    if cu_seqlens.numel() < 2:
+    if len(offsets) < 2:
         raise ValueError("cu_seqlens must hold at least two offsets [0, ..., T]")
     if batch != 1:
         raise ValueError(f"with cu_seqlens the batch size B must be 1 (documents packed along T), got B={batch}")
-    offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
     if any(b <= a for a, b in zip(offsets, offsets[1:])):

@@ -551,6 +551,8 @@ BAD = [
     ("cu_seqlens", dict(cu_seqlens=torch.tensor([0, 5, 7]))),
     ("cu_seqlens", dict(cu_seqlens=torch.tensor([0.0, 8.0]))),
     ("cu_seqlens", dict(cu_seqlens=torch.tensor([[0, 8]]))),
+    ("cu_seqlens", dict(cu_seqlens=[0, 3.0, 8])),
+    ("cu_seqlens", dict(cu_seqlens=[0, 5, 7])),
     ("initial_state", dict(cu_seqlens=torch.tensor([0, 3, 8]), initial_state=torch.randn(1, 2, 16, 8))),
 ]
 
