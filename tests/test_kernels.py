@@ -371,7 +371,7 @@ def test_inputs_sliced_from_a_wider_tensor_are_read_in_place(triton_env, R):
     """q, k and v as the model makes them, slices of its short conv's [q | k | v] output (here at an odd offset and
     token stride): pack hands v to the kernels uncopied, and q and k as well to the recurrent kernel (the chunked
     ones take them contiguous); the chunked (forward and backward) and recurrent kernels give exactly what they give
-    for contiguous copies."""
+    for contiguous copies (the recurrent kernel to rounding)."""
     from flowhn_kernels.ops import pack
 
     H, K, V = dims(triton_env)
@@ -396,7 +396,8 @@ def test_inputs_sliced_from_a_wider_tensor_are_read_in_place(triton_env, R):
         assert torch.equal(got, want)
     o, s = recurrent_delta_rule(*sliced[:4], initial_state=s0, output_final_state=True, normalize_qk=True)
     o1, s1 = recurrent_delta_rule(*whole[:4], initial_state=s0, output_final_state=True, normalize_qk=True)
-    assert torch.equal(o, o1) and torch.equal(s, s1)
+    # On the GPU the slice's alignment can change the layout Triton picks for the norm's reduction, so not bitwise.
+    assert rel(o, o1) < 1e-6 and rel(s, s1) < 1e-6
     o64, s64 = fk.delta_rule_naive(*(x.double() for x in whole[:4]), initial_state=s0.double(),
                                    output_final_state=True, normalize_qk=True)  # fmt: skip
     assert rel(o, o64) < 1e-5 and rel(s, s64) < 1e-5
