@@ -131,22 +131,34 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class FlowHNMLP(nn.Module):
-    """SwiGLU."""
+    """SwiGLU, its gate and up projections one matrix product (as Phi-3's `gate_up_proj`): at half a batch of tokens
+    per branch, one product of twice the width runs nearer the card's matmul rate than two, above all the weight
+    gradient's."""
 
     def __init__(self, config: FlowHNConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype x's matrix products run in: autocast's where it is on for x's device, else x's own."""
     device_type = x.device.type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def aligned_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x), its product widened to a multiple of 8 output features and cut back: rows that are not 16-byte
+    aligned push cuBLAS off its Hopper kernels onto generic ones (sm75 `align1`), in the forward and both gradients
+    (β's h·r = 9 features at the 135M size). A wrapped linear (an adapter, a quantised layer) is called as it is."""
+    pad = -linear.out_features % 8
+    if pad == 0 or type(linear) is not nn.Linear:
+        return linear(x)
+    return F.linear(x, F.pad(linear.weight, (0, 0, 0, pad)))[..., : linear.out_features]
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -352,9 +364,8 @@ class FlowHNAttention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.split_sizes = (config.num_attention_heads, config.num_key_value_heads, config.num_key_value_heads)
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
@@ -369,9 +380,8 @@ class FlowHNAttention(nn.Module):
         position_embeddings = tuple(tokens.gather(e) for e in position_embeddings)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        qkv = self.qkv_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states, key_states, value_states = qkv.split(self.split_sizes, dim=1)
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, *position_embeddings)
 
         key_mask = valid
@@ -492,7 +502,7 @@ class FlowHNDeltaNet(nn.Module):
         q = q.view(batch, length, self.num_heads, self.key_dim)
         k = k.view(batch, length, self.num_heads, self.rank, self.key_dim)
         v = v.reshape(batch, length, self.num_heads, self.rank, self.value_dim)
-        beta = self.b_proj(hidden_states).sigmoid().view(batch, length, self.num_heads, self.rank)
+        beta = aligned_linear(self.b_proj, hidden_states).sigmoid().view(batch, length, self.num_heads, self.rank)
         beta = beta * (self.beta_max / self.rank)
         if tokens.valid is not None:
             beta = beta * tokens.valid[..., None, None].to(beta.dtype)
