@@ -275,3 +275,21 @@ def test_decode_host_prints_every_model_with_its_operation_count(capsys):
     assert all(count > 0 for count in ops.values())
     # FlowHN's split modes decode each token through one branch per layer, `none` through both
     assert ops["FlowHN none (15 layers)"] > ops["FlowHN flop_aware_circulating (15 layers)"]
+
+
+def test_linear_groups_checks_each_grouping_against_the_products_apart(capsys, tmp_path):
+    from training.benchmarks import linear_groups
+
+    linear_groups.main(["--smoke", "--out", str(tmp_path / "table.md")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "µs" not in line]
+    assert len(rows) == 9 and all(float(row.split(" | ")[-1].rstrip(" |")) > 0 for row in rows)
+    assert (tmp_path / "table.md").read_text().count("\n| ") == 10
+
+
+def test_linear_groups_check_fails_when_the_grouped_products_differ():
+    from training.benchmarks.linear_groups import check
+
+    want = [torch.randn(4, 8)]
+    check(want, [want[0] * (1 + 1e-3)])
+    with pytest.raises(AssertionError, match="differ"):
+        check(want, [want[0].roll(1, dims=0)])

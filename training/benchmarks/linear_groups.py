@@ -1,0 +1,179 @@
+"""Matrix products of one FlowHN layer, apart or grouped: forward and both gradients, timed from CUDA graphs at the
+135M model's shapes for FAC (each branch on about half the batch's tokens) and for `none` (every token to both).
+
+The profile of session 25 put FAC's layer products at ~475 TFLOP/s against `none`'s ~569 on one H100: at half the
+rows, above all in the weight gradients (a small output reduced over the tokens), cuBLAS runs further from the card's
+rate. Each row sets one way of issuing the products against another, with the same weights and gradients:
+
+- attention's q, k, v: three products, or one of the three widths together (the model's `qkv_proj`);
+- the MLP's gate and up: two, or one (`gate_up_proj`);
+- β: its h·r = 9 features, or padded to 16 (`aligned_linear`);
+- both branches' MLPs: one MLP per branch on its own tokens, or the two as one grouped product over both branches'
+  tokens (`torch._grouped_mm`): a candidate for FAC's own matmul rate, not in the model.
+
+    python -m training.benchmarks.linear_groups [--batch-size 16] [--seq-len 2048] [--out FILE]
+
+`--smoke` runs the tiny preset on the CPU (timed by the wall clock) to test the script.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flowhn_hf.modeling_flowhn import attention_window
+from flowhn_hf.presets import preset_config
+
+
+def time_us(step, device: torch.device, reps: int = 50) -> float:
+    """Mean µs of step(): replayed from a CUDA graph on a GPU (the model's training step runs under one), else timed
+    by the wall clock."""
+    for _ in range(3):
+        step()
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(reps):
+            step()
+        return (time.perf_counter() - start) / reps * 1e6
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps * 1e3
+
+
+def leaf(*shape, device, scale=1.0):
+    return (torch.randn(*shape, device=device, dtype=torch.bfloat16) * scale).requires_grad_()
+
+
+def backward_step(forward, grads, leaves):
+    """A training step's share of these products: forward, then the gradients of every leaf."""
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        torch.autograd.backward(forward(), grads)
+
+    return step
+
+
+def shared_input(rows: int, d: int, widths: list[int], pad_to: int, device):
+    """Products of one input x by several weights: apart, or as one product over their stacked weights (padded to a
+    multiple of `pad_to` rows), whose output is cut into the same pieces."""
+    x = leaf(rows, d, device=device)
+    weights = [leaf(w, d, device=device, scale=d**-0.5) for w in widths]
+    stacked = torch.cat(weights).detach()
+    stacked = F.pad(stacked, (0, 0, 0, -stacked.shape[0] % pad_to)).requires_grad_()
+    grads = [torch.randn(rows, w, device=device, dtype=torch.bfloat16) for w in widths]
+    stacked_grad = F.pad(torch.cat(grads, dim=1), (0, stacked.shape[0] - sum(widths)))
+
+    def apart():
+        return [F.linear(x, w) for w in weights]
+
+    def together():
+        return [F.linear(x, stacked)]
+
+    got = together()[0][:, : sum(widths)].split(widths, dim=1)
+    check(apart(), got)
+    return backward_step(apart, grads, [x, *weights]), backward_step(together, [stacked_grad], [x, stacked])
+
+
+def branch_mlps(rows: tuple[int, int], d: int, inner: int, device):
+    """Two SwiGLU MLPs, one per branch on its own tokens: apart, or each of their two products one grouped product
+    over both branches' tokens (the rows of branch g at offsets[g-1]:offsets[g])."""
+    xs = [leaf(n, d, device=device) for n in rows]
+    gate_up = leaf(2, 2 * inner, d, device=device, scale=d**-0.5)
+    down = leaf(2, d, inner, device=device, scale=inner**-0.5)
+    both = torch.cat(xs).detach().requires_grad_()
+    offsets = torch.tensor(rows, device=device).cumsum(0).to(torch.int32)
+    grads = [torch.randn(n, d, device=device, dtype=torch.bfloat16) for n in rows]
+
+    def swiglu(h):
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def apart():
+        return [F.linear(swiglu(F.linear(x, gate_up[g])), down[g]) for g, x in enumerate(xs)]
+
+    def together():
+        # grouped_mm takes the second operand as (groups, K, N), here transposed views of the (N, K) weights
+        h = swiglu(torch._grouped_mm(both, gate_up.transpose(1, 2), offs=offsets))
+        return [torch._grouped_mm(h, down.transpose(1, 2), offs=offsets)]
+
+    check(apart(), together()[0].split(list(rows)))
+    grouped = backward_step(together, [torch.cat(grads)], [both, gate_up, down])
+    return backward_step(apart, grads, [*xs, gate_up, down]), grouped
+
+
+def check(want, got):
+    """The two ways give the same products, to bf16 rounding."""
+    for w, g in zip(want, got):
+        error = ((g.float() - w.float()).norm() / w.float().norm()).item()
+        if not error < 2e-2:
+            raise AssertionError(f"grouped and apart products differ: relative error {error:.2e}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU: tests the script")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences (default 16; 2 smoke)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; 64 smoke)")
+    p.add_argument("--out", type=Path, default=None, help="also write the table here")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    preset = "tiny" if args.smoke else "135m"
+    tokens = (args.batch_size or (2 if args.smoke else 16)) * (args.seq_len or (64 if args.smoke else 2048))
+    fac = preset_config(preset, split_mode="flop_aware_circulating")
+    none = preset_config(preset, split_mode="none")
+    window = attention_window(0, fac)
+    to_attention = tokens // window.period * window.width
+    fac_rows = (to_attention, tokens - to_attention)
+
+    d, hd = fac.hidden_size, fac.head_dim
+    qkv = [fac.num_attention_heads * hd, fac.num_key_value_heads * hd, fac.num_key_value_heads * hd]
+    beta = fac.delta_num_heads * fac.delta_rank
+    shared = [
+        ("attention q, k, v → one product", (fac_rows[0], tokens), qkv, 1),
+        ("MLP gate, up → one product (FAC's width)", fac_rows, [fac.intermediate_size] * 2, 1),
+        ("MLP gate, up → one product (`none`'s width)", (tokens,), [none.intermediate_size] * 2, 1),
+        (f"β, {beta} features → padded to {beta + -beta % 8}", (fac_rows[1], tokens), [beta], 8),
+    ]
+    rows = []
+    for name, counts, widths, pad_to in shared:
+        for n in counts:
+            apart, together = shared_input(n, d, widths, pad_to, device)
+            rows.append((name, f"{n:,}", time_us(apart, device), time_us(together, device)))
+    mlps = [("FAC", fac_rows, fac.intermediate_size), ("`none`", (tokens,) * 2, none.intermediate_size)]
+    for label, counts, inner in mlps:
+        apart, together = branch_mlps(counts, d, inner, device)
+        name = f"both branches' MLPs → one grouped product each ({label})"
+        rows.append((name, " + ".join(f"{n:,}" for n in counts), time_us(apart, device), time_us(together, device)))
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
+    lines = [
+        f"{name}, torch {torch.__version__}; bf16, forward and both gradients, µs (CUDA graph replays on a GPU)",
+        "",
+        "| products | rows | apart µs | together µs | together / apart |",
+        "|---|---|---|---|---|",
+        *(f"| {n} | {r} | {a:.1f} | {t:.1f} | {t / a:.2f} |" for n, r, a, t in rows),
+    ]
+    print("\n".join(lines))
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
