@@ -715,9 +715,11 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=("off", "on", "both"), default="off",
                    help="train eager, under torch.compile, or both (two rows per model; decode in the eager one)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: tests the path)")
-    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
-                   default=None, help="torch.compile mode for every compiled model (reduce-overhead: CUDA graphs, the "
-                   "fastest on the GPU for every model here: RESULTS.md)")
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    p.add_argument("--compile-mode", choices=modes, default=None,
+                   help="torch.compile mode for every compiled model (reduce-overhead: CUDA graphs, the fastest on the "
+                   "GPU for every model here: RESULTS.md; max-autotune: CUDA graphs, and each matrix product's kernel "
+                   "chosen by timing: minutes more of compilation)")
     p.add_argument("--split-period", type=int, default=None, help="every FlowHN model's split_period, the routing "
                    "pattern's period in tokens (default: the preset's)")
     p.add_argument("--no-calibrate", action="store_true", help="skip flowhn_hf.calibrate_split")
