@@ -7,9 +7,10 @@ rate. Each row sets one way of issuing the products against another, with the sa
 
 - attention's q, k, v: three products, or one of the three widths together (the model's `qkv_proj`);
 - the MLP's gate and up: two, or one (`gate_up_proj`);
-- β: its h·r = 9 features, or padded to 16 (`aligned_linear`);
+- β: its h·r = 9 features, or padded to 16 (`aligned_linear`, which pads the weight at each call: here padded once);
 - both branches' MLPs: one MLP per branch on its own tokens, or the two as one grouped product over both branches'
-  tokens (`torch._grouped_mm`): a candidate for FAC's own matmul rate, not in the model.
+  tokens (`torch._grouped_mm`), or that with the weights' gradients apart: candidates for FAC's own matmul rate,
+  not in the model.
 
     python -m training.benchmarks.linear_groups [--batch-size 16] [--seq-len 2048] [--out FILE]
 
@@ -91,9 +92,30 @@ def shared_input(rows: int, d: int, widths: list[int], pad_to: int, device):
     return backward_step(apart, grads, [x, *weights]), backward_step(together, [stacked_grad], [x, stacked])
 
 
+class GroupedRowsLinear(torch.autograd.Function):
+    """The rows of x in groups (group g ends at offsets[g]), each times its own weight: grouped products forward and
+    for x's gradient, and one ordinary product per group for the weights' gradients, which cuBLAS splits along their
+    long reduction and a grouped product does not."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offsets, rows):
+        ctx.save_for_backward(x, weight, offsets)
+        ctx.rows = rows
+        # grouped_mm takes the second operand as (groups, K, N), here a transposed view of the (N, K) weights
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, offsets = ctx.saved_tensors
+        grad_x = torch._grouped_mm(grad, weight, offs=offsets)
+        grad_weight = torch.stack([g.T @ xg for g, xg in zip(grad.split(ctx.rows), x.split(ctx.rows))])
+        return grad_x, grad_weight, None, None
+
+
 def branch_mlps(rows: tuple[int, int], d: int, inner: int, device):
-    """Two SwiGLU MLPs, one per branch on its own tokens: apart, or each of their two products one grouped product
-    over both branches' tokens (the rows of branch g at offsets[g-1]:offsets[g])."""
+    """Two SwiGLU MLPs, one per branch on its own tokens: apart; each of their two products one grouped product over
+    both branches' tokens (the rows of branch g at offsets[g-1]:offsets[g]); or grouped but for the weights'
+    gradients (GroupedRowsLinear)."""
     xs = [leaf(n, d, device=device) for n in rows]
     gate_up = leaf(2, 2 * inner, d, device=device, scale=d**-0.5)
     down = leaf(2, d, inner, device=device, scale=inner**-0.5)
@@ -108,18 +130,27 @@ def branch_mlps(rows: tuple[int, int], d: int, inner: int, device):
     def apart():
         return [F.linear(swiglu(F.linear(x, gate_up[g])), down[g]) for g, x in enumerate(xs)]
 
-    def together():
-        # grouped_mm takes the second operand as (groups, K, N), here transposed views of the (N, K) weights
+    def grouped():
         h = swiglu(torch._grouped_mm(both, gate_up.transpose(1, 2), offs=offsets))
         return [torch._grouped_mm(h, down.transpose(1, 2), offs=offsets)]
 
-    check(apart(), together()[0].split(list(rows)))
-    grouped = backward_step(together, [torch.cat(grads)], [both, gate_up, down])
-    return backward_step(apart, grads, [*xs, gate_up, down]), grouped
+    def grouped_weight_gradients_apart():
+        h = swiglu(GroupedRowsLinear.apply(both, gate_up, offsets, list(rows)))
+        return [GroupedRowsLinear.apply(h, down, offsets, list(rows))]
+
+    steps = {"apart": backward_step(apart, grads, [*xs, gate_up, down])}
+    steps["apart"]()
+    want = [gate_up.grad, down.grad, torch.cat([x.grad for x in xs])]
+    for name, forward in [("grouped", grouped), ("grouped, weight gradients apart", grouped_weight_gradients_apart)]:
+        check(apart(), forward()[0].split(list(rows)))
+        steps[name] = backward_step(forward, [torch.cat(grads)], [both, gate_up, down])
+        steps[name]()
+        check(want, [gate_up.grad, down.grad, both.grad])
+    return steps
 
 
 def check(want, got):
-    """The two ways give the same products, to bf16 rounding."""
+    """The two ways give the same products (or gradients), to bf16 rounding."""
     for w, g in zip(want, got):
         error = ((g.float() - w.float()).norm() / w.float().norm()).item()
         if not error < 2e-2:
@@ -158,9 +189,11 @@ def main(argv=None):
             rows.append((name, f"{n:,}", time_us(apart, device), time_us(together, device)))
     mlps = [("FAC", fac_rows, fac.intermediate_size), ("`none`", (tokens,) * 2, none.intermediate_size)]
     for label, counts, inner in mlps:
-        apart, together = branch_mlps(counts, d, inner, device)
-        name = f"both branches' MLPs → one grouped product each ({label})"
-        rows.append((name, " + ".join(f"{n:,}" for n in counts), time_us(apart, device), time_us(together, device)))
+        steps = branch_mlps(counts, d, inner, device)
+        apart = time_us(steps.pop("apart"), device)
+        for way, step in steps.items():
+            name = f"both branches' MLPs → {way} ({label})"
+            rows.append((name, " + ".join(f"{n:,}" for n in counts), apart, time_us(step, device)))
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
     lines = [
