@@ -131,9 +131,8 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class FlowHNMLP(nn.Module):
-    """SwiGLU, its gate and up projections one matrix product (as Phi-3's `gate_up_proj`): at half a batch of tokens
-    per branch, one product of twice the width runs nearer the card's matmul rate than two, above all the weight
-    gradient's."""
+    """SwiGLU, its gate and up projections one matrix product (`gate_up_proj`, as Phi-3's): one launch of twice the
+    width where two would run, forward and backward."""
 
     def __init__(self, config: FlowHNConfig):
         super().__init__()

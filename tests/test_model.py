@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowhn_hf import FlowHNConfig, FlowHNForCausalLM, count_parameters, preset_config
-from flowhn_hf.modeling_flowhn import attention_window, plan_route
+from flowhn_hf.modeling_flowhn import aligned_linear, attention_window, plan_route
 from transformers import DynamicCache
 
 MODES = ["none", "alternating", "flop_aware", "flop_aware_circulating"]
@@ -277,6 +277,27 @@ def test_logits_to_keep_and_gradient_checkpointing():
     loss.backward()
     torch.testing.assert_close(loss, reference)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_aligned_linear_is_the_linear_with_its_gradients():
+    """β's product widened to 16 features and cut back gives the 9-feature product and the same gradients; a linear
+    that is not a plain nn.Linear (an adapter, a quantised layer) is called itself."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 9, bias=False)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    got = aligned_linear(linear, x)
+    gw_got, gx_got = torch.autograd.grad((got * torch.arange(9.0)).sum(), (linear.weight, x))
+    want = linear(x)
+    gw, gx = torch.autograd.grad((want * torch.arange(9.0)).sum(), (linear.weight, x))
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(gw_got, gw, atol=1e-5) and torch.allclose(gx_got, gx, atol=1e-5)
+
+    class Wrapped(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    wrapped = Wrapped(24, 9, bias=False)
+    assert torch.equal(aligned_linear(wrapped, x), wrapped(x))
 
 
 def test_eager_attention_matches_sdpa():
