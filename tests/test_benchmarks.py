@@ -141,7 +141,10 @@ def test_compile_both_and_a_crashing_row(tmp_path, monkeypatch, one_thread):
 def test_profile_step_groups_the_kernels_of_a_training_step(tmp_path, one_thread):
     from training.benchmarks import profile_step
 
-    profile_step.main(["--smoke", "--models", "flowhn-FAC", "--top", "5", "--out-dir", str(tmp_path)])
+    profile_step.main(["--smoke", "--models", "flowhn-FAC,flowhn-none", "--top", "5", "--out-dir", str(tmp_path)])
+    side_by_side = (tmp_path / "profile_groups.md").read_text().splitlines()
+    assert side_by_side[2] == "| group | flowhn-FAC ms | flowhn-none ms | flowhn-none / flowhn-FAC |"
+    assert side_by_side[-1].startswith("| all | ")
     text = (tmp_path / "profile_flowhn-FAC.md").read_text()
     assert "ms a step" in text and "| group | launches/step | ms/step | share |" in text
     rows = [line for line in text.splitlines() if line.startswith("| `")]
@@ -150,6 +153,15 @@ def test_profile_step_groups_the_kernels_of_a_training_step(tmp_path, one_thread
     assert all(re.search(r"\| [^|]+ \(\d+\)(; [^|]+ \(\d+\))* \|$", row) for row in rows), rows
     # the optimizer's annotated region is not a kernel: its time is its ops' time again (it led this table before)
     assert not any(row.startswith("| `Optimizer.step") for row in rows), rows
+
+
+def test_profile_comparison_sets_each_model_against_the_first():
+    from training.benchmarks.profile_step import comparison
+
+    table = comparison({"a": {"matmul": 2.0, "copy": 1.0}, "b": {"matmul": 3.0, "attention": 0.5}}).splitlines()
+    assert table[0] == "| group | a ms | b ms | b / a |"
+    assert table[2:] == ["| matmul | 2.00 | 3.00 | 1.50 |", "| copy | 1.00 | 0.00 | 0.00 |",
+                         "| attention | 0.00 | 0.50 | – |", "| all | 3.00 | 3.50 | 1.17 |"]  # fmt: skip
 
 
 def test_max_minutes_leaves_out_rows_that_would_not_finish(tmp_path, one_thread):

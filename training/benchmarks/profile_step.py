@@ -4,7 +4,8 @@ Builds a model exactly as `throughput.py` does (same names, same batch, same pre
 warm-up steps, then profiles `--steps` training steps and prints the kernels by total GPU time, with each kernel
 put in a group (DeltaNet kernels, matmuls, attention, Inductor-fused code, other element-wise, optimizer, copies) and
 the ops that launched it, so that what to fuse or speed up next is read off one table. Writes the table to
---out-dir (and $OUT) as profile_<model>.md, and a Chrome trace when --trace is given.
+--out-dir (and $OUT) as profile_<model>.md, and a Chrome trace when --trace is given; with several models, also
+their groups side by side (profile_groups.md), each model's time against the first's.
 
     python -m training.benchmarks.profile_step --models flowhn-FAC,llama --compile on
     python -m training.benchmarks.profile_step --smoke --models flowhn-FAC      # CPU: tests the script
@@ -89,15 +90,20 @@ def kernel_rows(prof, steps, device_type):
     return sorted(rows, key=lambda r: -r[3])
 
 
+def by_group(rows):
+    """{group: [launches per step, µs per step]} of kernel_rows' rows."""
+    groups = defaultdict(lambda: [0.0, 0.0])
+    for _, group, calls, us in rows:
+        groups[group][0] += calls
+        groups[group][1] += us
+    return groups
+
+
 def report(name, rows, step_ms, top, launched_by):
     total = sum(r[3] for r in rows)
-    by_group = defaultdict(lambda: [0.0, 0.0])
-    for _, group, calls, us in rows:
-        by_group[group][0] += calls
-        by_group[group][1] += us
     lines = [f"## {name}: {step_ms:.1f} ms a step (wall, unprofiled), kernels {total / 1000:.1f} ms a step", "",
              "| group | launches/step | ms/step | share |", "|---|---|---|---|"]  # fmt: skip
-    for group, (calls, us) in sorted(by_group.items(), key=lambda kv: -kv[1][1]):
+    for group, (calls, us) in sorted(by_group(rows).items(), key=lambda kv: -kv[1][1]):
         lines.append(f"| {group} | {calls:.0f} | {us / 1000:.2f} | {100 * us / total:.1f}% |")
     lines += ["", "| kernel | group | calls/step | µs/step | share | launched by (launches in all steps) |",
               "|---|---|---|---|---|---|"]  # fmt: skip
@@ -131,8 +137,26 @@ def profile_model(name, args, extra, device, batch):
     if extra.trace:
         prof.export_chrome_trace(str(extra.trace_dir / f"trace_{name}.json"))
     torch._dynamo.reset()
-    return report(name + (" (compiled)" if args.compile == "on" else ""), kernel_rows(prof, args.steps, device.type),
-                  step_ms, extra.top, launchers(prof, device.type))  # fmt: skip
+    rows = kernel_rows(prof, args.steps, device.type)
+    text = report(name + (" (compiled)" if args.compile == "on" else ""), rows, step_ms, extra.top,
+                  launchers(prof, device.type))  # fmt: skip
+    return text, {group: us / 1000 for group, (_, us) in by_group(rows).items()}
+
+
+def comparison(groups):
+    """Markdown: ms a step of each group, one column per model, and each later model's time over the first's
+    (what a model does apart from the first one, group by group)."""
+    names = list(groups)
+    first = groups[names[0]]
+    order = sorted({g for model in groups.values() for g in model}, key=lambda g: -first.get(g, 0.0))
+    lines = ["| group | " + " | ".join(f"{n} ms" for n in names) + "".join(f" | {n} / {names[0]}" for n in names[1:])
+             + " |", "|---|" + "---|" * (2 * len(names) - 1)]  # fmt: skip
+    for group in order + ["all"]:
+        times = [sum(m.values()) if group == "all" else m.get(group, 0.0) for m in groups.values()]
+        ratios = [f"{t / times[0]:.2f}" if times[0] else "–" for t in times[1:]]
+        lines.append(f"| {group} | " + " | ".join(f"{t:.2f}" for t in times) + "".join(f" | {r}" for r in ratios)
+                     + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -148,13 +172,19 @@ def main(argv=None):
     extra.trace_dir = out_dirs[-1]
     batch = torch.randint(0, tp.flowhn_config(args, "none").vocab_size, (args.batch_size, args.seq_len),
                           generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
+    groups = {}
     for name in args.models:
-        text = profile_model(name, args, extra, device, batch)
+        text, groups[name] = profile_model(name, args, extra, device, batch)
         print(text, "\n", flush=True)
         for out in out_dirs:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"profile_{name}.md").write_text(text + "\n")
         tp.free_memory(device)
+    if len(groups) > 1:
+        text = "## Kernel time by group, ms a step\n\n" + comparison(groups)
+        print(text, flush=True)
+        for out in out_dirs:
+            (out / "profile_groups.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
