@@ -363,8 +363,8 @@ class FlowHNAttention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        self.split_sizes = (config.num_attention_heads, config.num_key_value_heads, config.num_key_value_heads)
-        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split_sizes) * self.head_dim, bias=False)
+        self.qkv_heads = (config.num_attention_heads, config.num_key_value_heads, config.num_key_value_heads)
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
@@ -380,7 +380,7 @@ class FlowHNAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         qkv = self.qkv_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        query_states, key_states, value_states = qkv.split(self.split_sizes, dim=1)
+        query_states, key_states, value_states = qkv.split(self.qkv_heads, dim=1)
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, *position_embeddings)
 
         key_mask = valid
