@@ -150,12 +150,17 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
+ALIGNED_MIN_ROWS = 128
+
+
 def aligned_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """linear(x), its product widened to a multiple of 8 output features and cut back: rows that are not 16-byte
     aligned push cuBLAS off its Hopper kernels onto generic ones (sm75 `align1`), in the forward and both gradients
-    (β's h·r = 9 features at the 135M size). A wrapped linear (an adapter, a quantised layer) is called as it is."""
+    (β's h·r = 9 features at the 135M size). Below ALIGNED_MIN_ROWS rows (decoding steps) the product is small
+    whichever kernel runs it, and the pad would be one more launch a step. A wrapped linear (an adapter, a quantised
+    layer) is called as it is."""
     pad = -linear.out_features % 8
-    if pad == 0 or type(linear) is not nn.Linear:
+    if pad == 0 or type(linear) is not nn.Linear or x.shape[:-1].numel() < ALIGNED_MIN_ROWS:
         return linear(x)
     return F.linear(x, F.pad(linear.weight, (0, 0, 0, pad)))[..., : linear.out_features]
 

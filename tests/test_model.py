@@ -279,14 +279,21 @@ def test_logits_to_keep_and_gradient_checkpointing():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_aligned_linear_is_the_linear_with_its_gradients():
+def test_aligned_linear_is_the_linear_with_its_gradients(monkeypatch):
     """β's product widened to 16 features and cut back gives the 9-feature product and the same gradients; a linear
-    that is not a plain nn.Linear (an adapter, a quantised layer) is called itself."""
+    that is not a plain nn.Linear (an adapter, a quantised layer), or a few rows (a decoding step), take the linear
+    itself."""
+    pads = []
+    pad = torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: pads.append(1) or pad(*a, **k))
     torch.manual_seed(0)
     linear = torch.nn.Linear(24, 9, bias=False)
-    x = torch.randn(3, 5, 24, requires_grad=True)
+    aligned_linear(linear, torch.randn(3, 1, 24))
+    assert not pads
+    x = torch.randn(3, 50, 24, requires_grad=True)
     got = aligned_linear(linear, x)
     gw_got, gx_got = torch.autograd.grad((got * torch.arange(9.0)).sum(), (linear.weight, x))
+    assert len(pads) == 1
     want = linear(x)
     gw, gx = torch.autograd.grad((want * torch.arange(9.0)).sum(), (linear.weight, x))
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
