@@ -99,11 +99,11 @@ def by_group(rows):
     return groups
 
 
-def report(name, rows, step_ms, top, launched_by):
+def report(name, rows, groups, step_ms, top, launched_by):
     total = sum(r[3] for r in rows)
     lines = [f"## {name}: {step_ms:.1f} ms a step (wall, unprofiled), kernels {total / 1000:.1f} ms a step", "",
              "| group | launches/step | ms/step | share |", "|---|---|---|---|"]  # fmt: skip
-    for group, (calls, us) in sorted(by_group(rows).items(), key=lambda kv: -kv[1][1]):
+    for group, (calls, us) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
         lines.append(f"| {group} | {calls:.0f} | {us / 1000:.2f} | {100 * us / total:.1f}% |")
     lines += ["", "| kernel | group | calls/step | µs/step | share | launched by (launches in all steps) |",
               "|---|---|---|---|---|---|"]  # fmt: skip
@@ -138,9 +138,10 @@ def profile_model(name, args, extra, device, batch):
         prof.export_chrome_trace(str(extra.trace_dir / f"trace_{name}.json"))
     torch._dynamo.reset()
     rows = kernel_rows(prof, args.steps, device.type)
-    text = report(name + (" (compiled)" if args.compile == "on" else ""), rows, step_ms, extra.top,
+    groups = by_group(rows)
+    text = report(name + (" (compiled)" if args.compile == "on" else ""), rows, groups, step_ms, extra.top,
                   launchers(prof, device.type))  # fmt: skip
-    return text, {group: us / 1000 for group, (_, us) in by_group(rows).items()}
+    return text, {group: us / 1000 for group, (_, us) in groups.items()}
 
 
 def comparison(groups):
