@@ -18,6 +18,7 @@ rate. Each row sets one way of issuing the products against another, with the sa
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -27,33 +28,24 @@ import torch.nn.functional as F
 from flowhn_hf.modeling_flowhn import attention_window
 from flowhn_hf.presets import preset_config
 
+KERNEL_BENCHMARKS = str(Path(__file__).resolve().parents[2] / "kernels" / "benchmarks")
+if KERNEL_BENCHMARKS not in sys.path:  # its scripts import each other from their folder
+    sys.path.insert(0, KERNEL_BENCHMARKS)
+from bench_delta_rule import replayed_ms  # noqa: E402
 
-def time_us(step, device: torch.device, reps: int = 50) -> float:
-    """Mean µs of step(): replayed from a CUDA graph on a GPU (the model's training step runs under one), else timed
-    by the wall clock."""
+
+def time_us(step, device: torch.device, label: str, reps: int = 50) -> float:
+    """µs of step(): on a GPU the median of its replays from a CUDA graph (the kernel benchmark's replayed_ms; the
+    model's training step runs under one too), NaN where it cannot be captured; elsewhere the wall clock's mean."""
+    if device.type == "cuda":
+        ms = replayed_ms(step, label)
+        return float("nan") if ms is None else 1e3 * ms
     for _ in range(3):
         step()
-    if device.type != "cuda":
-        start = time.perf_counter()
-        for _ in range(reps):
-            step()
-        return (time.perf_counter() - start) / reps * 1e6
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    start = time.perf_counter()
     for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
+        step()
+    return (time.perf_counter() - start) / reps * 1e6
 
 
 def leaf(*shape, device, scale=1.0):
@@ -186,18 +178,19 @@ def main(argv=None):
     for name, counts, widths, pad_to in shared:
         for n in counts:
             apart, together = shared_input(n, d, widths, pad_to, device)
-            rows.append((name, f"{n:,}", time_us(apart, device), time_us(together, device)))
+            rows.append((name, f"{n:,}", time_us(apart, device, name), time_us(together, device, name)))
     mlps = [("FAC", fac_rows, fac.intermediate_size), ("`none`", (tokens,) * 2, none.intermediate_size)]
     for label, counts, inner in mlps:
         steps = branch_mlps(counts, d, inner, device)
-        apart = time_us(steps.pop("apart"), device)
+        apart = time_us(steps.pop("apart"), device, f"branch MLPs apart ({label})")
         for way, step in steps.items():
             name = f"both branches' MLPs → {way} ({label})"
-            rows.append((name, " + ".join(f"{n:,}" for n in counts), apart, time_us(step, device)))
+            rows.append((name, " + ".join(f"{n:,}" for n in counts), apart, time_us(step, device, name)))
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
     lines = [
-        f"{name}, torch {torch.__version__}; bf16, forward and both gradients, µs (CUDA graph replays on a GPU)",
+        f"{name}, torch {torch.__version__}; bf16, forward and both gradients, µs (on a GPU the median of CUDA graph "
+        "replays)",
         "",
         "| products | rows | apart µs | together µs | together / apart |",
         "|---|---|---|---|---|",
