@@ -35,6 +35,7 @@ import os
 import pstats
 import sys
 import time
+from unittest import mock
 
 import torch
 from triton.backends.compiler import GPUTarget
@@ -150,39 +151,33 @@ class Launches:
 def stubbed_launches(level, launches):
     """Every launch of delta_rule's kernels stubbed out at `level` (LEVELS) and handed to `launches` (Launches); all
     put back afterwards. The "triton" level dispatches through kernels of its own, so no stubbed kernel outlives it."""
-    saved_env, saved_launch = os.environ.get("TRITON_INTERPRET"), kernel.__getitem__
-    module = sys.modules[delta_rule.__module__]
-    saved_driver, saved_handles, saved_routing = driver._active, CompiledKernel._init_handles, module.interpreting
-    if level == "ours":
-        os.environ["TRITON_INTERPRET"] = "1"
-        kernel.__getitem__ = lambda self, grid: functools.partial(launches, self.fn.__name__)
-    else:
-        forms = {}
+    with contextlib.ExitStack() as patches:
 
-        def dispatch(self, grid):
-            if self not in forms:
-                forms[self] = self.jit()
-            return forms[self][grid]
+        def patch(target, name, value):
+            patches.enter_context(mock.patch.object(target, name, value))
 
-        def stub_handles(compiled):
-            compiled.function = 0
-            compiled._run = functools.partial(launches, f"{compiled.name} {compiled.hash[:12]}")  # variant by hash
-
-        os.environ.pop("TRITON_INTERPRET", None)
-        driver.set_active(_HopperWithoutGpu())
-        CompiledKernel._init_handles = stub_handles
-        kernel.__getitem__ = dispatch
-        module.interpreting = lambda: True  # CPU tensors take the kernels
-    try:
-        yield
-    finally:
-        kernel.__getitem__, module.interpreting = saved_launch, saved_routing
-        CompiledKernel._init_handles = saved_handles
-        driver._active = saved_driver  # (reset_active would look for a GPU)
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
+        patches.enter_context(mock.patch.dict(os.environ))
+        if level == "ours":
+            os.environ["TRITON_INTERPRET"] = "1"
+            patch(kernel, "__getitem__", lambda self, grid: functools.partial(launches, self.fn.__name__))
         else:
-            os.environ["TRITON_INTERPRET"] = saved_env
+            forms = {}
+
+            def dispatch(self, grid):
+                if self not in forms:
+                    forms[self] = self.jit()
+                return forms[self][grid]
+
+            def stub_handles(compiled):
+                compiled.function = 0
+                compiled._run = functools.partial(launches, f"{compiled.name} {compiled.hash[:12]}")  # variant by hash
+
+            os.environ.pop("TRITON_INTERPRET", None)
+            patch(driver, "_active", _HopperWithoutGpu())  # put back as it was: reset_active would look for a GPU
+            patch(CompiledKernel, "_init_handles", stub_handles)
+            patch(kernel, "__getitem__", dispatch)
+            patch(sys.modules[delta_rule.__module__], "interpreting", lambda: True)  # CPU tensors take the kernels
+        yield
 
 
 def gpu_host_and_wall(call, calls=10):

@@ -5,9 +5,9 @@ not by the card: throughput.py's decode rows run at 16-26 tokens/s on an H200. T
 CPU, where it can be timed without a GPU: the models keep the 135M presets' depth (FlowHN 15 layers, the Llama 30)
 at tiny widths, so arithmetic is negligible, and FlowHN's decoding steps take delta_rule's own path to the recurrent
 kernel, as on the GPU, with the kernel's launch replaced by one operation (on the CPU the PyTorch reference would run
-instead and dominate; the prompt runs it). Prints a markdown table: ms per decoding step, and the number of tensor operations that are
-not views or allocations per step (on a GPU each is a kernel launch; unlike the times, it does not move between runs),
-at each batch size.
+instead and dominate; the prompt runs it). Prints a markdown table: ms per decoding step, and the number of tensor
+operations that are not views or allocations per step (on a GPU each is a kernel launch; unlike the times, it does not
+move between runs), at each batch size.
 
     python -m training.benchmarks.decode_host [--batch-sizes 1,8] [--threads 1] [--rounds 7]
 """
@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import time
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,16 +43,9 @@ def recurrent_launch(q, k, v, beta, scale, initial_state, plan, output_final_sta
 def kernel_launch_stubbed():
     """delta_rule on CPU tensors takes the kernels' host path (TRITON_INTERPRET=1 routes it there, as CUDA tensors go),
     with the recurrent kernel's launch replaced by recurrent_launch; both put back afterwards."""
-    saved_env, saved_launch = os.environ.get("TRITON_INTERPRET"), kernel_ops.recurrent_fwd
-    os.environ["TRITON_INTERPRET"], kernel_ops.recurrent_fwd = "1", recurrent_launch
-    try:
-        yield
-    finally:
-        kernel_ops.recurrent_fwd = saved_launch
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
+    with mock.patch.dict(os.environ, TRITON_INTERPRET="1"):
+        with mock.patch.object(kernel_ops, "recurrent_fwd", recurrent_launch):
+            yield
 
 
 class CountOps(TorchDispatchMode):
