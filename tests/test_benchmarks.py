@@ -294,8 +294,9 @@ def test_linear_groups_checks_each_grouping_against_the_products_apart(capsys, t
 
     linear_groups.main(["--smoke", "--out", str(tmp_path / "table.md")])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "µs" not in line]
-    assert len(rows) == 11 and all(float(row.split(" | ")[-1].rstrip(" |")) > 0 for row in rows)
-    assert (tmp_path / "table.md").read_text().count("\n| ") == 12
+    assert len(rows) == 16 and all(float(row.split(" | ")[-1].rstrip(" |")) > 0 for row in rows)
+    assert sum("slices" in row for row in rows) == 5  # every slice count that divides the smoke's row counts
+    assert (tmp_path / "table.md").read_text().count("\n| ") == 17
 
 
 def test_linear_groups_check_fails_when_the_grouped_products_differ():

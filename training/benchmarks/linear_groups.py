@@ -8,6 +8,9 @@ rate. Each row sets one way of issuing the products against another, with the sa
 - attention's q, k, v: three products, or one of the three widths together (the model's `qkv_proj`);
 - the MLP's gate and up: two, or one (`gate_up_proj`);
 - β: its h·r = 9 features, or padded to 16 (`aligned_linear`, which pads the weight at each call: here padded once);
+- a d × d weight's gradient alone (attention's o_proj, DeltaNet's g_proj and o_proj, the fusion's two): one product,
+  or its rows in slices as one batched product, then summed (the weight gradients at FAC's rows ran at ~239 TFLOP/s
+  in session 25's profile, cuBLAS's `64x128 splitK` kernel, against ~419 at `none`'s rows);
 - both branches' MLPs: one MLP per branch on its own tokens, or the two as one grouped product over both branches'
   tokens (`torch._grouped_mm`), or that with the weights' gradients apart: candidates for FAC's own matmul rate,
   not in the model.
@@ -141,6 +144,25 @@ def branch_mlps(rows: tuple[int, int], d: int, inner: int, device):
     return steps
 
 
+def sliced_weight_gradient(rows: int, d: int, slices: int, device):
+    """A d × d weight's gradient over `rows` tokens, gradᵀ x: one product, or the rows cut into `slices` equal slices
+    as one batched product whose fp32 partial sums are then added (Inductor's decompose-K under max-autotune; cuBLAS's
+    splitK kernels split the same reduction inside one launch, by their own choice of split and tile)."""
+    grad, x = (torch.randn(rows, d, device=device, dtype=torch.bfloat16) for _ in range(2))
+
+    def one():
+        return grad.T @ x
+
+    def sliced():
+        parts = grad.view(slices, -1, d).transpose(1, 2), x.view(slices, -1, d)
+        if device.type == "cuda":
+            return torch.bmm(*parts, out_dtype=torch.float32).sum(0)
+        return torch.bmm(*(part.float() for part in parts)).sum(0)  # (no bf16-in, fp32-out bmm on the CPU)
+
+    check([one()], [sliced()])
+    return one, sliced
+
+
 def check(want, got):
     """The two ways give the same products (or gradients), to bf16 rounding."""
     for w, g in zip(want, got):
@@ -179,6 +201,11 @@ def main(argv=None):
         for n in counts:
             apart, together = shared_input(n, d, widths, pad_to, device)
             rows.append((name, f"{n:,}", time_us(apart, device, name), time_us(together, device, name)))
+    for n in (*fac_rows, tokens):
+        for slices in [s for s in (4, 8, 16) if n % s == 0]:
+            name = f"d × d weight gradient → rows in {slices} slices, batched"
+            one, sliced = sliced_weight_gradient(n, d, slices, device)
+            rows.append((name, f"{n:,}", time_us(one, device, name), time_us(sliced, device, name)))
     mlps = [("FAC", fac_rows, fac.intermediate_size), ("`none`", (tokens,) * 2, none.intermediate_size)]
     for label, counts, inner in mlps:
         steps = branch_mlps(counts, d, inner, device)
@@ -189,10 +216,10 @@ def main(argv=None):
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
     lines = [
-        f"{name}, torch {torch.__version__}; bf16, forward and both gradients, µs (on a GPU the median of CUDA graph "
-        "replays)",
+        f"{name}, torch {torch.__version__}; bf16, forward and both gradients (the d × d rows: the weight's gradient "
+        "alone), µs (on a GPU the median of CUDA graph replays)",
         "",
-        "| products | rows | apart µs | together µs | together / apart |",
+        "| products: one way → another | rows | one way µs | another µs | another / one |",
         "|---|---|---|---|---|",
         *(f"| {n} | {r} | {a:.1f} | {t:.1f} | {t / a:.2f} |" for n, r, a, t in rows),
     ]
