@@ -4,8 +4,10 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,6 +164,23 @@ def test_profile_comparison_sets_each_model_against_the_first():
     assert table[0] == "| group | a ms | b ms | b / a |"
     assert table[2:] == ["| matmul | 2.00 | 3.00 | 1.50 |", "| copy | 1.00 | 0.00 | 0.00 |",
                          "| attention | 0.00 | 0.50 | – |", "| all | 3.00 | 3.50 | 1.17 |"]  # fmt: skip
+
+
+def test_trees_run_each_row_from_each_source_tree(tmp_path, one_thread):
+    """--trees: each row once from each tree in turn, its child process on that tree's code; a path that is not a
+    source tree of the repository is refused before any row runs."""
+    copy = tmp_path / "copy"
+    for part in ("flowhn_hf", "kernels", "training"):
+        shutil.copytree(tb.ROOT / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    rows = tb.main(["--smoke", "--models", "flowhn-FAC", "--decode-batch-sizes", "", "--trees",
+                    f"here={tb.ROOT},copy={copy}", "--out-dir", str(tmp_path / "out")])  # fmt: skip
+    assert [(r["tree"], Path(r["code"])) for r in rows] == [("here", tb.ROOT), ("copy", copy.resolve())]
+    assert all("error" not in r and r["train_tokens_per_s"] > 0 for r in rows)
+    assert "| FlowHN flop_aware_circulating [copy] |" in (tmp_path / "out" / "RESULTS.md").read_text()
+    assert tb.without_trees(["--smoke", "--trees", "a=.", "--steps", "1", "--trees=b=."]) == ["--smoke", "--steps", "1"]
+    for bad in (f"x={tmp_path}", f"{copy}", f"a={copy},a={copy}"):
+        with pytest.raises(SystemExit):
+            tb.parse_args(["--smoke", "--trees", bad])
 
 
 def test_max_minutes_leaves_out_rows_that_would_not_finish(tmp_path, one_thread):

@@ -29,10 +29,15 @@ its finished rows. `--max-minutes` starts no row that the mean time of the finis
     python -m training.benchmarks.throughput                          # GPU, the full run, eager
     python -m training.benchmarks.throughput --compile both           # each model eager, then compiled
     python -m training.benchmarks.throughput --smoke                  # CPU, tiny models, under a minute
+
+`--trees main=.,candidate=.carry/candidate` runs every row once from each source tree in turn (each a checkout or a
+`git archive` of this repository; each row's child process imports that tree's flowhn_hf and kernels and runs its
+throughput.py): an A/B of a change on one machine in one call, the trees taking turns model by model.
 """
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -489,17 +494,36 @@ def child_command(argv):
     return [sys.executable, "-m", "training.benchmarks.throughput", *argv]
 
 
-def run_row(name, compiled, argv, args) -> dict:
-    """`run_model` in a child process (this script with `argv`, narrowed to the one row): a crash there fills the
-    row with how the process ended and the last lines of its stderr, which is passed through as it comes."""
-    argv = [*argv, "--models", name, "--compile", "on" if compiled else "off"]
+def without_trees(argv):
+    """argv less its --trees option: a child runs one tree, whose own throughput.py may not know the option."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--trees="):
+            skip = False
+        elif arg == "--trees":
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def run_row(name, compiled, argv, args, tree=None) -> dict:
+    """`run_model` in a child process (this script with `argv`, narrowed to the one row; with `tree`, that tree's
+    throughput.py on its own code): a crash there fills the row with how the process ended and the last lines of its
+    stderr, which is passed through as it comes."""
+    argv = [*without_trees(argv), "--models", name, "--compile", "on" if compiled else "off"]
     if compiled and args.compile == "both":
         argv += ["--decode-batch-sizes", ""]  # decoding is eager: timed in the eager row only
-    # The parent may have found this repository through sys.path alone (run as a file): so must the child.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
     with tempfile.TemporaryDirectory() as tmp:
+        if tree is None:  # the parent may have found this repository through sys.path alone (run as a file)
+            paths = [os.environ.get("PYTHONPATH"), str(ROOT)]
+        else:  # the tree's packages first, kernels/ importable as flowhn_kernels without an install
+            (Path(tmp) / "flowhn_kernels").symlink_to(args.trees[tree] / "kernels", target_is_directory=True)
+            paths = [tmp, str(args.trees[tree])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
         result = Path(tmp) / "row.json"
         child = subprocess.Popen(child_command([*argv, "--child-json", str(result)]), env=env,
+                                 cwd=None if tree is None else args.trees[tree],
                                  stderr=subprocess.PIPE, text=True, errors="replace")  # fmt: skip
         tail = deque(maxlen=3)
         for line in child.stderr:
@@ -508,6 +532,8 @@ def run_row(name, compiled, argv, args) -> dict:
                 tail.append(line.strip())
         code = child.wait()
         row = json.loads(result.read_text()) if result.exists() else {"model": name, "compiled": compiled}
+    if tree is not None:
+        row["tree"] = tree
     if code:
         how = f"signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"exit status {code}"
         stderr = " / ".join(tail)[-400:]
@@ -539,7 +565,8 @@ def _percent(value):
 
 
 def label(row) -> str:
-    return LABELS.get(row["model"], row["model"]) + (" (compiled)" if row.get("compiled") else "")
+    tree = f" [{row['tree']}]" if row.get("tree") else ""
+    return LABELS.get(row["model"], row["model"]) + (" (compiled)" if row.get("compiled") else "") + tree
 
 
 def markdown_table(rows, args) -> str:
@@ -726,6 +753,8 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no row that would end past this many minutes, by the mean time of the finished rows "
                    "(the rows left out say so); reports are written anyway")
+    p.add_argument("--trees", default=None, help="NAME=PATH,...: every row once from each of these source trees "
+                   "(checkouts or `git archive`s of this repository), in turn")
     p.add_argument("--device", default=None, help="default cuda if available (cpu with --smoke)")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="where RESULTS.md, results.json, throughput.png go (default: beside this script; "
@@ -755,9 +784,28 @@ def parse_args(argv=None):
             flowhn_config(args, "flop_aware_circulating")
         except ValueError as e:
             p.error(f"--split-period {args.split_period}: {e}")
+    if args.trees is not None:
+        args.trees = parse_trees(p, args.trees)
     if args.out_dir is None:
         args.out_dir = (ROOT / "runs" / "benchmarks-smoke") if smoke else HERE
     return args
+
+
+def parse_trees(p, text):
+    """{name: resolved path} from "NAME=PATH,...", each path a source tree of this repository."""
+    trees = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, path = item.partition("=")
+        tree = Path(path).resolve()
+        if not sep or not name or name in trees:
+            p.error(f"--trees: expected distinct NAME=PATH items separated by commas, got {item!r}")
+        if not all((tree / part).exists() for part in ("flowhn_hf", "kernels", "training/benchmarks/throughput.py")):
+            p.error(f"--trees: {path!r} ({name}) is not a source tree of this repository (flowhn_hf/, kernels/, "
+                    "training/benchmarks/throughput.py)")  # fmt: skip
+        trees[name] = tree
+    if not trees:
+        p.error("--trees: no NAME=PATH given")
+    return trees
 
 
 def main(argv=None):
@@ -779,19 +827,18 @@ def main(argv=None):
 
     compiled_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     rows = []
-    for name in args.models:
-        for compiled in compiled_modes:
-            start = time.perf_counter()
-            walls = [r["wall_s"] for r in rows if "wall_s" in r]
-            expected_end = start - state["start"] + (sum(walls) / len(walls) if walls else 0)
-            if args.max_minutes is not None and expected_end > 60 * args.max_minutes:
-                rows.append({"model": name, "compiled": compiled,
-                             "skipped": f"not run: would end past --max-minutes {args.max_minutes:g}"})  # fmt: skip
-                continue
-            rows.append(run_row(name, compiled, argv, args))
-            add_mfu(rows[-1], state["peak_flops"])
-            rows[-1]["wall_s"] = time.perf_counter() - start
-            report_row(rows, args, env, out_dirs)
+    for name, compiled, tree in itertools.product(args.models, compiled_modes, args.trees or [None]):
+        start = time.perf_counter()
+        walls = [r["wall_s"] for r in rows if "wall_s" in r]
+        expected_end = start - state["start"] + (sum(walls) / len(walls) if walls else 0)
+        if args.max_minutes is not None and expected_end > 60 * args.max_minutes:
+            rows.append({"model": name, "compiled": compiled, **({"tree": tree} if tree else {}),
+                         "skipped": f"not run: would end past --max-minutes {args.max_minutes:g}"})  # fmt: skip
+            continue
+        rows.append(run_row(name, compiled, argv, args, tree))
+        add_mfu(rows[-1], state["peak_flops"])
+        rows[-1]["wall_s"] = time.perf_counter() - start
+        report_row(rows, args, env, out_dirs)
     text = write_reports(rows, args, env, out_dirs)
     print(text, flush=True)
     return rows
@@ -806,6 +853,7 @@ def run_child(args, device):
                           generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
     (name,) = args.models
     row = run_model(name, args, device, batch, state, compiled=args.compile == "on")
+    row["code"] = str(Path(flowhn_hf.__file__).resolve().parents[1])  # the tree it ran from
     args.child_json.write_text(json.dumps(row, default=str))
 
 
