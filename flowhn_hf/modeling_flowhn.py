@@ -162,7 +162,8 @@ def aligned_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     pad = -linear.out_features % 8
     if pad == 0 or type(linear) is not nn.Linear or x.shape[:-1].numel() < ALIGNED_MIN_ROWS:
         return linear(x)
-    return F.linear(x, F.pad(linear.weight, (0, 0, 0, pad)))[..., : linear.out_features]
+    bias = None if linear.bias is None else F.pad(linear.bias, (0, pad))
+    return F.linear(x, F.pad(linear.weight, (0, 0, 0, pad)), bias)[..., : linear.out_features]
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

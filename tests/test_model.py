@@ -305,6 +305,8 @@ def test_aligned_linear_is_the_linear_with_its_gradients(monkeypatch):
 
     wrapped = Wrapped(24, 9, bias=False)
     assert torch.equal(aligned_linear(wrapped, x), wrapped(x))
+    biased = torch.nn.Linear(24, 9)
+    assert torch.allclose(aligned_linear(biased, x), biased(x), atol=1e-6)
 
 
 def test_eager_attention_matches_sdpa():
