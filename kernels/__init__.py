@@ -1,9 +1,26 @@
 """FlowHN's Triton kernels and their PyTorch references: parallel-flow DeltaNet, the DeltaNet branch's short
 convolution with SiLU, the LM head's softmax cross-entropy; import name flowhn_kernels."""
 
-from .cross_entropy import softmax_cross_entropy, softmax_cross_entropy_reference
-from .delta_rule import delta_rule, delta_rule_naive, delta_rule_reference, l2_normalize
-from .short_conv import causal_conv, short_conv_silu
+if __name__ == "kernels":
+    # This folder is imported as `kernels` only where the repository root is on sys.path (python -m or pytest run
+    # from the root). There it would shadow Hugging Face's `kernels` package, which transformers imports whenever it
+    # is installed (transformers requires it from 5.25): load that package in its place where there is one; where
+    # there is none this module stays empty, which transformers reads as the package not installed.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-__all__ = ["delta_rule", "delta_rule_reference", "delta_rule_naive", "l2_normalize", "short_conv_silu", "causal_conv",
-           "softmax_cross_entropy", "softmax_cross_entropy_reference"]
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is not None:
+        sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(sys.modules["kernels"])
+else:
+    from .cross_entropy import softmax_cross_entropy, softmax_cross_entropy_reference
+    from .delta_rule import delta_rule, delta_rule_naive, delta_rule_reference, l2_normalize
+    from .short_conv import causal_conv, short_conv_silu
+
+    __all__ = ["delta_rule", "delta_rule_reference", "delta_rule_naive", "l2_normalize", "short_conv_silu",
+               "causal_conv", "softmax_cross_entropy", "softmax_cross_entropy_reference"]

@@ -1,11 +1,14 @@
 """Saving, Auto-class registration, loading with trust_remote_code where flowhn is not installed, and Trainer."""
 
 import json
+import os
+import subprocess
+import sys
 
 import torch
 
 import flowhn_hf  # noqa: F401  (registers the Auto classes)
-from conftest import run_bare
+from conftest import REPO, run_bare
 from flowhn_hf import FlowHNForCausalLM, FlowHNModel, preset_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -22,6 +25,25 @@ def test_auto_classes():
     config = AutoConfig.for_model("flowhn", **fields)
     assert isinstance(AutoModel.from_config(config), FlowHNModel)
     assert isinstance(AutoModelForCausalLM.from_config(config), FlowHNForCausalLM)
+
+
+def test_the_kernels_folder_does_not_shadow_hugging_faces_kernels(tmp_path):
+    """Run from the repository root, `import kernels` (which transformers does whenever Hugging Face's `kernels` is
+    installed, and 5.25 requires it) finds this repository's kernels/ folder first on sys.path: the folder hands over
+    to the installed package (a stand-in here), or stays empty where there is none; transformers' models import."""
+
+    def run_from_root(script, **env):
+        run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, **env}, capture_output=True,
+                             text=True)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        return run.stdout.split()
+
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("STAND_IN = True\n")
+    script = "import kernels, flowhn_kernels; print(getattr(kernels, 'STAND_IN', False), flowhn_kernels.delta_rule)"
+    assert run_from_root(script, PYTHONPATH=str(tmp_path))[:2] == ["True", "<function"]  # behind the root's entry
+    script = "import transformers.modeling_utils, flowhn_hf, kernels; print(hasattr(kernels, 'delta_rule'))"
+    assert run_from_root(script) == ["False"]  # this environment's own `kernels`, or none
 
 
 def test_save_pretrained_is_hub_ready_and_round_trips(tmp_path):
