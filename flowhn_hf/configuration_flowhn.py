@@ -38,7 +38,7 @@ class FlowHNConfig(PretrainedConfig):
     """
 
     model_type = "flowhn"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the cache's name from transformers 5.25, and before
 
     def __init__(
         self,

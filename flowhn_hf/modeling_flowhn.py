@@ -34,6 +34,19 @@ except ImportError:  # the installed package
     from flowhn_kernels import causal_conv, delta_rule, l2_normalize, short_conv_silu, softmax_cross_entropy
     from flowhn_kernels.utils import op_namespace
 
+# transformers 5.25 renamed the cache, as a forward's argument and as an output's field, from `past_key_values` to
+# `cache`, and its generate passes the new name: FlowHN takes either, and fills the field the installed version has
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache a forward was given, as `cache` or as `past_key_values` (its name before transformers 5.25)."""
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("Pass the cache once: as `cache`, or as `past_key_values` (its name before transformers 5.25)")
+    return past_key_values
+
 # delta_rule's kernels are custom ops that torch.compile traces through; packed documents are the exception: their
 # offsets are read on the host, and a compiled graph would be specialised on every batch's.
 packed_delta_rule = torch.compiler.disable(delta_rule)
@@ -378,7 +391,7 @@ class FlowHNAttention(nn.Module):
         hidden_states: torch.Tensor,
         tokens: BranchTokens,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         valid = tokens.valid
@@ -391,10 +404,10 @@ class FlowHNAttention(nn.Module):
 
         key_mask = valid
         past_length = 0
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
             past_length = key_states.shape[-2] - input_shape[1]
-            layer = past_key_values.layers[self.layer_idx]
+            layer = cache.layers[self.layer_idx]
             # the record of fillers starts with the first one; until then (no padding) every cached key is real
             past_mask = getattr(layer, "key_mask", None)
             if past_mask is not None or (valid is not None and past_length):
@@ -483,13 +496,13 @@ class FlowHNDeltaNet(nn.Module):
         hidden_states: torch.Tensor,
         tokens: BranchTokens,
         position_embeddings=None,  # positions enter through the recurrence's order, not through rotations
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         if tokens.valid is not None:
             hidden_states = hidden_states * tokens.valid[..., None].to(hidden_states.dtype)
-        layer = None if past_key_values is None else past_key_values.layers[self.layer_idx]
+        layer = None if cache is None else cache.layers[self.layer_idx]
         conv_window, state = (None, None) if layer is None else _linear_states(layer)
 
         x = self.qkv_proj(hidden_states)
@@ -550,9 +563,9 @@ class FlowHNBranch(nn.Module):
         self.post_mixer_layernorm = FlowHNRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = FlowHNMLP(config)
 
-    def forward(self, hidden_states, tokens: BranchTokens, position_embeddings, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, tokens: BranchTokens, position_embeddings, cache=None, **kwargs):
         """`hidden_states`: the branch's tokens only (`LayerRoute.split`)."""
-        mixed = self.mixer(self.input_layernorm(hidden_states), tokens, position_embeddings, past_key_values, **kwargs)
+        mixed = self.mixer(self.input_layernorm(hidden_states), tokens, position_embeddings, cache, **kwargs)
         hidden_states = hidden_states + mixed
         return hidden_states + self.mlp(self.post_mixer_layernorm(hidden_states))
 
@@ -612,16 +625,16 @@ class FlowHNDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         route: LayerRoute,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         attention_out, deltanet_out = route.split(hidden_states)
         if route.attention.size != 0:
             attention_out = self.attention_branch(
-                attention_out, route.attention, position_embeddings, past_key_values, **kwargs
+                attention_out, route.attention, position_embeddings, cache, **kwargs
             )
         if route.deltanet.size != 0:
-            deltanet_out = self.deltanet_branch(deltanet_out, route.deltanet, position_embeddings, past_key_values)
+            deltanet_out = self.deltanet_branch(deltanet_out, route.deltanet, position_embeddings, cache)
         return self.fusion(hidden_states, attention_out, deltanet_out, route)
 
 
@@ -631,7 +644,7 @@ class FlowHNPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["FlowHNDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -660,7 +673,7 @@ def code_files() -> list[Path]:
     return list(dict.fromkeys(here + kernels))
 
 
-def token_positions(inputs_embeds, attention_mask, position_ids, past_key_values):
+def token_positions(inputs_embeds, attention_mask, position_ids, cache):
     """Absolute positions (B, T) of the input tokens; the real-token mask (None: no padding); `start` when every
     row has the positions start, start + 1, ... and no padding (else None); and document numbers (B, T) when
     `position_ids` restart inside a row between real tokens, as for packed documents (else None)."""
@@ -672,7 +685,7 @@ def token_positions(inputs_embeds, attention_mask, position_ids, past_key_values
     if attention_mask is not None:
         real = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
     if position_ids is None and attention_mask is None:  # every row counts on from the cache: known on the host
-        seen = getattr(past_key_values, "flowhn_seen_tokens", 0) if past_key_values is not None else 0
+        seen = getattr(cache, "flowhn_seen_tokens", 0) if cache is not None else 0
         return torch.arange(seen, seen + length, device=device).expand(batch, -1), None, seen, None
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
@@ -709,14 +722,17 @@ class FlowHNModel(FlowHNPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """`past_key_values`: `cache` by the name transformers before 5.25 passes."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
+        cache = one_cache(cache, past_key_values)
         if kwargs.get("output_attentions", self.config.output_attentions):
             raise ValueError(
                 "`output_attentions=True` is not supported: a layer's attention sees only the tokens routed to it, "
@@ -726,23 +742,23 @@ class FlowHNModel(FlowHNPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if not use_cache:
-            past_key_values = None
-        if past_key_values is not None and len(past_key_values.layers) != self.config.num_hidden_layers:
+            cache = None
+        if cache is not None and len(cache.layers) != self.config.num_hidden_layers:
             raise ValueError(
-                "`past_key_values` must hold one hybrid layer per decoder layer: pass "
+                "`cache` must hold one hybrid layer per decoder layer: pass "
                 "`DynamicCache(config=model.config)`"
             )
         positions, real, start, documents = token_positions(
-            inputs_embeds, attention_mask, position_ids, past_key_values
+            inputs_embeds, attention_mask, position_ids, cache
         )
-        if documents is not None and past_key_values is not None:
+        if documents is not None and cache is not None:
             raise ValueError(
-                "`position_ids` restart inside a row (packed documents), which a `past_key_values` cache can't "
+                "`position_ids` restart inside a row (packed documents), which a `cache` can't "
                 "continue: pass packed documents without a cache"
             )
         # a training step has no next token to decode; packed documents have no single next token
-        if use_cache and past_key_values is None and not self.training and documents is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None and not self.training and documents is None:
+            cache = DynamicCache(config=self.config)
 
         position_embeddings = self.rotary_emb(inputs_embeds, positions)
         hidden_states = inputs_embeds
@@ -757,19 +773,19 @@ class FlowHNModel(FlowHNPreTrainedModel):
                 hidden_states,
                 route=route,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
-        if past_key_values is not None:
-            past_key_values.flowhn_seen_tokens = getattr(past_key_values, "flowhn_seen_tokens", 0) + positions.shape[1]
+        if cache is not None:
+            cache.flowhn_seen_tokens = getattr(cache, "flowhn_seen_tokens", 0) + positions.shape[1]
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states[-1] = hidden_states
             all_hidden_states = tuple(all_hidden_states)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values, hidden_states=all_hidden_states
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_NAME: cache}
         )
 
 
@@ -829,22 +845,25 @@ class FlowHNForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """`past_key_values`: `cache` by the name transformers before 5.25 passes."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            past_key_values=past_key_values,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -858,7 +877,10 @@ class FlowHNForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
     def generate(self, *args, **kwargs):
@@ -868,9 +890,9 @@ class FlowHNForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         generation_config = kwargs.get("generation_config") or self.generation_config
         if (kwargs.get("num_beams") or generation_config.num_beams or 1) > 1:
             raise ValueError("FlowHN does not support beam search: use `num_beams=1` (greedy or sampling)")
-        cache = kwargs.get("cache_implementation") or generation_config.cache_implementation
-        if cache not in (None, "dynamic"):
-            raise ValueError(f"`cache_implementation` must be 'dynamic' (or unset) for FlowHN, got {cache!r}")
+        implementation = kwargs.get("cache_implementation") or generation_config.cache_implementation
+        if implementation not in (None, "dynamic"):
+            raise ValueError(f"`cache_implementation` must be 'dynamic' (or unset) for FlowHN, got {implementation!r}")
         return super().generate(*args, **kwargs)
 
 

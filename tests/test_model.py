@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowhn_hf import FlowHNConfig, FlowHNForCausalLM, count_parameters, preset_config
-from flowhn_hf.modeling_flowhn import aligned_linear, attention_window, plan_route
+from flowhn_hf.modeling_flowhn import CACHE_NAME, aligned_linear, attention_window, plan_route
 from transformers import DynamicCache
 
 MODES = ["none", "alternating", "flop_aware", "flop_aware_circulating"]
@@ -143,10 +143,10 @@ def test_cached_decoding_matches_one_forward(mode, rank):
     with torch.no_grad():
         full = model(x).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(x[:, :9], past_key_values=cache, use_cache=True).logits]
-        steps.append(model(x[:, 9:14], past_key_values=cache, use_cache=True).logits)  # a few tokens at once
+        steps = [model(x[:, :9], cache=cache, use_cache=True).logits]
+        steps.append(model(x[:, 9:14], cache=cache, use_cache=True).logits)  # a few tokens at once
         for t in range(14, 37):
-            steps.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(x[:, t : t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, **TOL)
 
 
@@ -164,9 +164,9 @@ def test_cached_decoding_through_the_kernels_matches_one_forward(triton_env):
     with torch.no_grad():
         full = model(x).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(x[:, :36], past_key_values=cache, use_cache=True).logits]
+        steps = [model(x[:, :36], cache=cache, use_cache=True).logits]
         for t in range(36, 48):
-            steps.append(model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(x[:, t : t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, **TOL)
 
 
@@ -180,11 +180,29 @@ def test_left_padded_cached_decoding_matches_one_forward(mode):
     with torch.no_grad():
         full = model(x, attention_mask=mask).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(x[:, :17], attention_mask=mask[:, :17], past_key_values=cache, use_cache=True).logits]
+        steps = [model(x[:, :17], attention_mask=mask[:, :17], cache=cache, use_cache=True).logits]
         for t in range(17, 30):
-            step = model(x[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            step = model(x[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
             steps.append(step.logits)
     torch.testing.assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], **TOL)
+
+
+def test_the_cache_is_taken_by_either_name():
+    """transformers 5.25 renamed `past_key_values` to `cache`, and each version's generate passes its own name."""
+    model = tiny_model()
+    x = tokens(2, 12)
+    with torch.no_grad():
+        by_name = {}
+        for name in ("cache", "past_key_values"):
+            cache = DynamicCache(config=model.config)
+            first = model(x[:, :7], **{name: cache}).logits
+            output = model(x[:, 7:], **{name: cache})
+            assert getattr(output, CACHE_NAME) is cache
+            by_name[name] = torch.cat([first, output.logits], 1)
+        torch.testing.assert_close(by_name["cache"], by_name["past_key_values"], rtol=0, atol=0)
+        torch.testing.assert_close(by_name["cache"], model(x).logits, **TOL)
+        with pytest.raises(ValueError, match="past_key_values"):
+            model(x, cache=DynamicCache(config=model.config), past_key_values=DynamicCache(config=model.config))
 
 
 def test_greedy_generate_matches_argmax_of_forward():
@@ -418,8 +436,8 @@ def test_packed_documents_refuse_a_cache():
     model = tiny_model()
     position_ids = torch.tensor([[0, 1, 2, 0, 1]])
     with pytest.raises(ValueError, match="packed"):
-        model(tokens(1, 5), position_ids=position_ids, past_key_values=DynamicCache(config=model.config))
-    assert model(tokens(1, 5), position_ids=position_ids).past_key_values is None
+        model(tokens(1, 5), position_ids=position_ids, cache=DynamicCache(config=model.config))
+    assert getattr(model(tokens(1, 5), position_ids=position_ids), CACHE_NAME) is None
 
 
 def test_causal_conv_matches_a_depthwise_conv1d():

@@ -38,9 +38,9 @@ def test_cuda_cached_decoding_matches_one_forward(mode):
     with torch.no_grad():
         full = model(x, attention_mask=mask).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(x[:, :130], attention_mask=mask[:, :130], past_key_values=cache, use_cache=True).logits]
+        steps = [model(x[:, :130], attention_mask=mask[:, :130], cache=cache, use_cache=True).logits]
         for t in range(130, 150):
-            step = model(x[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            step = model(x[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
             steps.append(step.logits)
     torch.testing.assert_close(torch.cat(steps, 1)[mask.bool()], full[mask.bool()], atol=5e-3, rtol=5e-3)
 

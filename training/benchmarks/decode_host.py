@@ -70,15 +70,15 @@ class Decoder:
         self.mask = torch.ones_like(prompt)
         self.cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            self.token = model(input_ids=prompt, attention_mask=self.mask, past_key_values=self.cache).logits[:, -1:]
-        self.token = self.token.argmax(-1)
+            logits = model(input_ids=prompt, attention_mask=self.mask, **{modeling.CACHE_NAME: self.cache}).logits
+        self.token = logits[:, -1:].argmax(-1)
 
     def seconds(self, steps) -> float:
         start = time.perf_counter()
         with torch.no_grad():
             for _ in range(steps):
                 self.mask = torch.cat([self.mask, self.mask[:, :1]], dim=1)
-                self.model(input_ids=self.token, attention_mask=self.mask, past_key_values=self.cache)
+                self.model(input_ids=self.token, attention_mask=self.mask, **{modeling.CACHE_NAME: self.cache})
         return time.perf_counter() - start
 
 

@@ -71,40 +71,43 @@ class SequentialHybridForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        past_key_values=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """`past_key_values`: `cache` by the name transformers before 5.25 passes."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
+        cache = mf.one_cache(cache, past_key_values)
         hidden_states = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if not use_cache:
-            past_key_values = None
-        positions, real, _, documents = mf.token_positions(hidden_states, attention_mask, position_ids, past_key_values)
+            cache = None
+        positions, real, _, documents = mf.token_positions(hidden_states, attention_mask, position_ids, cache)
         position_embeddings = self.model.rotary_emb(hidden_states, positions)
         tokens = BranchTokens(None, real, documents)  # every token in place; padding and documents marked
 
         for block in self.model.layers:
-            hidden_states = block(hidden_states, tokens, position_embeddings, past_key_values)
-        if past_key_values is not None:
-            past_key_values.flowhn_seen_tokens = getattr(past_key_values, "flowhn_seen_tokens", 0) + positions.shape[1]
+            hidden_states = block(hidden_states, tokens, position_embeddings, cache)
+        if cache is not None:
+            cache.flowhn_seen_tokens = getattr(cache, "flowhn_seen_tokens", 0) + positions.shape[1]
         hidden_states = self.model.norm(hidden_states)
 
         if labels is not None and self.training and torch.is_grad_enabled():  # FlowHN's loss without the logits
             loss = mf.causal_lm_loss(hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
-            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=past_key_values)
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{mf.CACHE_NAME: cache})
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{mf.CACHE_NAME: cache})
 
 
 def meta_parameters(model_class, config) -> int:
