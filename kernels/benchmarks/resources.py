@@ -23,7 +23,9 @@ import tempfile
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from flowhn_kernels import chunk, recurrent
@@ -99,16 +101,15 @@ def report(name, D, dtype, R, launch) -> dict:
     source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(a),): v for a, v in fixed.items()},
                        attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch)
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
-        info = subprocess.run([os.path.join(tools, "ptxas"), "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
+        info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
                               capture_output=True, text=True, check=True).stderr
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        sass = subprocess.run([os.path.join(tools, "nvdisasm"), cubin.name], capture_output=True, text=True,
+        sass = subprocess.run([knobs.nvidia.nvdisasm.path, cubin.name], capture_output=True, text=True,
                               check=True).stdout
     regs = re.search(r"Used (\d+) registers", info)
     loop = main_loop(sass)
