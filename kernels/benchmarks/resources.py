@@ -100,7 +100,7 @@ def report(name, D, dtype, R, launch) -> dict:
                if kind.startswith("*") or a in ("length", "v_stride", "q_stride", "k_stride")}
     source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(a),): v for a, v in fixed.items()},
                        attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={**launch, "enable_fp_fusion": True})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
