@@ -301,8 +301,8 @@ def train(args) -> dict:
             raise ValueError(f"--override vocab_size={config.vocab_size} is smaller than the tokenizer's "
                              f"{len(tokenizer)} tokens")
     model = AutoModelForCausalLM.from_config(config)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if args.gradient_checkpointing:  # the newer transformers name, or the older one
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     if args.compile:  # per layer and in place, as FSDP2 shards per layer and save/export see the plain module
         for layer in model.model.layers:
             layer.compile()
