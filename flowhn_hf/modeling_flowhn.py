@@ -47,6 +47,7 @@ def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | Non
         raise ValueError("Pass the cache once: as `cache`, or as `past_key_values` (its name before transformers 5.25)")
     return past_key_values
 
+
 # delta_rule's kernels are custom ops that torch.compile traces through; packed documents are the exception: their
 # offsets are read on the host, and a compiled graph would be specialised on every batch's.
 packed_delta_rule = torch.compiler.disable(delta_rule)
