@@ -16,6 +16,11 @@ def op_namespace(module_name: str) -> str:
     return "flowhn_" + re.sub(r"\W", "_", module_name)
 
 
+# What every compiled launch asks Triton for: fused multiply-adds, as the kernels were tested and timed (Triton's
+# default until 3.10 turns it off; 3.9 warns in every process that does not say)
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
 def interpreting() -> bool:
     """Whether Triton kernels should run in the interpreter (TRITON_INTERPRET=1, read at launch)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -54,8 +59,7 @@ class kernel:
         interp = interpreting()
         launcher = self._form(interp)[grid]
         if not interp:
-            # fused multiply-adds, as the kernels were tested and timed: Triton's default, which 3.10 turns off
-            return functools.partial(launcher, enable_fp_fusion=True)
+            return functools.partial(launcher, **COMPILE_OPTIONS)
 
         def interpreted(*args, **kwargs):
             with _interpreted_language():

@@ -43,7 +43,7 @@ from triton.compiler.compiler import CompiledKernel
 from triton.runtime.driver import driver
 
 from flowhn_kernels import chunk, delta_rule
-from flowhn_kernels.utils import kernel
+from flowhn_kernels.utils import COMPILE_OPTIONS, kernel
 
 from bench_delta_rule import SHAPES, inputs, time_fwd_bwd
 
@@ -166,7 +166,7 @@ def stubbed_launches(level, launches):
             def dispatch(self, grid):
                 if self not in forms:
                     forms[self] = self.jit()
-                return functools.partial(forms[self][grid], enable_fp_fusion=True)  # as kernel.__getitem__ launches
+                return functools.partial(forms[self][grid], **COMPILE_OPTIONS)  # as kernel.__getitem__ launches
 
             def stub_handles(compiled):
                 compiled.function = 0

@@ -29,7 +29,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from flowhn_kernels import chunk, recurrent
-from flowhn_kernels.utils import pow2
+from flowhn_kernels.utils import COMPILE_OPTIONS, pow2
 
 STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
 INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
@@ -100,7 +100,7 @@ def report(name, D, dtype, R, launch) -> dict:
                if kind.startswith("*") or a in ("length", "v_stride", "q_stride", "k_stride")}
     source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(a),): v for a, v in fixed.items()},
                        attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={**launch, "enable_fp_fusion": True})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={**launch, **COMPILE_OPTIONS})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
