@@ -114,7 +114,7 @@ def main(argv=None):
     p.add_argument("--models", default="flowhn-FAC,flowhn-none", help=f"comma-separated, of {', '.join(SPLIT_MODES)}")
     p.add_argument("--batch-size", type=int, default=None, help="sequences (default 16; 2 smoke)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 2048; 64 smoke)")
-    p.add_argument("--max-seconds", type=float, default=240, help="time no further product after this many seconds")
+    p.add_argument("--max-seconds", type=float, default=240, help="autotune no further product after this many seconds")
     p.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = p.parse_args(argv)
     models = args.models.split(",")
@@ -128,19 +128,19 @@ def main(argv=None):
 
     start = time.perf_counter()
     rows = []
-    cublas = {key: time_us(lambda a=a, b=b: a @ b, device, describe(key))
+    plain_us = {key: time_us(lambda a=a, b=b: a @ b, device, describe(key))
               for key in every for a, b in [operands(key, device)]}  # fmt: skip
-    for key in sorted(every, key=lambda key: -cublas[key] * max(c[key] for c in counts.values())):
+    for key in sorted(every, key=lambda key: -plain_us[key] * max(c[key] for c in counts.values())):
         if time.perf_counter() - start > args.max_seconds:
             break
         tuned = time_us(autotuned(*operands(key, device)), device, f"{describe(key)}, max-autotune")
-        rows.append((key, cublas[key], tuned))
+        rows.append((key, plain_us[key], tuned))
 
-    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
+    where = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}; µs, medians of CUDA-graph replays"
+             if device.type == "cuda" else f"CPU, torch {torch.__version__}; µs, wall-clock means")
     header = " | ".join(f"{name} a step" for name in models)
     lines = [f"# Products of one {preset} training step ({batch} × {seq_len} tokens, bf16)", "",
-             f"{where}, torch {torch.__version__}; µs, medians of CUDA-graph replays; {len(rows)} of {len(every)} "
-             "products timed (largest first)", "",
+             f"{where}; {len(rows)} of {len(every)} products timed (largest first)", "",
              f"| product | {header} | torch.mm µs | max-autotune µs | ratio |", "|---|" + "---|" * (len(models) + 3)]
     for key, plain, tuned in rows:
         per_step = " | ".join(str(counts[name][key]) for name in models)
@@ -148,7 +148,7 @@ def main(argv=None):
     lines.append("")
     for name in models:
         timed = [(counts[name][key], plain, tuned) for key, plain, tuned in rows if counts[name][key]]
-        whole = sum(count * cublas[key] for key, count in counts[name].items()) / 1e3
+        whole = sum(count * plain_us[key] for key, count in counts[name].items()) / 1e3
         lines.append(f"- {name}: the step's products take {whole:.2f} ms under torch.mm; the "
                      f"{sum(c for c, *_ in timed)} timed take {sum(c * p for c, p, _ in timed) / 1e3:.2f} ms, "
                      f"{sum(c * t for c, _, t in timed) / 1e3:.2f} ms under max-autotune")
