@@ -15,7 +15,6 @@ products of each model; the largest products by cuBLAS time go first, and `--max
 
 import argparse
 import collections
-import sys
 import time
 from pathlib import Path
 from unittest import mock
@@ -26,11 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from flowhn_hf import modeling_flowhn
 from flowhn_hf.presets import preset_config
-
-KERNEL_BENCHMARKS = str(Path(__file__).resolve().parents[2] / "kernels" / "benchmarks")
-if KERNEL_BENCHMARKS not in sys.path:  # its scripts import each other from their folder
-    sys.path.insert(0, KERNEL_BENCHMARKS)
-from bench_delta_rule import replayed_ms  # noqa: E402
+from training.benchmarks.linear_groups import check, time_us
 
 SPLIT_MODES = {"flowhn-FAC": "flop_aware_circulating", "flowhn-none": "none"}
 PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
@@ -75,18 +70,6 @@ def operands(key, device):
             for shape, stride in ((a_shape, a_stride), (b_shape, b_stride))]  # fmt: skip
 
 
-def time_us(step, device, label) -> float:
-    """µs of step(): on a GPU the median of its CUDA-graph replays; on the CPU the wall clock's mean of a few calls."""
-    if device.type == "cuda":
-        ms = replayed_ms(step, label)
-        return float("nan") if ms is None else 1e3 * ms
-    step()
-    start = time.perf_counter()
-    for _ in range(3):
-        step()
-    return (time.perf_counter() - start) / 3 * 1e6
-
-
 def matmul(a, b):
     return a @ b
 
@@ -95,10 +78,7 @@ def autotuned(a, b):
     """a @ b as max-autotune compiles it for these exact operands, checked against cuBLAS's product."""
     torch._dynamo.reset()  # one graph per product: no recompilation limit, no dynamic shapes
     product = torch.compile(matmul, mode="max-autotune-no-cudagraphs", dynamic=False)
-    got, want = product(a, b).float(), (a @ b).float()
-    error = ((got - want).norm() / want.norm()).item()
-    if not error < 1e-2:
-        raise AssertionError(f"max-autotune's product differs from cuBLAS's: relative error {error:.2e}")
+    check([a @ b], [product(a, b)])
     return lambda: product(a, b)
 
 
