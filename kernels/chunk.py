@@ -51,6 +51,9 @@ LAUNCH = {
     # 0.843 against 1.002 ms at B = 1, state_passes.py --rank 2 --variants 32:8:4,32:4:4)
     ("state_fwd_narrow", 128): dict(num_warps=4, num_stages=4),
     ("state_bwd_narrow", 128): dict(num_warps=4, num_stages=4),
+    # the reverse pass at V blocks of 16 (Plan.pass_block_v, alone): 4 / 3 took 0.441 ms at B = 1, 4 / 4 0.461, 8 / 4
+    # 0.515, 2 / 4 0.786 (H100, 2026-12-06, state_passes.py --variants 16:4:3,16:4:4,16:8:4,16:2:4)
+    ("state_bwd_narrow16", 128): dict(num_warps=4, num_stages=3),
     # grad_state at D = 64 tuned at (8, 2048, 12, 64): fwd+bwd 0.784 → 0.709 ms (H200, 2026-12-05, tune_launch.py
     # --shapes 0 --kernels grad_state). At D = 128 one program over all 128 K columns (8 warps) lost to two of 64:
     # 1.33-1.40 against 1.29 ms at (8, 2048, 16, 128)
@@ -660,7 +663,7 @@ class Plan:
         taken = [(lo, hi) for lo, hi in zip(ends, ends[1:]) if hi > lo]  # chunks counted in the pass's direction
         return tuple((self.nc - hi, self.nc - lo) for lo, hi in taken) if reverse else tuple(taken)
 
-    def pass_block_v(self, heads, K, va, aug):
+    def pass_block_v(self, heads, K, va, aug, alone=False):
         """V block of a state pass: _blocks' 64, or 32 where twice the programs (sequences × heads × V blocks)
         still fit in one wave of the GPU. Each program's chain step is then shorter: at 32 programs (one sequence
         of 16384 tokens, 16 heads, D = 128; H200, 2026-12-05, state_passes.py --variants 32:4:4) forward 0.353 →
@@ -668,11 +671,19 @@ class Plan:
         (8 sequences) both passes take 1.5-1.9× longer. The scan's flow passes keep 64 (not timed at 32). Only at
         K blocks of 128, where the benchmark timed them: at D = 64 they give the 64-wide outputs bit for bit on the
         H200 (v15, kernels/benchmarks/NOTES.md; v7's wrong results there are gone) but have been timed only at 192
-        programs, where they lose."""
+        programs, where they lose.
+
+        `alone`: a reverse pass at rank 1 with no gradient kernels beside it (one window, Plan.windows), which takes
+        V blocks of 16 where four times the programs still fit one wave: same bits, a shorter step (the same shape
+        on an H100, 2026-12-06: reverse 0.540 → 0.441 ms; the forward pass gains nothing at 16, 0.233 → 0.234).
+        Beside windows' gradients the pass keeps 32, which leaves them half the SMs."""
         bv = _blocks(K, va)[1]
-        if aug or bv != 64 or pow2(K) != 128 or 2 * self.n * heads * cdiv(va, bv) > sm_count(self.device):
+        if aug or bv != 64 or pow2(K) != 128:
             return bv
-        return 32
+        for narrow in (16, 32) if alone and self.rank == 1 else (32,):
+            if self.n * heads * cdiv(va, narrow) <= sm_count(self.device):
+                return narrow
+        return bv
 
 
 @functools.cache
@@ -714,13 +725,13 @@ def _prep(k, v, beta, plan):
     return tinv, w, ut
 
 
-def _pass_launch(name, k, va, aug, plan):
+def _pass_launch(name, k, va, aug, plan, alone=False):
     """(BK, BV, launch keywords) of state pass `name` over va columns. The launch-table name carries "_aug" for the
-    scan's flows and "_narrow" where Plan.pass_block_v narrowed the V blocks below _blocks' (at K = 256 both are
-    32, and the plain entries hold)."""
+    scan's flows and "_narrow" ("_narrow16" at 16) where Plan.pass_block_v narrowed the V blocks below _blocks' (at
+    K = 256 both are 32, and the plain entries hold)."""
     _, H, R, K = k.shape
-    bv = plan.pass_block_v(H, K, va, aug)
-    suffix = "_aug" if aug else "_narrow" if bv < _blocks(K, va)[1] else ""
+    bv = plan.pass_block_v(H, K, va, aug, alone)
+    suffix = "_aug" if aug else "" if bv == _blocks(K, va)[1] else "_narrow16" if bv == 16 else "_narrow"
     return pow2(K), bv, launch(name + suffix, K, k.dtype, R)
 
 
@@ -822,14 +833,15 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     return o, final, (tinv, w, u, hs)
 
 
-def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None, window=None, repeats=None):
+def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None, window=None, repeats=None,
+                  alone=False):
     """The reverse pass over chunks, or over the window of them [lo, hi) of every sequence. `repeats`: the call's
-    earlier windows' launches."""
+    earlier windows' launches; `alone`: no gradient kernels run beside it (Plan.pass_block_v)."""
     _, H, R, K = k.shape
     V = do.shape[-1]
     va = K + V if aug else V
     lo, hi = window or (0, plan.nc)
-    bk, bv, pass_launch = _pass_launch("state_bwd", k, va, aug, plan)
+    bk, bv, pass_launch = _pass_launch("state_bwd", k, va, aug, plan, alone)
     (repeats or Repeats(state_bwd_kernel))(
         (plan.n, H, cdiv(va, bv)), q, k, w, do, du, dhs, dfinal, dinit, scale, lo, hi, *plan.sequences, H, R, K, V,
         plan.rp, plan.bt, bk, bv, dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype),
@@ -874,9 +886,10 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
         return dq, dk, dv, dbeta, dinit
 
     repeats = Repeats(state_bwd_kernel)
+    windows = plan.windows(H, K, V, reverse=True)
 
     def one_pass(dend, dstart, window):
-        _reverse_pass(q, k, w, do, scale, dend, plan, dstart, False, du, dhs, window, repeats)
+        _reverse_pass(q, k, w, do, scale, dend, plan, dstart, False, du, dhs, window, repeats, len(windows) == 1)
 
-    _overlapped(plan.windows(H, K, V, reverse=True), one_pass, grads, dfinal, dinit, (plan.n, H, K, V), q.device)
+    _overlapped(windows, one_pass, grads, dfinal, dinit, (plan.n, H, K, V), q.device)
     return dq, dk, dv, dbeta, dinit

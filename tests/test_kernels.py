@@ -266,15 +266,23 @@ def test_fp32_inputs_launch_unpipelined_and_uncapped():
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
     """The state passes at V blocks of 32 (Plan.pass_block_v, chosen where the GPU has SMs to spare, at K blocks of
-    128 only) against float64, at ranks 1 and 2, a batch and packed documents."""
+    128 only), and the reverse pass at 16 where it runs alone at rank 1, against float64, at ranks 1 (the reverse
+    pass at 16) and 2 (at 32), a batch and packed documents."""
     monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
     plan = fk.chunk.make_plan(2, 70, 1, torch.device(triton_env))
     assert plan.pass_block_v(1, 100, 48, False) == 32 and plan.pass_block_v(1, 64, 64, False) == 64
+    assert plan.pass_block_v(1, 100, 48, False, alone=True) == 16
+    assert fk.chunk.make_plan(2, 70, 2, torch.device(triton_env)).pass_block_v(1, 100, 48, False, alone=True) == 32
     # K = 256 runs 32 anyway (_blocks): not narrowed, so the passes keep their D = 256 launch entries
     k = torch.empty(140, 1, 1, 256, dtype=torch.bfloat16)
     wide, narrow = (fk.chunk._pass_launch("state_bwd", k[..., :K], V, False, plan) for K, V in ((256, 96), (100, 48)))
     assert wide == (256, 32, fk.chunk.launch("state_bwd", 256, k.dtype))
     assert narrow == (128, 32, fk.chunk.LAUNCH["state_bwd_narrow", 128])
+    alone = fk.chunk._pass_launch("state_bwd", k[..., :100], 48, False, plan, alone=True)
+    assert alone == (128, 16, fk.chunk.LAUNCH["state_bwd_narrow16", 128])
+    # 16 only where four times the programs fit one wave: 2 sequences x 4 heads x 4 blocks of 16 = 32 SMs
+    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 31)
+    assert plan.pass_block_v(4, 100, 64, False, alone=True) == 32
     for R in (1, 2):
         xs = make_inputs(2, 70, 1, R, 100, 48, dtype=torch.bfloat16, device=triton_env)
         check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16])

@@ -34,7 +34,7 @@ from flowhn_kernels.utils import COMPILE_OPTIONS, pow2
 STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
 INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
 KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "state_fwd_narrow", "state_bwd_narrow",
-           "state_fwd_aug", "state_bwd_aug", "combine", "recurrent")
+           "state_bwd_narrow16", "state_fwd_aug", "state_bwd_aug", "combine", "recurrent")
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -56,6 +56,8 @@ def constexprs(name, D, dtype, R):
         "state_fwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
         "state_bwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_DFINAL=False, STORE_DINIT=False, AUG=False,
                                  VA=D),
+        "state_bwd_narrow16": dict(common, BK=bk, BV=min(bv, 16), HAS_DFINAL=False, STORE_DINIT=False, AUG=False,
+                                   VA=D),
         "grad_state": dict(common, BK=g, BV=g),
         "state_fwd_aug": dict(common, BK=bka, BV=bva, HAS_INIT=False, STORE_FINAL=True, AUG=True, VA=2 * D),
         "state_bwd_aug": dict(common, BK=bka, BV=bva, HAS_DFINAL=False, STORE_DINIT=True, AUG=True, VA=2 * D),
@@ -77,7 +79,7 @@ def blocks_per_sm(regs, warps, smem_bytes):
 
 def kernel_name(name):
     """The kernel behind a row: the scan's passes (_aug) and the narrow ones share the passes' kernels."""
-    return name.removesuffix("_aug").removesuffix("_narrow")
+    return name.removesuffix("_aug").split("_narrow")[0]
 
 
 def report(name, D, dtype, R, launch) -> dict:
