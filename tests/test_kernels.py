@@ -280,15 +280,15 @@ def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
     assert narrow == (128, 32, fk.chunk.LAUNCH["state_bwd_narrow", 128])
     alone = fk.chunk._pass_launch("state_bwd", k[..., :100], 48, False, plan, alone=True)
     assert alone == (128, 16, fk.chunk.LAUNCH["state_bwd_narrow16", 128])
-    # 16 only where four times the programs fit one wave: 2 sequences x 4 heads x 4 blocks of 16 = 32 SMs
-    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 31)
-    assert plan.pass_block_v(4, 100, 64, False, alone=True) == 32
     for R in (1, 2):
         xs = make_inputs(2, 70, 1, R, 100, 48, dtype=torch.bfloat16, device=triton_env)
         check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16])
     cu = torch.tensor([0, 1, 70], device=triton_env)
     xs = make_inputs(1, 70, 1, 1, 100, 48, dtype=torch.bfloat16, device=triton_env, state=False)
     check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16], cu_seqlens=cu)
+    # 16 only where four times the programs fit one wave: 2 sequences x 4 heads x 4 blocks of 16 = 32 SMs
+    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 31)
+    assert plan.pass_block_v(4, 100, 64, False, alone=True) == 32
 
 
 @pytest.fixture
