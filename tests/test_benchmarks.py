@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import flowhn_hf
+from flowhn_hf import modeling_flowhn as mf
 from training.benchmarks import throughput as tb
 from training.benchmarks.sequential_hybrid import SequentialHybridForCausalLM, count_parameters, sequential_config
 
@@ -69,6 +70,19 @@ def test_sequential_hybrid_matches_flowhn_size_and_decodes_like_a_forward(one_th
                              do_sample=False, pad_token_id=0)  # fmt: skip
         logits = model(input_ids=out[:, :-1], use_cache=False).logits
     assert torch.equal(logits[:, 11:].argmax(-1), out[:, 12:])
+
+
+def test_sequential_hybrid_trains_without_a_cache(one_thread):
+    """Like FlowHN's model, the sequential hybrid builds a cache only where a next token is decoded, not in a training
+    step: with one, its DeltaNet blocks took the decoding path (the conv in torch, the final states kept), and the
+    benchmark timed a slower step than the hybrid needs."""
+    config = sequential_config(flowhn_hf.preset_config("tiny"))
+    torch.manual_seed(0)
+    model = SequentialHybridForCausalLM(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    assert getattr(model(input_ids=ids, labels=ids), mf.CACHE_NAME) is None
+    with torch.no_grad():
+        assert getattr(model.eval()(input_ids=ids), mf.CACHE_NAME) is not None
 
 
 def test_flop_formulas():

@@ -85,11 +85,11 @@ class SequentialHybridForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         cache = mf.one_cache(cache, past_key_values)
         hidden_states = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
         if not use_cache:
             cache = None
         positions, real, _, documents = mf.token_positions(hidden_states, attention_mask, position_ids, cache)
+        if use_cache and cache is None and not self.training and documents is None:  # as FlowHN: none to train
+            cache = DynamicCache(config=self.config)
         position_embeddings = self.model.rotary_emb(hidden_states, positions)
         tokens = BranchTokens(None, real, documents)  # every token in place; padding and documents marked
 
