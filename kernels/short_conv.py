@@ -5,10 +5,11 @@
 and, with `documents`, no tap reaching into an earlier packed document. x is channels-last (B, n, C), as the
 projection gives it, so a tile of tokens × channels loads coalesced along C and each tap is one shifted load of it.
 The backward recomputes the pre-activation instead of saving it: one pass of the same kernel writes its gradient
-gpre = gy · silu'(pre), a second one, looking ahead over gpre, the input gradient, and from the tiles it loads anyway
-the weight gradient's partial sums per tile (summed afterwards: deterministic). Every pass is one tile a program.
-(A first backward recomputed the pre-activation at every shifted row, W² loads a tile: 453 µs at (16, 973, 1728) on
-an H200; a second walked several tiles a program in a loop: 326 µs for its first pass; the forward takes 52.)
+gpre = gy · silu'(pre) and, from the shifted inputs it has just loaded for the recomputation, the weight gradient's
+partial sums per tile (summed afterwards: deterministic); a second one, looking ahead over gpre, the input gradient.
+Every pass is one tile a program. (A first backward recomputed the pre-activation at every shifted row, W² loads a
+tile: 453 µs at (16, 973, 1728) on an H200; a second walked several tiles a program in a loop: 326 µs for its first
+pass; the forward takes 52.)
 """
 
 import re
@@ -19,15 +20,15 @@ import torch.nn.functional as F
 import triton.language as tl
 from torch import Tensor
 
-from .utils import cdiv, interpreting, kernel, pow2
+from .utils import cdiv, device_function, interpreting, kernel, pow2
 
 MAX_WIDTH = 8
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the kernels take all but float64
-# launch settings (tokens × channels of a tile, warps), measured on an H200 at (16, 973, 1728, 4) in bf16: the
-# weight-gradient pass sums its partial products across the tile's tokens, so it takes taller tiles (kernels/benchmarks/
-# NOTES.md, "Short conv: tiles per pass")
+# launch settings (tokens × channels of a tile, warps), measured at (16, 973, 1728, 4) in bf16: the pass with the
+# weight gradient sums its partial products across the tile's tokens, so it takes taller tiles (kernels/benchmarks/
+# NOTES.md, "Short conv: tiles per pass" and "the weight gradient in pass one")
 TILE = (16, 128, 4)
-WEIGHT_GRAD_TILE = (64, 64, 4)
+WEIGHT_GRAD_TILE = (128, 64, 4)
 
 # Each copy of this module registers its own ops (see ops.py)
 NAMESPACE = "flowhn_" + re.sub(r"\W", "_", __name__)
@@ -56,15 +57,27 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, documents: torch.Tensor |
     return out.to(x.dtype)
 
 
+@device_function
+def _shifted_rows(x, at, rows, back, n, c_ok, row_ok, documents, doc, C, HAS_DOCS: tl.constexpr,
+                  AHEAD: tl.constexpr):
+    """The tile's inputs `back` tokens before its rows (after them with AHEAD), fp32; zero outside the sequence or
+    the row's document."""
+    src = rows + back if AHEAD else rows - back
+    ok = row_ok & (src < n) & (src >= 0)
+    if HAS_DOCS:
+        ok = ok & (tl.load(documents + src, mask=ok) == doc)
+    return tl.load(x + at + src[:, None] * C, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+
+
 @kernel
-def conv_kernel(x, taps, documents, y, gy, base, gw, n, C, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr,
+def conv_kernel(x, taps, documents, y, gy, gw, n, C, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr,
                 BC: tl.constexpr, HAS_DOCS: tl.constexpr, AHEAD: tl.constexpr, EPILOGUE: tl.constexpr,
                 WEIGHT_GRAD: tl.constexpr):
     """One tile of BT tokens × BC channels of one sequence: acc[t] = Σ_back taps[W − 1 − back] · x[t − back], or
     with AHEAD x[t + back]; terms outside the sequence or t's document are zero; fp32 sums. y = acc (EPILOGUE 0),
     silu(acc) (1: the forward) or gy · silu'(acc) (2: the pre-activation's gradient, acc recomputed). With WEIGHT_GRAD
-    (AHEAD, x the pre-activation's gradient, `base` the forward's input) also this tile's weight-gradient partial sums
-    into row `tile` of gw (tiles, WP, C): tap W − 1 − back sums x[t + back] · base[t] over the tile's tokens t."""
+    (EPILOGUE 2) also this tile's weight-gradient partial sums into row `tile` of gw (tiles, WP, C): tap W − 1 − back
+    sums gpre[t] · x[t − back] over the tile's tokens t, from the inputs the recomputation has just loaded."""
     b = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -74,23 +87,13 @@ def conv_kernel(x, taps, documents, y, gy, base, gw, n, C, W: tl.constexpr, WP: 
     documents += b * n
     row_ok = rows < n
     tile_ok = row_ok[:, None] & c_ok[None, :]
+    doc = rows
     if HAS_DOCS:
         doc = tl.load(documents + rows, mask=row_ok)
-    if WEIGHT_GRAD:
-        here = tl.load(base + at + rows[:, None] * C, mask=tile_ok, other=0.0).to(tl.float32)
-        j = tl.arange(0, WP)
-        gw_acc = tl.zeros([WP, BC], dtype=tl.float32)
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for back in tl.static_range(W):
-        src = rows + back if AHEAD else rows - back
-        ok = row_ok & (src < n) & (src >= 0)
-        if HAS_DOCS:
-            ok = ok & (tl.load(documents + src, mask=ok) == doc)
-        xs = tl.load(x + at + src[:, None] * C, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        xs = _shifted_rows(x, at, rows, back, n, c_ok, row_ok, documents, doc, C, HAS_DOCS, AHEAD)
         acc += xs * tl.load(tap_at - back * C, mask=c_ok)[None, :]
-        if WEIGHT_GRAD:
-            part = tl.sum(xs * here, axis=0)
-            gw_acc += tl.where(j[:, None] == W - 1 - back, part[None, :], 0.0)
     if EPILOGUE == 1:
         acc = acc * tl.sigmoid(acc)
     if EPILOGUE == 2:
@@ -99,6 +102,11 @@ def conv_kernel(x, taps, documents, y, gy, base, gw, n, C, W: tl.constexpr, WP: 
         acc = dy * sig * (1 + acc * (1 - sig))
     tl.store(y + at + rows[:, None] * C, acc.to(y.dtype.element_ty), mask=tile_ok)
     if WEIGHT_GRAD:
+        j = tl.arange(0, WP)
+        gw_acc = tl.zeros([WP, BC], dtype=tl.float32)
+        for back in tl.static_range(W):
+            xs = _shifted_rows(x, at, rows, back, n, c_ok, row_ok, documents, doc, C, HAS_DOCS, AHEAD)
+            gw_acc += tl.where(j[:, None] == W - 1 - back, tl.sum(acc * xs, axis=0)[None, :], 0.0)
         tile = b * tl.num_programs(0) + tl.program_id(0)
         tl.store(gw + (tile * WP + j[:, None]) * C + cols[None, :], gw_acc, mask=(j < W)[:, None] & c_ok[None, :])
 
@@ -109,20 +117,21 @@ def _taps(weight):
     return weight[:, 0].T.float().contiguous()
 
 
-def _conv(x: Tensor, taps: Tensor, documents: Optional[Tensor], ahead=False, epilogue=0, gy=None, base=None):
-    """conv_kernel over all of x (B, n, C), contiguous: y, and with `base` (ahead) the weight gradient too."""
+def _conv(x: Tensor, taps: Tensor, documents: Optional[Tensor], ahead=False, epilogue=0, gy=None, weight_grad=False):
+    """conv_kernel over all of x (B, n, C), contiguous: y, and with `weight_grad` (epilogue 2) the weight gradient
+    too."""
     (B, n, C), W = x.shape, taps.shape[0]
-    BT, BC, warps = TILE if base is None else WEIGHT_GRAD_TILE
+    BT, BC, warps = WEIGHT_GRAD_TILE if weight_grad else TILE
     y = torch.empty_like(x)
     tiles, WP = B * cdiv(n, BT), pow2(W, 1)
-    gw = x.new_empty(tiles, WP, C, dtype=torch.float32) if base is not None else None  # rows past W never written
+    gw = x.new_empty(tiles, WP, C, dtype=torch.float32) if weight_grad else None  # rows past W never written
     if y.numel():
         docs = x if documents is None else documents  # placeholder pointers where a flag leaves an argument unused
-        gy_arg, base_arg, gw_arg = (x if t is None else t for t in (gy, base, gw))
-        conv_kernel[(cdiv(n, BT), cdiv(C, BC), B)](x, taps, docs, y, gy_arg, base_arg, gw_arg, n, C, W, WP, BT, BC,
-                                                   documents is not None, ahead, epilogue, base is not None,
+        gy_arg, gw_arg = (x if t is None else t for t in (gy, gw))
+        conv_kernel[(cdiv(n, BT), cdiv(C, BC), B)](x, taps, docs, y, gy_arg, gw_arg, n, C, W, WP, BT, BC,
+                                                   documents is not None, ahead, epilogue, weight_grad,
                                                    num_warps=warps)  # fmt: skip
-    if base is None:
+    if not weight_grad:
         return y
     return y, gw[:, :W].sum(0) if gw.numel() else x.new_zeros(W, C, dtype=torch.float32)
 
@@ -142,13 +151,13 @@ def _(x, weight, documents):
 
 
 def _backward(x: Tensor, weight: Tensor, documents: Optional[Tensor], gy: Tensor) -> Tuple[Tensor, Tensor]:
-    """(gx in x's dtype, gw in weight's shape and dtype): the pre-activation's gradient (the forward recomputed), then
-    the input gradient as a convolution of it looking ahead, which sums the weight gradient from the same tiles."""
+    """(gx in x's dtype, gw in weight's shape and dtype): the pre-activation's gradient (the forward recomputed) with
+    the weight gradient from the same tiles, then the input gradient as a convolution of it looking ahead."""
     x, gy = x.contiguous(), gy.contiguous()
     docs = None if documents is None else documents.contiguous()
     taps = _taps(weight)
-    gpre = _conv(x, taps, docs, epilogue=2, gy=gy)
-    gx, gw = _conv(gpre, taps, docs, ahead=True, base=x)
+    gpre, gw = _conv(x, taps, docs, epilogue=2, gy=gy, weight_grad=True)
+    gx = _conv(gpre, taps, docs, ahead=True)
     return gx, gw.T.contiguous().view(weight.shape).to(weight.dtype)
 
 
