@@ -670,7 +670,8 @@ def write_reports(rows, args, env, out_dirs):
 
 
 def plot(rows, path, env, args):
-    """Training tokens/s, MFU, and decode tokens/s (one bar per decode batch size, log scale) per model."""
+    """Training tokens/s, MFU, and decode tokens/s (one bar per decode batch size, log scale; a panel only when
+    decoding ran) per model."""
     try:
         import matplotlib
 
@@ -683,7 +684,8 @@ def plot(rows, path, env, args):
     tps = [r.get("train_tokens_per_s") or 0 for r in rows]
     mfu = [100 * (r.get("mfu") or 0) for r in rows]
     colors = ["tab:orange" if r["model"].startswith("flowhn") else "tab:gray" for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 0.45 * len(rows) + 2), sharey=True)
+    sizes = args.decode_batch_sizes
+    fig, axes = plt.subplots(1, 3 if sizes else 2, figsize=(17 if sizes else 12, 0.45 * len(rows) + 2), sharey=True)
     for ax, values, title, fmt in ((axes[0], tps, "training tokens/s", "{:,.0f}"), (axes[1], mfu, "MFU (%)", "{:.1f}")):
         bars = ax.barh(range(len(rows)), values, color=colors)
         ax.set_title(title)
@@ -691,7 +693,6 @@ def plot(rows, path, env, args):
             text = fmt.format(value) if value else ("skipped" if row.get("skipped") else "failed")
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + text, va="center", fontsize=8)
         ax.margins(x=0.25)
-    sizes = args.decode_batch_sizes
     height = 0.8 / max(1, len(sizes))
     for j, size in enumerate(sizes):
         values = [r.get(f"decode_b{size}_tokens_per_s") or 0 for r in rows]
@@ -705,8 +706,9 @@ def plot(rows, path, env, args):
     if any(r.get(f"decode_b{s}_tokens_per_s") for r in rows for s in sizes):
         axes[2].set_xscale("log")
         axes[2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[2].set_title(f"decode tokens/s (prompt {args.prompt_len}, {args.new_tokens} new; log)")
-    axes[2].margins(x=0.3)
+    if sizes:
+        axes[2].set_title(f"decode tokens/s (prompt {args.prompt_len}, {args.new_tokens} new; log)")
+        axes[2].margins(x=0.3)
     axes[0].set_yticks(range(len(rows)), labels)
     axes[0].invert_yaxis()
     smoke = "SMOKE RUN, tiny models: " if args.smoke else ""
