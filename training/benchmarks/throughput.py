@@ -306,7 +306,8 @@ def training_step(model, batch, args, device, precision=None, compiled=False):
     def step():
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs ("reduce-overhead"): the last step's outputs are done
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = forward(input_ids=batch, labels=batch).loss
+            # no cache: nothing is decoded in training (transformers' Llama would build one by default)
+            loss = forward(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
