@@ -87,7 +87,7 @@ def conv_kernel(x, taps, documents, y, gy, gw, n, C, W: tl.constexpr, WP: tl.con
     documents += b * n
     row_ok = rows < n
     tile_ok = row_ok[:, None] & c_ok[None, :]
-    doc = rows
+    doc = rows  # unused placeholder unless HAS_DOCS
     if HAS_DOCS:
         doc = tl.load(documents + rows, mask=row_ok)
     acc = tl.zeros([BT, BC], dtype=tl.float32)

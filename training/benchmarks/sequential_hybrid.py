@@ -88,7 +88,8 @@ class SequentialHybridForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         if not use_cache:
             cache = None
         positions, real, _, documents = mf.token_positions(hidden_states, attention_mask, position_ids, cache)
-        if use_cache and cache is None and not self.training and documents is None:  # as FlowHN: none to train
+        # as FlowHN's model: a training step has no next token to decode, packed documents no single next token
+        if use_cache and cache is None and not self.training and documents is None:
             cache = DynamicCache(config=self.config)
         position_embeddings = self.model.rotary_emb(hidden_states, positions)
         tokens = BranchTokens(None, real, documents)  # every token in place; padding and documents marked

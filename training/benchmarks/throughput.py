@@ -694,8 +694,8 @@ def plot(rows, path, env, args):
             text = fmt.format(value) if value else ("skipped" if row.get("skipped") else "failed")
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + text, va="center", fontsize=8)
         ax.margins(x=0.25)
-    height = 0.8 / max(1, len(sizes))
     for j, size in enumerate(sizes):
+        height = 0.8 / len(sizes)
         values = [r.get(f"decode_b{size}_tokens_per_s") or 0 for r in rows]
         offsets = [i - 0.4 + height * (j + 0.5) for i in range(len(rows))]
         alpha = 1 - 0.45 * j / max(1, len(sizes) - 1)
@@ -704,10 +704,10 @@ def plot(rows, path, env, args):
             if value:
                 y = bar.get_y() + bar.get_height() / 2
                 axes[2].text(bar.get_width(), y, f" {value:,.0f} (b{size})", va="center", fontsize=7)
-    if any(r.get(f"decode_b{s}_tokens_per_s") for r in rows for s in sizes):
-        axes[2].set_xscale("log")
-        axes[2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     if sizes:
+        if any(r.get(f"decode_b{s}_tokens_per_s") for r in rows for s in sizes):
+            axes[2].set_xscale("log")
+            axes[2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axes[2].set_title(f"decode tokens/s (prompt {args.prompt_len}, {args.new_tokens} new; log)")
         axes[2].margins(x=0.3)
     axes[0].set_yticks(range(len(rows)), labels)
