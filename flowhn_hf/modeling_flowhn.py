@@ -48,6 +48,14 @@ def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | Non
     return past_key_values
 
 
+def decoding_cache(model: nn.Module, cache: Cache | None, use_cache: bool, documents: torch.Tensor | None):
+    """`cache`, or a new DynamicCache where a next token will be decoded after this forward: `use_cache` on and none
+    given, but not in a training step (no next token) nor for packed documents (no single next token)."""
+    if use_cache and cache is None and not model.training and documents is None:
+        return DynamicCache(config=model.config)
+    return cache
+
+
 # delta_rule's kernels are custom ops that torch.compile traces through; packed documents are the exception: their
 # offsets are read on the host, and a compiled graph would be specialised on every batch's.
 packed_delta_rule = torch.compiler.disable(delta_rule)
@@ -757,9 +765,7 @@ class FlowHNModel(FlowHNPreTrainedModel):
                 "`position_ids` restart inside a row (packed documents), which a `cache` can't "
                 "continue: pass packed documents without a cache"
             )
-        # a training step has no next token to decode; packed documents have no single next token
-        if use_cache and cache is None and not self.training and documents is None:
-            cache = DynamicCache(config=self.config)
+        cache = decoding_cache(self, cache, use_cache, documents)
 
         position_embeddings = self.rotary_emb(inputs_embeds, positions)
         hidden_states = inputs_embeds

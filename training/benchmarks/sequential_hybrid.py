@@ -12,7 +12,6 @@ and the DeltaNet blocks its conv and recurrent state, so `generate()` works.
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -88,9 +87,7 @@ class SequentialHybridForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         if not use_cache:
             cache = None
         positions, real, _, documents = mf.token_positions(hidden_states, attention_mask, position_ids, cache)
-        # as FlowHN's model: a training step has no next token to decode, packed documents no single next token
-        if use_cache and cache is None and not self.training and documents is None:
-            cache = DynamicCache(config=self.config)
+        cache = mf.decoding_cache(self, cache, use_cache, documents)
         position_embeddings = self.model.rotary_emb(hidden_states, positions)
         tokens = BranchTokens(None, real, documents)  # every token in place; padding and documents marked
 
