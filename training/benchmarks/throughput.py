@@ -694,8 +694,8 @@ def plot(rows, path, env, args):
             text = fmt.format(value) if value else ("skipped" if row.get("skipped") else "failed")
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + text, va="center", fontsize=8)
         ax.margins(x=0.25)
+    height = 0.8 / max(1, len(sizes))
     for j, size in enumerate(sizes):
-        height = 0.8 / len(sizes)
         values = [r.get(f"decode_b{size}_tokens_per_s") or 0 for r in rows]
         offsets = [i - 0.4 + height * (j + 0.5) for i in range(len(rows))]
         alpha = 1 - 0.45 * j / max(1, len(sizes) - 1)
