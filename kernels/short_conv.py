@@ -4,12 +4,12 @@
 
 and, with `documents`, no tap reaching into an earlier packed document. x is channels-last (B, n, C), as the
 projection gives it, so a tile of tokens × channels loads coalesced along C and each tap is one shifted load of it.
-The backward recomputes the pre-activation instead of saving it: one pass of the same kernel writes its gradient
-gpre = gy · silu'(pre) and, from the shifted inputs it has just loaded for the recomputation, the weight gradient's
-partial sums per tile (summed afterwards: deterministic); a second one, looking ahead over gpre, the input gradient.
-Every pass is one tile a program. (A first backward recomputed the pre-activation at every shifted row, W² loads a
-tile: 453 µs at (16, 973, 1728) on an H200; a second walked several tiles a program in a loop: 326 µs for its first
-pass; the forward takes 52.)
+The backward recomputes the pre-activation instead of saving it: one pass of the same kernel writes its gradient gpre =
+gy · silu'(pre) and, from the shifted inputs it has just loaded for the recomputation, the weight gradient's partial
+sums per tile (summed afterwards: deterministic); a second one, looking ahead over gpre, the input gradient. A program
+of the weight-gradient pass may walk several tiles, summing before it stores. (A first backward recomputed the
+pre-activation at every shifted row, W² loads a tile: 453 µs at (16, 973, 1728) on an H200; a second walked several
+tiles a program in a loop: 326 µs for its first pass; the forward takes 52.)
 """
 
 import re
@@ -24,11 +24,12 @@ from .utils import cdiv, device_function, interpreting, kernel, pow2
 
 MAX_WIDTH = 8
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the kernels take all but float64
-# launch settings (tokens × channels of a tile, warps), measured at (16, 973, 1728, 4) in bf16: the pass with the
-# weight gradient sums its partial products across the tile's tokens, so it takes taller tiles (kernels/benchmarks/
-# NOTES.md, "Short conv: tiles per pass" and "the weight gradient in pass one")
-TILE = (16, 128, 4)
-WEIGHT_GRAD_TILE = (128, 64, 4)
+# launch settings (tokens × channels of a tile, warps, tiles a program), measured at (16, 973, 1728, 4) in bf16: the
+# pass with the weight gradient sums its partial products across the tile's tokens, so it takes taller tiles
+# (kernels/benchmarks/NOTES.md, "Short conv: tiles per pass" and "the weight gradient in pass one";
+# kernels/benchmarks/conv_tiles.py times the settings)
+TILE = (16, 128, 4, 1)
+WEIGHT_GRAD_TILE = (128, 64, 4, 1)
 
 # Each copy of this module registers its own ops (see ops.py)
 NAMESPACE = "flowhn_" + re.sub(r"\W", "_", __name__)
@@ -72,43 +73,46 @@ def _shifted_rows(x, at, rows, back, n, c_ok, row_ok, documents, doc, C, HAS_DOC
 @kernel
 def conv_kernel(x, taps, documents, y, gy, gw, n, C, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr,
                 BC: tl.constexpr, HAS_DOCS: tl.constexpr, AHEAD: tl.constexpr, EPILOGUE: tl.constexpr,
-                WEIGHT_GRAD: tl.constexpr):
+                WEIGHT_GRAD: tl.constexpr, TILES: tl.constexpr):
     """One tile of BT tokens × BC channels of one sequence: acc[t] = Σ_back taps[W − 1 − back] · x[t − back], or
     with AHEAD x[t + back]; terms outside the sequence or t's document are zero; fp32 sums. y = acc (EPILOGUE 0),
-    silu(acc) (1: the forward) or gy · silu'(acc) (2: the pre-activation's gradient, acc recomputed). With WEIGHT_GRAD
-    (EPILOGUE 2) also this tile's weight-gradient partial sums into row `tile` of gw (tiles, WP, C): tap W − 1 − back
-    sums gpre[t] · x[t − back] over the tile's tokens t, from the inputs the recomputation has just loaded."""
+    silu(acc) (1: the forward) or gy · silu'(acc) (2: the pre-activation's gradient, acc recomputed). A program takes
+    TILES tiles one after the other. With WEIGHT_GRAD (EPILOGUE 2) also its weight-gradient partial sums into row
+    `run` of gw (programs, WP, C): tap W − 1 − back sums gpre[t] · x[t − back] over its tokens t, from the inputs the
+    recomputation has just loaded."""
     b = tl.program_id(2).to(tl.int64)
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = cols < C
     at = b * n * C + cols[None, :]  # row 0 of this sequence at this tile's channels
     tap_at = taps + (W - 1) * C + cols  # taps (W, C): the tap `back` tokens back at tap_at - back * C
     documents += b * n
-    row_ok = rows < n
-    tile_ok = row_ok[:, None] & c_ok[None, :]
-    doc = rows  # unused placeholder unless HAS_DOCS
-    if HAS_DOCS:
-        doc = tl.load(documents + rows, mask=row_ok)
-    acc = tl.zeros([BT, BC], dtype=tl.float32)
-    for back in tl.static_range(W):
-        xs = _shifted_rows(x, at, rows, back, n, c_ok, row_ok, documents, doc, C, HAS_DOCS, AHEAD)
-        acc += xs * tl.load(tap_at - back * C, mask=c_ok)[None, :]
-    if EPILOGUE == 1:
-        acc = acc * tl.sigmoid(acc)
-    if EPILOGUE == 2:
-        sig = tl.sigmoid(acc)
-        dy = tl.load(gy + at + rows[:, None] * C, mask=tile_ok, other=0.0).to(tl.float32)
-        acc = dy * sig * (1 + acc * (1 - sig))
-    tl.store(y + at + rows[:, None] * C, acc.to(y.dtype.element_ty), mask=tile_ok)
-    if WEIGHT_GRAD:
-        j = tl.arange(0, WP)
-        gw_acc = tl.zeros([WP, BC], dtype=tl.float32)
+    j = tl.arange(0, WP)
+    gw_acc = tl.zeros([WP, BC], dtype=tl.float32)
+    for i in tl.range(TILES):
+        rows = (tl.program_id(0) * TILES + i) * BT + tl.arange(0, BT)
+        row_ok = rows < n
+        tile_ok = row_ok[:, None] & c_ok[None, :]
+        doc = rows  # unused placeholder unless HAS_DOCS
+        if HAS_DOCS:
+            doc = tl.load(documents + rows, mask=row_ok)
+        acc = tl.zeros([BT, BC], dtype=tl.float32)
         for back in tl.static_range(W):
             xs = _shifted_rows(x, at, rows, back, n, c_ok, row_ok, documents, doc, C, HAS_DOCS, AHEAD)
-            gw_acc += tl.where(j[:, None] == W - 1 - back, tl.sum(acc * xs, axis=0)[None, :], 0.0)
-        tile = b * tl.num_programs(0) + tl.program_id(0)
-        tl.store(gw + (tile * WP + j[:, None]) * C + cols[None, :], gw_acc, mask=(j < W)[:, None] & c_ok[None, :])
+            acc += xs * tl.load(tap_at - back * C, mask=c_ok)[None, :]
+        if EPILOGUE == 1:
+            acc = acc * tl.sigmoid(acc)
+        if EPILOGUE == 2:
+            sig = tl.sigmoid(acc)
+            dy = tl.load(gy + at + rows[:, None] * C, mask=tile_ok, other=0.0).to(tl.float32)
+            acc = dy * sig * (1 + acc * (1 - sig))
+        tl.store(y + at + rows[:, None] * C, acc.to(y.dtype.element_ty), mask=tile_ok)
+        if WEIGHT_GRAD:
+            for back in tl.static_range(W):
+                xs = _shifted_rows(x, at, rows, back, n, c_ok, row_ok, documents, doc, C, HAS_DOCS, AHEAD)
+                gw_acc += tl.where(j[:, None] == W - 1 - back, tl.sum(acc * xs, axis=0)[None, :], 0.0)
+    if WEIGHT_GRAD:
+        run = b * tl.num_programs(0) + tl.program_id(0)
+        tl.store(gw + (run * WP + j[:, None]) * C + cols[None, :], gw_acc, mask=(j < W)[:, None] & c_ok[None, :])
 
 
 def _taps(weight):
@@ -121,16 +125,16 @@ def _conv(x: Tensor, taps: Tensor, documents: Optional[Tensor], ahead=False, epi
     """conv_kernel over all of x (B, n, C), contiguous: y, and with `weight_grad` (epilogue 2) the weight gradient
     too."""
     (B, n, C), W = x.shape, taps.shape[0]
-    BT, BC, warps = WEIGHT_GRAD_TILE if weight_grad else TILE
+    BT, BC, warps, per_program = WEIGHT_GRAD_TILE if weight_grad else TILE
     y = torch.empty_like(x)
-    tiles, WP = B * cdiv(n, BT), pow2(W, 1)
-    gw = x.new_empty(tiles, WP, C, dtype=torch.float32) if weight_grad else None  # rows past W never written
+    programs, WP = cdiv(n, BT * per_program), pow2(W, 1)
+    gw = x.new_empty(B * programs, WP, C, dtype=torch.float32) if weight_grad else None  # rows past W never written
     if y.numel():
         docs = x if documents is None else documents  # placeholder pointers where a flag leaves an argument unused
         gy_arg, gw_arg = (x if t is None else t for t in (gy, gw))
-        conv_kernel[(cdiv(n, BT), cdiv(C, BC), B)](x, taps, docs, y, gy_arg, gw_arg, n, C, W, WP, BT, BC,
-                                                   documents is not None, ahead, epilogue, weight_grad,
-                                                   num_warps=warps)  # fmt: skip
+        conv_kernel[(programs, cdiv(C, BC), B)](x, taps, docs, y, gy_arg, gw_arg, n, C, W, WP, BT, BC,
+                                                documents is not None, ahead, epilogue, weight_grad, per_program,
+                                                num_warps=warps)  # fmt: skip
     if not weight_grad:
         return y
     return y, gw[:, :W].sum(0) if gw.numel() else x.new_zeros(W, C, dtype=torch.float32)
