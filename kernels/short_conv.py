@@ -24,12 +24,12 @@ from .utils import cdiv, device_function, interpreting, kernel, pow2
 
 MAX_WIDTH = 8
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the kernels take all but float64
-# launch settings (tokens × channels of a tile, warps, tiles a program), measured at (16, 973, 1728, 4) in bf16: the
-# pass with the weight gradient sums its partial products across the tile's tokens, so it takes taller tiles
-# (kernels/benchmarks/NOTES.md, "Short conv: tiles per pass" and "the weight gradient in pass one";
-# kernels/benchmarks/conv_tiles.py times the settings)
+# launch settings (tokens × channels of a tile, warps, tiles a program), measured at (16, 973, 1728, 4) and (16, 2048,
+# 1728, 4) in bf16: the pass with the weight gradient sums its partial products over its tokens, so its tiles lie
+# along the channels, where each sum stays inside a thread, and a program walks 16 of them before one store
+# (kernels/benchmarks/NOTES.md, "Short conv: tiles per pass" to "tiles a program"; conv_tiles.py times the settings)
 TILE = (16, 128, 4, 1)
-WEIGHT_GRAD_TILE = (128, 64, 4, 1)
+WEIGHT_GRAD_TILE = (8, 512, 2, 16)
 
 # Each copy of this module registers its own ops (see ops.py)
 NAMESPACE = "flowhn_" + re.sub(r"\W", "_", __name__)
