@@ -6,10 +6,11 @@ and, with `documents`, no tap reaching into an earlier packed document. x is cha
 projection gives it, so a tile of tokens × channels loads coalesced along C and each tap is one shifted load of it.
 The backward recomputes the pre-activation instead of saving it: one pass of the same kernel writes its gradient gpre =
 gy · silu'(pre) and, from the shifted inputs it has just loaded for the recomputation, the weight gradient's partial
-sums per tile (summed afterwards: deterministic); a second one, looking ahead over gpre, the input gradient. A program
-of the weight-gradient pass may walk several tiles, summing before it stores. (A first backward recomputed the
-pre-activation at every shifted row, W² loads a tile: 453 µs at (16, 973, 1728) on an H200; a second walked several
-tiles a program in a loop: 326 µs for its first pass; the forward takes 52.)
+sums (summed afterwards: deterministic); a second one, looking ahead over gpre, the input gradient. A program of the
+weight-gradient pass walks several tiles, each a few tokens deep along the channels so that its sums over the tokens
+stay inside a thread, and stores once. (A first backward recomputed the pre-activation at every shifted row, W² loads
+a tile: 453 µs at (16, 973, 1728) on an H200; a second walked tall tiles in a loop, each ending in sums across warps:
+326 µs for its first pass; the forward takes 52.)
 """
 
 import re
