@@ -154,6 +154,24 @@ def test_compile_both_and_a_crashing_row(tmp_path, monkeypatch, one_thread):
     assert "| FlowHN flop_aware_circulating (compiled) |" in text and "crashed: signal 11 (SIGSEGV)" in text
 
 
+def test_compile_scope_layers_compiles_each_decoder_layer_in_place(one_thread):
+    """--compile-scope layers times what `flowhn-train --compile` runs: each decoder layer compiled in place (one
+    helper, training.pretrain.compile_layers, serves both), the embedding and the loss eager."""
+    args = tb.parse_args(["--smoke", "--compile-scope", "layers", "--compile-backend", "aot_eager", "--steps", "1"])
+    state = {"target": tb.target_parameters(args)}
+    model, _ = tb.build_model("flowhn-FAC", args, state)
+    batch = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len))
+    try:
+        row = tb.train_throughput(model, batch, args, torch.device("cpu"), compiled=True)
+        assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+        assert model._compiled_call_impl is None and math.isfinite(row["final_loss"])
+    finally:
+        torch._dynamo.reset()
+    text = tb.write_reports([{"model": "flowhn-FAC", "compiled": True, **row}], args, tb.environment(
+        torch.device("cpu"), {"peak_flops": 1.0, "peak_how": "test"}), [])
+    assert "each decoder layer compiled in place" in text
+
+
 def test_profile_step_groups_the_kernels_of_a_training_step(tmp_path, one_thread):
     from training.benchmarks import profile_step
 

@@ -266,6 +266,13 @@ def evaluate(model, source: BlockSource, accelerator, batch_size: int, eos_token
     return float(total) / usable
 
 
+def compile_layers(model, **compile_kwargs):
+    """`torch.compile` each decoder layer in place (`model.model.layers`; keyword arguments as torch.compile's): per
+    layer, as FSDP2 shards per layer, and in place, so that checkpoints, save and export see the plain module."""
+    for layer in model.model.layers:
+        layer.compile(**compile_kwargs)
+
+
 def train(args) -> dict:
     """Run (or resume) the training described by `args`; return the final trainer state."""
     accelerator = make_accelerator(args)
@@ -303,9 +310,8 @@ def train(args) -> dict:
     model = AutoModelForCausalLM.from_config(config)
     if args.gradient_checkpointing:  # the newer transformers name, or the older one
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-    if args.compile:  # per layer and in place, as FSDP2 shards per layer and save/export see the plain module
-        for layer in model.model.layers:
-            layer.compile()
+    if args.compile:
+        compile_layers(model)
     num_params = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight
     non_embedding = num_params - embedding.numel()

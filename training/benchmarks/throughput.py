@@ -64,6 +64,7 @@ from flowhn_hf import modeling_flowhn as mf
 from flowhn_hf.configuration_flowhn import DELTA_CHUNK_SIZE
 
 from training.benchmarks.sequential_hybrid import SequentialHybridForCausalLM, matched_width, sequential_config
+from training.pretrain import compile_layers
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -280,13 +281,17 @@ def matmul_rate(device, smoke) -> tuple[float, str]:
     return 2 * n**3 / seconds, f"{n}x{n}x{n} {str(dtype).removeprefix('torch.')} torch.matmul"
 
 
-def compile_model(model, backend="inductor", mode=None):
-    """`torch.compile(model)` with room for a graph per layer. FlowHN compiles into one graph (its kernels are custom
-    ops, and a batch without a mask or position ids needs no host sync), but a model that breaks inside its layers
-    gets a graph per layer specialisation, and past the recompile limit (default 8) Dynamo would run the rest
-    eagerly without a word. `mode`: torch.compile's ("reduce-overhead" replays CUDA graphs). Call
-    `torch._dynamo.reset()` when done with it."""
+def compile_model(model, backend="inductor", mode=None, scope="model"):
+    """`torch.compile(model)` with room for a graph per layer, or with `scope="layers"` each decoder layer compiled in
+    place and the rest eager (what `flowhn-train --compile` does); returns what to call. FlowHN compiles into one
+    graph (its kernels are custom ops, and a batch without a mask or position ids needs no host sync), but a model
+    that breaks inside its layers gets a graph per layer specialisation, and past the recompile limit (default 8)
+    Dynamo would run the rest eagerly without a word. `mode`: torch.compile's ("reduce-overhead" replays CUDA
+    graphs). Call `torch._dynamo.reset()` when done with it."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if scope == "layers":
+        compile_layers(model, backend=backend, mode=mode)
+        return model
     return torch.compile(model, backend=backend, mode=mode)
 
 
@@ -294,7 +299,7 @@ def training_step(model, batch, args, device, precision=None, compiled=False):
     """A function running one full training step (forward with its loss, backward, fused AdamW step) on `batch`
     and returning the detached loss: every model's step, timed here and profiled by profile_step.py alike."""
     precision = precision or args.precision
-    forward = compile_model(model, args.compile_backend, args.compile_mode) if compiled else model
+    forward = compile_model(model, args.compile_backend, args.compile_mode, args.compile_scope) if compiled else model
     model.train()
     model.zero_grad(set_to_none=True)
     if precision == "bf16":
@@ -633,6 +638,10 @@ def write_reports(rows, args, env, out_dirs):
     smoke = " (SMOKE RUN: tiny models on CPU, numbers meaningless)" if args.smoke else ""
     decode_weights = "bf16 weights" if args.device.startswith("cuda") else "fp32 weights"
     compile_args = f'backend="{args.compile_backend}"' + (f', mode="{args.compile_mode}"' if args.compile_mode else "")
+    compiled_what = (f"the forward with its loss under `torch.compile(model, {compile_args})`"
+                     if args.compile_scope == "model" else
+                     f"each decoder layer compiled in place, `layer.compile({compile_args})`, the rest eager (as "
+                     "`flowhn-train --compile`)")
     text = "\n".join([
         f"# Throughput: FlowHN vs its peers{smoke}",
         "",
@@ -646,8 +655,8 @@ def write_reports(rows, args, env, out_dirs):
         "MFU is over this.",
         f"- Training: batch {args.batch_size} × {args.seq_len} tokens of random ids (the same batch for every model), "
         f"AdamW (fused on CUDA), {PRECISIONS[args.precision]}; {args.warmup} warm-up steps, then {args.steps} timed "
-        f"steps. \"(compiled)\": the forward with its loss under `torch.compile(model, {compile_args})`, compiled "
-        "during the warm-up steps (warm-up s: their wall time, compilation included); the other rows eager.",
+        f"steps. \"(compiled)\": {compiled_what}, compiled during the warm-up steps (warm-up s: their wall time, "
+        "compilation included); the other rows eager.",
         f"- Decode: `generate`, random prompt of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
         f"min_new_tokens = max_new_tokens, {decode_weights}; decode tok/s = batch·(new−1) / (generate time − "
         "prefill time).",
@@ -750,6 +759,9 @@ def parse_args(argv=None):
                    help="torch.compile mode for every compiled model (reduce-overhead: CUDA graphs, the fastest on the "
                    "GPU for every model here: RESULTS.md; max-autotune: CUDA graphs, and each matrix product's kernel "
                    "chosen by timing: minutes more of compilation)")
+    p.add_argument("--compile-scope", choices=("model", "layers"), default="model",
+                   help="what a compiled row compiles: the whole model with its loss (default), or each decoder "
+                   "layer in place, the rest eager, as `flowhn-train --compile` does")
     p.add_argument("--split-period", type=int, default=None, help="every FlowHN model's split_period, the routing "
                    "pattern's period in tokens (default: the preset's)")
     p.add_argument("--no-calibrate", action="store_true", help="skip flowhn_hf.calibrate_split")
