@@ -156,7 +156,7 @@ def test_compile_both_and_a_crashing_row(tmp_path, monkeypatch, one_thread):
 
 def test_compile_scope_layers_compiles_each_decoder_layer_in_place(one_thread):
     """--compile-scope layers times what `flowhn-train --compile` runs: each decoder layer compiled in place (one
-    helper, training.pretrain.compile_layers, serves both), the embedding and the loss eager."""
+    helper, training.compilation.compile_layers, serves both), the embedding and the loss eager."""
     args = tb.parse_args(["--smoke", "--compile-scope", "layers", "--compile-backend", "aot_eager", "--steps", "1"])
     state = {"target": tb.target_parameters(args)}
     model, _ = tb.build_model("flowhn-FAC", args, state)

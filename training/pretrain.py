@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_mi
 
 import flowhn_hf
 from training.checkpoint import latest_checkpoint, read_state, save_checkpoint
+from training.compilation import compile_layers
 from training.corpus import train_bpe_tokenizer
 from training.data import BlockSource, load_text_dataset, model_inputs, pack_documents, unigram_entropy
 from training.export import export
@@ -264,13 +265,6 @@ def evaluate(model, source: BlockSource, accelerator, batch_size: int, eos_token
     total = accelerator.reduce(total, "sum")
     model.train()
     return float(total) / usable
-
-
-def compile_layers(model, **compile_kwargs):
-    """`torch.compile` each decoder layer in place (`model.model.layers`; keyword arguments as torch.compile's): per
-    layer, as FSDP2 shards per layer, and in place, so that checkpoints, save and export see the plain module."""
-    for layer in model.model.layers:
-        layer.compile(**compile_kwargs)
 
 
 def train(args) -> dict:

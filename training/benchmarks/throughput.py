@@ -64,7 +64,7 @@ from flowhn_hf import modeling_flowhn as mf
 from flowhn_hf.configuration_flowhn import DELTA_CHUNK_SIZE
 
 from training.benchmarks.sequential_hybrid import SequentialHybridForCausalLM, matched_width, sequential_config
-from training.pretrain import compile_layers
+from training.compilation import compile_layers
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
