@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -170,6 +171,16 @@ def test_compile_scope_layers_compiles_each_decoder_layer_in_place(one_thread):
     text = tb.write_reports([{"model": "flowhn-FAC", "compiled": True, **row}], args, tb.environment(
         torch.device("cpu"), {"peak_flops": 1.0, "peak_how": "test"}), [])
     assert "each decoder layer compiled in place" in text
+
+
+def test_the_gpu_benchmarks_import_without_datasets():
+    """The GPU image has no `datasets` (only pretraining's data pipeline needs it): the throughput and profile scripts
+    must import without it."""
+    code = ("import sys; sys.modules['datasets'] = None; "
+            "import training.benchmarks.throughput, training.benchmarks.profile_step")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_profile_step_groups_the_kernels_of_a_training_step(tmp_path, one_thread):
