@@ -39,13 +39,16 @@ except ImportError:  # the installed package
 CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The cache a forward was given, as `cache` or as `past_key_values` (its name before transformers 5.25)."""
-    if past_key_values is None:
-        return cache
-    if cache is not None:
-        raise ValueError("Pass the cache once: as `cache`, or as `past_key_values` (its name before transformers 5.25)")
-    return past_key_values
+def given_cache(config, cache: Cache | None, past_key_values: Cache | None, use_cache: bool | None):
+    """(the cache a forward was given, as `cache` or as `past_key_values`, its name before transformers 5.25, or None
+    with `use_cache` off; `use_cache`, the config's where None)."""
+    if past_key_values is not None:
+        if cache is not None:
+            raise ValueError("Pass the cache once: as `cache`, or as `past_key_values` (its name before transformers "
+                             "5.25)")  # fmt: skip
+        cache = past_key_values
+    use_cache = config.use_cache if use_cache is None else use_cache
+    return (cache if use_cache else None), use_cache
 
 
 def decoding_cache(model: nn.Module, cache: Cache | None, use_cache: bool, documents: torch.Tensor | None):
@@ -741,7 +744,7 @@ class FlowHNModel(FlowHNPreTrainedModel):
         """`past_key_values`: `cache` by the name transformers before 5.25 passes."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
-        cache = one_cache(cache, past_key_values)
+        cache, use_cache = given_cache(self.config, cache, past_key_values, use_cache)
         if kwargs.get("output_attentions", self.config.output_attentions):
             raise ValueError(
                 "`output_attentions=True` is not supported: a layer's attention sees only the tokens routed to it, "
@@ -749,9 +752,6 @@ class FlowHNModel(FlowHNPreTrainedModel):
             )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if not use_cache:
-            cache = None
         if cache is not None and len(cache.layers) != self.config.num_hidden_layers:
             raise ValueError(
                 "`cache` must hold one hybrid layer per decoder layer: pass "

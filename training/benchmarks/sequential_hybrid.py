@@ -81,11 +81,8 @@ class SequentialHybridForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         """`past_key_values`: `cache` by the name transformers before 5.25 passes."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
-        cache = mf.one_cache(cache, past_key_values)
+        cache, use_cache = mf.given_cache(self.config, cache, past_key_values, use_cache)
         hidden_states = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if not use_cache:
-            cache = None
         positions, real, _, documents = mf.token_positions(hidden_states, attention_mask, position_ids, cache)
         cache = mf.decoding_cache(self, cache, use_cache, documents)
         position_embeddings = self.model.rotary_emb(hidden_states, positions)
