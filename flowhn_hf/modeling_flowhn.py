@@ -801,7 +801,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     The gradients are worked out chunk by chunk during the forward, so the (tokens x vocab) logits never exist at
     once and nothing is recomputed: for the 49,152-word vocabulary that is gigabytes of activations per step. Each
-    chunk's loss and logit gradient come from one kernel (`softmax_cross_entropy`).
+    chunk's loss and logit gradient come from one kernel (`softmax_cross_entropy`). The forward writes nothing in
+    place: under torch.compile, torch 2.11 traced in-place writes into tensors made here as if they never happened,
+    and the model trained on zero gradients (CUDA, every backend; tests/test_model_gpu.py).
     """
 
     @staticmethod
@@ -809,17 +811,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = matmul_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
-            grad_hidden = torch.empty_like(h)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            losses, grad_rows, grad_weight = [], [], 0
             for start in range(0, h.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
                 grad, loss = softmax_cross_entropy(h[rows] @ w.T, labels[rows])
-                total += loss.sum()
-                grad_hidden[rows] = grad @ w
-                grad_weight += (grad.T @ h[rows]).float()
-        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
-        return total
+                losses.append(loss.sum())
+                grad_rows.append(grad @ w)
+                grad_weight = grad_weight + (grad.T @ h[rows]).float()
+        ctx.save_for_backward(torch.cat(grad_rows).to(hidden.dtype), grad_weight.to(weight.dtype))
+        return torch.stack(losses).sum()
 
     @staticmethod
     def backward(ctx, grad_total):

@@ -173,6 +173,19 @@ def test_compile_scope_layers_compiles_each_decoder_layer_in_place(one_thread):
     assert "each decoder layer compiled in place" in text
 
 
+def test_a_row_whose_loss_does_not_fall_is_flagged(monkeypatch):
+    """Every step trains on the same batch, so a step that learns lowers the loss. A step whose gradients never
+    reach the weights (as torch 2.11's compiled loss once did, unseen for two weeks of tables) gets a warning."""
+    args = tb.parse_args(["--smoke", "--warmup", "2", "--steps", "2"])
+    model, batch = torch.nn.Linear(1, 1), torch.zeros(1, 1)
+    monkeypatch.setattr(tb, "training_step", lambda *a, **k: lambda: torch.tensor(2.5))
+    row = tb.train_throughput(model, batch, args, torch.device("cpu"))
+    assert row["first_loss"] == row["final_loss"] == 2.5 and "the loss did not fall" in row["warning"]
+    falling = iter([3.0, 2.9, 2.8, 2.7])
+    monkeypatch.setattr(tb, "training_step", lambda *a, **k: lambda: torch.tensor(next(falling)))
+    assert "warning" not in tb.train_throughput(model, batch, args, torch.device("cpu"))
+
+
 def test_the_gpu_benchmarks_import_without_datasets():
     """The GPU image has no `datasets` (only pretraining's data pipeline needs it): the throughput and profile scripts
     must import without it."""

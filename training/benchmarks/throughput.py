@@ -324,11 +324,14 @@ def training_step(model, batch, args, device, precision=None, compiled=False):
 def train_throughput(model, batch, args, device, precision=None, compiled=False) -> dict:
     """Tokens/s of full training steps (`training_step`) on `batch`, timed between synchronizations after
     `args.warmup` untimed steps. With `compiled`, the forward with its loss runs under `torch.compile(model)`: the
-    warm-up steps compile it (their time, `warmup_s`, is reported apart)."""
+    warm-up steps compile it (their time, `warmup_s`, is reported apart). Every step trains on the same batch, so a
+    step that learns lowers the loss: a row whose last loss is not below its first gets a warning."""
     step = training_step(model, batch, args, device, precision, compiled)
     start = time.perf_counter()
+    first = None
     for _ in range(args.warmup):
         loss = step()
+        first = loss if first is None else first
     synchronize(device)
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -342,9 +345,11 @@ def train_throughput(model, batch, args, device, precision=None, compiled=False)
         torch._dynamo.reset()
     tokens = batch.numel() * args.steps
     result = {"train_tokens_per_s": tokens / seconds, "step_s": seconds / args.steps, "warmup_s": warmup_s,
-              "final_loss": loss}  # fmt: skip
+              "first_loss": None if first is None else float(first), "final_loss": loss}  # fmt: skip
     if not math.isfinite(loss):
         result["warning"] = "non-finite loss"
+    elif first is not None and not loss < first:
+        result["warning"] = f"the loss did not fall ({float(first):.4f} at the first step): the step does not train"
     return result
 
 
