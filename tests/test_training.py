@@ -40,6 +40,25 @@ def losses(run_dir) -> dict[int, float]:
     return {row["step"]: row["train/loss"] for row in rows}
 
 
+def test_evaluation_builds_no_autograd_graph():
+    """The eval loss is summed over batches: with autograd on, the sum would hold every batch's activations."""
+    from types import SimpleNamespace
+
+    weight = torch.nn.Parameter(torch.ones(()))
+    seen = []
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, labels):
+            seen.append(torch.is_grad_enabled())
+            return SimpleNamespace(loss=weight * input_ids.float().mean())
+
+    accelerator = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"),
+                                  reduce=lambda tensor, op: tensor)
+    source = SimpleNamespace(eval=torch.arange(24).reshape(6, 4))
+    loss = pretrain.evaluate(Model(), source, accelerator, batch_size=4, eos_token_id=None)
+    assert seen == [False, False] and loss == pytest.approx(torch.arange(24.0).mean().item())
+
+
 def test_tiny_run_learns_and_samples(tmp_path):
     """The README command, shortened to 100 steps: beats the unigram entropy and prints a sample."""
     proc = train_cli("--preset", "tiny", "--output-dir", tmp_path / "run", "--max-steps", 100)
