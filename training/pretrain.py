@@ -252,7 +252,6 @@ class StopFlag:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate(model, source: BlockSource, accelerator, batch_size: int, eos_token_id: int | None) -> float:
     """Mean loss over the held-out blocks, split over the processes. Without autograd: a graph through the running
     total would keep every batch's activations alive until the last one."""
