@@ -4,13 +4,13 @@
 
 and, with `documents`, no tap reaching into an earlier packed document. x is channels-last (B, n, C), as the
 projection gives it, so a tile of tokens × channels loads coalesced along C and each tap is one shifted load of it.
-The backward recomputes the pre-activation instead of saving it: one pass of the same kernel writes its gradient gpre =
-gy · silu'(pre) and, from the shifted inputs it has just loaded for the recomputation, the weight gradient's partial
-sums (summed afterwards: deterministic); a second one, looking ahead over gpre, the input gradient. A program of the
-weight-gradient pass walks several tiles, each a few tokens deep along the channels so that its sums over the tokens
-stay inside a thread, and stores once. (A first backward recomputed the pre-activation at every shifted row, W² loads
-a tile: 453 µs at (16, 973, 1728) on an H200; a second walked tall tiles in a loop, each ending in sums across warps:
-326 µs for its first pass; the forward takes 52.)
+The backward recomputes the pre-activation instead of saving it: one pass of the same kernel writes its gradient
+gpre = gy · silu'(pre) and, loading the recomputation's shifted inputs again once gpre is known, the weight gradient's
+partial sums (summed afterwards: deterministic); a second one, looking ahead over gpre, the input gradient. A program
+of the weight-gradient pass walks several tiles, each a few tokens deep along the channels so that its sums over the
+tokens stay inside a thread, and stores once. (A first backward recomputed the pre-activation at every shifted row, W²
+loads a tile: 453 µs at (16, 973, 1728) on an H200; a second walked tall tiles in a loop, each ending in sums across
+warps: 326 µs for its first pass; the forward takes 52.)
 """
 
 import re
@@ -79,8 +79,9 @@ def conv_kernel(x, taps, documents, y, gy, gw, n, C, W: tl.constexpr, WP: tl.con
     with AHEAD x[t + back]; terms outside the sequence or t's document are zero; fp32 sums. y = acc (EPILOGUE 0),
     silu(acc) (1: the forward) or gy · silu'(acc) (2: the pre-activation's gradient, acc recomputed). A program takes
     TILES tiles one after the other. With WEIGHT_GRAD (EPILOGUE 2) also its weight-gradient partial sums into row
-    `run` of gw (programs, WP, C): tap W − 1 − back sums gpre[t] · x[t − back] over its tokens t, from the inputs the
-    recomputation has just loaded."""
+    `run` of gw (programs, WP, C): tap W − 1 − back sums gpre[t] · x[t − back] over its tokens t. The shifted
+    inputs are loaded a second time for it, from the cache the first loads have just filled, since gpre exists only
+    once all W of them are summed (holding the W tiles in registers instead is untried)."""
     b = tl.program_id(2).to(tl.int64)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = cols < C
