@@ -155,22 +155,25 @@ def test_compile_both_and_a_crashing_row(tmp_path, monkeypatch, one_thread):
     assert "| FlowHN flop_aware_circulating (compiled) |" in text and "crashed: signal 11 (SIGSEGV)" in text
 
 
-def test_compile_scope_layers_compiles_each_decoder_layer_in_place(one_thread):
-    """--compile-scope layers times what `flowhn-train --compile` runs: each decoder layer compiled in place (one
-    helper, training.compilation.compile_layers, serves both), the embedding and the loss eager."""
-    args = tb.parse_args(["--smoke", "--compile-scope", "layers", "--compile-backend", "aot_eager", "--steps", "1"])
+@pytest.mark.parametrize("scope", ["layers", "model"])
+def test_compile_scope_compiles_in_place_as_flowhn_train_does(scope, one_thread):
+    """--compile-scope times what `flowhn-train --compile --compile-scope` runs (one helper,
+    training.compilation.compile_in_place, serves both): each decoder layer, the embedding and the loss eager, or
+    the whole model; in place either way, so the model's own modules are what is called."""
+    args = tb.parse_args(["--smoke", "--compile-scope", scope, "--compile-backend", "aot_eager", "--steps", "1"])
     state = {"target": tb.target_parameters(args)}
     model, _ = tb.build_model("flowhn-FAC", args, state)
     batch = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len))
     try:
         row = tb.train_throughput(model, batch, args, torch.device("cpu"), compiled=True)
-        assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
-        assert model._compiled_call_impl is None and math.isfinite(row["final_loss"])
+        layers = [layer._compiled_call_impl is not None for layer in model.model.layers]
+        assert layers == [scope == "layers"] * len(layers) and math.isfinite(row["final_loss"])
+        assert (model._compiled_call_impl is not None) == (scope == "model") and "warning" not in row
     finally:
         torch._dynamo.reset()
     text = tb.write_reports([{"model": "flowhn-FAC", "compiled": True, **row}], args, tb.environment(
         torch.device("cpu"), {"peak_flops": 1.0, "peak_how": "test"}), [])
-    assert "each decoder layer compiled in place" in text
+    assert f"(as `flowhn-train --compile --compile-scope {scope}`)" in text
 
 
 def test_a_row_whose_loss_does_not_fall_is_flagged(monkeypatch):

@@ -96,31 +96,45 @@ def test_compiled_rmsnorm_leaves_the_norm_to_inductor():
     torch.testing.assert_close(y, norm(x), atol=1e-2, rtol=1e-2)  # the eager F.rms_norm path
 
 
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 @pytest.mark.parametrize("scope", ["model", "layers"])
-def test_cuda_compiled_training_step_matches_eager(scope):
-    """torch.compile of the whole model (users', Trainer's torch_compile, the throughput benchmark) or of each layer
-    (flowhn-train --compile): loss and every gradient as eager. On torch 2.11 the whole model's loss once trained on
-    zero gradients: its autograd function wrote its gradients in place, and the compiled graph lost the writes."""
-    from training.compilation import compile_layers
+def test_cuda_compiled_training_step_matches_eager(scope, mode):
+    """`flowhn-train --compile --compile-scope SCOPE --compile-mode MODE` (and, whole, users' torch.compile or
+    Trainer's torch_compile): two micro-batches' gradients accumulated, with an evaluation forward between them, as
+    flowhn-train marks each forward's step for CUDA graphs; the losses and every gradient as eager. On torch 2.11 the
+    whole model's loss once trained on zero gradients: its autograd function wrote its gradients in place, and the
+    compiled graph lost the writes."""
+    from training.compilation import compile_in_place
 
     model = small_model(split_mode="flop_aware_circulating").cuda().train()
-    x = torch.randint(0, 1024, (2, 300), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        reference = model(x, labels=x).loss
-    reference.backward()
+    batches = torch.randint(0, 1024, (2, 2, 300), device="cuda")
+
+    def accumulate():
+        losses = []
+        for i, x in enumerate(batches):
+            torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x, labels=x).loss
+            loss.backward()
+            losses.append(loss.detach().float().clone())
+            if i == 0:
+                model.eval()
+                torch.compiler.cudagraph_mark_step_begin()
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    model(x, labels=x)
+                model.train()
+        return torch.stack(losses)
+
+    reference = accumulate()
     eager = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     torch._dynamo.reset()
     try:
-        if scope == "layers":
-            compile_layers(model)
-        forward = torch.compile(model) if scope == "model" else model
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = forward(x, labels=x).loss
-        loss.backward()
+        compile_in_place(model, scope, mode=mode)
+        losses = accumulate()
     finally:
         torch._dynamo.reset()
-    torch.testing.assert_close(loss, reference, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(losses, reference, atol=2e-3, rtol=2e-3)
     for name, param in model.named_parameters():  # whole tensors: zeros would pass an element-wise atol
         error = (param.grad - eager[name]).norm() / eager[name].norm()
         assert error < 0.05, f"{name}: gradient off by {error:.3f} of its norm"

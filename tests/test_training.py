@@ -179,25 +179,31 @@ from training import pretrain
 
 compiled, module_compile = [], torch.nn.Module.compile
 def compile(self, **kwargs):  # dynamo with the eager backend: the same wrapping, without inductor's minute on CPU
-    compiled.append(type(self).__name__)
+    compiled.append((type(self).__name__, kwargs.get("mode")))
     module_compile(self, backend="eager")
 torch.nn.Module.compile = compile
-code = pretrain.main(sys.argv[1:])
-assert compiled == ["FlowHNDecoderLayer"] * 2, compiled
+code = pretrain.main(sys.argv[2:])
+assert compiled == eval(sys.argv[1]), compiled
 sys.exit(code)
 """
 
 
-def test_compile_trains_and_saves_plain_keys(tmp_path):
-    """--compile compiles each decoder layer in place: the checkpoint and the export hold the module's own keys
-    (no `_orig_mod.`), and the export loads. Dynamo runs with its eager backend here; inductor takes a minute on CPU."""
+@pytest.mark.parametrize(("flags", "compiled"), [
+    ([], [("FlowHNDecoderLayer", None)] * 2),
+    (["--compile-scope", "model", "--compile-mode", "reduce-overhead"], [("FlowHNForCausalLM", "reduce-overhead")]),
+])
+def test_compile_trains_and_saves_plain_keys(tmp_path, flags, compiled):
+    """--compile compiles each decoder layer, or with --compile-scope model the whole model, in place: the
+    checkpoint and the export hold the module's own keys (no `_orig_mod.`), and the export loads. Dynamo runs with
+    its eager backend here (the mode reaches torch.compile unused); inductor takes a minute on CPU."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", COMPILE_WITHOUT_INDUCTOR, *SHORT, "--output-dir", str(run),
-                           "--max-steps", "2", "--sample-tokens", "4", "--compile"], cwd=REPO,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", COMPILE_WITHOUT_INDUCTOR, repr(compiled), *SHORT, "--output-dir",
+                           str(run), "--max-steps", "2", "--grad-accum", "2", "--sample-tokens", "4", "--compile",
+                           *flags], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sample:\nTo be, or not to be" in proc.stdout
     keys = load_file(list_checkpoints(run)[-1] / "model.safetensors").keys()
@@ -321,11 +327,20 @@ def run_main(argv, capsys) -> tuple[int, str]:
         pytest.param(["--report-to", "wandb"], "--report-to wandb: the wandb package is not installed",
                      marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")),
         (["--dataset", "no-such-user/no-such-dataset"], "--dataset 'no-such-user/no-such-dataset' is neither"),
+        (["--compile-mode", "reduce-overhead"], "--compile-mode applies only with --compile"),
+        (["--compile-scope", "model"], "--compile-scope applies only with --compile"),
+        (["--compile", "--compile-scope", "whole"], "--compile-scope: invalid choice: 'whole'"),
     ],
 )
 def test_bad_arguments(offline, capsys, argv, message):
     code, err = run_main(argv, capsys)
     assert code == 2 and message in err, err
+
+
+def test_whole_model_compile_is_refused_under_fsdp(offline, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    code, err = run_main(["--compile", "--compile-scope", "model"], capsys)
+    assert code == 2 and "--compile-scope model: FSDP shards the model per decoder layer" in err, err
 
 
 def test_missing_text_column(offline, capsys, tmp_path):

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_mi
 
 import flowhn_hf
 from training.checkpoint import latest_checkpoint, read_state, save_checkpoint
-from training.compilation import compile_layers
+from training.compilation import SCOPES, compile_in_place
 from training.corpus import train_bpe_tokenizer
 from training.data import BlockSource, load_text_dataset, model_inputs, pack_documents, unigram_entropy
 from training.export import export
@@ -91,8 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): the launch config's, else bf16 on GPU and none on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile each decoder layer in place (checkpoint keys are unchanged; the DeltaNet "
-                        "kernels are custom ops inside the graph, except with --document-masking)")
+                   help="torch.compile the model in place (checkpoint keys are unchanged; the DeltaNet kernels are "
+                        "custom ops inside the graph, except with --document-masking)")
+    p.add_argument("--compile-scope", choices=SCOPES,
+                   help="with --compile: each decoder layer, the embedding and the loss eager (layers, the default; "
+                        "FSDP shards per layer), or the whole model with its loss in one graph (model)")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="with --compile: torch.compile's mode (default; reduce-overhead replays CUDA graphs)")
     p.add_argument("--document-masking", action="store_true",
                    help="keep packed documents apart: position ids restart after each EOS, so attention and the "
                         "DeltaNet state stop at document boundaries")
@@ -118,6 +123,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.output_dir is None:
         args.output_dir = f"runs/flowhn-{args.preset}"
+    for name in ("compile_scope", "compile_mode"):
+        if getattr(args, name) is not None and not args.compile:
+            parser.error(f"--{name.replace('_', '-')} applies only with --compile")
+    args.compile_scope = args.compile_scope or "layers"
+    if args.compile_scope == "model" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        parser.error("--compile-scope model: FSDP shards the model per decoder layer, so it compiles per layer "
+                     "(--compile-scope layers)")
     for tracker in {"tensorboard": ["tensorboard"], "wandb": ["wandb"]}.get(args.report_to, []):
         if importlib.util.find_spec(tracker) is None:
             parser.error(f"--report-to {tracker}: the {tracker} package is not installed (pip install {tracker})")
@@ -262,6 +274,7 @@ def evaluate(model, source: BlockSource, accelerator, batch_size: int, eos_token
     total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for i in range(0, len(mine), batch_size):
         batch = mine[i:i + batch_size].to(accelerator.device)
+        torch.compiler.cudagraph_mark_step_begin()
         total += model(**model_inputs(batch, eos_token_id)).loss.double() * len(batch)
     total = accelerator.reduce(total, "sum")
     model.train()
@@ -306,7 +319,7 @@ def train(args) -> dict:
     if args.gradient_checkpointing:  # the newer transformers name, or the older one
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     if args.compile:
-        compile_layers(model)
+        compile_in_place(model, args.compile_scope, mode=args.compile_mode)
     num_params = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight
     non_embedding = num_params - embedding.numel()
@@ -377,13 +390,14 @@ def train(args) -> dict:
             start = step * global_blocks + (micro * world + rank) * args.micro_batch_size
             batch = source.train_batch(start, args.micro_batch_size).to(device)
             with accelerator.accumulate(model):
+                torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last forward's outputs are done
                 loss = model(**model_inputs(batch, document_eos)).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach().float())
+            losses.append(loss.detach().float().clone())  # a CUDA graph's output: its next replay overwrites it
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1

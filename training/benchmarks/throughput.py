@@ -64,7 +64,7 @@ from flowhn_hf import modeling_flowhn as mf
 from flowhn_hf.configuration_flowhn import DELTA_CHUNK_SIZE
 
 from training.benchmarks.sequential_hybrid import SequentialHybridForCausalLM, matched_width, sequential_config
-from training.compilation import compile_layers
+from training.compilation import SCOPES, compile_in_place
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -282,17 +282,16 @@ def matmul_rate(device, smoke) -> tuple[float, str]:
 
 
 def compile_model(model, backend="inductor", mode=None, scope="model"):
-    """`torch.compile(model)` with room for a graph per layer, or with `scope="layers"` each decoder layer compiled in
-    place and the rest eager (what `flowhn-train --compile` does); returns what to call. FlowHN compiles into one
-    graph (its kernels are custom ops, and a batch without a mask or position ids needs no host sync), but a model
-    that breaks inside its layers gets a graph per layer specialisation, and past the recompile limit (default 8)
-    Dynamo would run the rest eagerly without a word. `mode`: torch.compile's ("reduce-overhead" replays CUDA
-    graphs). Call `torch._dynamo.reset()` when done with it."""
+    """Compile `model` in place, the whole model with its loss or (`scope="layers"`) each decoder layer with the rest
+    eager, with room for a graph per layer; returns it. The helper is `flowhn-train --compile`'s, so a row timed with
+    a scope and mode is what `flowhn-train --compile --compile-scope ... --compile-mode ...` trains at. FlowHN
+    compiles into one graph (its kernels are custom ops, and a batch without a mask or position ids needs no host
+    sync), but a model that breaks inside its layers gets a graph per layer specialisation, and past the recompile
+    limit (default 8) Dynamo would run the rest eagerly without a word. `mode`: torch.compile's ("reduce-overhead"
+    replays CUDA graphs). Call `torch._dynamo.reset()` when done with it."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    if scope == "layers":
-        compile_layers(model, backend=backend, mode=mode)
-        return model
-    return torch.compile(model, backend=backend, mode=mode)
+    compile_in_place(model, scope, backend=backend, mode=mode)
+    return model
 
 
 def training_step(model, batch, args, device, precision=None, compiled=False):
@@ -643,10 +642,10 @@ def write_reports(rows, args, env, out_dirs):
     smoke = " (SMOKE RUN: tiny models on CPU, numbers meaningless)" if args.smoke else ""
     decode_weights = "bf16 weights" if args.device.startswith("cuda") else "fp32 weights"
     compile_args = f'backend="{args.compile_backend}"' + (f', mode="{args.compile_mode}"' if args.compile_mode else "")
-    compiled_what = (f"the forward with its loss under `torch.compile(model, {compile_args})`"
+    compiled_what = (f"the whole model with its loss compiled in place, `model.compile({compile_args})`"
                      if args.compile_scope == "model" else
-                     f"each decoder layer compiled in place, `layer.compile({compile_args})`, the rest eager (as "
-                     "`flowhn-train --compile`)")
+                     f"each decoder layer compiled in place, `layer.compile({compile_args})`, the rest eager")
+    compiled_what += f" (as `flowhn-train --compile --compile-scope {args.compile_scope}`)"
     text = "\n".join([
         f"# Throughput: FlowHN vs its peers{smoke}",
         "",
@@ -764,9 +763,9 @@ def parse_args(argv=None):
                    help="torch.compile mode for every compiled model (reduce-overhead: CUDA graphs, the fastest on the "
                    "GPU for every model here: RESULTS.md; max-autotune: CUDA graphs, and each matrix product's kernel "
                    "chosen by timing: minutes more of compilation)")
-    p.add_argument("--compile-scope", choices=("model", "layers"), default="model",
-                   help="what a compiled row compiles: the whole model with its loss (default), or each decoder "
-                   "layer in place, the rest eager, as `flowhn-train --compile` does")
+    p.add_argument("--compile-scope", choices=SCOPES, default="model",
+                   help="what a compiled row compiles in place: the whole model with its loss (default), or each "
+                   "decoder layer, the rest eager (flowhn-train's --compile-scope, whose default is layers)")
     p.add_argument("--split-period", type=int, default=None, help="every FlowHN model's split_period, the routing "
                    "pattern's period in tokens (default: the preset's)")
     p.add_argument("--no-calibrate", action="store_true", help="skip flowhn_hf.calibrate_split")
