@@ -189,11 +189,12 @@ sys.exit(code)
 
 
 @pytest.mark.parametrize(("flags", "compiled"), [
-    ([], [("FlowHNDecoderLayer", None)] * 2),
-    (["--compile-scope", "model", "--compile-mode", "reduce-overhead"], [("FlowHNForCausalLM", "reduce-overhead")]),
+    ([], [("FlowHNForCausalLM", None)]),
+    (["--compile-scope", "layers", "--compile-mode", "reduce-overhead"],
+     [("FlowHNDecoderLayer", "reduce-overhead")] * 2),
 ])
 def test_compile_trains_and_saves_plain_keys(tmp_path, flags, compiled):
-    """--compile compiles each decoder layer, or with --compile-scope model the whole model, in place: the
+    """--compile compiles the whole model, or with --compile-scope layers each decoder layer, in place: the
     checkpoint and the export hold the module's own keys (no `_orig_mod.`), and the export loads. Dynamo runs with
     its eager backend here (the mode reaches torch.compile unused); inductor takes a minute on CPU."""
     from safetensors.torch import load_file
@@ -341,6 +342,28 @@ def test_whole_model_compile_is_refused_under_fsdp(offline, capsys, monkeypatch)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     code, err = run_main(["--compile", "--compile-scope", "model"], capsys)
     assert code == 2 and "--compile-scope model: FSDP shards the model per decoder layer" in err, err
+
+
+@pytest.mark.parametrize(("fsdp", "scope"), [("false", "model"), ("true", "layers")])
+def test_compile_scope_defaults_to_the_whole_model_unless_fsdp(monkeypatch, fsdp, scope):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", fsdp)
+    assert pretrain.parse_args(["--compile"]).compile_scope == scope
+
+
+@pytest.mark.parametrize(("mode", "accumulates", "hooked"), [
+    ("reduce-overhead", True, True), ("max-autotune", True, True), ("reduce-overhead", False, False),
+    (None, True, False),
+])
+def test_cuda_graph_modes_copy_accumulated_gradients_out_of_the_pool(mode, accumulates, hooked):
+    """Under CUDA graphs an accumulated `.grad` would be the graph pool's buffer, which the next micro-batch's
+    replay overwrites (PyTorch issue 169545): each parameter's incoming gradient is copied by a hook. The GPU test
+    `tests/test_model_gpu.py -k compiled_training_step` accumulates two graphed micro-batches against eager."""
+    from flowhn_hf import FlowHNForCausalLM, preset_config
+    from training.compilation import compile_in_place
+
+    model = FlowHNForCausalLM(preset_config("tiny", vocab_size=64, num_hidden_layers=1))
+    compile_in_place(model, "model", accumulates, mode=mode)
+    assert all(bool(p._backward_hooks) == hooked for p in model.parameters())
 
 
 def test_missing_text_column(offline, capsys, tmp_path):

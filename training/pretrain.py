@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model in place (checkpoint keys are unchanged; the DeltaNet kernels are "
                         "custom ops inside the graph, except with --document-masking)")
     p.add_argument("--compile-scope", choices=SCOPES,
-                   help="with --compile: each decoder layer, the embedding and the loss eager (layers, the default; "
-                        "FSDP shards per layer), or the whole model with its loss in one graph (model)")
+                   help="with --compile: the whole model with its loss in one graph (model, the default), or each "
+                        "decoder layer with the embedding and the loss eager (layers, the default under FSDP, which "
+                        "shards per layer)")
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
                    help="with --compile: torch.compile's mode (default; reduce-overhead replays CUDA graphs)")
     p.add_argument("--document-masking", action="store_true",
@@ -126,8 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("compile_scope", "compile_mode"):
         if getattr(args, name) is not None and not args.compile:
             parser.error(f"--{name.replace('_', '-')} applies only with --compile")
-    args.compile_scope = args.compile_scope or "layers"
-    if args.compile_scope == "model" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    args.compile_scope = args.compile_scope or ("layers" if fsdp else "model")
+    if args.compile_scope == "model" and fsdp:
         parser.error("--compile-scope model: FSDP shards the model per decoder layer, so it compiles per layer "
                      "(--compile-scope layers)")
     for tracker in {"tensorboard": ["tensorboard"], "wandb": ["wandb"]}.get(args.report_to, []):
@@ -319,7 +321,7 @@ def train(args) -> dict:
     if args.gradient_checkpointing:  # the newer transformers name, or the older one
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     if args.compile:
-        compile_in_place(model, args.compile_scope, mode=args.compile_mode)
+        compile_in_place(model, args.compile_scope, args.grad_accum > 1, mode=args.compile_mode)
     num_params = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight
     non_embedding = num_params - embedding.numel()

@@ -290,7 +290,7 @@ def compile_model(model, backend="inductor", mode=None, scope="model"):
     limit (default 8) Dynamo would run the rest eagerly without a word. `mode`: torch.compile's ("reduce-overhead"
     replays CUDA graphs). Call `torch._dynamo.reset()` when done with it."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    compile_in_place(model, scope, backend=backend, mode=mode)
+    compile_in_place(model, scope, accumulates_gradients=False, backend=backend, mode=mode)  # a step: one backward
     return model
 
 
