@@ -765,7 +765,8 @@ def parse_args(argv=None):
                    "chosen by timing: minutes more of compilation)")
     p.add_argument("--compile-scope", choices=SCOPES, default="model",
                    help="what a compiled row compiles in place: the whole model with its loss (default), or each "
-                   "decoder layer, the rest eager (flowhn-train's --compile-scope, with the same default except under FSDP)")
+                   "decoder layer, the rest eager (flowhn-train's --compile-scope; its default too, except under "
+                   "FSDP)")
     p.add_argument("--split-period", type=int, default=None, help="every FlowHN model's split_period, the routing "
                    "pattern's period in tokens (default: the preset's)")
     p.add_argument("--no-calibrate", action="store_true", help="skip flowhn_hf.calibrate_split")
