@@ -169,11 +169,47 @@ def test_compile_scope_compiles_in_place_as_flowhn_train_does(scope, one_thread)
         layers = [layer._compiled_call_impl is not None for layer in model.model.layers]
         assert layers == [scope == "layers"] * len(layers) and math.isfinite(row["final_loss"])
         assert (model._compiled_call_impl is not None) == (scope == "model") and "warning" not in row
+        # the row's decoding runs eagerly though the model stays compiled
+        assert not traced_while(lambda: tb.decode_throughput(model.eval(), args, torch.device("cpu"), 1), model)
     finally:
         torch._dynamo.reset()
     text = tb.write_reports([{"model": "flowhn-FAC", "compiled": True, **row}], args, tb.environment(
         torch.device("cpu"), {"peak_flops": 1.0, "peak_how": "test"}), [])
     assert f"(as `flowhn-train --compile --compile-scope {scope}`)" in text
+
+
+def traced_while(run, model) -> bool:
+    """Whether `run()` traced the first decoder layer's forward under torch.compile: the layer is inside every
+    compiled scope."""
+    layer, seen = model.model.layers[0], []
+    real = layer.forward
+
+    def forward(*args, **kwargs):
+        seen.append(torch.compiler.is_compiling())
+        return real(*args, **kwargs)
+
+    layer.forward = forward
+    try:
+        run()
+    finally:
+        del layer.forward
+    assert seen, "the layer never ran"
+    return any(seen)
+
+
+def test_quality_evaluates_eagerly_after_compiling_in_place(one_thread):
+    """quality.py trains through the model compiled in place, then evaluates eagerly: eval batches without labels
+    would otherwise compile a graph of their own."""
+    from training.benchmarks import quality
+
+    model = flowhn_hf.FlowHNForCausalLM(flowhn_hf.preset_config("tiny", vocab_size=64))
+    tb.compile_model(model, backend="aot_eager")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    try:
+        assert traced_while(lambda: model(input_ids=ids, labels=ids), model)  # compiled, as training runs it
+        assert not traced_while(lambda: quality.evaluate(model, ids, ids, torch.device("cpu"), 2), model)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_a_row_whose_loss_does_not_fall_is_flagged(monkeypatch):

@@ -7,7 +7,7 @@ SCOPES = ("layers", "model")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that replay CUDA graphs
 
 
-def compile_in_place(model, scope="layers", accumulates_gradients=True, **compile_kwargs):
+def compile_in_place(model, scope, accumulates_gradients=True, **compile_kwargs):
     """`torch.compile` each decoder layer (`scope="layers"`, `model.model.layers`) or the whole model with its loss
     (`"model"`), in place; keyword arguments as torch.compile's. In place, so that checkpoints, save and export see
     the plain module; per layer, as FSDP2 shards per layer. The whole model is one graph (FlowHN's kernels are custom

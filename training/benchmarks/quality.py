@@ -138,7 +138,8 @@ def mqar_batch(count: int, args, generator: torch.Generator) -> tuple[torch.Tens
 def train(model, batches, args, device, deadline, lr) -> list[float]:
     """AdamW at peak `lr` + cosine over `batches` (a list of (ids, labels)), stopping early at `deadline`
     (perf_counter seconds); the training losses, one per step taken."""
-    forward = compile_model(model) if args.compile else model
+    if args.compile:
+        compile_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=device.type == "cuda")
     schedule = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, max(1, len(batches) // 20), len(batches), min_lr_rate=0.1
@@ -149,7 +150,7 @@ def train(model, batches, args, device, deadline, lr) -> list[float]:
         if losses and time.perf_counter() > deadline:  # at least one step: every row has a loss
             break
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = forward(input_ids=ids.to(device), labels=labels.to(device)).loss
+            loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -162,8 +163,9 @@ def train(model, batches, args, device, deadline, lr) -> list[float]:
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # `train` may have compiled the model in place
 def evaluate(model, ids, labels, device, batch_size) -> tuple[float, float]:
-    """(mean loss over the labelled tokens, share of them predicted exactly) in eval mode."""
+    """(mean loss over the labelled tokens, share of them predicted exactly) in eval mode, eagerly."""
     model.eval()
     total, correct, count = 0.0, 0, 0  # summed on the device, read once at the end
     for start in range(0, len(ids), batch_size):

@@ -283,22 +283,23 @@ def matmul_rate(device, smoke) -> tuple[float, str]:
 
 def compile_model(model, backend="inductor", mode=None, scope="model"):
     """Compile `model` in place, the whole model with its loss or (`scope="layers"`) each decoder layer with the rest
-    eager, with room for a graph per layer; returns it. The helper is `flowhn-train --compile`'s, so a row timed with
-    a scope and mode is what `flowhn-train --compile --compile-scope ... --compile-mode ...` trains at. FlowHN
-    compiles into one graph (its kernels are custom ops, and a batch without a mask or position ids needs no host
-    sync), but a model that breaks inside its layers gets a graph per layer specialisation, and past the recompile
-    limit (default 8) Dynamo would run the rest eagerly without a word. `mode`: torch.compile's ("reduce-overhead"
-    replays CUDA graphs). Call `torch._dynamo.reset()` when done with it."""
+    eager, with room for a graph per layer. The helper is `flowhn-train --compile`'s, so a row timed with a scope and
+    mode is what `flowhn-train --compile --compile-scope ... --compile-mode ...` trains at. FlowHN compiles into one
+    graph (its kernels are custom ops, and a batch without a mask or position ids needs no host sync), but a model
+    that breaks inside its layers gets a graph per layer specialisation, and past the recompile limit (default 8)
+    Dynamo would run the rest eagerly without a word. `mode`: torch.compile's ("reduce-overhead" replays CUDA graphs).
+    In place, the model stays compiled: what should run eagerly afterwards runs under
+    `torch.compiler.set_stance("force_eager")`. Call `torch._dynamo.reset()` when done with it."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     compile_in_place(model, scope, accumulates_gradients=False, backend=backend, mode=mode)  # a step: one backward
-    return model
 
 
 def training_step(model, batch, args, device, precision=None, compiled=False):
     """A function running one full training step (forward with its loss, backward, fused AdamW step) on `batch`
     and returning the detached loss: every model's step, timed here and profiled by profile_step.py alike."""
     precision = precision or args.precision
-    forward = compile_model(model, args.compile_backend, args.compile_mode, args.compile_scope) if compiled else model
+    if compiled:
+        compile_model(model, args.compile_backend, args.compile_mode, args.compile_scope)
     model.train()
     model.zero_grad(set_to_none=True)
     if precision == "bf16":
@@ -311,7 +312,7 @@ def training_step(model, batch, args, device, precision=None, compiled=False):
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs ("reduce-overhead"): the last step's outputs are done
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             # no cache: nothing is decoded in training (transformers' Llama would build one by default)
-            loss = forward(input_ids=batch, labels=batch, use_cache=False).loss
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -322,7 +323,7 @@ def training_step(model, batch, args, device, precision=None, compiled=False):
 
 def train_throughput(model, batch, args, device, precision=None, compiled=False) -> dict:
     """Tokens/s of full training steps (`training_step`) on `batch`, timed between synchronizations after
-    `args.warmup` untimed steps. With `compiled`, the forward with its loss runs under `torch.compile(model)`: the
+    `args.warmup` untimed steps. With `compiled`, the forward with its loss runs compiled (`compile_model`): the
     warm-up steps compile it (their time, `warmup_s`, is reported apart). Every step trains on the same batch, so a
     step that learns lowers the loss: a row whose last loss is not below its first gets a warning."""
     step = training_step(model, batch, args, device, precision, compiled)
@@ -363,6 +364,7 @@ def decode_throughput(model, args, device, batch_size) -> dict:
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, args.prompt_len), generator=generator).to(device)
     mask = torch.ones_like(prompt)
 
+    @torch.compiler.set_stance("force_eager")  # a row's training may have compiled the model in place
     def generate(new):
         out = model.generate(
             input_ids=prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
