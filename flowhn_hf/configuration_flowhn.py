@@ -35,6 +35,9 @@ class FlowHNConfig(PretrainedConfig):
       (each token's corrections sum to at most this; 2 allows negative eigenvalues of the state transition).
     - `fusion`: `"linear"` (concatenated branch outputs through a linear map) or `"normalized_mean"` (mean of the
       RMS-normalised, per-channel scaled branch outputs, then a linear map).
+    - `autocast_residual`: under autocast, carry the residual stream (the embeddings, every layer's output) in
+      autocast's 16-bit dtype, as a model with 16-bit parameters does, instead of the float32 of the parameters. It
+      halves the bytes the norms and residual adds move. Outside autocast it changes nothing.
     """
 
     model_type = "flowhn"
@@ -66,6 +69,7 @@ class FlowHNConfig(PretrainedConfig):
         delta_conv_size=4,
         delta_beta_max=1.0,
         fusion="linear",
+        autocast_residual=True,
         use_cache=True,
         pad_token_id=None,
         bos_token_id=None,
@@ -94,6 +98,7 @@ class FlowHNConfig(PretrainedConfig):
         self.delta_conv_size = delta_conv_size
         self.delta_beta_max = delta_beta_max
         self.fusion = fusion
+        self.autocast_residual = autocast_residual
         self.use_cache = use_cache
         if head_dim is None and _is_int(hidden_size) and _is_int(num_attention_heads) and num_attention_heads > 0:
             self.head_dim = hidden_size // num_attention_heads
@@ -159,6 +164,8 @@ class FlowHNConfig(PretrainedConfig):
             raise ValueError(f"`attention_ratio` must be 'auto' or a number in (0, 1), got {self.attention_ratio!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"`fusion` must be one of {FUSIONS}, got {self.fusion!r}")
+        if not isinstance(self.autocast_residual, bool):
+            raise ValueError(f"`autocast_residual` must be True or False, got {self.autocast_residual!r}")
 
     # The FLOP cost model that balances the two branches (forward FLOPs per routed token).
     def attention_flops_per_token(self, context: float) -> float:

@@ -252,6 +252,24 @@ def test_bf16_autocast_and_bf16_weights_on_the_cpu():
     assert model.generate(x[:, :9], max_new_tokens=4, do_sample=False).shape == (2, 13)
 
 
+@pytest.mark.parametrize("autocast_residual, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_residual_stream_dtype_under_autocast(autocast_residual, dtype):
+    """`autocast_residual` carries every layer's output in autocast's dtype, else in the parameters' float32; the
+    loss and the gradients' dtype don't depend on it beyond bf16's rounding."""
+    model = tiny_model(autocast_residual=autocast_residual).train()
+    x = tokens(2, 33)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, labels=x, output_hidden_states=True)
+    assert [h.dtype for h in out.hidden_states[:-1]] == [dtype] * model.config.num_hidden_layers
+    out.loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    reference = tiny_model().train()(x, labels=x).loss
+    assert abs(out.loss.item() - reference.item()) < 0.05
+    assert model(x).hidden_states is None and tiny_model(autocast_residual=autocast_residual)(
+        x, output_hidden_states=True
+    ).hidden_states[1].dtype == torch.float32  # outside autocast: the parameters' dtype either way
+
+
 def test_hidden_states_and_tuples_as_transformers_returns_them():
     """`output_hidden_states`: the embeddings, then each layer's output, the last after the final norm (so the
     logits are the LM head of the last one); `return_dict=False`: a tuple, as every transformers model returns."""
@@ -354,6 +372,7 @@ def test_eager_attention_matches_sdpa():
         ("delta_beta_max", 2.5),
         ("delta_conv_size", 1),
         ("fusion", "sum"),
+        ("autocast_residual", "yes"),
         ("num_key_value_heads", 3),
         ("hidden_size", 0),
         ("layer_types", ["full_attention", "hybrid"]),
