@@ -107,6 +107,25 @@ def test_flop_formulas():
     assert tb.attention_core_flops(8, 2, 4) == 2 * 2 * 4 * 64
 
 
+def test_llama_with_a_bf16_residual_stream_is_the_llama_otherwise():
+    """The like-for-like Llama row: under autocast its layers pass bf16 between them (as FlowHN's
+    `autocast_residual`), outside it nothing changes; same weights, same FLOP count."""
+    args = tb.parse_args(["--smoke"])
+    state = {"target": tb.target_parameters(args)}
+    torch.manual_seed(0)
+    llama, _ = tb.build_model("llama", args, state)
+    torch.manual_seed(0)
+    bf16, _ = tb.build_model("llama-bf16-residual", args, state)
+    ids = torch.randint(0, 1024, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dtypes = [h.dtype for h in bf16(ids, output_hidden_states=True).hidden_states[1:-1]]
+        plain = [h.dtype for h in llama(ids, output_hidden_states=True).hidden_states[1:-1]]
+    assert set(dtypes) == {torch.bfloat16} and set(plain) == {torch.float32}
+    torch.testing.assert_close(bf16(ids).logits, llama(ids).logits)
+    flops = tb.model_flops("llama", llama, args.seq_len)
+    assert tb.model_flops("llama-bf16-residual", bf16, args.seq_len) == flops
+
+
 def test_a_failing_model_fills_its_row_and_the_run_goes_on(monkeypatch, one_thread):
     args = tb.parse_args(["--smoke", "--precision", "autocast", "--decode-batch-sizes", "1"])
     state = {"target": tb.target_parameters(args)}

@@ -71,8 +71,8 @@ ROOT = HERE.parents[1]
 SHORT = {"none": "none", "alternating": "alternating", "flop_aware": "FA", "flop_aware_circulating": "FAC"}
 # In order of importance: with --max-minutes, the last ones are the first left out.
 DEFAULT_MODELS = (
-    "llama", "flowhn-FAC", "flowhn-none", "sequential", "flowhn-FA", "fla-deltanet", "flowhn-alternating",
-    "flowhn-FAC-calibrated",
+    "llama", "flowhn-FAC", "flowhn-none", "sequential", "llama-bf16-residual", "flowhn-FA", "fla-deltanet",
+    "flowhn-alternating", "flowhn-FAC-calibrated",
 )  # fmt: skip
 
 
@@ -155,10 +155,13 @@ def build_model(name, args, state):
     if name == "sequential":
         config = sequential_config(flowhn_config(args, "flop_aware_circulating"), state["target"])
         return SequentialHybridForCausalLM(config), facts
-    if name == "llama":
+    if name in ("llama", "llama-bf16-residual"):
         from transformers import LlamaForCausalLM
 
-        return LlamaForCausalLM(llama_config(args)), facts
+        model = LlamaForCausalLM(llama_config(args))
+        if name == "llama-bf16-residual":  # FlowHN's `autocast_residual`, given to the Llama for a like-for-like row
+            model.model.embed_tokens.register_forward_hook(lambda module, inputs, out: out.to(mf.matmul_dtype(out)))
+        return model, facts
     if name == "fla-deltanet":
         try:
             import fla  # noqa: F401  (only here: the package never imports fla)
@@ -224,7 +227,7 @@ def model_flops(name, model, seq_len) -> dict:
                     seq_len, config.delta_num_heads, config.delta_head_dim, config.delta_value_head_dim,
                     config.delta_rank,
                 )  # fmt: skip
-    elif name == "llama":
+    elif name.startswith("llama"):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         for layer in model.model.layers:
             dense += 2 * _params(layer) * seq_len
@@ -562,6 +565,7 @@ def _fmt(value, spec, missing="–"):
 
 LABELS = {
     "llama": "Llama (transformers, SDPA)",
+    "llama-bf16-residual": "Llama, bf16 residual stream",
     "sequential": "Sequential hybrid (attn, DeltaNet, ...)",
     "fla-deltanet": "fla DeltaNet",
     "flowhn-none": "FlowHN none",
