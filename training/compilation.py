@@ -4,6 +4,7 @@ with the same scope. Imports nothing beyond torch, so the benchmark can use it w
 import torch
 
 SCOPES = ("layers", "model")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that replay CUDA graphs
 
 

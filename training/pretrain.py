@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_mi
 
 import flowhn_hf
 from training.checkpoint import latest_checkpoint, read_state, save_checkpoint
-from training.compilation import SCOPES, compile_in_place
+from training.compilation import MODES, SCOPES, compile_in_place
 from training.corpus import train_bpe_tokenizer
 from training.data import BlockSource, load_text_dataset, model_inputs, pack_documents, unigram_entropy
 from training.export import export
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --compile: the whole model with its loss in one graph (model, the default), or each "
                         "decoder layer with the embedding and the loss eager (layers, the default under FSDP, which "
                         "shards per layer)")
-    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"),
+    p.add_argument("--compile-mode", choices=MODES,
                    help="with --compile: torch.compile's mode (default; reduce-overhead replays CUDA graphs)")
     p.add_argument("--document-masking", action="store_true",
                    help="keep packed documents apart: position ids restart after each EOS, so attention and the "

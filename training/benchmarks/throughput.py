@@ -64,7 +64,7 @@ from flowhn_hf import modeling_flowhn as mf
 from flowhn_hf.configuration_flowhn import DELTA_CHUNK_SIZE
 
 from training.benchmarks.sequential_hybrid import SequentialHybridForCausalLM, matched_width, sequential_config
-from training.compilation import SCOPES, compile_in_place
+from training.compilation import MODES, SCOPES, compile_in_place
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -331,10 +331,7 @@ def train_throughput(model, batch, args, device, precision=None, compiled=False)
     step that learns lowers the loss: a row whose last loss is not below its first gets a warning."""
     step = training_step(model, batch, args, device, precision, compiled)
     start = time.perf_counter()
-    first = None
-    for _ in range(args.warmup):
-        loss = step()
-        first = loss if first is None else first
+    warmup_losses = [step() for _ in range(args.warmup)]
     synchronize(device)
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -342,17 +339,17 @@ def train_throughput(model, batch, args, device, precision=None, compiled=False)
         loss = step()
     synchronize(device)
     seconds = time.perf_counter() - start
-    loss = float(loss)
+    loss, first = float(loss), float(warmup_losses[0]) if warmup_losses else None
     del step  # and the optimizer state it holds
     if compiled:  # the next model starts with no cached graphs, none counting toward its recompile limit
         torch._dynamo.reset()
     tokens = batch.numel() * args.steps
     result = {"train_tokens_per_s": tokens / seconds, "step_s": seconds / args.steps, "warmup_s": warmup_s,
-              "first_loss": None if first is None else float(first), "final_loss": loss}  # fmt: skip
+              "first_loss": first, "final_loss": loss}  # fmt: skip
     if not math.isfinite(loss):
         result["warning"] = "non-finite loss"
     elif first is not None and not loss < first:
-        result["warning"] = f"the loss did not fall ({float(first):.4f} at the first step): the step does not train"
+        result["warning"] = f"the loss did not fall ({first:.4f} at the first step): the step does not train"
     return result
 
 
@@ -764,8 +761,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=("off", "on", "both"), default="off",
                    help="train eager, under torch.compile, or both (two rows per model; decode in the eager one)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: tests the path)")
-    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    p.add_argument("--compile-mode", choices=modes, default=None,
+    p.add_argument("--compile-mode", choices=MODES, default=None,
                    help="torch.compile mode for every compiled model (reduce-overhead: CUDA graphs, the fastest on the "
                    "GPU for every model here: RESULTS.md; max-autotune: CUDA graphs, and each matrix product's kernel "
                    "chosen by timing: minutes more of compilation)")
