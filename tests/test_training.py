@@ -350,20 +350,55 @@ def test_compile_scope_defaults_to_the_whole_model_unless_fsdp(monkeypatch, fsdp
     assert pretrain.parse_args(["--compile"]).compile_scope == scope
 
 
-@pytest.mark.parametrize(("mode", "accumulates", "hooked"), [
-    ("reduce-overhead", True, True), ("max-autotune", True, True), ("reduce-overhead", False, False),
-    (None, True, False),
+@pytest.mark.parametrize(("mode", "accumulates", "scope", "hooked"), [
+    ("reduce-overhead", True, "model", "all"), ("max-autotune", True, "model", "all"),
+    ("reduce-overhead", True, "layers", "layers"), ("reduce-overhead", False, "model", "none"),
+    (None, True, "model", "none"),
 ])
-def test_cuda_graph_modes_copy_accumulated_gradients_out_of_the_pool(mode, accumulates, hooked):
+def test_cuda_graph_modes_copy_accumulated_gradients_out_of_the_pool(mode, accumulates, scope, hooked):
     """Under CUDA graphs an accumulated `.grad` would be the graph pool's buffer, which the next micro-batch's
-    replay overwrites (PyTorch issue 169545): each parameter's incoming gradient is copied by a hook. The GPU test
-    `tests/test_model_gpu.py -k compiled_training_step` accumulates two graphed micro-batches against eager."""
+    replay overwrites (PyTorch issue 169545): the compiled parameters' gradients are copied by a hook; per layer the
+    embedding's and the final norm's come from eager code. The GPU test `tests/test_model_gpu.py -k
+    compiled_training_step` accumulates two graphed micro-batches against eager."""
     from flowhn_hf import FlowHNForCausalLM, preset_config
     from training.compilation import compile_in_place
 
     model = FlowHNForCausalLM(preset_config("tiny", vocab_size=64, num_hidden_layers=1))
-    compile_in_place(model, "model", accumulates, mode=mode)
-    assert all(bool(p._backward_hooks) == hooked for p in model.parameters())
+    compile_in_place(model, scope, accumulates, mode=mode)
+    layers = {id(p) for p in model.model.layers.parameters()}
+    expected = {"all": lambda p: True, "layers": lambda p: id(p) in layers, "none": lambda p: False}[hooked]
+    assert all(bool(p._backward_hooks) == expected(p) for p in model.parameters())
+
+
+def test_only_the_gradient_that_becomes_grad_is_copied():
+    """`copy_first_gradient`: the first backward's gradient is not kept as `.grad` itself, as it is without the hook
+    (in a graphed backward, the pool's buffer); the second is added into `.grad` in place; the sums are right."""
+    from training.compilation import copy_first_gradient
+
+    def two_backwards(param):
+        emitted = []  # data pointers only: a held reference would make AccumulateGrad copy on its own
+
+        class Emit(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                out = grad * 1.0
+                emitted.append(out.data_ptr())
+                return out
+
+        Emit.apply(param).mul(2.0).sum().backward()
+        first = param.grad.data_ptr()
+        Emit.apply(param).mul(3.0).sum().backward()
+        assert param.grad.data_ptr() == first and torch.equal(param.grad, torch.full((5,), 5.0))
+        return emitted[0] == first  # the first gradient kept as .grad itself
+
+    assert two_backwards(torch.nn.Parameter(torch.randn(5)))  # what happens to a graph pool's buffer without a copy
+    param = torch.nn.Parameter(torch.randn(5))
+    copy_first_gradient(param)
+    assert not two_backwards(param)
 
 
 def test_missing_text_column(offline, capsys, tmp_path):
