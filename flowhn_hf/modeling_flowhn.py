@@ -175,9 +175,9 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
-def residual_stream(inputs_embeds: torch.Tensor, config: FlowHNConfig) -> torch.Tensor:
-    """The residual stream's first value: the embeddings, in autocast's dtype if `config.autocast_residual`."""
-    return inputs_embeds.to(matmul_dtype(inputs_embeds)) if config.autocast_residual else inputs_embeds
+def residual_stream(inputs_embeds: torch.Tensor, autocast_residual: bool) -> torch.Tensor:
+    """The residual stream's first value: the embeddings, in autocast's dtype if `autocast_residual` (the config's)."""
+    return inputs_embeds.to(matmul_dtype(inputs_embeds)) if autocast_residual else inputs_embeds
 
 
 ALIGNED_MIN_ROWS = 128
@@ -773,7 +773,7 @@ class FlowHNModel(FlowHNPreTrainedModel):
         cache = decoding_cache(self, cache, use_cache, documents)
 
         position_embeddings = self.rotary_emb(inputs_embeds, positions)
-        hidden_states = residual_stream(inputs_embeds, self.config)
+        hidden_states = residual_stream(inputs_embeds, self.config.autocast_residual)
         # as in transformers: the embeddings, then every layer's output, the last one after the final norm
         if self.config.output_hidden_states if output_hidden_states is None else output_hidden_states:
             all_hidden_states = [hidden_states]

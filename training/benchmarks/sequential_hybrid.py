@@ -88,7 +88,7 @@ class SequentialHybridForCausalLM(FlowHNPreTrainedModel, GenerationMixin):
         position_embeddings = self.model.rotary_emb(hidden_states, positions)
         tokens = BranchTokens(None, real, documents)  # every token in place; padding and documents marked
 
-        hidden_states = mf.residual_stream(hidden_states, self.config)
+        hidden_states = mf.residual_stream(hidden_states, self.config.autocast_residual)
         for block in self.model.layers:
             hidden_states = block(hidden_states, tokens, position_embeddings, cache)
         if cache is not None:

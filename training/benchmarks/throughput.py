@@ -160,7 +160,7 @@ def build_model(name, args, state):
 
         model = LlamaForCausalLM(llama_config(args))
         if name == "llama-bf16-residual":  # FlowHN's `autocast_residual`, given to the Llama for a like-for-like row
-            model.model.embed_tokens.register_forward_hook(lambda module, inputs, out: out.to(mf.matmul_dtype(out)))
+            model.model.embed_tokens.register_forward_hook(lambda module, inputs, out: mf.residual_stream(out, True))
         return model, facts
     if name == "fla-deltanet":
         try:
