@@ -36,7 +36,7 @@ LAUNCH = Launch(2048, 8, False)
 
 @kernel
 def xent_kernel(logits, labels, grad, loss, V, IGNORE: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
-    """Row `program_id`: loss = lse − logit[label] and grad = softmax − onehot(label); zeros for an ignored label."""
+    """Row `program_id`: loss = lse − logit[label], grad = softmax − onehot(label); zeros for an ignored label."""
     row = tl.program_id(0).to(tl.int64)
     src = logits + row * V
     dst = grad + row * V
