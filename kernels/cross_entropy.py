@@ -49,7 +49,9 @@ def xent_kernel(logits, labels, grad, loss, V, IGNORE: tl.constexpr, BLOCK: tl.c
     s = tl.zeros([BLOCK], tl.float32)
     blocks = tl.cdiv(V, BLOCK)
     for i in range(0, blocks):
-        start = (blocks - 1 - i) * BLOCK if REVERSE else i * BLOCK
+        start = i * BLOCK
+        if REVERSE:
+            start = (blocks - 1 - i) * BLOCK
         x = tl.load(src + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, x)
         s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
