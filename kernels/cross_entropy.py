@@ -4,9 +4,9 @@ The LM head's loss (flowhn_hf's LinearCrossEntropy) works through the tokens a c
 each row's loss lse − logit[target] and the gradient softmax − onehot, which the next two products consume. Left to
 Inductor that middle step took two kernels and 0.49 ms per 2048 × 49,152 chunk on an H200 (7.8 ms of an 88 ms
 135M training step); its floor is two reads of the logits and one write of the gradient. One program per row: an
-online max and sum of exponentials over the row, then the gradient over the same row. The first pass walks the row
-backwards, so that the second starts on the blocks read last, the likeliest to be still in L2; how many rows are in
-flight (warps a program, and so programs an SM) decides how much of the rest is (`LAUNCH`,
+online max and sum of exponentials over the row, then the gradient over the same row. How many rows are in flight
+(warps a program, and so programs an SM) decides whether the second pass finds its row still in L2, and a first
+pass that walks the row backwards lets the second start on the blocks read last (`LAUNCH`; timed by
 kernels/benchmarks/bench_cross_entropy.py --settings).
 """
 
