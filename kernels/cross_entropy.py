@@ -4,10 +4,13 @@ The LM head's loss (flowhn_hf's LinearCrossEntropy) works through the tokens a c
 each row's loss lse − logit[target] and the gradient softmax − onehot, which the next two products consume. Left to
 Inductor that middle step took two kernels and 0.49 ms per 2048 × 49,152 chunk on an H200 (7.8 ms of an 88 ms
 135M training step); its floor is two reads of the logits and one write of the gradient. One program per row: an
-online max and sum of exponentials over the row, then the gradient over the same row, still in L2.
+online max and sum of exponentials over the row, then the gradient over the same row. How many rows are in flight
+(warps a program, and so programs an SM) decides whether the second pass finds its row still in L2, and a first
+pass that walks the row backwards lets the second start on the blocks read last (`LAUNCH`; timed by
+kernels/benchmarks/bench_cross_entropy.py --settings).
 """
 
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import triton.language as tl
@@ -16,13 +19,24 @@ from torch import Tensor
 from .utils import interpreting, kernel, op_namespace
 
 IGNORE_INDEX = -100
-BLOCK = 2048
 NAMESPACE = op_namespace(__name__)
 
 
+class Launch(NamedTuple):
+    """The kernel's launch: vocabulary entries a program loads at once, its warps, and whether the first pass walks
+    the row backwards."""
+
+    block: int
+    warps: int
+    reverse: bool
+
+
+LAUNCH = Launch(2048, 8, False)
+
+
 @kernel
-def xent_kernel(logits, labels, grad, loss, V, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
-    """Row `program_id`: loss = lse − logit[label] and grad = softmax − onehot(label); zeros for an ignored label."""
+def xent_kernel(logits, labels, grad, loss, V, IGNORE: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """Row `program_id`: loss = lse − logit[label], grad = softmax − onehot(label); zeros for an ignored label."""
     row = tl.program_id(0).to(tl.int64)
     src = logits + row * V
     dst = grad + row * V
@@ -33,7 +47,11 @@ def xent_kernel(logits, labels, grad, loss, V, IGNORE: tl.constexpr, BLOCK: tl.c
     # finite start: a lane that only ever sees masked (-inf) entries keeps exp(m - m_new) = 1 and adds exp(-inf) = 0
     m = tl.full([BLOCK], -1e30, tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, V, BLOCK):
+    blocks = tl.cdiv(V, BLOCK)
+    for i in range(0, blocks):
+        start = i * BLOCK
+        if REVERSE:
+            start = (blocks - 1 - i) * BLOCK
         x = tl.load(src + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, x)
         s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
@@ -68,7 +86,8 @@ def _softmax_cross_entropy(logits: Tensor, labels: Tensor) -> Tuple[Tensor, Tens
     grad = torch.empty_like(logits)
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
-        xent_kernel[(n,)](logits, labels.contiguous(), grad, loss, V, IGNORE=IGNORE_INDEX, BLOCK=BLOCK, num_warps=8)
+        xent_kernel[(n,)](logits, labels.contiguous(), grad, loss, V, IGNORE=IGNORE_INDEX, BLOCK=LAUNCH.block,
+                          REVERSE=LAUNCH.reverse, num_warps=LAUNCH.warps)
     return grad, loss
 
 

@@ -27,7 +27,7 @@ def relative(got, want):
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("vocab", [1, 37, 2 * cross_entropy.BLOCK + 5])
+@pytest.mark.parametrize("vocab", [1, 37, 2 * cross_entropy.LAUNCH.block + 5])
 def test_kernel_against_float64(triton_env, dtype, vocab):
     torch.manual_seed(vocab)
     rows = 7 if triton_env == "cpu" else 300
@@ -40,6 +40,21 @@ def test_kernel_against_float64(triton_env, dtype, vocab):
     assert torch.isfinite(grad).all() and torch.isfinite(loss).all()
     assert relative(loss, want_loss) < 1e-5
     assert relative(grad, want_grad) < TOL[dtype]
+    assert (grad[1] == 0).all() and loss[1] == 0
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("launch", [(16, 1, True), (16, 2, False), (64, 4, True)], ids=str)
+def test_every_launch_gives_the_same_rows(triton_env, launch, monkeypatch):
+    """The launch settings that bench_cross_entropy.py --settings times: blocks smaller than the row, so that both
+    passes walk several, forwards and backwards, ending on a partial block."""
+    monkeypatch.setattr(cross_entropy, "LAUNCH", cross_entropy.Launch(*launch))
+    torch.manual_seed(1)
+    logits = (3 * torch.randn(5, 200)).to(triton_env)
+    labels = torch.tensor([199, -100, 0, 64, 17], device=triton_env)
+    grad, loss = softmax_cross_entropy(logits, labels)
+    want_grad, want_loss = expected(logits, labels)
+    assert relative(loss, want_loss) < 1e-5 and relative(grad, want_grad) < TOL[torch.float32]
     assert (grad[1] == 0).all() and loss[1] == 0
 
 
