@@ -31,7 +31,9 @@ class Launch(NamedTuple):
     reverse: bool
 
 
-LAUNCH = Launch(2048, 8, False)
+# 0.190 against 0.215 ms for 2048-row chunks at 2048 entries x 8 warps forwards (H100, session 37): 132 rows in
+# flight, 12 MB of logits, where 1,056 rows (99 MB) outran the 50 MB L2 before their second pass
+LAUNCH = Launch(8192, 16, True)
 
 
 @kernel

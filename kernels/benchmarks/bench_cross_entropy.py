@@ -19,7 +19,7 @@ from triton.testing import do_bench
 
 from flowhn_kernels import cross_entropy, softmax_cross_entropy, softmax_cross_entropy_reference
 
-SETTINGS = "2048x8x0,2048x8x1,4096x16x0,4096x16x1,4096x32x1,8192x16x1,8192x32x1,16384x16x1,16384x32x1"
+SETTINGS = "2048x8x0,2048x8x1,4096x16x0,4096x16x1,4096x32x1,8192x16x0,8192x16x1,8192x32x1,16384x16x1,16384x32x1"
 
 
 def copy_rate(device) -> float:
