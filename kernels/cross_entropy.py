@@ -4,9 +4,9 @@ The LM head's loss (flowhn_hf's LinearCrossEntropy) works through the tokens a c
 each row's loss lse − logit[target] and the gradient softmax − onehot, which the next two products consume. Left to
 Inductor that middle step took two kernels and 0.49 ms per 2048 × 49,152 chunk on an H200 (7.8 ms of an 88 ms
 135M training step); its floor is two reads of the logits and one write of the gradient. One program per row: an
-online max and sum of exponentials over the row, then the gradient over the same row. How many rows are in flight
-(warps a program, and so programs an SM) decides whether the second pass finds its row still in L2, and a first
-pass that walks the row backwards lets the second start on the blocks read last (`LAUNCH`; timed by
+online max and sum of exponentials over the row from its end, then the gradient from its start, so that the second
+pass begins on the blocks the first read last. How many rows are in flight (warps a program, and so programs an SM)
+decides whether the second pass finds its row still in L2 (`LAUNCH`; timed by
 kernels/benchmarks/bench_cross_entropy.py --settings).
 """
 
@@ -24,21 +24,20 @@ NAMESPACE = op_namespace(__name__)
 
 
 class Launch(NamedTuple):
-    """The kernel's launch: vocabulary entries a program loads at once, its warps, and whether the first pass walks
-    the row backwards."""
+    """The kernel's launch: vocabulary entries a program loads at once, and its warps."""
 
     block: int
     warps: int
-    reverse: bool
 
 
 # At 49,152 words, 0.190 ms a 2048-row chunk on an H100 against 0.215 at the first launch (2048 entries, 8 warps,
-# forwards; session 37): 132 rows in flight, 12 MB of logits, where 1,056 rows (99 MB) outran the 50 MB L2
-LAUNCH = Launch(8192, 16, True)
+# first pass forwards; session 37): 132 rows in flight, 12 MB of logits, where 1,056 rows (99 MB) outran the 50 MB
+# L2. Walking the first pass backwards took 2048 x 8 to 0.210 and 4096 x 16 from 0.212 to 0.199
+LAUNCH = Launch(8192, 16)
 
 
 @kernel
-def xent_kernel(logits, labels, grad, loss, V, IGNORE: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+def xent_kernel(logits, labels, grad, loss, V, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
     """Row `program_id`: loss = lse − logit[label], grad = softmax − onehot(label); zeros for an ignored label."""
     row = tl.program_id(0).to(tl.int64)
     src = logits + row * V
@@ -52,9 +51,7 @@ def xent_kernel(logits, labels, grad, loss, V, IGNORE: tl.constexpr, BLOCK: tl.c
     s = tl.zeros([BLOCK], tl.float32)
     blocks = tl.cdiv(V, BLOCK)
     for i in range(0, blocks):
-        start = i * BLOCK
-        if REVERSE:
-            start = (blocks - 1 - i) * BLOCK
+        start = (blocks - 1 - i) * BLOCK
         x = tl.load(src + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, x)
         s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
@@ -90,8 +87,7 @@ def _softmax_cross_entropy(logits: Tensor, labels: Tensor) -> Tuple[Tensor, Tens
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
         xent_kernel[(n,)](logits, labels.contiguous(), grad, loss, V, IGNORE=IGNORE_INDEX,
-                          BLOCK=min(LAUNCH.block, triton.next_power_of_2(V)), REVERSE=LAUNCH.reverse,
-                          num_warps=LAUNCH.warps)
+                          BLOCK=min(LAUNCH.block, triton.next_power_of_2(V)), num_warps=LAUNCH.warps)
     return grad, loss
 
 

@@ -44,10 +44,10 @@ def test_kernel_against_float64(triton_env, dtype, vocab):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
-@pytest.mark.parametrize("launch", [(16, 1, True), (16, 2, False), (64, 4, True)], ids=str)
+@pytest.mark.parametrize("launch", [(16, 1), (16, 2), (64, 4)], ids=str)
 def test_every_launch_gives_the_same_rows(triton_env, launch, monkeypatch):
     """The launch settings that bench_cross_entropy.py --settings times: blocks smaller than the row, so that both
-    passes walk several, forwards and backwards, ending on a partial block."""
+    passes walk several, the first from the partial block at the row's end."""
     monkeypatch.setattr(cross_entropy, "LAUNCH", cross_entropy.Launch(*launch))
     torch.manual_seed(1)
     logits = (3 * torch.randn(5, 200)).to(triton_env)
