@@ -457,3 +457,11 @@ def test_gemm_autotune_counts_every_product_of_a_step_and_times_both_ways(tmp_pa
     text = (tmp_path / "table.md").read_text()
     assert "| product | flowhn-FAC a step | flowhn-none a step | torch.mm µs | max-autotune µs | ratio |" in text
     assert text.count("the step's products take") == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_head_weight_gradient_script_runs(capsys):
+    from training.benchmarks import head_weight_gradient
+
+    head_weight_gradient.main(["--rows", "64", "--vocab", "256", "--hidden", "32"])
+    assert capsys.readouterr().out.count("| ") >= 6
