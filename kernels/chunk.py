@@ -10,8 +10,10 @@ kernels covers both layouts. Per chunk g and head h the kernels keep:
   ut [NC,H,ROWS,V]             Ũ = T diag(β) V, overwritten by the forward pass with
                                U = Ũ − W S_start (saved for backward)
   hs [NC,H,K,V]                the state entering the chunk (saved for backward)
-Saving W, U and hs costs ROWS·(K + V) + K·V values per chunk and head; it spares the backward the
-UT transform and a second sequential pass over the chunks. Nothing per token and K×V is stored.
+  qk [NC,H,BT,ROWS]            scale·(Q Kᵀ ⊙ causal), by the output kernel (saved for the reverse pass)
+Saving W, U, hs and qk costs ROWS·(K + V + BT) + K·V values per chunk and head; it spares the backward the
+UT transform, a second sequential pass over the chunks and, on the reverse pass's chain, the scores' product.
+Nothing per token and K×V is stored.
 """
 
 import contextlib
@@ -45,7 +47,9 @@ LAUNCH = {
     ("output", 64): dict(num_warps=8, num_stages=1),
     ("state_fwd", 64): dict(num_warps=4, num_stages=3),
     ("state_fwd", 128): dict(num_warps=4, num_stages=4),
-    ("state_bwd", 64): dict(num_warps=4, num_stages=3),
+    # the reverse pass at D = 64 at two stages keeps two blocks an SM (82 KB; three would take 122 KB) since it reads
+    # the forward's scores (v25; read on the CPU by resources.py, not timed)
+    ("state_bwd", 64): dict(num_warps=4, num_stages=2),
     ("state_bwd", 128): dict(num_warps=4, num_stages=3),
     # the passes at V blocks of 32 (Plan.pass_block_v), at R = 1 and 2 alike: 4 warps beat 8 at R = 2 (reverse
     # 0.843 against 1.002 ms at B = 1, state_passes.py --rank 2 --variants 32:8:4,32:4:4)
@@ -305,11 +309,12 @@ def block_of_chunk(chunk0, blocks: tl.constexpr):
 
 
 @windowed
-def output_kernel(q, k, u, hs, o, scale, chunk0, cu, chunk_idx, length, UNIFORM: tl.constexpr,
+def output_kernel(q, k, u, hs, o, qk, scale, chunk0, cu, chunk_idx, length, UNIFORM: tl.constexpr,
                   H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   DT: tl.constexpr, PREC: tl.constexpr):
-    """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk and one block of V (block_of_chunk)."""
+    """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk and one block of V (block_of_chunk); the chunk's first
+    block also stores scale·(Q Kᵀ ⊙ causal) in qk, which the reverse pass reads instead of forming it on its chain."""
     g, iv = block_of_chunk(chunk0, (V + BV - 1) // BV)
     h = tl.program_id(1)
     ROWS: tl.constexpr = BT * RP
@@ -326,6 +331,8 @@ def output_kernel(q, k, u, hs, o, scale, chunk0, cu, chunk_idx, length, UNIFORM:
     b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     a = tl.where(t[:, None] >= (r // RP)[None, :], a, 0.0)
+    if iv == 0:
+        tl.store(qk + ((g * H + h) * BT + t)[:, None] * ROWS + r[None, :], (a * scale).to(qk.dtype.element_ty))
     b_s = tl.load(hs + (g * H + h) * K * V + kk[:, None] * V + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V),
                   other=0.0)
     b_u = tl.load(u + ((g * H + h) * ROWS + r)[:, None] * V + vv[None, :], mask=vv[None, :] < V, other=0.0)
@@ -335,28 +342,26 @@ def output_kernel(q, k, u, hs, o, scale, chunk0, cu, chunk_idx, length, UNIFORM:
 
 
 @device_function
-def bwd_tiles(q, k, w, do, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.constexpr, R: tl.constexpr,
-              K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr,
-              PREC: tl.constexpr):
-    """Chunk c's (global chunk g's) rows, scale·Q, Kᵀ, dOᵀ, W and Aᵀ = (scale·QKᵀ ⊙ causal) for the reverse pass."""
+def bwd_tiles(q, k, w, do, qk, g, c, bos, eos, h, r, t, kk, col, H: tl.constexpr, R: tl.constexpr,
+              K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr):
+    """Chunk c's (global chunk g's) rows, Q, Kᵀ, dOᵀ, W and A = scale·(QKᵀ ⊙ causal) (the forward's) for the reverse
+    pass."""
     tq = c * BT + t
     q_ok = tq < eos - bos
     sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
     b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K),
                   other=0.0).to(DT)
-    b_q = (b_q.to(tl.float32) * scale).to(DT)
     b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0).to(DT)
     b_dot = tl.load(do + ((bos + tq) * H + h)[None, :] * V + col[:, None],
                     mask=q_ok[None, :] & (col[:, None] >= 0) & (col[:, None] < V), other=0.0).to(DT)
     base = (g * H + h) * (BT * RP) + r
     b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
-    at_t = tl.dot(b_q, b_kt, input_precision=PREC)
-    at_t = tl.where(t[:, None] >= (r // RP)[None, :], at_t, 0.0).to(DT)
-    return base, b_q, b_kt, b_dot, b_w, at_t
+    b_a = tl.load(qk + ((g * H + h) * BT + t)[:, None] * (BT * RP) + r[None, :]).to(DT)
+    return base, b_q, b_kt, b_dot, b_w, b_a
 
 
 @windowed
-def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, c_lo, c_hi, cu, chunk_off, length,
+def state_bwd_kernel(q, k, w, do, qk, du, dhs, dfinal, dinit, scale, c_lo, c_hi, cu, chunk_off, length,
                      UNIFORM: tl.constexpr,
                      H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -366,7 +371,8 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, c_lo, c_hi, cu,
 
     It carries the transposed state, dUᵀ = dOᵀ Aᵀ + dSᵀ Kᵀ and dSᵀ ← dSᵀ + dOᵀ Q − dUᵀ W, so that the chain's
     operands dSᵀ and dUᵀ come first in their products, which Hopper's wgmma reads from registers; as second
-    operands each step would write them to shared memory and wait (NOTES.md v11: 3.1 → 2.6 µs per step).
+    operands each step would write them to shared memory and wait (NOTES.md v11: 3.1 → 2.6 µs per step). A comes
+    from the forward (qk), so that no product but the chain's own is on it (NOTES.md v25).
     AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with dO
     read as [0 | dO]; only the result is stored (VA = K + V, else VA = V).
     Only chunks c_lo ≤ c < c_hi of the sequence, from the last: a window of it (Plan.windows), from dfinal to dinit.
@@ -392,14 +398,14 @@ def state_bwd_kernel(q, k, w, do, du, dhs, dfinal, dinit, scale, c_lo, c_hi, cu,
     c_end = tl.minimum((eos - bos + BT - 1) // BT, c_hi)
     for i in range(c_end - c_lo):
         c = c_end - 1 - i
-        base, b_q, b_kt, b_dot, b_w, at_t = bwd_tiles(q, k, w, do, scale, g0 + c, c, bos, eos, h, r, t, kk, col,
-                                                      H, R, K, V, RP, BT, DT, PREC)
+        base, b_q, b_kt, b_dot, b_w, b_a = bwd_tiles(q, k, w, do, qk, g0 + c, c, bos, eos, h, r, t, kk, col,
+                                                     H, R, K, V, RP, BT, DT)
         if not AUG:
             tl.store(dhs + ((g0 + c) * H + h) * K * V + vk, dSt.to(dhs.dtype.element_ty), mask=vk_mask)
-        b_dut = tl.dot(b_dot, at_t, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
+        b_dut = tl.dot(b_dot, b_a, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
         if not AUG:
             tl.store(du + base[None, :] * V + vv[:, None], b_dut.to(du.dtype.element_ty), mask=vv[:, None] < V)
-        dSt += tl.dot(b_dot, b_q, input_precision=PREC) - tl.dot(b_dut.to(DT), b_w, input_precision=PREC)
+        dSt += scale * tl.dot(b_dot, b_q, input_precision=PREC) - tl.dot(b_dut.to(DT), b_w, input_precision=PREC)
     if STORE_DINIT:
         tl.store(dinit + state + vk, dSt, mask=vk_mask)
 
@@ -814,26 +820,28 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     """Forward on packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V] (contiguous but for v's token stride, see
     value_rows), beta [N,H,R].
 
-    Returns o [N,H,V], the final state (or None) and what backward reuses: T, W, U and the chunk states.
+    Returns o [N,H,V], the final state (or None) and what backward reuses: T, W, U, the chunk states and the
+    scores.
     """
     _, H, R, K = k.shape
     V = v.shape[-1]
     tinv, w, u = _prep(k, v, beta, plan)  # u holds Ũ until the passes write U over it
     hs = k.new_empty(plan.nc, H, K, V)
+    qk = k.new_empty(plan.nc, H, plan.bt, ROWS)
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = _chunk_blocks(K, V)
     dt, prec, output_launch = dot_dtype(k.dtype), dot_precision(k.dtype), launch("output", K, k.dtype)
     repeats = Repeats(output_kernel)
 
     def output(lo, hi):
-        repeats(((hi - lo) * cdiv(V, bv), H), q, k, u, hs, o, scale, lo, *plan.chunks, H, R, K, V, plan.rp, plan.bt, bk,
+        repeats(((hi - lo) * cdiv(V, bv), H), q, k, u, hs, o, qk, scale, lo, *plan.chunks, H, R, K, V, plan.rp, plan.bt, bk,
                 bv, dt, prec, **output_launch)
 
     final = _states(k, w, u, hs, initial_state, plan, output_final_state, scan, output)
-    return o, final, (tinv, w, u, hs)
+    return o, final, (tinv, w, u, hs, qk)
 
 
-def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=None, window=None, repeats=None,
+def _reverse_pass(q, k, w, do, qk, scale, dfinal, plan, dinit, aug, du=None, dhs=None, window=None, repeats=None,
                   alone=False):
     """The reverse pass over chunks, or over the window of them [lo, hi) of every sequence. `repeats`: the call's
     earlier windows' launches; `alone`: no gradient kernels run beside it (Plan.pass_block_v)."""
@@ -843,17 +851,17 @@ def _reverse_pass(q, k, w, do, scale, dfinal, plan, dinit, aug, du=None, dhs=Non
     lo, hi = window or (0, plan.nc)
     bk, bv, pass_launch = _pass_launch("state_bwd", k, va, aug, plan, alone)
     (repeats or Repeats(state_bwd_kernel))(
-        (plan.n, H, cdiv(va, bv)), q, k, w, do, du, dhs, dfinal, dinit, scale, lo, hi, *plan.sequences, H, R, K, V,
+        (plan.n, H, cdiv(va, bv)), q, k, w, do, qk, du, dhs, dfinal, dinit, scale, lo, hi, *plan.sequences, H, R, K, V,
         plan.rp, plan.bt, bk, bv, dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype),
         aug, va, key=(id(dfinal), id(dinit)), **pass_launch)
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):
-    """Backward from the forward's T, W, U and chunk states: the reverse state pass, then the gradients (window by
+    """Backward from the forward's T, W, U, chunk states and scores: the reverse state pass, then the gradients (window by
     window, beside the pass, where Plan.windows splits it)."""
     _, H, R, K = k.shape
     V = v.shape[-1]
-    tinv, w, u, hs = saved
+    tinv, w, u, hs, qk = saved
     # input dtype, like hs: the gradient kernels multiply them in that dtype
     du = torch.empty_like(u)
     dhs = torch.empty_like(hs)
@@ -878,10 +886,10 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     if plan.use_scan(H, K, V, scan):
         seg, seg_off = plan.segments()
         flows = q.new_empty(seg.n, H, K, K + V, dtype=torch.float32)
-        _reverse_pass(q, k, w, do, scale, None, seg, flows, True)
+        _reverse_pass(q, k, w, do, qk, scale, None, seg, flows, True)
         ends = q.new_empty(seg.n, H, K, V, dtype=torch.float32)
         _combine(flows, dfinal, ends, dinit, seg_off, plan.n, True)
-        _reverse_pass(q, k, w, do, scale, ends, seg, None, False, du, dhs)
+        _reverse_pass(q, k, w, do, qk, scale, ends, seg, None, False, du, dhs)
         grads(0, plan.nc)
         return dq, dk, dv, dbeta, dinit
 
@@ -889,7 +897,8 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     windows = plan.windows(H, K, V, reverse=True)
 
     def one_pass(dend, dstart, window):
-        _reverse_pass(q, k, w, do, scale, dend, plan, dstart, False, du, dhs, window, repeats, len(windows) == 1)
+        _reverse_pass(q, k, w, do, qk, scale, dend, plan, dstart, False, du, dhs, window, repeats,
+                      len(windows) == 1)
 
     _overlapped(windows, one_pass, grads, dfinal, dinit, (plan.n, H, K, V), q.device)
     return dq, dk, dv, dbeta, dinit

@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .chunk import ROWS, chunk_bwd, chunk_counts, chunk_fwd, make_plan
+from .chunk import ROWS, chunk_bwd, chunk_counts, chunk_fwd, make_plan, tokens_per_chunk
 from .recurrent import recurrent_fwd
 from .utils import op_namespace
 
@@ -60,8 +60,8 @@ def _state_shape(k, v, offsets):
 def _chunk_forward(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, initial_state: Optional[Tensor], scale: float,
     offsets: Optional[List[int]], output_final_state: bool, scan: Optional[bool],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(o, final state, and what the backward reuses: T, W, U and the chunk-entry states)."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(o, final state, and what the backward reuses: T, W, U, the chunk-entry states and the scores)."""
     B, T, H = q.shape[:3]
     init = None if initial_state is None else initial_state.contiguous()
     o, final, saved = chunk_fwd(*pack(q, k, v, beta), scale, init, _plan(k, offsets), output_final_state, scan)
@@ -73,20 +73,22 @@ chunk_forward = torch.library.custom_op(f"{NAMESPACE}::chunk_forward", _chunk_fo
 
 @chunk_forward.register_fake
 def _(q, k, v, beta, initial_state, scale, offsets, output_final_state, scan):
-    nc, H, K, V = _chunk_count(k, offsets), q.shape[2], k.shape[-1], v.shape[-1]
+    nc, H, R, K, V = _chunk_count(k, offsets), q.shape[2], k.shape[3], k.shape[-1], v.shape[-1]
     final = q.new_empty(_state_shape(k, v, offsets) if output_final_state else (0,), dtype=torch.float32)
     return (q.new_empty(*q.shape[:3], V), final, q.new_empty(nc, H, ROWS, ROWS, dtype=torch.float32),
-            k.new_empty(nc, H, ROWS, K), v.new_empty(nc, H, ROWS, V), k.new_empty(nc, H, K, V))  # fmt: skip
+            k.new_empty(nc, H, ROWS, K), v.new_empty(nc, H, ROWS, V), k.new_empty(nc, H, K, V),
+            k.new_empty(nc, H, tokens_per_chunk(R), ROWS))  # fmt: skip
 
 
 def _chunk_backward(
-    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, tinv: Tensor, w: Tensor, u: Tensor, hs: Tensor, do: Tensor,
-    dfinal: Optional[Tensor], scale: float, offsets: Optional[List[int]], need_dinit: bool, scan: Optional[bool],
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, tinv: Tensor, w: Tensor, u: Tensor, hs: Tensor, qk: Tensor,
+    do: Tensor, dfinal: Optional[Tensor], scale: float, offsets: Optional[List[int]], need_dinit: bool,
+    scan: Optional[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv, dβ, d initial state)."""
     B, T, H = q.shape[:3]
     dfinal = None if dfinal is None else dfinal.contiguous()
-    grads = chunk_bwd(*pack(q, k, v, beta), scale, (tinv, w, u, hs), do.reshape(B * T, H, -1), dfinal,
+    grads = chunk_bwd(*pack(q, k, v, beta), scale, (tinv, w, u, hs, qk), do.reshape(B * T, H, -1), dfinal,
                       _plan(k, offsets), need_dinit, scan)  # fmt: skip
     *grads, dinit = grads
     return (*(g.view(x.shape) for g, x in zip(grads, (q, k, v, beta))), _state_or_empty(dinit, q))
@@ -96,7 +98,7 @@ chunk_backward = torch.library.custom_op(f"{NAMESPACE}::chunk_backward", _chunk_
 
 
 @chunk_backward.register_fake
-def _(q, k, v, beta, tinv, w, u, hs, do, dfinal, scale, offsets, need_dinit, scan):
+def _(q, k, v, beta, tinv, w, u, hs, qk, do, dfinal, scale, offsets, need_dinit, scan):
     dinit = q.new_empty(_state_shape(k, v, offsets) if need_dinit else (0,), dtype=torch.float32)
     # contiguous, as the kernels write them (empty_like would copy a saved input's layout, which Inductor may permute)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), beta.new_empty(beta.shape), dinit
@@ -105,7 +107,7 @@ def _(q, k, v, beta, tinv, w, u, hs, do, dfinal, scale, offsets, need_dinit, sca
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, initial_state, scale, offsets, _, scan = inputs
     ctx.save_for_backward(q, k, v, beta, *output[2:])
-    # T, W, U and hs are outputs only to be saved: autograd would otherwise hand the backward a zero gradient for
+    # T, W, U, hs and the scores are outputs only to be saved: autograd would otherwise hand the backward a zero gradient for
     # each (320 MiB at (8, 2048, 16, 128), and the time to fill it)
     ctx.set_materialize_grads(False)
     ctx.scale, ctx.offsets, ctx.scan = scale, offsets, scan

@@ -48,21 +48,24 @@ def kernel_times(B, T, H, D):
 
 
 def pass_inputs(B, T, H, D, R=1, dev="cuda"):
+    """The passes' inputs: q, k, W, Ũ (the UT transform's, before the forward pass writes U over it), dO, the scores
+    (the output kernel's, from a whole forward) and the plan."""
     q, k, v, beta = pack(*(x.detach() for x in inputs(B, T, H, D, R, dev=dev)))
     plan = chunk.make_plan(B, T, R, q.device)
     _, w, ut = chunk._prep(k, v, beta, plan)
+    qk = chunk.chunk_fwd(q, k, v, beta, D**-0.5, None, plan, False)[2][-1]
     do = torch.randn_like(v[:, :, 0])
-    return q, k, w, ut, do, plan
+    return q, k, w, ut, do, qk, plan
 
 
-def run_passes(q, k, w, ut, do, plan):
+def run_passes(q, k, w, ut, do, qk, plan):
     """(u, hs, du, dhs) and the ms of the forward and the reverse pass, each as delta_rule runs it. The forward writes
     U over its copy of Ũ: the first call's U is the output, the timed calls' work on what the last one left."""
     scale = q.shape[-1] ** -0.5
     u, hs = ut.clone(), q.new_empty(plan.nc, q.shape[1], q.shape[2], ut.shape[-1])
     du, dhs = torch.empty_like(ut), torch.empty_like(hs)
     fwd = lambda: chunk._state_pass(k, w, u, None, plan, None, False, hs)  # noqa: E731
-    bwd = lambda: chunk._reverse_pass(q, k, w, do, scale, None, plan, None, False, du, dhs)  # noqa: E731
+    bwd = lambda: chunk._reverse_pass(q, k, w, do, qk, scale, None, plan, None, False, du, dhs)  # noqa: E731
     fwd()
     bwd()
     outputs = tuple(x.clone() for x in (u, hs, du, dhs))

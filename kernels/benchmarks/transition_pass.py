@@ -90,8 +90,8 @@ def main():
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     B, T, H, D = (int(x) for x in args.shape.split(","))
-    q, k, w, ut, do, plan = pass_inputs(B, T, H, D, dev=args.device)
-    (u, hs, du, dhs), fwd0, bwd0 = run_passes(q, k, w, ut, do, plan)
+    q, k, w, ut, do, qk, plan = pass_inputs(B, T, H, D, dev=args.device)
+    (u, hs, du, dhs), fwd0, bwd0 = run_passes(q, k, w, ut, do, qk, plan)
     nc = w.shape[0]
     w, ut = w.view(nc, H, 64, D), ut.view(nc, H, 64, D)
     neg_ktw, ktut, z = operands(q.view(T, H, D), k.view(T, H, D), w, ut, do.view(T, H, D))
