@@ -1,14 +1,18 @@
 """The FlowHN model: routing semantics, causality, padding, cache decoding, gradients, configs, presets."""
 
+from functools import partial
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flowhn_hf import FlowHNConfig, FlowHNForCausalLM, count_parameters, preset_config
-from flowhn_hf.modeling_flowhn import CACHE_NAME, aligned_linear, attention_window, plan_route
+from flowhn_hf.modeling_flowhn import CACHE_NAME, LinearCrossEntropy, aligned_linear, attention_window, plan_route
 from transformers import DynamicCache
 
 MODES = ["none", "alternating", "flop_aware", "flop_aware_circulating"]
 TOL = dict(atol=2e-5, rtol=1e-4)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 def tiny_model(seed=0, **overrides) -> FlowHNForCausalLM:
@@ -428,6 +432,35 @@ def test_training_loss_without_logits_matches_transformers_loss(num_items):
     torch.testing.assert_close(fused.loss, reference, rtol=1e-5, atol=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(fused_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def relative_error(x, reference):
+    return ((x.double() - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_matches_float64(device, compiled, dtype):
+    """The training loss's chunks (77 rows in chunks of 16, some labels ignored), eager and compiled: the summed loss
+    and both gradients against float64, in float32 and bf16."""
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(77, 24, generator=g), torch.randn(50, 24, generator=g) / 3
+    labels = torch.randint(0, 50, (77,), generator=g)
+    labels[::7] = -100
+    h, w = (t.to(device, dtype, copy=True).requires_grad_() for t in (hidden, weight))
+    loss_fn = partial(LinearCrossEntropy.apply, labels=labels.to(device), chunk_size=16)
+    if compiled:
+        loss_fn = torch.compile(loss_fn, backend="inductor" if device == "cuda" else "aot_eager", fullgraph=True)
+    loss = loss_fn(h, w)
+    loss.backward()
+    h64, w64 = (t.double().requires_grad_() for t in (hidden, weight))
+    reference = F.cross_entropy(h64 @ w64.T, labels, ignore_index=-100, reduction="sum")
+    reference.backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert h.grad.dtype == w.grad.dtype == dtype
+    assert relative_error(loss.detach().cpu(), reference.detach()) < tol
+    assert relative_error(h.grad.cpu(), h64.grad) < tol and relative_error(w.grad.cpu(), w64.grad) < tol
 
 
 @pytest.mark.parametrize("mode", MODES)
