@@ -834,8 +834,8 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     repeats = Repeats(output_kernel)
 
     def output(lo, hi):
-        repeats(((hi - lo) * cdiv(V, bv), H), q, k, u, hs, o, qk, scale, lo, *plan.chunks, H, R, K, V, plan.rp, plan.bt, bk,
-                bv, dt, prec, **output_launch)
+        repeats(((hi - lo) * cdiv(V, bv), H), q, k, u, hs, o, qk, scale, lo, *plan.chunks, H, R, K, V, plan.rp,
+                plan.bt, bk, bv, dt, prec, **output_launch)
 
     final = _states(k, w, u, hs, initial_state, plan, output_final_state, scan, output)
     return o, final, (tinv, w, u, hs, qk)
@@ -857,8 +857,8 @@ def _reverse_pass(q, k, w, do, qk, scale, dfinal, plan, dinit, aug, du=None, dhs
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):
-    """Backward from the forward's T, W, U, chunk states and scores: the reverse state pass, then the gradients (window by
-    window, beside the pass, where Plan.windows splits it)."""
+    """Backward from the forward's T, W, U, chunk states and scores: the reverse state pass, then the gradients
+    (window by window, beside the pass, where Plan.windows splits it)."""
     _, H, R, K = k.shape
     V = v.shape[-1]
     tinv, w, u, hs, qk = saved

@@ -107,8 +107,8 @@ def _(q, k, v, beta, tinv, w, u, hs, qk, do, dfinal, scale, offsets, need_dinit,
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, initial_state, scale, offsets, _, scan = inputs
     ctx.save_for_backward(q, k, v, beta, *output[2:])
-    # T, W, U, hs and the scores are outputs only to be saved: autograd would otherwise hand the backward a zero gradient for
-    # each (320 MiB at (8, 2048, 16, 128), and the time to fill it)
+    # T, W, U, hs and the scores are outputs only to be saved: autograd would otherwise hand the backward a zero
+    # gradient for each (320 MiB at (8, 2048, 16, 128), and the time to fill it)
     ctx.set_materialize_grads(False)
     ctx.scale, ctx.offsets, ctx.scan = scale, offsets, scan
     ctx.init_dtype = None if initial_state is None else initial_state.dtype
