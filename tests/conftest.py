@@ -1,5 +1,5 @@
 """Shared fixtures: the device Triton kernels run on, the kernel benchmark scripts as modules, and a fresh virtualenv
-without this package for remote-code loading tests."""
+without this package for remote-code loading tests; the devices a test runs on and the relative error it measures."""
 
 import importlib
 import os
@@ -9,9 +9,18 @@ import venv
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 REMOTE_CODE_PACKAGES = ["torch", "triton", "transformers", "safetensors", "tokenizers"]
+CUDA = torch.cuda.is_available()
+# the CPU always (Triton kernels in the interpreter), the GPU where there is one
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
+
+
+def rel(a, b):
+    """‖a − b‖ / ‖b‖, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture

@@ -4,11 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowhn_kernels import softmax_cross_entropy, softmax_cross_entropy_reference
-from flowhn_kernels import cross_entropy
+from conftest import DEVICES
+from flowhn_kernels import cross_entropy, softmax_cross_entropy, softmax_cross_entropy_reference
 
-CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 

@@ -13,11 +13,9 @@ import pytest
 import torch
 
 import flowhn_kernels as fk
+from conftest import CUDA, DEVICES, rel
 from flowhn_kernels.delta_rule import chunk_delta_rule, recurrent_delta_rule
 
-
-CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
 # relative error vs float64 on the same (rounded) inputs; fp32 inputs run tf32x3 (near fp32) products on the GPU
 TOL = {torch.float32: 3e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
@@ -39,10 +37,6 @@ def make_inputs(B, T, H, R, K, V, dtype=torch.float32, device="cpu", squeeze=Fal
     if state:
         xs.append(torch.randn(B, H, K, V, dtype=torch.float32, device=device))
     return xs
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def run(fn, xs, do, ds, cu_seqlens=None, dtype=None):

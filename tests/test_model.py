@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICES, rel
 from flowhn_hf import FlowHNConfig, FlowHNForCausalLM, count_parameters, preset_config
 from flowhn_hf.modeling_flowhn import CACHE_NAME, LinearCrossEntropy, aligned_linear, attention_window, plan_route
 from transformers import DynamicCache
 
 MODES = ["none", "alternating", "flop_aware", "flop_aware_circulating"]
 TOL = dict(atol=2e-5, rtol=1e-4)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 def tiny_model(seed=0, **overrides) -> FlowHNForCausalLM:
@@ -434,10 +434,6 @@ def test_training_loss_without_logits_matches_transformers_loss(num_items):
         torch.testing.assert_close(fused_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def relative_error(x, reference):
-    return ((x.double() - reference).norm() / reference.norm()).item()
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -459,8 +455,8 @@ def test_chunked_loss_matches_float64(device, compiled, dtype):
     reference.backward()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert h.grad.dtype == w.grad.dtype == dtype
-    assert relative_error(loss.detach().cpu(), reference.detach()) < tol
-    assert relative_error(h.grad.cpu(), h64.grad) < tol and relative_error(w.grad.cpu(), w64.grad) < tol
+    assert rel(loss.detach().cpu(), reference.detach()) < tol
+    assert rel(h.grad.cpu(), h64.grad) < tol and rel(w.grad.cpu(), w64.grad) < tol
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import CUDA, DEVICES, rel
 from flowhn_kernels import short_conv
 from flowhn_kernels.short_conv import causal_conv, short_conv_silu
 
-CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
 # relative error (norm) vs float64 on the same rounded inputs: the outputs' own rounding, and fp32 sums
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 # (n, C, W): one token, a tile's part, two token blocks of the backward; channels within one block and over several
@@ -33,10 +32,6 @@ def documents_for(B, n, device):
 
 def reference(x, weight, documents):
     return F.silu(causal_conv(F.pad(x, (0, 0, weight.shape[-1] - 1, 0)), weight, documents))
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def run(fn, x, weight, documents, gy):

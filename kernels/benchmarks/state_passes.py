@@ -53,7 +53,7 @@ def pass_inputs(B, T, H, D, R=1, dev="cuda"):
     q, k, v, beta = pack(*(x.detach() for x in inputs(B, T, H, D, R, dev=dev)))
     plan = chunk.make_plan(B, T, R, q.device)
     _, w, ut = chunk._prep(k, v, beta, plan)
-    qk = chunk.chunk_fwd(q, k, v, beta, D**-0.5, None, plan, False)[2][-1]
+    qk = chunk.chunk_fwd(q, k, v, beta, q.shape[-1] ** -0.5, None, plan, False)[2][-1]  # run_passes' scale
     do = torch.randn_like(v[:, :, 0])
     return q, k, w, ut, do, qk, plan
 

@@ -3,7 +3,8 @@
 LinearCrossEntropy adds gradᵀ h ([vocab × rows] @ [rows × hidden], 16-bit inputs) into a float32 accumulator once
 per chunk of rows. This prints the median µs (triton.testing.do_bench) of that one step written as a 16-bit product
 and a float32 add (what main does), as cuBLAS products with `out_dtype=float32`, with and without `out=`, and the
-bare 16-bit product as the anchor. CUDA, torch >= 2.8.
+bare 16-bit product as the anchor. CUDA, torch >= 2.8. The in-place addmm won here (session 37) and lost in the
+whole training step in both forms tried (session 38, training/benchmarks/NOTES.md): main keeps the product and add.
 
     python -m training.benchmarks.head_weight_gradient [--rows 2048] [--vocab 49152] [--hidden 576]
 """
