@@ -10,7 +10,8 @@ kernels covers both layouts. Per chunk g and head h the kernels keep:
   ut [NC,H,ROWS,V]             Ũ = T diag(β) V, overwritten by the forward pass with
                                U = Ũ − W S_start (saved for backward)
   hs [NC,H,K,V]                the state entering the chunk (saved for backward)
-  qk [NC,H,BT,ROWS]            scale·(Q Kᵀ ⊙ causal), by the output kernel (saved for the reverse pass)
+  qk [NC,H,BT,ROWS]            scale·(Q Kᵀ ⊙ causal), by the output kernel where the reverse pass is bound by
+                               its chain (saves_scores; else empty, and the reverse pass forms them)
 Saving W, U, hs and qk costs ROWS·(K + V + BT) + K·V values per chunk and head; it spares the backward the
 UT transform, a second sequential pass over the chunks and, on the reverse pass's chain, the scores' product.
 Nothing per token and K×V is stored.
@@ -47,9 +48,7 @@ LAUNCH = {
     ("output", 64): dict(num_warps=8, num_stages=1),
     ("state_fwd", 64): dict(num_warps=4, num_stages=3),
     ("state_fwd", 128): dict(num_warps=4, num_stages=4),
-    # the reverse pass at D = 64 at two stages keeps two blocks an SM (82 KB; three would take 122 KB) since it reads
-    # the forward's scores (v25; read on the CPU by resources.py, not timed)
-    ("state_bwd", 64): dict(num_warps=4, num_stages=2),
+    ("state_bwd", 64): dict(num_warps=4, num_stages=3),
     ("state_bwd", 128): dict(num_warps=4, num_stages=3),
     # the passes at V blocks of 32 (Plan.pass_block_v), at R = 1 and 2 alike: 4 warps beat 8 at R = 2 (reverse
     # 0.843 against 1.002 ms at B = 1, state_passes.py --rank 2 --variants 32:8:4,32:4:4)
@@ -312,9 +311,10 @@ def block_of_chunk(chunk0, blocks: tl.constexpr):
 def output_kernel(q, k, u, hs, o, qk, scale, chunk0, cu, chunk_idx, length, UNIFORM: tl.constexpr,
                   H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  DT: tl.constexpr, PREC: tl.constexpr):
-    """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk and one block of V (block_of_chunk); the chunk's first
-    block also stores scale·(Q Kᵀ ⊙ causal) in qk, which the reverse pass reads instead of forming it on its chain."""
+                  DT: tl.constexpr, PREC: tl.constexpr, SAVE_SCORES: tl.constexpr):
+    """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk and one block of V (block_of_chunk). SAVE_SCORES: the
+    chunk's first block also stores scale·(Q Kᵀ ⊙ causal) in qk, which the reverse pass then reads instead of forming
+    it on its chain."""
     g, iv = block_of_chunk(chunk0, (V + BV - 1) // BV)
     h = tl.program_id(1)
     ROWS: tl.constexpr = BT * RP
@@ -331,7 +331,7 @@ def output_kernel(q, k, u, hs, o, qk, scale, chunk0, cu, chunk_idx, length, UNIF
     b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     a = tl.where(t[:, None] >= (r // RP)[None, :], a, 0.0)
-    if iv == 0:
+    if SAVE_SCORES and iv == 0:
         tl.store(qk + ((g * H + h) * BT + t)[:, None] * ROWS + r[None, :], (a * scale).to(qk.dtype.element_ty))
     b_s = tl.load(hs + (g * H + h) * K * V + kk[:, None] * V + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V),
                   other=0.0)
@@ -342,10 +342,11 @@ def output_kernel(q, k, u, hs, o, qk, scale, chunk0, cu, chunk_idx, length, UNIF
 
 
 @device_function
-def bwd_tiles(q, k, w, do, qk, g, c, bos, eos, h, r, t, kk, col, H: tl.constexpr, R: tl.constexpr,
-              K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr):
-    """Chunk c's (global chunk g's) rows, Q, Kᵀ, dOᵀ, W and A = scale·(QKᵀ ⊙ causal) (the forward's) for the reverse
-    pass."""
+def bwd_tiles(q, k, w, do, qk, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.constexpr, R: tl.constexpr,
+              K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr,
+              PREC: tl.constexpr, SAVED_SCORES: tl.constexpr):
+    """Chunk c's (global chunk g's) rows, Q, Kᵀ, dOᵀ, W and A = scale·(QKᵀ ⊙ causal) for the reverse pass: the
+    forward's (SAVED_SCORES), else formed here."""
     tq = c * BT + t
     q_ok = tq < eos - bos
     sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
@@ -356,7 +357,11 @@ def bwd_tiles(q, k, w, do, qk, g, c, bos, eos, h, r, t, kk, col, H: tl.constexpr
                     mask=q_ok[None, :] & (col[:, None] >= 0) & (col[:, None] < V), other=0.0).to(DT)
     base = (g * H + h) * (BT * RP) + r
     b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0).to(DT)
-    b_a = tl.load(qk + ((g * H + h) * BT + t)[:, None] * (BT * RP) + r[None, :]).to(DT)
+    if SAVED_SCORES:
+        b_a = tl.load(qk + ((g * H + h) * BT + t)[:, None] * (BT * RP) + r[None, :]).to(DT)
+    else:
+        b_a = tl.dot(b_q, b_kt, input_precision=PREC)
+        b_a = tl.where(t[:, None] >= (r // RP)[None, :], b_a * scale, 0.0).to(DT)
     return base, b_q, b_kt, b_dot, b_w, b_a
 
 
@@ -366,13 +371,13 @@ def state_bwd_kernel(q, k, w, do, qk, du, dhs, dfinal, dinit, scale, c_lo, c_hi,
                      H: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr,
-                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
+                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr, SAVED_SCORES: tl.constexpr):
     """Reverse pass: dU = scale (QKᵀ⊙causal)ᵀ dO + K dS_end, dS_start = dS_end + scale Qᵀ dO − Wᵀ dU.
 
     It carries the transposed state, dUᵀ = dOᵀ Aᵀ + dSᵀ Kᵀ and dSᵀ ← dSᵀ + dOᵀ Q − dUᵀ W, so that the chain's
     operands dSᵀ and dUᵀ come first in their products, which Hopper's wgmma reads from registers; as second
-    operands each step would write them to shared memory and wait (NOTES.md v11: 3.1 → 2.6 µs per step). A comes
-    from the forward (qk), so that no product but the chain's own is on it (NOTES.md v25).
+    operands each step would write them to shared memory and wait (NOTES.md v11: 3.1 → 2.6 µs per step).
+    SAVED_SCORES: A comes from the forward (qk), so that no product but the chain's own is on it (NOTES.md v25).
     AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with dO
     read as [0 | dO]; only the result is stored (VA = K + V, else VA = V).
     Only chunks c_lo ≤ c < c_hi of the sequence, from the last: a window of it (Plan.windows), from dfinal to dinit.
@@ -398,8 +403,8 @@ def state_bwd_kernel(q, k, w, do, qk, du, dhs, dfinal, dinit, scale, c_lo, c_hi,
     c_end = tl.minimum((eos - bos + BT - 1) // BT, c_hi)
     for i in range(c_end - c_lo):
         c = c_end - 1 - i
-        base, b_q, b_kt, b_dot, b_w, b_a = bwd_tiles(q, k, w, do, qk, g0 + c, c, bos, eos, h, r, t, kk, col,
-                                                     H, R, K, V, RP, BT, DT)
+        base, b_q, b_kt, b_dot, b_w, b_a = bwd_tiles(q, k, w, do, qk, scale, g0 + c, c, bos, eos, h, r, t, kk, col,
+                                                     H, R, K, V, RP, BT, DT, PREC, SAVED_SCORES)
         if not AUG:
             tl.store(dhs + ((g0 + c) * H + h) * K * V + vk, dSt.to(dhs.dtype.element_ty), mask=vk_mask)
         b_dut = tl.dot(b_dot, b_a, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
@@ -570,6 +575,16 @@ def grad_wy_kernel(k, v, v_stride, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu
         b_dk += tl.dot(b_da, b_k.to(DT), input_precision=PREC) - b_tdw * b_beta[:, None]
         tl.store(dk + sub[:, None] * K + kk[None, :], b_dk.to(dk.dtype.element_ty), mask=k_mask)
     tl.store(dbeta + sub, b_dbeta.to(dbeta.dtype.element_ty), mask=row_ok)
+
+
+def saves_scores(sequences, heads, K, V, device):
+    """Whether the forward stores the scores scale·(Q Kᵀ ⊙ causal) for the reverse pass (v25): where that pass
+    runs narrowed (Plan.pass_block_v: its programs fit one wave of the GPU), the latency of its chain bounds it and
+    the scores' product is taken off the chain, (1, 16384, 16, 128) fwd+bwd 1.65 → 1.54 ms. Where its programs fill
+    the GPU the product costs less than the scores' bytes: (8, 2048, 16, 128) 1.42 → 1.47 ms, and (8, 2048, 12, 64)
+    from CUDA graphs 0.524 → 0.554 (H100, 2026-12-06, compare_versions.py). The interpreter has no SMs and forms
+    them (tests reach the saved scores by giving it SMs)."""
+    return pow2(K) == 128 and _blocks(K, V)[1] == 64 and sequences * heads * cdiv(V, 32) <= sm_count(device)
 
 
 def make_plan(batch, length, rank, device, offsets=None):
@@ -821,13 +836,14 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     value_rows), beta [N,H,R].
 
     Returns o [N,H,V], the final state (or None) and what backward reuses: T, W, U, the chunk states and the
-    scores.
+    scores (empty where saves_scores says no).
     """
     _, H, R, K = k.shape
     V = v.shape[-1]
     tinv, w, u = _prep(k, v, beta, plan)  # u holds Ũ until the passes write U over it
     hs = k.new_empty(plan.nc, H, K, V)
-    qk = k.new_empty(plan.nc, H, plan.bt, ROWS)
+    save_scores = saves_scores(plan.n, H, K, V, plan.device)
+    qk = k.new_empty((plan.nc, H, plan.bt, ROWS) if save_scores else (0,))
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = _chunk_blocks(K, V)
     dt, prec, output_launch = dot_dtype(k.dtype), dot_precision(k.dtype), launch("output", K, k.dtype)
@@ -835,7 +851,7 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
 
     def output(lo, hi):
         repeats(((hi - lo) * cdiv(V, bv), H), q, k, u, hs, o, qk, scale, lo, *plan.chunks, H, R, K, V, plan.rp,
-                plan.bt, bk, bv, dt, prec, **output_launch)
+                plan.bt, bk, bv, dt, prec, save_scores, **output_launch)
 
     final = _states(k, w, u, hs, initial_state, plan, output_final_state, scan, output)
     return o, final, (tinv, w, u, hs, qk)
@@ -853,7 +869,7 @@ def _reverse_pass(q, k, w, do, qk, scale, dfinal, plan, dinit, aug, du=None, dhs
     (repeats or Repeats(state_bwd_kernel))(
         (plan.n, H, cdiv(va, bv)), q, k, w, do, qk, du, dhs, dfinal, dinit, scale, lo, hi, *plan.sequences, H, R, K, V,
         plan.rp, plan.bt, bk, bv, dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype),
-        aug, va, key=(id(dfinal), id(dinit)), **pass_launch)
+        aug, va, qk.numel() > 0, key=(id(dfinal), id(dinit)), **pass_launch)
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):

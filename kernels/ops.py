@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .chunk import ROWS, chunk_bwd, chunk_counts, chunk_fwd, make_plan, tokens_per_chunk
+from .chunk import ROWS, chunk_bwd, chunk_counts, chunk_fwd, make_plan, saves_scores, tokens_per_chunk
 from .recurrent import recurrent_fwd
 from .utils import op_namespace
 
@@ -75,9 +75,10 @@ chunk_forward = torch.library.custom_op(f"{NAMESPACE}::chunk_forward", _chunk_fo
 def _(q, k, v, beta, initial_state, scale, offsets, output_final_state, scan):
     nc, H, R, K, V = _chunk_count(k, offsets), q.shape[2], k.shape[3], k.shape[-1], v.shape[-1]
     final = q.new_empty(_state_shape(k, v, offsets) if output_final_state else (0,), dtype=torch.float32)
+    scores = saves_scores(_state_shape(k, v, offsets)[0], H, K, V, q.device)
     return (q.new_empty(*q.shape[:3], V), final, q.new_empty(nc, H, ROWS, ROWS, dtype=torch.float32),
             k.new_empty(nc, H, ROWS, K), v.new_empty(nc, H, ROWS, V), k.new_empty(nc, H, K, V),
-            k.new_empty(nc, H, tokens_per_chunk(R), ROWS))  # fmt: skip
+            k.new_empty((nc, H, tokens_per_chunk(R), ROWS) if scores else (0,)))  # fmt: skip
 
 
 def _chunk_backward(

@@ -285,6 +285,20 @@ def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
     assert plan.pass_block_v(4, 100, 64, False, alone=True) == 32
 
 
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("saved", [True, False])
+@pytest.mark.parametrize("R,dtype,scan", [(1, torch.float32, True), (3, torch.float32, False),
+                                          (2, torch.bfloat16, False)])  # fmt: skip
+def test_reverse_pass_reads_or_forms_the_scores(triton_env, monkeypatch, saved, R, dtype, scan):
+    """The reverse pass with the forward's scores (chunk.saves_scores: where its programs fit one wave, at K blocks
+    of 128) and with its own, against float64, over the sequential pass and the scan."""
+    H, K, V = 1, 100, 48
+    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 4 if saved else 1)
+    assert fk.chunk.saves_scores(2, H, K, V, torch.device(triton_env)) == saved
+    xs = make_inputs(2, 130, H, R, K, V, dtype=dtype, device=triton_env)
+    check_against_naive(functools.partial(chunk_delta_rule, scan=scan), xs, TOL[dtype])
+
+
 @pytest.fixture
 def three_windows(monkeypatch):
     """Windows wherever one sequence has two chunks or more, three of them (Plan.windows)."""
