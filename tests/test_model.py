@@ -68,6 +68,23 @@ def test_attention_count_matches_the_route(mode):
             assert attention_window(layer, config).count(start, length) == int(route.sum())
 
 
+@pytest.mark.parametrize("mode", ["alternating", "flop_aware", "flop_aware_circulating"])
+def test_closed_form_places_match_a_sort_of_the_routes(mode):
+    """AttentionWindow.places equals a stable sort of the routes (the branches' places) and a running count of
+    each branch's tokens (merge), at starts before and after the window's offset and at every layer's offset."""
+    config = preset_config("tiny", split_mode=mode, split_period=10, attention_ratio=0.37)
+    for layer in range(5):
+        window = attention_window(layer, config)
+        for start, length in [(0, 2), (0, 97), (3, 8), (17, 33), (1234, 5), (7, 10)]:
+            routes = window.routes(torch.arange(start, start + length))
+            if routes.all() or not routes.any():
+                continue
+            attention, deltanet, merge = window.places(start, length, torch.device("cpu"))
+            order = torch.argsort((~routes).to(torch.int8), stable=True)
+            assert torch.equal(torch.cat([attention, deltanet]), order)
+            assert torch.equal(merge, torch.argsort(order))
+
+
 @pytest.mark.parametrize("mode", ["alternating", "flop_aware_circulating"])
 def test_split_and_merge_of_a_permuting_route_match_plain_gathers(mode):
     """The one-gather split and merge (each the other's backward) equal autograd's gathers, values and gradients."""
