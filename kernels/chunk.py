@@ -346,7 +346,7 @@ def bwd_tiles(q, k, w, do, qk, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.co
               K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr,
               PREC: tl.constexpr, SAVED_SCORES: tl.constexpr):
     """Chunk c's (global chunk g's) rows, Q, Kᵀ, dOᵀ, W and A = scale·(QKᵀ ⊙ causal) for the reverse pass: the
-    forward's (SAVED_SCORES), else formed here."""
+    forward's (SAVED_SCORES), else formed here from Q scaled first (then Q is returned scaled)."""
     tq = c * BT + t
     q_ok = tq < eos - bos
     sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
@@ -360,8 +360,9 @@ def bwd_tiles(q, k, w, do, qk, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.co
     if SAVED_SCORES:
         b_a = tl.load(qk + ((g * H + h) * BT + t)[:, None] * (BT * RP) + r[None, :]).to(DT)
     else:
+        b_q = (b_q.to(tl.float32) * scale).to(DT)
         b_a = tl.dot(b_q, b_kt, input_precision=PREC)
-        b_a = tl.where(t[:, None] >= (r // RP)[None, :], b_a * scale, 0.0).to(DT)
+        b_a = tl.where(t[:, None] >= (r // RP)[None, :], b_a, 0.0).to(DT)
     return base, b_q, b_kt, b_dot, b_w, b_a
 
 
@@ -410,7 +411,10 @@ def state_bwd_kernel(q, k, w, do, qk, du, dhs, dfinal, dinit, scale, c_lo, c_hi,
         b_dut = tl.dot(b_dot, b_a, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
         if not AUG:
             tl.store(du + base[None, :] * V + vv[:, None], b_dut.to(du.dtype.element_ty), mask=vv[:, None] < V)
-        dSt += scale * tl.dot(b_dot, b_q, input_precision=PREC) - tl.dot(b_dut.to(DT), b_w, input_precision=PREC)
+        dot_q = tl.dot(b_dot, b_q, input_precision=PREC)
+        if SAVED_SCORES:  # Q as it lies: scaled after the product (v25)
+            dot_q = scale * dot_q
+        dSt += dot_q - tl.dot(b_dut.to(DT), b_w, input_precision=PREC)
     if STORE_DINIT:
         tl.store(dinit + state + vk, dSt, mask=vk_mask)
 

@@ -794,6 +794,9 @@ def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):
     r = resources.report("state_fwd", 64, "bf16", 1, dict(num_warps=4, num_stages=2))
     assert 0 < r["regs"] <= 255 and r["smem_kb"] > 0 and r["spill_st"] >= 0 and 1 <= r["blocks"] <= 16
     assert 0 < r["loop"]["instructions"] < r["instructions"] and r["loop"]["HGMMA"] > 0  # the pass over chunks
+    # --sass: the instructions alone, one a line, none of the data sections' paths
+    lines = resources.instruction_lines(r["sass"]).splitlines()
+    assert len(lines) == r["instructions"] and all(line.startswith("/*") and "/tmp" not in line for line in lines)
     # the decode kernel keeps its fp32 state tile in registers (its 16-row tl.dot form spilled 588 B a thread)
     r = resources.report("recurrent", 128, "bf16", 1, resources.recurrent.LAUNCH)
     assert r["spill_st"] == 0 and r["spill_ld"] == 0

@@ -10,7 +10,11 @@ with 8 warps, and with `--maxnreg` at those register caps (ptxas fits the kernel
 does not fit, so that more blocks share an SM). Prints a markdown table; nothing runs, so it needs no device time.
 
     python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--rank 1]
-                                            [--kernels grad_wy,prep] [--maxnreg 168,128]
+                                            [--kernels grad_wy,prep] [--maxnreg 168,128] [--sass DIR]
+
+--sass DIR writes each row's SASS instructions there: two trees' listings compared with `diff -r` tell whether a
+change leaves a kernel's machine code as it was (and so its earlier GPU tests and timings standing). A kernel that
+gains an argument reads the later ones at other constant-bank offsets (`c[0x0][...]`); nothing else should move.
 """
 
 import argparse
@@ -19,6 +23,7 @@ import os
 import re
 import subprocess
 import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -51,16 +56,19 @@ def constexprs(name, D, dtype, R):
     return {
         "prep": dict(common, BK=ck, BV=cv),
         "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
-        "output": dict(common, BK=ck, BV=cv),
-        "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D),
+        "output": dict(common, BK=ck, BV=cv, SAVE_SCORES=True),
+        # the reverse pass reads the forward's scores where it runs narrowed (chunk.saves_scores), forms them at 64
+        "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D,
+                          SAVED_SCORES=False),
         "state_fwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
         "state_bwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_DFINAL=False, STORE_DINIT=False, AUG=False,
-                                 VA=D),
+                                 VA=D, SAVED_SCORES=True),
         "state_bwd_narrow16": dict(common, BK=bk, BV=min(bv, 16), HAS_DFINAL=False, STORE_DINIT=False, AUG=False,
-                                   VA=D),
+                                   VA=D, SAVED_SCORES=True),
         "grad_state": dict(common, BK=g, BV=g),
         "state_fwd_aug": dict(common, BK=bka, BV=bva, HAS_INIT=False, STORE_FINAL=True, AUG=True, VA=2 * D),
-        "state_bwd_aug": dict(common, BK=bka, BV=bva, HAS_DFINAL=False, STORE_DINIT=True, AUG=True, VA=2 * D),
+        "state_bwd_aug": dict(common, BK=bka, BV=bva, HAS_DFINAL=False, STORE_DINIT=True, AUG=True, VA=2 * D,
+                              SAVED_SCORES=True),
         "combine": dict(H=16, K=D, V=D, BK=bk, BV=bv, KB=min(bk, 32), HAS_X0=True, STORE_OUT=True, REVERSE=False),
         "recurrent": dict(common, BK=rk, BV=rv, HAS_INIT=True, STORE_FINAL=True, NORMALIZE=True),  # as decoding runs
         "grad_wy": dict(common, BK=g, BV=g, LOW=DTYPES[dtype] if chunk.WY_TRANSPOSE_16BIT else tl.float32,
@@ -119,12 +127,15 @@ def report(name, D, dtype, R, launch) -> dict:
     return dict(regs=int(regs.group(1)), spill_st=int(spills.group(1)), spill_ld=int(spills.group(2)),
                 smem_kb=compiled.metadata.shared / 1024,
                 blocks=blocks_per_sm(int(regs.group(1)), launch["num_warps"], compiled.metadata.shared),
-                instructions=len(sass_instructions(sass)[0]), loop=loop)
+                instructions=len(sass_instructions(sass)[0]), loop=loop, sass=sass)
 
 
 # opcode groups of the loop report: where a sequential pass's step spends its issue slots
 OPCODE_GROUPS = (("integer", r"^U?(I[A-Z0-9]*|LOP3|LEA|SHF|SEL|PRMT|SGXT|VIADD)$"), ("global", r"^(LDG|STG)$"),
                  ("shared", r"^(LDS|STS|LDSM|STSM)$"), ("local", r"^(LDL|STL)$"), ("HGMMA", r"^HGMMA$"))
+
+
+INSTRUCTION = r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)"
 
 
 def sass_instructions(sass):
@@ -136,13 +147,19 @@ def sass_instructions(sass):
         if label:
             target = label.group(1)
             continue
-        instr = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)", line)
+        instr = re.match(INSTRUCTION, line)
         if instr:
             at = int(instr.group(1), 16)
             if target is not None:
                 labels[target], target = at, None
             ops.append((at, instr.group(2), instr.group(3)))
     return ops, labels
+
+
+def instruction_lines(sass):
+    """The listing's instructions alone, one a line: without its data sections, which carry the source's paths and
+    line numbers, so that the same machine code from two trees reads the same."""
+    return "".join(line.strip() + "\n" for line in sass.splitlines() if re.match(INSTRUCTION, line))
 
 
 def main_loop(sass):
@@ -169,6 +186,7 @@ def main():
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset")
     parser.add_argument("--maxnreg", default="", help="register caps, e.g. 168,128: each kernel at its own settings "
                                                       "capped at each")
+    parser.add_argument("--sass", type=Path, default=None, help="write each row's SASS listing to this folder")
     args = parser.parse_args()
     caps = [int(n) for n in args.maxnreg.split(",") if n]
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = {args.rank}\n")
@@ -184,6 +202,10 @@ def main():
             for launch in launches + [dict(tuned, maxnreg=cap) for cap in caps]:
                 r = report(name, D, args.dtype, args.rank, launch)
                 cap = f", {launch['maxnreg']}" if "maxnreg" in launch else ""
+                if args.sass is not None:
+                    args.sass.mkdir(parents=True, exist_ok=True)
+                    row = f"{name}_D{D}_R{args.rank}_{launch['num_warps']}w{launch['num_stages']}s{cap[2:]}"
+                    (args.sass / f"{row}.sass").write_text(instruction_lines(r["sass"]))
                 print(f"| {name} | {D} | {launch['num_warps']}, {launch['num_stages']}{cap} | {r['regs']} | "
                       f"{r['spill_st']} / {r['spill_ld']} | {r['smem_kb']:.0f} | {r['blocks']} | "
                       f"{r['instructions']} | "
