@@ -1,7 +1,7 @@
 """The DeltaNet branch's L2 normalisation of q and k under torch.compile, alone, against a copy of the same bytes.
 
 Inductor's bandwidth report (inductor_bandwidth.py, session 39) put the compiled norm of q or k in FAC's step at
-~190 µs a call, ~390 GB/s, two calls a layer: far below the card's copy rate. This times the norm as the model
+~95 µs a call for 36 MB, ~390 GB/s, two calls a layer: far below the card's copy rate. This times the norm as the model
 writes it beside other spellings of it, forward and forward+backward, at the branch's shape in FAC's step, with a
 copy of q and k as the floor:
 
