@@ -806,7 +806,7 @@ def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):
 
 
 @pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
-def test_custom_ops_pass_torch_library_opcheck(triton_env):
+def test_custom_ops_pass_torch_library_opcheck(triton_env, monkeypatch):
     """The kernels' custom ops: schema, fake (meta) shapes, autograd registration and AOT dispatch, as torch.compile
     relies on them."""
     from flowhn_kernels import ops
@@ -827,3 +827,8 @@ def test_custom_ops_pass_torch_library_opcheck(triton_env):
     for normalize_qk in (False, True):
         torch.library.opcheck(ops.recurrent_forward, tuple(x.detach()[:, :3] for x in (q, k, v, beta)) +
                               (s0.detach(), 0.25, None, True, normalize_qk))  # fmt: skip
+    # with the scores saved for the reverse pass (chunk.saves_scores: K blocks of 128 on a GPU with SMs to spare)
+    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
+    wide = [x.requires_grad_() for x in make_inputs(2, 37, 1, 1, 100, 48)]
+    assert ops.chunk_forward(*wide, 0.25, None, True, None)[-1].numel() > 0
+    torch.library.opcheck(ops.chunk_forward, (*wide, 0.25, None, True, None))
