@@ -583,12 +583,12 @@ def grad_wy_kernel(k, v, v_stride, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu
 
 def saves_scores(sequences, heads, K, V, device):
     """Whether the forward stores the scores scale·(Q Kᵀ ⊙ causal) for the reverse pass (v25): where that pass
-    runs narrowed (Plan.pass_block_v: its programs fit one wave of the GPU), the latency of its chain bounds it and
+    runs narrowed (pass_block_v: its programs fit one wave of the GPU), the latency of its chain bounds it and
     the scores' product is taken off the chain, (1, 16384, 16, 128) fwd+bwd 1.65 → 1.54 ms. Where its programs fill
     the GPU the product costs less than the scores' bytes: (8, 2048, 16, 128) 1.42 → 1.47 ms, and (8, 2048, 12, 64)
     from CUDA graphs 0.524 → 0.554 (H100, 2026-12-06, compare_versions.py). The interpreter has no SMs and forms
     them (tests reach the saved scores by giving it SMs)."""
-    return pow2(K) == 128 and _blocks(K, V)[1] == 64 and sequences * heads * cdiv(V, 32) <= sm_count(device)
+    return pass_block_v(sequences, heads, K, V, False, device) < _blocks(K, V)[1]
 
 
 def make_plan(batch, length, rank, device, offsets=None):
@@ -689,26 +689,35 @@ class Plan:
         return tuple((self.nc - hi, self.nc - lo) for lo, hi in taken) if reverse else tuple(taken)
 
     def pass_block_v(self, heads, K, va, aug, alone=False):
-        """V block of a state pass: _blocks' 64, or 32 where twice the programs (sequences × heads × V blocks)
-        still fit in one wave of the GPU. Each program's chain step is then shorter: at 32 programs (one sequence
-        of 16384 tokens, 16 heads, D = 128; H200, 2026-12-05, state_passes.py --variants 32:4:4) forward 0.353 →
-        0.235 ms and reverse 0.616 → 0.546 at R = 1, 0.684 → 0.453 and 1.180 → 0.843 at R = 2; at 256 programs
-        (8 sequences) both passes take 1.5-1.9× longer. The scan's flow passes keep 64 (not timed at 32). Only at
-        K blocks of 128, where the benchmark timed them: at D = 64 they give the 64-wide outputs bit for bit on the
-        H200 (v15, kernels/benchmarks/NOTES.md; v7's wrong results there are gone) but have been timed only at 192
-        programs, where they lose.
-
-        `alone`: a reverse pass at rank 1 with no gradient kernels beside it (one window, Plan.windows), which takes
-        V blocks of 16 where four times the programs still fit one wave: same bits, a shorter step (the same shape
-        on an H100, 2026-12-06: reverse 0.540 → 0.441 ms; the forward pass gains nothing at 16, 0.233 → 0.234).
-        Beside windows' gradients the pass keeps 32, which leaves them half the SMs."""
-        bv = _blocks(K, va)[1]
-        if aug or bv != 64 or pow2(K) != 128:
-            return bv
+        """V block of this plan's state passes (pass_block_v); `alone` as there, at rank 1 only."""
+        return pass_block_v(self.n, heads, K, va, aug, self.device, alone and self.rank == 1)
         for narrow in (16, 32) if alone and self.rank == 1 else (32,):
             if self.n * heads * cdiv(va, narrow) <= sm_count(self.device):
                 return narrow
         return bv
+
+
+def pass_block_v(sequences, heads, K, va, aug, device, alone=False):
+    """V block of a state pass: _blocks' 64, or 32 where twice the programs (sequences × heads × V blocks)
+    still fit in one wave of the GPU. Each program's chain step is then shorter: at 32 programs (one sequence
+    of 16384 tokens, 16 heads, D = 128; H200, 2026-12-05, state_passes.py --variants 32:4:4) forward 0.353 →
+    0.235 ms and reverse 0.616 → 0.546 at R = 1, 0.684 → 0.453 and 1.180 → 0.843 at R = 2; at 256 programs
+    (8 sequences) both passes take 1.5-1.9× longer. The scan's flow passes keep 64 (not timed at 32). Only at
+    K blocks of 128, where the benchmark timed them: at D = 64 they give the 64-wide outputs bit for bit on the
+    H200 (v15, kernels/benchmarks/NOTES.md; v7's wrong results there are gone) but have been timed only at 192
+    programs, where they lose.
+
+    `alone`: a reverse pass at rank 1 with no gradient kernels beside it (one window, Plan.windows), which takes
+    V blocks of 16 where four times the programs still fit one wave: same bits, a shorter step (the same shape
+    on an H100, 2026-12-06: reverse 0.540 → 0.441 ms; the forward pass gains nothing at 16, 0.233 → 0.234).
+    Beside windows' gradients the pass keeps 32, which leaves them half the SMs."""
+    bv = _blocks(K, va)[1]
+    if aug or bv != 64 or pow2(K) != 128:
+        return bv
+    for narrow in (16, 32) if alone else (32,):
+        if sequences * heads * cdiv(va, narrow) <= sm_count(device):
+            return narrow
+    return bv
 
 
 @functools.cache

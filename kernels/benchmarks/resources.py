@@ -56,7 +56,7 @@ def constexprs(name, D, dtype, R):
     return {
         "prep": dict(common, BK=ck, BV=cv),
         "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
-        "output": dict(common, BK=ck, BV=cv, SAVE_SCORES=True),
+        "output": dict(common, BK=ck, BV=cv, SAVE_SCORES=D == 128),  # as at B = 1 (chunk.saves_scores)
         # the reverse pass reads the forward's scores where it runs narrowed (chunk.saves_scores), forms them at 64
         "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D,
                           SAVED_SCORES=False),
