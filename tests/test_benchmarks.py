@@ -297,6 +297,28 @@ def test_trees_run_each_row_from_each_source_tree(tmp_path, one_thread):
             tb.parse_args(["--smoke", "--trees", bad])
 
 
+def test_inductor_config_reaches_the_rows_child_process(tmp_path, monkeypatch, one_thread):
+    """--inductor-config: settings parsed as Python literals, refused before any row unless each key is one of
+    torch._inductor.config's; the child sets them before its row, and the reports list them."""
+    from torch._inductor import config
+
+    args = tb.parse_args(["--smoke", "--inductor-config", "combo_kernels=True, triton.cudagraph_trees=False"])
+    assert args.inductor_config == {"combo_kernels": True, "triton.cudagraph_trees": False}
+    for bad in ("combo_kernels", "no_such_setting=1", "combo_kernels=yes please"):
+        with pytest.raises(SystemExit):
+            tb.parse_args(["--smoke", "--inductor-config", bad])
+    seen = {}
+    monkeypatch.setattr(tb, "run_model", lambda *a, **kw: seen.update(combo=config.combo_kernels) or {})
+    monkeypatch.setattr(config, "combo_kernels", False)
+    args = tb.parse_args(["--smoke", "--models", "flowhn-FAC", "--inductor-config", "combo_kernels=True",
+                          "--child-json", str(tmp_path / "row.json")])  # fmt: skip
+    tb.run_child(args, torch.device("cpu"))
+    assert seen == {"combo": True}
+    tb.main(["--smoke", "--models", "flowhn-FAC", "--decode-batch-sizes", "", "--steps", "1",
+             "--inductor-config", "combo_kernels=False", "--out-dir", str(tmp_path / "out")])  # fmt: skip
+    assert "combo_kernels=False" in (tmp_path / "out" / "RESULTS.md").read_text()
+
+
 def test_max_minutes_leaves_out_rows_that_would_not_finish(tmp_path, one_thread):
     rows = tb.main(["--smoke", "--models", "llama,flowhn-FAC", "--max-minutes", "0", "--out-dir", str(tmp_path)])
     assert all(r["skipped"].startswith("not run") for r in rows) and len(rows) == 2

@@ -36,6 +36,7 @@ throughput.py): an A/B of a change on one machine in one call, the trees taking 
 """
 
 import argparse
+import ast
 import gc
 import itertools
 import json
@@ -644,6 +645,7 @@ PRECISIONS = {"autocast": "bf16 autocast over fp32 weights", "bf16": "bf16 weigh
 def write_reports(rows, args, env, out_dirs):
     smoke = " (SMOKE RUN: tiny models on CPU, numbers meaningless)" if args.smoke else ""
     decode_weights = "bf16 weights" if args.device.startswith("cuda") else "fp32 weights"
+    inductor = ", ".join(f"{k}={v!r}" for k, v in args.inductor_config.items()) or "default"
     compile_args = f'backend="{args.compile_backend}"' + (f', mode="{args.compile_mode}"' if args.compile_mode else "")
     compiled_what = (f"the whole model with its loss compiled in place, `model.compile({compile_args})`"
                      if args.compile_scope == "model" else
@@ -663,7 +665,7 @@ def write_reports(rows, args, env, out_dirs):
         f"- Training: batch {args.batch_size} × {args.seq_len} tokens of random ids (the same batch for every model), "
         f"AdamW (fused on CUDA), {PRECISIONS[args.precision]}; {args.warmup} warm-up steps, then {args.steps} timed "
         f"steps. \"(compiled)\": {compiled_what}, compiled during the warm-up steps (warm-up s: their wall time, "
-        "compilation included); the other rows eager.",
+        f"compilation included; Inductor's config: {inductor}); the other rows eager.",
         f"- Decode: `generate`, random prompt of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
         f"min_new_tokens = max_new_tokens, {decode_weights}; decode tok/s = batch·(new−1) / (generate time − "
         "prefill time).",
@@ -769,6 +771,9 @@ def parse_args(argv=None):
                    help="what a compiled row compiles in place: the whole model with its loss (default), or each "
                    "decoder layer, the rest eager (flowhn-train's --compile-scope; its default too, except under "
                    "FSDP)")
+    p.add_argument("--inductor-config", default=None, metavar="KEY=VALUE,...",
+                   help="torch._inductor.config settings for every compiled row, each VALUE a Python literal, e.g. "
+                   "combo_kernels=True,aggressive_fusion=True (the environment in the reports lists them)")
     p.add_argument("--split-period", type=int, default=None, help="every FlowHN model's split_period, the routing "
                    "pattern's period in tokens (default: the preset's)")
     p.add_argument("--no-calibrate", action="store_true", help="skip flowhn_hf.calibrate_split")
@@ -808,6 +813,7 @@ def parse_args(argv=None):
             p.error(f"--split-period {args.split_period}: {e}")
     if args.trees is not None:
         args.trees = parse_trees(p, args.trees)
+    args.inductor_config = parse_inductor_config(p, args.inductor_config)
     if args.out_dir is None:
         args.out_dir = (ROOT / "runs" / "benchmarks-smoke") if smoke else HERE
     return args
@@ -866,8 +872,29 @@ def main(argv=None):
     return rows
 
 
+def parse_inductor_config(p, text):
+    """{key: value} from "KEY=VALUE,...", each key one of torch._inductor.config's and each value a Python literal."""
+    from torch._inductor import config
+
+    settings = {}
+    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            settings[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            sep = ""
+        if not sep or key.strip() not in config._config:
+            p.error(f"--inductor-config: expected KEY=VALUE items, each KEY a torch._inductor.config setting and "
+                    f"each VALUE a Python literal, got {item!r}")  # fmt: skip
+    return settings
+
+
 def run_child(args, device):
     """A child process: the one row of `args.models`, written as JSON to --child-json."""
+    from torch._inductor import config
+
+    for key, value in args.inductor_config.items():
+        setattr(config, key, value)
     state = {"target": target_parameters(args)}
     if args.no_calibrate:
         state["calibration_note"] = "--no-calibrate"
