@@ -19,6 +19,7 @@ Nothing per token and K×V is stored.
 
 import contextlib
 import functools
+import math
 
 import torch
 import triton.language as tl
@@ -171,7 +172,8 @@ def sequence_span(cu, chunk_off, length, UNIFORM: tl.constexpr, seq, BT: tl.cons
 @device_function
 def chunk_rows(c, bos, eos, h, r, H: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr):
     """Row r of chunk c holds component r % RP of token c·BT + r // RP: its row in k, v and beta (flattened
-    [tokens, H, R]) and whether it is a real one (a token of the sequence, a component below R)."""
+    [tokens, H, R]) and whether it is a real one (a token of the sequence, a component below R). In a slice of a
+    wider tensor (q and k read in place, see K_HEADS) H is the token stride in heads' rows instead."""
     tok = c * BT + r // RP
     return ((bos + tok) * H + h) * R + r % RP, (tok < eos - bos) & (r % RP < R)
 
@@ -200,18 +202,21 @@ def block_inverses(a):
 
 @kernel
 def prep_kernel(k, v, v_stride, beta, tinv, w, ut, cu, chunk_idx, length, UNIFORM: tl.constexpr,
-                H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
+                H: tl.constexpr, K_HEADS: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 DT: tl.constexpr, PREC: tl.constexpr):
-    """UT transform of one chunk: T, W and Ũ."""
+    """UT transform of one chunk: T, W and Ũ. K_HEADS: k's token stride in [R, K] rows of a head (H where k is
+    contiguous; more where it is a slice of a wider projection, read in place), likewise Q_HEADS for q in the other
+    kernels: constants of the compilation, so that contiguous inputs compile to the code they always did."""
     g = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     ROWS: tl.constexpr = BT * RP
     bos, eos, c = chunk_span(cu, chunk_idx, length, UNIFORM, g, BT)
     r = tl.arange(0, ROWS)
     sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
+    ksub = chunk_rows(c, bos, eos, h, r, K_HEADS, R, RP, BT)[0]
     kk = tl.arange(0, BK)
-    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+    b_k = tl.load(k + ksub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
     tile = (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]
     a = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_beta[:, None]
@@ -242,11 +247,11 @@ def prep_kernel(k, v, v_stride, beta, tinv, w, ut, cu, chunk_idx, length, UNIFOR
 
 
 @device_function
-def fwd_tiles(k, w, ut, g, c, bos, eos, h, r, kk, col, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
-              V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr):
+def fwd_tiles(k, w, ut, g, c, bos, eos, h, r, kk, col, H: tl.constexpr, K_HEADS: tl.constexpr, R: tl.constexpr,
+              K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr):
     """Chunk c's (global chunk g's) rows, and its W, Ũ and Kᵀ for the forward pass."""
     base = (g * H + h) * (BT * RP) + r
-    sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
+    sub, row_ok = chunk_rows(c, bos, eos, h, r, K_HEADS, R, RP, BT)
     b_w = tl.load(w + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
     b_ut = tl.load(ut + base[:, None] * V + col[None, :], mask=(col[None, :] >= 0) & (col[None, :] < V), other=0.0)
     b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0)
@@ -255,7 +260,7 @@ def fwd_tiles(k, w, ut, g, c, bos, eos, h, r, kk, col, H: tl.constexpr, R: tl.co
 
 @windowed
 def state_fwd_kernel(k, w, ut, hs, init, final, c_lo, c_hi, cu, chunk_off, length, UNIFORM: tl.constexpr,
-                     H: tl.constexpr, R: tl.constexpr,
+                     H: tl.constexpr, K_HEADS: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DT: tl.constexpr,
                      PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
@@ -286,7 +291,8 @@ def state_fwd_kernel(k, w, ut, hs, init, final, c_lo, c_hi, cu, chunk_off, lengt
         S = tl.full([BK, BV], 0.0, tl.float32)
     nc = (eos - bos + BT - 1) // BT
     for c in range(c_lo, tl.minimum(nc, c_hi)):
-        base, b_w, b_ut, b_kt = fwd_tiles(k, w, ut, g0 + c, c, bos, eos, h, r, kk, col, H, R, K, V, RP, BT)
+        base, b_w, b_ut, b_kt = fwd_tiles(k, w, ut, g0 + c, c, bos, eos, h, r, kk, col, H, K_HEADS, R, K, V, RP,
+                                          BT)
         if not AUG:
             tl.store(hs + ((g0 + c) * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=kv_mask)
         b_u = b_ut.to(tl.float32) - tl.dot(b_w.to(DT), S.to(DT), input_precision=PREC)
@@ -309,7 +315,7 @@ def block_of_chunk(chunk0, blocks: tl.constexpr):
 
 @windowed
 def output_kernel(q, k, u, hs, o, qk, scale, chunk0, cu, chunk_idx, length, UNIFORM: tl.constexpr,
-                  H: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
+                  H: tl.constexpr, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   DT: tl.constexpr, PREC: tl.constexpr, SAVE_SCORES: tl.constexpr):
     """o = scale·(Q S_start + (Q Kᵀ ⊙ causal) U) for one chunk and one block of V (block_of_chunk). SAVE_SCORES: the
@@ -325,9 +331,9 @@ def output_kernel(q, k, u, hs, o, qk, scale, chunk0, cu, chunk_idx, length, UNIF
     vv = iv * BV + tl.arange(0, BV)
     tq = c * BT + t
     q_ok = tq < eos - bos
-    sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
-    b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K),
-                  other=0.0).to(DT)
+    sub, row_ok = chunk_rows(c, bos, eos, h, r, K_HEADS, R, RP, BT)
+    b_q = tl.load(q + ((bos + tq) * Q_HEADS + h)[:, None] * K + kk[None, :],
+                  mask=q_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     a = tl.where(t[:, None] >= (r // RP)[None, :], a, 0.0)
@@ -342,16 +348,16 @@ def output_kernel(q, k, u, hs, o, qk, scale, chunk0, cu, chunk_idx, length, UNIF
 
 
 @device_function
-def bwd_tiles(q, k, w, do, qk, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.constexpr, R: tl.constexpr,
-              K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr,
-              PREC: tl.constexpr, SAVED_SCORES: tl.constexpr):
+def bwd_tiles(q, k, w, do, qk, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.constexpr, Q_HEADS: tl.constexpr,
+              K_HEADS: tl.constexpr, R: tl.constexpr, K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr,
+              BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SAVED_SCORES: tl.constexpr):
     """Chunk c's (global chunk g's) rows, Q, Kᵀ, dOᵀ, W and A = scale·(QKᵀ ⊙ causal) for the reverse pass: the
     forward's (SAVED_SCORES), else formed here from Q scaled first (then Q is returned scaled)."""
     tq = c * BT + t
     q_ok = tq < eos - bos
-    sub, row_ok = chunk_rows(c, bos, eos, h, r, H, R, RP, BT)
-    b_q = tl.load(q + ((bos + tq) * H + h)[:, None] * K + kk[None, :], mask=q_ok[:, None] & (kk[None, :] < K),
-                  other=0.0).to(DT)
+    sub, row_ok = chunk_rows(c, bos, eos, h, r, K_HEADS, R, RP, BT)
+    b_q = tl.load(q + ((bos + tq) * Q_HEADS + h)[:, None] * K + kk[None, :],
+                  mask=q_ok[:, None] & (kk[None, :] < K), other=0.0).to(DT)
     b_kt = tl.load(k + sub[None, :] * K + kk[:, None], mask=row_ok[None, :] & (kk[:, None] < K), other=0.0).to(DT)
     b_dot = tl.load(do + ((bos + tq) * H + h)[None, :] * V + col[:, None],
                     mask=q_ok[None, :] & (col[:, None] >= 0) & (col[:, None] < V), other=0.0).to(DT)
@@ -369,7 +375,7 @@ def bwd_tiles(q, k, w, do, qk, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.co
 @windowed
 def state_bwd_kernel(q, k, w, do, qk, du, dhs, dfinal, dinit, scale, c_lo, c_hi, cu, chunk_off, length,
                      UNIFORM: tl.constexpr,
-                     H: tl.constexpr, R: tl.constexpr,
+                     H: tl.constexpr, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr,
                      PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr, SAVED_SCORES: tl.constexpr):
@@ -405,7 +411,8 @@ def state_bwd_kernel(q, k, w, do, qk, du, dhs, dfinal, dinit, scale, c_lo, c_hi,
     for i in range(c_end - c_lo):
         c = c_end - 1 - i
         base, b_q, b_kt, b_dot, b_w, b_a = bwd_tiles(q, k, w, do, qk, scale, g0 + c, c, bos, eos, h, r, t, kk, col,
-                                                     H, R, K, V, RP, BT, DT, PREC, SAVED_SCORES)
+                                                     H, Q_HEADS, K_HEADS, R, K, V, RP, BT, DT, PREC,
+                                                     SAVED_SCORES)
         if not AUG:
             tl.store(dhs + ((g0 + c) * H + h) * K * V + vk, dSt.to(dhs.dtype.element_ty), mask=vk_mask)
         b_dut = tl.dot(b_dot, b_a, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
@@ -470,7 +477,7 @@ def combine_kernel(flows, x0, xs, xout, seg_off, H: tl.constexpr, K: tl.constexp
 @windowed
 def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, chunk0, cu, chunk_idx, length,
                       UNIFORM: tl.constexpr,
-                      H: tl.constexpr, R: tl.constexpr,
+                      H: tl.constexpr, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, R: tl.constexpr,
                       K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """The state side of one chunk's gradients, for one block of K (block_of_chunk): dq, the part of dk that does not
@@ -509,8 +516,9 @@ def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, chunk0, cu, c
         b_dk += tl.dot(b_u, tl.trans(b_ds), input_precision=PREC)
         b_dw += tl.dot(b_du, tl.trans(b_s), input_precision=PREC)
     # fp32 operands below: dQKᵀ rounded to 16 bits would cost dq and dk a digit
-    b_q = tl.load(q + qrow[:, None] * K + kk[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    qsub, ksub = (bos + tq) * Q_HEADS + h, chunk_rows(c, bos, eos, h, r, K_HEADS, R, RP, BT)[0]
+    b_q = tl.load(q + qsub[:, None] * K + kk[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    b_k = tl.load(k + ksub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     b_dqk = tl.where(t[:, None] >= (r // RP)[None, :], b_dqk, 0.0) * scale
     b_dq = b_dq * scale + tl.dot(b_dqk, b_k, input_precision=PREC)
     b_dk += tl.dot(tl.trans(b_dqk), b_q, input_precision=PREC)
@@ -522,7 +530,7 @@ def grad_state_kernel(q, k, u, hs, du, dhs, do, dq, dk, dw, scale, chunk0, cu, c
 @windowed
 def grad_wy_kernel(k, v, v_stride, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu, chunk_idx, length,
                    UNIFORM: tl.constexpr,
-                   H: tl.constexpr, R: tl.constexpr,
+                   H: tl.constexpr, K_HEADS: tl.constexpr, R: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, LOW: tl.constexpr, CD: tl.constexpr):
     """Back through one chunk's UT transform W = T diag(β) K, Ũ = T diag(β) V, T = (I + A)⁻¹ (chunk chunk0 + the
@@ -542,6 +550,7 @@ def grad_wy_kernel(k, v, v_stride, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu
     b_dtv = tl.full([ROWS, ROWS], 0.0, tl.float32)
     b_kk = tl.full([ROWS, ROWS], 0.0, tl.float32)
     vrow = value_rows(c, bos, h, r, v_stride, R, RP, BT, V)
+    ksub = chunk_rows(c, bos, eos, h, r, K_HEADS, R, RP, BT)[0]
     for iv in range((V + BV - 1) // BV):
         vv = iv * BV + tl.arange(0, BV)
         v_ok = vv < V
@@ -555,7 +564,7 @@ def grad_wy_kernel(k, v, v_stride, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu
     for ik in range((K + BK - 1) // BK):
         kk = ik * BK + tl.arange(0, BK)
         k_ok = kk < K
-        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
+        b_k = tl.load(k + ksub[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
                       other=0.0).to(tl.float32)
         b_dw = tl.load(dw + base[:, None] * K + kk[None, :], mask=k_ok[None, :], other=0.0)
         b_dtv -= tl.dot(b_dw.to(CD), tl.trans((b_k * b_beta[:, None]).to(CD)), input_precision=PREC)
@@ -570,7 +579,7 @@ def grad_wy_kernel(k, v, v_stride, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu
     for ik in range((K + BK - 1) // BK):
         kk = ik * BK + tl.arange(0, BK)
         k_mask = row_ok[:, None] & (kk[None, :] < K)
-        b_k = tl.load(k + sub[:, None] * K + kk[None, :], mask=k_mask, other=0.0)
+        b_k = tl.load(k + ksub[:, None] * K + kk[None, :], mask=k_mask, other=0.0)
         b_dw = tl.load(dw + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
         b_dk = tl.load(dk + sub[:, None] * K + kk[None, :], mask=k_mask, other=0.0).to(tl.float32)
         # W = T diag(β) K with dW = −dU S_startᵀ
@@ -746,6 +755,12 @@ def _chunk_blocks(K, V):
     return pow2(K), min(pow2(V), 64)
 
 
+def heads_apart(x):
+    """The token stride of packed q [N,H,K] or k [N,H,R,K] in a head's rows ([K] or [R, K]): H for a contiguous one,
+    more for a slice of a wider projection (ops.pack hands those over only where it is a whole number)."""
+    return x.stride(0) // math.prod(x.shape[2:])
+
+
 def _prep(k, v, beta, plan):
     """The UT transform of every chunk: T, W and Ũ."""
     _, H, R, K = k.shape
@@ -754,8 +769,8 @@ def _prep(k, v, beta, plan):
     tinv = k.new_empty(plan.nc, H, ROWS, ROWS, dtype=torch.float32)
     w = k.new_empty(plan.nc, H, ROWS, K)
     ut = v.new_empty(plan.nc, H, ROWS, V)
-    prep_kernel[(plan.nc, H)](k, v, v.stride(0), beta, tinv, w, ut, *plan.chunks, H, R, K, V, plan.rp, plan.bt, bk,
-                              bv, dot_dtype(k.dtype), dot_precision(k.dtype), **launch("prep", K, k.dtype))
+    prep_kernel[(plan.nc, H)](k, v, v.stride(0), beta, tinv, w, ut, *plan.chunks, H, heads_apart(k), R, K, V, plan.rp,
+                              plan.bt, bk, bv, dot_dtype(k.dtype), dot_precision(k.dtype), **launch("prep", K, k.dtype))
     return tinv, w, ut
 
 
@@ -778,9 +793,9 @@ def _state_pass(k, w, ut, init, plan, final, aug, hs=None, window=None, repeats=
     lo, hi = window or (0, plan.nc)
     bk, bv, pass_launch = _pass_launch("state_fwd", k, va, aug, plan)
     (repeats or Repeats(state_fwd_kernel))(
-        (plan.n, H, cdiv(va, bv)), k, w, ut, hs, init, final, lo, hi, *plan.sequences, H, R, K, V, plan.rp, plan.bt,
-        bk, bv, init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va,
-        key=(id(init), id(final)), **pass_launch)
+        (plan.n, H, cdiv(va, bv)), k, w, ut, hs, init, final, lo, hi, *plan.sequences, H, heads_apart(k), R, K, V,
+        plan.rp, plan.bt, bk, bv, init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug,
+        va, key=(id(init), id(final)), **pass_launch)
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
@@ -845,8 +860,8 @@ def _states(k, w, ut, hs, initial_state, plan, output_final_state, scan, then):
 
 
 def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, scan=None):
-    """Forward on packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V] (contiguous but for v's token stride, see
-    value_rows), beta [N,H,R].
+    """Forward on packed tensors q [N,H,K], k [N,H,R,K], v [N,H,R,V] (contiguous but for their token strides, see
+    heads_apart and value_rows), beta [N,H,R].
 
     Returns o [N,H,V], the final state (or None) and what backward reuses: T, W, U, the chunk states and the
     scores (empty where saves_scores says no).
@@ -860,11 +875,11 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
     o = torch.empty(q.shape[0], H, V, dtype=q.dtype, device=q.device)
     bk, bv = _chunk_blocks(K, V)
     dt, prec, output_launch = dot_dtype(k.dtype), dot_precision(k.dtype), launch("output", K, k.dtype)
-    repeats = Repeats(output_kernel)
+    repeats, strides = Repeats(output_kernel), (heads_apart(q), heads_apart(k))
 
     def output(lo, hi):
-        repeats(((hi - lo) * cdiv(V, bv), H), q, k, u, hs, o, qk, scale, lo, *plan.chunks, H, R, K, V, plan.rp,
-                plan.bt, bk, bv, dt, prec, save_scores, **output_launch)
+        repeats(((hi - lo) * cdiv(V, bv), H), q, k, u, hs, o, qk, scale, lo, *plan.chunks, H, *strides, R, K, V,
+                plan.rp, plan.bt, bk, bv, dt, prec, save_scores, **output_launch)
 
     final = _states(k, w, u, hs, initial_state, plan, output_final_state, scan, output)
     return o, final, (tinv, w, u, hs, qk)
@@ -880,9 +895,9 @@ def _reverse_pass(q, k, w, do, qk, scale, dfinal, plan, dinit, aug, du=None, dhs
     lo, hi = window or (0, plan.nc)
     bk, bv, pass_launch = _pass_launch("state_bwd", k, va, aug, plan, alone)
     (repeats or Repeats(state_bwd_kernel))(
-        (plan.n, H, cdiv(va, bv)), q, k, w, do, qk, du, dhs, dfinal, dinit, scale, lo, hi, *plan.sequences, H, R, K, V,
-        plan.rp, plan.bt, bk, bv, dfinal is not None, dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype),
-        aug, va, qk.numel() > 0, key=(id(dfinal), id(dinit)), **pass_launch)
+        (plan.n, H, cdiv(va, bv)), q, k, w, do, qk, du, dhs, dfinal, dinit, scale, lo, hi, *plan.sequences, H,
+        heads_apart(q), heads_apart(k), R, K, V, plan.rp, plan.bt, bk, bv, dfinal is not None, dinit is not None,
+        dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, qk.numel() > 0, key=(id(dfinal), id(dinit)), **pass_launch)
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):
@@ -897,7 +912,7 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     dinit = q.new_empty(plan.n, H, K, V, dtype=torch.float32) if need_dinit else None
     do = do.contiguous()
     dw = torch.empty_like(w)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), v.new_empty(v.shape)  # (v may be strided, dv is not)
+    dq, dk, dv = (x.new_empty(x.shape) for x in (q, k, v))  # (the inputs may be strided, their gradients are not)
     dbeta = torch.empty_like(beta)
     gk, gv = min(pow2(K), 64), min(pow2(V), 64)
     dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
@@ -905,12 +920,13 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     cd = dt if WY_CANCELLING_16BIT else tl.float32
     state_launch, wy_launch = launch("grad_state", K, k.dtype), launch("grad_wy", K, k.dtype)
     state_repeats, wy_repeats = Repeats(grad_state_kernel), Repeats(grad_wy_kernel)
+    strides = heads_apart(q), heads_apart(k)
 
     def grads(lo, hi):
-        state_repeats(((hi - lo) * cdiv(K, gk), H), q, k, u, hs, du, dhs, do, dq, dk, dw, scale, lo, *plan.chunks, H, R,
-                      K, V, plan.rp, plan.bt, gk, gv, dt, prec, **state_launch)
-        wy_repeats((hi - lo, H), k, v, v.stride(0), beta, tinv, du, dw, dk, dv, dbeta, lo, *plan.chunks, H, R, K, V,
-                   plan.rp, plan.bt, gk, gv, dt, prec, low, cd, **wy_launch)
+        state_repeats(((hi - lo) * cdiv(K, gk), H), q, k, u, hs, du, dhs, do, dq, dk, dw, scale, lo, *plan.chunks, H,
+                      *strides, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec, **state_launch)
+        wy_repeats((hi - lo, H), k, v, v.stride(0), beta, tinv, du, dw, dk, dv, dbeta, lo, *plan.chunks, H, strides[1],
+                   R, K, V, plan.rp, plan.bt, gk, gv, dt, prec, low, cd, **wy_launch)
 
     if plan.use_scan(H, K, V, scan):
         seg, seg_off = plan.segments()

@@ -21,20 +21,22 @@ from .utils import op_namespace
 NAMESPACE = op_namespace(__name__)
 
 
-def _rows(x):
-    """x [N,...] as it is when each row's entries are contiguous (its rows may lie any distance apart), else a copy."""
-    return x if x[0].is_contiguous() else x.contiguous()
+def _rows(x, unit=1):
+    """x [N,...] as it is when each row's entries are contiguous and its rows lie a multiple of `unit` elements apart
+    (any distance for 1), else a copy."""
+    return x if x[0].is_contiguous() and x.stride(0) % unit == 0 else x.contiguous()
 
 
-def pack(q, k, v, beta, keys_in_place=False):
-    """Canonical [B,T,...] tensors as [B·T,...] ones, the kernels' packed layout: contiguous, except that v's tokens
-    may lie any distance apart as long as each token's values are contiguous (chunk.value_rows). So v can be a slice
-    of a wider projection, as the model's q, k, v are of its short conv's output, and is read in place: a copy would
-    cost a pass over v in every forward and again in every backward. keys_in_place: q and k likewise (the recurrent
-    kernel reads every input by token stride: at decoding, a copy is a launch a step)."""
+def pack(q, k, v, beta, any_stride=False):
+    """Canonical [B,T,...] tensors as [B·T,...] ones, the kernels' packed layout: each token's entries contiguous, the
+    tokens any distance apart for v, and for q and k a whole number of a head's rows apart (chunk.heads_apart: a
+    constant of the chunked kernels' compilation). So the three can be slices of a wider projection, as the model's
+    are of its short conv's output, and are read in place: a copy would cost a pass over them in every forward and
+    again in every backward. any_stride: q and k at any token stride, as the recurrent kernel reads them (at
+    decoding, a copy is a launch a step)."""
     B, T, H, R, K = k.shape
-    q, k = q.reshape(B * T, H, K), k.reshape(B * T, H, R, K)
-    q, k = (_rows(q), _rows(k)) if keys_in_place else (q.contiguous(), k.contiguous())
+    q = _rows(q.reshape(B * T, H, K), 1 if any_stride else K)
+    k = _rows(k.reshape(B * T, H, R, K), 1 if any_stride else R * K)
     return q, k, _rows(v.reshape(B * T, H, R, -1)), beta.reshape(B * T, H, R).contiguous()
 
 
@@ -162,7 +164,7 @@ def _recurrent_forward(
     B, T, H = q.shape[:3]
     init = None if initial_state is None else initial_state.contiguous()
     plan = _plan(k, offsets)
-    o, final = recurrent_fwd(*pack(q, k, v, beta, keys_in_place=True), scale, init, plan, output_final_state,
+    o, final = recurrent_fwd(*pack(q, k, v, beta, any_stride=True), scale, init, plan, output_final_state,
                              normalize_qk)
     return o.view(B, T, H, -1), _state_or_empty(final, q)
 

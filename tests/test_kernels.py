@@ -384,32 +384,36 @@ def test_chunked_rank_one_without_rank_axis_and_initial_state(triton_env):
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 @pytest.mark.parametrize("R", [1, 2])
 def test_inputs_sliced_from_a_wider_tensor_are_read_in_place(triton_env, R):
-    """q, k and v as the model makes them, slices of its short conv's [q | k | v] output (here at an odd offset and
-    token stride): pack hands v to the kernels uncopied, and q and k as well to the recurrent kernel (the chunked
-    ones take them contiguous); the chunked (forward and backward) and recurrent kernels give exactly what they give
-    for contiguous copies (the recurrent kernel to rounding)."""
+    """q, k and v as the model makes them, slices of its short conv's [q | k | v] output, at an odd offset: pack hands
+    them to the kernels uncopied where their token stride is a whole number of a head's rows (chunk.heads_apart),
+    else copies q and k (v it reads at any stride, and the recurrent kernel all three); the chunked (forward and
+    backward) and recurrent kernels give exactly what they give for contiguous copies (the recurrent kernel to
+    rounding)."""
     from flowhn_kernels.ops import pack
 
     H, K, V = dims(triton_env)
     B, T = 2, 70
     q, k, v, beta, s0 = make_inputs(B, T, H, R, K, V, device=triton_env)
     widths = [H * K, H * R * K, H * R * V]
-    wide = torch.randn(B, T, 5 + sum(widths) + 3, device=triton_env)
-    wide[..., 5 : 5 + sum(widths)] = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
-    q_s, k_s, v_s = wide[..., 5 : 5 + sum(widths)].split(widths, dim=-1)
-    q_s, k_s, v_s = q_s.view(B, T, H, K), k_s.view(B, T, H, R, K), v_s.view(B, T, H, R, V)
-    assert not v_s.is_contiguous() and all(torch.equal(a, b) for a, b in zip((q_s, k_s, v_s), (q, k, v)))
-    packed = pack(q_s, k_s, v_s, beta)
-    assert packed[0].is_contiguous() and packed[1].is_contiguous() and packed[2].data_ptr() == v_s.data_ptr()
-    in_place = pack(q_s, k_s, v_s, beta, keys_in_place=True)
-    assert [x.data_ptr() for x in in_place[:3]] == [x.data_ptr() for x in (q_s, k_s, v_s)]
-
-    sliced, whole = [q_s, k_s, v_s, beta, s0], [q, k, v, beta, s0]
-    check_against_naive(fk.delta_rule, sliced, TOL[torch.float32])
+    whole = [q, k, v, beta, s0]
     do = torch.randn(B, T, H, V, dtype=torch.float64, device=triton_env)
     ds = torch.randn(B, H, K, V, dtype=torch.float64, device=triton_env)
-    for got, want in zip(run(fk.delta_rule, sliced, do, ds), run(fk.delta_rule, whole, do, ds)):
-        assert torch.equal(got, want)
+    want = run(fk.delta_rule, whole, do, ds)
+    for stride in (5 + sum(widths) + 3, 2 * R * K * (H + 2 * R + 3)):  # not a whole number of rows, then one
+        wide = torch.randn(B, T, stride, device=triton_env)
+        wide[..., 5 : 5 + sum(widths)] = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)
+        q_s, k_s, v_s = wide[..., 5 : 5 + sum(widths)].split(widths, dim=-1)
+        q_s, k_s, v_s = q_s.view(B, T, H, K), k_s.view(B, T, H, R, K), v_s.view(B, T, H, R, V)
+        assert all(torch.equal(a, b) for a, b in zip((q_s, k_s, v_s), (q, k, v)))
+        packed = pack(q_s, k_s, v_s, beta)
+        in_place = stride % (R * K) == 0
+        assert [x.data_ptr() == y.data_ptr() for x, y in zip(packed, (q_s, k_s, v_s))] == [in_place] * 2 + [True]
+        assert [x.data_ptr() for x in pack(q_s, k_s, v_s, beta, any_stride=True)[:3]] == [
+            x.data_ptr() for x in (q_s, k_s, v_s)]  # fmt: skip
+        sliced = [q_s, k_s, v_s, beta, s0]
+        check_against_naive(fk.delta_rule, sliced, TOL[torch.float32])
+        for got, expected in zip(run(fk.delta_rule, sliced, do, ds), want):
+            assert torch.equal(got, expected)
     o, s = recurrent_delta_rule(*sliced[:4], initial_state=s0, output_final_state=True, normalize_qk=True)
     o1, s1 = recurrent_delta_rule(*whole[:4], initial_state=s0, output_final_state=True, normalize_qk=True)
     # On the GPU the slice's alignment can change the layout Triton picks for the norm's reduction, so not bitwise.

@@ -51,8 +51,9 @@ def constexprs(name, D, dtype, R):
     ck, cv = chunk._chunk_blocks(D, D)
     g = min(pow2(D), 64)
     rk, rv = recurrent.blocks(R, D, D)
-    common = dict(UNIFORM=True, H=16, R=R, K=D, V=D, RP=pow2(R, 1), BT=chunk.tokens_per_chunk(R), DT=DTYPES[dtype],
-                  PREC="tf32x3" if dtype == "fp32" else "tf32")  # UNIFORM: a batch, as training runs them
+    common = dict(UNIFORM=True, H=16, Q_HEADS=16, K_HEADS=16, R=R, K=D, V=D, RP=pow2(R, 1),
+                  BT=chunk.tokens_per_chunk(R), DT=DTYPES[dtype], PREC="tf32x3" if dtype == "fp32" else "tf32")
+    # UNIFORM: a batch, as training runs them; Q_HEADS, K_HEADS: q and k contiguous, as the benchmark's
     return {
         "prep": dict(common, BK=ck, BV=cv),
         "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
