@@ -773,7 +773,7 @@ def parse_args(argv=None):
                    "FSDP)")
     p.add_argument("--inductor-config", default=None, metavar="KEY=VALUE,...",
                    help="torch._inductor.config settings for every compiled row, each VALUE a Python literal, e.g. "
-                   "combo_kernels=True,aggressive_fusion=True (the environment in the reports lists them)")
+                   "combo_kernels=True,aggressive_fusion=True (the reports name them)")
     p.add_argument("--split-period", type=int, default=None, help="every FlowHN model's split_period, the routing "
                    "pattern's period in tokens (default: the preset's)")
     p.add_argument("--no-calibrate", action="store_true", help="skip flowhn_hf.calibrate_split")
@@ -876,14 +876,14 @@ def parse_inductor_config(p, text):
     """{key: value} from "KEY=VALUE,...", each key one of torch._inductor.config's and each value a Python literal."""
     from torch._inductor import config
 
-    settings = {}
+    settings, known = {}, config.get_config_copy()
     for item in filter(None, (x.strip() for x in (text or "").split(","))):
-        key, sep, value = item.partition("=")
+        key, sep, value = (part.strip() for part in item.partition("="))
         try:
-            settings[key.strip()] = ast.literal_eval(value.strip())
+            if not sep or key not in known:
+                raise ValueError(key)
+            settings[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            sep = ""
-        if not sep or key.strip() not in config._config:
             p.error(f"--inductor-config: expected KEY=VALUE items, each KEY a torch._inductor.config setting and "
                     f"each VALUE a Python literal, got {item!r}")  # fmt: skip
     return settings
