@@ -700,10 +700,6 @@ class Plan:
     def pass_block_v(self, heads, K, va, aug, alone=False):
         """V block of this plan's state passes (pass_block_v); `alone` as there, at rank 1 only."""
         return pass_block_v(self.n, heads, K, va, aug, self.device, alone and self.rank == 1)
-        for narrow in (16, 32) if alone and self.rank == 1 else (32,):
-            if self.n * heads * cdiv(va, narrow) <= sm_count(self.device):
-                return narrow
-        return bv
 
 
 def pass_block_v(sequences, heads, K, va, aug, device, alone=False):
