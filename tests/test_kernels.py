@@ -414,10 +414,10 @@ def test_inputs_sliced_from_a_wider_tensor_are_read_in_place(triton_env, R):
         check_against_naive(fk.delta_rule, sliced, TOL[torch.float32])
         for got, expected in zip(run(fk.delta_rule, sliced, do, ds), want):
             assert torch.equal(got, expected)
-    o, s = recurrent_delta_rule(*sliced[:4], initial_state=s0, output_final_state=True, normalize_qk=True)
-    o1, s1 = recurrent_delta_rule(*whole[:4], initial_state=s0, output_final_state=True, normalize_qk=True)
-    # On the GPU the slice's alignment can change the layout Triton picks for the norm's reduction, so not bitwise.
-    assert rel(o, o1) < 1e-6 and rel(s, s1) < 1e-6
+        o, s = recurrent_delta_rule(*sliced[:4], initial_state=s0, output_final_state=True, normalize_qk=True)
+        o1, s1 = recurrent_delta_rule(*whole[:4], initial_state=s0, output_final_state=True, normalize_qk=True)
+        # On the GPU the slice's alignment can change the layout Triton picks for the norm's reduction: not bitwise.
+        assert rel(o, o1) < 1e-6 and rel(s, s1) < 1e-6
     o64, s64 = fk.delta_rule_naive(*(x.double() for x in whole[:4]), initial_state=s0.double(),
                                    output_final_state=True, normalize_qk=True)  # fmt: skip
     assert rel(o, o64) < 1e-5 and rel(s, s64) < 1e-5
