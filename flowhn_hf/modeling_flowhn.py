@@ -27,11 +27,11 @@ from .configuration_flowhn import FlowHNConfig
 
 try:  # a Hub checkpoint carries the kernel modules flat beside this file
     from .cross_entropy import softmax_cross_entropy
-    from .delta_rule import delta_rule, l2_normalize
+    from .delta_rule import delta_rule
     from .short_conv import causal_conv, short_conv_silu
     from .utils import op_namespace
 except ImportError:  # the installed package
-    from flowhn_kernels import causal_conv, delta_rule, l2_normalize, short_conv_silu, softmax_cross_entropy
+    from flowhn_kernels import causal_conv, delta_rule, short_conv_silu, softmax_cross_entropy
     from flowhn_kernels.utils import op_namespace
 
 # transformers 5.25 renamed the cache, as a forward's argument and as an output's field, from `past_key_values` to
@@ -537,8 +537,9 @@ class FlowHNDeltaNet(nn.Module):
         conv_window, state = (None, None) if layer is None else _linear_states(layer)
 
         x = self.qkv_proj(hidden_states)
-        if layer is None:
-            qkv = short_conv_silu(x, self.conv1d.weight, tokens.documents)
+        if layer is None:  # q and the keys leave the conv's kernel at unit length
+            unit = (self.split_sizes[0] + self.split_sizes[1], self.key_dim)
+            qkv = short_conv_silu(x, self.conv1d.weight, tokens.documents, unit_groups=unit)
         else:  # decoding: the cached inputs before the first token lead (the cache keeps time on its last axis)
             if conv_window is None:
                 conv_window = x.new_zeros(batch, x.shape[2], self.conv_size - 1)
@@ -546,8 +547,8 @@ class FlowHNDeltaNet(nn.Module):
             qkv = F.silu(causal_conv(x.transpose(1, 2), self.conv1d.weight))
             layer.update_conv_state(self._last_inputs(x, tokens.valid))
         q, k, v = qkv.split(self.split_sizes, dim=-1)
-        # q and k are L2-normalised by the kernel call (normalize_qk): in the decoding kernel itself, saving the
-        # launches that F.normalize would take at every token; the kernel takes q, k and v in one dtype
+        # while decoding, q and k are L2-normalised by the kernel call (normalize_qk): in the decoding kernel itself,
+        # saving the launches that F.normalize would take at every token; the kernel takes q, k and v in one dtype
         q = q.view(batch, length, self.num_heads, self.key_dim)
         k = k.view(batch, length, self.num_heads, self.rank, self.key_dim)
         v = v.reshape(batch, length, self.num_heads, self.rank, self.value_dim)
@@ -558,10 +559,8 @@ class FlowHNDeltaNet(nn.Module):
 
         if tokens.documents is None:
             o, final_state = delta_rule(q, k, v, beta, initial_state=state, output_final_state=layer is not None,
-                                        normalize_qk=True)
-        else:  # the rows' documents packed along one sequence, the state reset at each; q and k normalised here,
-            # as normalize_qk would, where torch.compile fuses it: packed_delta_rule runs outside the graph
-            q, k = l2_normalize(q), l2_normalize(k)
+                                        normalize_qk=layer is not None)
+        else:  # the rows' documents packed along one sequence, the state reset at each
             packed = (t.flatten(0, 1)[None] for t in (q, k, v, beta))
             o = packed_delta_rule(*packed, cu_seqlens=document_offsets(tokens.documents))[0].view(v.shape[:3] + (-1,))
         if layer is not None:

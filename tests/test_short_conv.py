@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import CUDA, DEVICES, rel
 from flowhn_kernels import short_conv
-from flowhn_kernels.short_conv import causal_conv, short_conv_silu
+from flowhn_kernels.short_conv import causal_conv, short_conv_silu, to_unit_groups
 
 # relative error (norm) vs float64 on the same rounded inputs: the outputs' own rounding, and fp32 sums
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -30,23 +30,24 @@ def documents_for(B, n, device):
     return documents.to(device)
 
 
-def reference(x, weight, documents):
-    return F.silu(causal_conv(F.pad(x, (0, 0, weight.shape[-1] - 1, 0)), weight, documents))
+def reference(x, weight, documents, unit_groups=None):
+    y = F.silu(causal_conv(F.pad(x, (0, 0, weight.shape[-1] - 1, 0)), weight, documents))
+    return to_unit_groups(y, *(unit_groups or (0, 1)))
 
 
-def run(fn, x, weight, documents, gy):
+def run(fn, x, weight, documents, gy, unit_groups=None):
     """y, grad x and grad weight of fn on fresh leaf copies of x and weight."""
     x, weight = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    y = fn(x, weight, documents)
+    y = fn(x, weight, documents, unit_groups)
     y.backward(gy)
     return y, x.grad, weight.grad
 
 
-def check(x, weight, documents, tol):
+def check(x, weight, documents, tol, unit_groups=None):
     """Forward and both gradients against the float64 reference on the same inputs and output gradient."""
     gy = torch.randn(x.shape, dtype=torch.float64, device=x.device).to(x.dtype)
-    got = run(short_conv_silu, x, weight, documents, gy)
-    want = run(reference, x.double(), weight.double(), documents, gy.double())
+    got = run(short_conv_silu, x, weight, documents, gy, unit_groups)
+    want = run(reference, x.double(), weight.double(), documents, gy.double(), unit_groups)
     for name, g, w, like in zip(("y", "grad x", "grad weight"), got, want, (x, x, weight)):
         assert g.shape == like.shape and g.dtype == like.dtype, name
         assert torch.isfinite(g).all(), name
@@ -67,6 +68,22 @@ def test_kernels_against_float64_reference(triton_env, dtype, packed):
     for n, C, W in SHAPES:
         x, weight = make_inputs(2, n, C, W, dtype, triton_env)
         check(x, weight, documents_for(2, n, triton_env) if packed else None, TOL[dtype])
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_unit_groups_against_float64_reference(triton_env, dtype):
+    """The first channels scaled to unit length in groups, as DeltaNet's q and keys: in the kernels' epilogues for
+    powers of two (groups within one of several channel blocks, and one group as wide as a block), after them for
+    other sizes; a group of zero inputs stays zero (the norm's floor) and passes finite gradients, gy · 1e12 (beyond
+    float16's range, there as for F.normalize)."""
+    torch.manual_seed(5)
+    for (n, C, W), groups in [((17, 200, 4), (128, 32)), ((130, 37, 2), (32, 16)), ((3, 300, 3), (256, 256)),
+                              ((9, 100, 4), (96, 24))]:  # fmt: skip
+        x, weight = make_inputs(2, n, C, W, dtype, triton_env)
+        if dtype != torch.float16:
+            x[:, :, : groups[1]] = 0
+        check(x, weight, documents_for(2, n, triton_env), TOL[dtype], groups)
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
@@ -104,6 +121,10 @@ BAD = [
     (dict(documents=torch.zeros(2, 6, dtype=torch.long)), r"documents must be .* \(B, n\) = \(2, 5\)"),
     (dict(documents=torch.zeros(2, 5)), "documents must be .* integer"),
     (dict(documents=torch.zeros(2, 5, dtype=torch.bool)), "documents must be .* integer"),
+    (dict(unit_groups=(32, 0)), r"unit_groups must be .* size ≥ 1"),
+    (dict(unit_groups=(30, 4)), r"unit_groups must be .* dividing channels"),
+    (dict(unit_groups=(40, 8)), r"unit_groups must be .* ≤ C=37"),
+    (dict(unit_groups=[32, 16]), r"unit_groups must be None or \(channels, size\)"),
 ]
 
 
@@ -111,7 +132,7 @@ BAD = [
 @pytest.mark.parametrize("bad,message", BAD, ids=[m.split()[0] + str(i) for i, (_, m) in enumerate(BAD)])
 def test_bad_inputs_raise_value_errors_naming_the_argument(monkeypatch, interpret, bad, message):
     monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
-    args = dict(x=torch.randn(2, 5, 37), weight=torch.randn(37, 1, 4), documents=None) | bad
+    args = dict(x=torch.randn(2, 5, 37), weight=torch.randn(37, 1, 4), documents=None, unit_groups=None) | bad
     with pytest.raises(ValueError, match=message):
         short_conv_silu(**args)
 
@@ -122,11 +143,12 @@ def test_custom_ops_pass_torch_library_opcheck(triton_env):
     torch.manual_seed(3)
     x, weight = make_inputs(2, 6, 20, 3)
     documents = documents_for(2, 6, "cpu")
-    for docs in (None, documents):
-        torch.library.opcheck(short_conv.conv_silu_forward, (x.requires_grad_(), weight.requires_grad_(), docs))
+    for docs, unit in ((None, (0, 1)), (documents, (16, 8))):
+        torch.library.opcheck(short_conv.conv_silu_forward, (x.requires_grad_(), weight.requires_grad_(), docs, *unit))
     # the backward as Inductor may call it: a saved input in another memory layout, outputs contiguous all the same
     permuted = x.detach().transpose(1, 2).contiguous().transpose(1, 2)
-    torch.library.opcheck(short_conv.conv_silu_backward, (permuted, weight.detach(), documents, torch.randn_like(x)))
+    backward_args = (permuted, weight.detach(), documents, 16, 8, torch.randn_like(x))
+    torch.library.opcheck(short_conv.conv_silu_backward, backward_args)
 
 
 @pytest.mark.parametrize("triton_env", ["cpu"], indirect=True)
@@ -138,8 +160,9 @@ def test_compiles_without_graph_breaks(triton_env):
     gy = torch.randn_like(x)
     torch._dynamo.reset()
     compiled = torch.compile(short_conv_silu, fullgraph=True, backend="aot_eager")
-    for got, want in zip(run(compiled, x, weight, documents, gy), run(short_conv_silu, x, weight, documents, gy)):
-        assert torch.equal(got, want)
+    for unit in (None, (16, 8)):
+        got, want = (run(fn, x, weight, documents, gy, unit) for fn in (compiled, short_conv_silu))
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_benchmark_smoke_run(monkeypatch, capsys, benchmark_script):
@@ -148,9 +171,9 @@ def test_benchmark_smoke_run(monkeypatch, capsys, benchmark_script):
     bench = benchmark_script("bench_short_conv")
     lines = bench.main(["--smoke"])
     out = capsys.readouterr().out
-    assert "| B | n | C | W | documents |" in out and "SMOKE" in out
-    assert len(lines) == 2 * len(bench.SMOKE_SHAPES)
+    assert "| B | n | C | W | documents | unit |" in out and "SMOKE" in out
+    assert len(lines) == 4 * len(bench.SMOKE_SHAPES)
     for line in lines:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert len(cells) == 14 and all(float(t) > 0 for t in cells[6:9] + cells[10:13]), line
-        assert all(float(e) < 2e-2 for e in cells[13].split(" / ")), line
+        assert len(cells) == 15 and all(float(t) > 0 for t in cells[7:10] + cells[11:14]), line
+        assert all(float(e) < 2e-2 for e in cells[14].split(" / ")), line

@@ -2,7 +2,8 @@
 
 Times (triton.testing.do_bench medians, µs) the forward and the forward+backward of (a) short_conv_silu's Triton
 kernels, (b) the reference under torch.compile (what the model ran before), (c) the reference eager, at the model's
-shapes in bf16 (the weight fp32, as under autocast), without and with packed documents; beside them the memory floor
+shapes in bf16 (the weight fp32, as under autocast), without and with packed documents, without and with q and the keys
+scaled to unit length (`unit`: the model's training path, where the kernels fuse it); beside them the memory floor
 (every byte read and written once at 4.3 TB/s, an H200's HBM) and the kernels' largest error against the reference
 evaluated in float32 (max |Δ| / max |reference|, for y, grad x and grad weight). Prints a markdown table.
 
@@ -21,16 +22,18 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from flowhn_kernels.short_conv import causal_conv, short_conv_silu
+from flowhn_kernels.short_conv import causal_conv, short_conv_silu, to_unit_groups
 
-SHAPES = [(16, 973, 1728, 4), (8, 2048, 3072, 4)]  # (B, n, C, W): the 135M preset's DeltaNet channels, and wider
-SMOKE_SHAPES = [(1, 12, 16, 4)]
+# (B, n, C, W): the 135M preset's DeltaNet channels, and wider; the model's unit groups there (q and the keys, K = 64)
+SHAPES = {(16, 973, 1728, 4): (1152, 64), (8, 2048, 3072, 4): (2048, 64)}
+SMOKE_SHAPES = {(1, 12, 16, 4): (8, 4)}
 HBM_BYTES_PER_S = 4.3e12
 MEAN_DOCUMENT = 256  # tokens; --smoke: 8
 
 
-def reference(x, weight, documents):
-    return F.silu(causal_conv(F.pad(x, (0, 0, weight.shape[-1] - 1, 0)), weight, documents))
+def reference(x, weight, documents, unit_groups=None):
+    y = F.silu(causal_conv(F.pad(x, (0, 0, weight.shape[-1] - 1, 0)), weight, documents))
+    return to_unit_groups(y, *(unit_groups or (0, 1)))
 
 
 def cpu_bench(fn, grad_to_none=None):
@@ -57,32 +60,32 @@ def floor_us(x, weight, documents, backward):
     return 1e6 * (fwd + (3 * act + 2 * w + docs if backward else 0)) / HBM_BYTES_PER_S
 
 
-def errors(x, weight, documents, gy):
+def errors(x, weight, documents, unit, gy):
     """max |Δ| / max |reference| of y, grad x and grad weight, the reference run in float32."""
     results = []
     for fn, dtype in ((short_conv_silu, None), (reference, torch.float32)):
         xs = x.detach().to(dtype or x.dtype).requires_grad_()
         ws = weight.detach().to(dtype or weight.dtype).requires_grad_()
-        y = fn(xs, ws, documents)
+        y = fn(xs, ws, documents, unit)
         y.backward(gy.to(y.dtype))
         results.append((y, xs.grad, ws.grad))
     return [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(*results)]
 
 
-def row(shape, packed, impls, bench, device, mean_document):
+def row(shape, packed, unit, impls, bench, device, mean_document):
     x, weight, documents = inputs(*shape, packed, device, mean_document)
     gy = torch.randn_like(x)
     fwd, fwd_bwd = {}, {}
     for name, fn in impls.items():
-        fn(x, weight, documents).backward(gy)  # torch.compile compiles here, for gradients and without
+        fn(x, weight, documents, unit).backward(gy)  # torch.compile compiles here, for gradients and without
         with torch.no_grad():
-            fn(x, weight, documents)
-            fwd[name] = 1e3 * bench(lambda: fn(x, weight, documents))
-        fwd_bwd[name] = 1e3 * bench(lambda: fn(x, weight, documents).backward(gy), grad_to_none=[x, weight])
-    err = errors(x, weight, documents, gy)
+            fn(x, weight, documents, unit)
+            fwd[name] = 1e3 * bench(lambda: fn(x, weight, documents, unit))
+        fwd_bwd[name] = 1e3 * bench(lambda: fn(x, weight, documents, unit).backward(gy), grad_to_none=[x, weight])
+    err = errors(x, weight, documents, unit, gy)
     times = [floor_us(x, weight, documents, False), *fwd.values(), floor_us(x, weight, documents, True),
              *fwd_bwd.values()]  # fmt: skip
-    return (f"| {' | '.join(map(str, shape))} | {'yes' if packed else 'no'} | "
+    return (f"| {' | '.join(map(str, shape))} | {'yes' if packed else 'no'} | {unit[0] if unit else '-'} | "
             + " | ".join(f"{t:.1f}" for t in times) + f" | {' / '.join(f'{e:.1e}' for e in err)} |")  # fmt: skip
 
 
@@ -102,14 +105,15 @@ def main(argv=None):
              "eager": reference}  # fmt: skip
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU (SMOKE: interpreter)'}, x bf16, weight fp32, "
           f"µs; documents of {mean_document} tokens on average\n")  # fmt: skip
-    print("| B | n | C | W | documents | fwd floor | fwd triton | fwd compiled | fwd eager | "
+    print("| B | n | C | W | documents | unit | fwd floor | fwd triton | fwd compiled | fwd eager | "
           "f+b floor | f+b triton | f+b compiled | f+b eager | max rel err y / gx / gw |")  # fmt: skip
-    print("|" + "---|" * 14)
+    print("|" + "---|" * 15)
     lines = []
-    for shape in shapes:
+    for shape, groups in shapes.items():
         for packed in (False, True):
-            lines.append(row(shape, packed, impls, bench, device, mean_document))
-            print(lines[-1], flush=True)
+            for unit in (None, groups):
+                lines.append(row(shape, packed, unit, impls, bench, device, mean_document))
+                print(lines[-1], flush=True)
     return lines
 
 
