@@ -20,7 +20,7 @@ if __name__ == "kernels":
 else:
     from .cross_entropy import softmax_cross_entropy, softmax_cross_entropy_reference
     from .delta_rule import delta_rule, delta_rule_naive, delta_rule_reference, l2_normalize
-    from .short_conv import causal_conv, short_conv_silu
+    from .short_conv import causal_conv, short_conv_silu, short_conv_silu_reference
 
     __all__ = ["delta_rule", "delta_rule_reference", "delta_rule_naive", "l2_normalize", "short_conv_silu",
-               "causal_conv", "softmax_cross_entropy", "softmax_cross_entropy_reference"]
+               "short_conv_silu_reference", "causal_conv", "softmax_cross_entropy", "softmax_cross_entropy_reference"]

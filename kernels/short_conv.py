@@ -245,6 +245,14 @@ def to_unit_groups(y: Tensor, channels: int, size: int) -> Tensor:
     return torch.cat([head, y[..., channels:]], dim=-1)
 
 
+def short_conv_silu_reference(x: Tensor, weight: Tensor, documents: Optional[Tensor] = None,
+                              unit_groups: Optional[Tuple[int, int]] = None) -> Tensor:  # fmt: skip
+    """short_conv_silu in plain PyTorch, any device and dtype, differentiable by autograd (no argument checks): what
+    the kernels are tested against, and what short_conv_silu runs where they do not."""
+    y = F.silu(causal_conv(F.pad(x, (0, 0, weight.shape[-1] - 1, 0)), weight, documents))
+    return to_unit_groups(y, *(unit_groups or (0, 1)))
+
+
 def _describe(t) -> str:
     return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
@@ -290,8 +298,7 @@ def short_conv_silu(x: Tensor, weight: Tensor, documents: Optional[Tensor] = Non
     _check(x, weight, documents, unit_groups)
     channels, size = unit_groups or (0, 1)
     if x.dtype == torch.float64 or not (x.is_cuda or interpreting()):
-        y = F.silu(causal_conv(F.pad(x, (0, 0, weight.shape[-1] - 1, 0)), weight, documents))
-        return to_unit_groups(y, channels, size)
+        return short_conv_silu_reference(x, weight, documents, unit_groups)
     fused = size == pow2(size, 1) and size <= MAX_UNIT_GROUP
     inputs = (x.contiguous(), weight, documents, channels if fused else 0, size if fused else 1)
     y = conv_silu_forward(*inputs) if torch.compiler.is_compiling() else _EagerConvSilu.apply(*inputs)

@@ -1,5 +1,5 @@
-"""short_conv_silu (the DeltaNet branch's short causal conv + SiLU): Triton kernels against a float64 evaluation of the
-reference causal_conv.
+"""short_conv_silu (the DeltaNet branch's short causal conv + SiLU): Triton kernels against a float64 evaluation of
+short_conv_silu_reference.
 
 On CPU the kernels run in the Triton interpreter: the `triton_env` fixture sets TRITON_INTERPRET=1 for the test only
 (read at each launch). With CUDA the same tests also run compiled on the GPU. The interpreter pays per operation, so
@@ -9,11 +9,10 @@ the shapes are small: n = 130 spans three of the weight-gradient pass's 64-token
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import CUDA, DEVICES, rel
 from flowhn_kernels import short_conv
-from flowhn_kernels.short_conv import causal_conv, short_conv_silu, to_unit_groups
+from flowhn_kernels.short_conv import short_conv_silu, short_conv_silu_reference
 
 # relative error (norm) vs float64 on the same rounded inputs: the outputs' own rounding, and fp32 sums
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -30,11 +29,6 @@ def documents_for(B, n, device):
     return documents.to(device)
 
 
-def reference(x, weight, documents, unit_groups=None):
-    y = F.silu(causal_conv(F.pad(x, (0, 0, weight.shape[-1] - 1, 0)), weight, documents))
-    return to_unit_groups(y, *(unit_groups or (0, 1)))
-
-
 def run(fn, x, weight, documents, gy, unit_groups=None):
     """y, grad x and grad weight of fn on fresh leaf copies of x and weight."""
     x, weight = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
@@ -47,7 +41,7 @@ def check(x, weight, documents, tol, unit_groups=None):
     """Forward and both gradients against the float64 reference on the same inputs and output gradient."""
     gy = torch.randn(x.shape, dtype=torch.float64, device=x.device).to(x.dtype)
     got = run(short_conv_silu, x, weight, documents, gy, unit_groups)
-    want = run(reference, x.double(), weight.double(), documents, gy.double(), unit_groups)
+    want = run(short_conv_silu_reference, x.double(), weight.double(), documents, gy.double(), unit_groups)
     for name, g, w, like in zip(("y", "grad x", "grad weight"), got, want, (x, x, weight)):
         assert g.shape == like.shape and g.dtype == like.dtype, name
         assert torch.isfinite(g).all(), name
@@ -105,7 +99,8 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
     x, weight = make_inputs(2, 17, 37, 4, torch.bfloat16)
     documents = documents_for(2, 17, "cpu")
     gy = torch.randn_like(x)
-    for got, want in zip(run(short_conv_silu, x, weight, documents, gy), run(reference, x, weight, documents, gy)):
+    for got, want in zip(run(short_conv_silu, x, weight, documents, gy),
+                         run(short_conv_silu_reference, x, weight, documents, gy)):
         assert torch.equal(got, want)
 
 

@@ -19,21 +19,15 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench
 
-from flowhn_kernels.short_conv import causal_conv, short_conv_silu, to_unit_groups
+from flowhn_kernels.short_conv import short_conv_silu, short_conv_silu_reference
 
 # (B, n, C, W): the 135M preset's DeltaNet channels, and wider; the model's unit groups there (q and the keys, K = 64)
 SHAPES = {(16, 973, 1728, 4): (1152, 64), (8, 2048, 3072, 4): (2048, 64)}
 SMOKE_SHAPES = {(1, 12, 16, 4): (8, 4)}
 HBM_BYTES_PER_S = 4.3e12
 MEAN_DOCUMENT = 256  # tokens; --smoke: 8
-
-
-def reference(x, weight, documents, unit_groups=None):
-    y = F.silu(causal_conv(F.pad(x, (0, 0, weight.shape[-1] - 1, 0)), weight, documents))
-    return to_unit_groups(y, *(unit_groups or (0, 1)))
 
 
 def cpu_bench(fn, grad_to_none=None):
@@ -63,7 +57,7 @@ def floor_us(x, weight, documents, backward):
 def errors(x, weight, documents, unit, gy):
     """max |Δ| / max |reference| of y, grad x and grad weight, the reference run in float32."""
     results = []
-    for fn, dtype in ((short_conv_silu, None), (reference, torch.float32)):
+    for fn, dtype in ((short_conv_silu, None), (short_conv_silu_reference, torch.float32)):
         xs = x.detach().to(dtype or x.dtype).requires_grad_()
         ws = weight.detach().to(dtype or weight.dtype).requires_grad_()
         y = fn(xs, ws, documents, unit)
@@ -101,8 +95,9 @@ def main(argv=None):
         bench = functools.partial(do_bench, warmup=25, rep=100, return_mode="median")
     else:
         raise SystemExit("needs a CUDA GPU (or --smoke)")
-    impls = {"triton": short_conv_silu, "compiled": torch.compile(reference, dynamic=False, backend=backend),
-             "eager": reference}  # fmt: skip
+    impls = {"triton": short_conv_silu,
+             "compiled": torch.compile(short_conv_silu_reference, dynamic=False, backend=backend),
+             "eager": short_conv_silu_reference}  # fmt: skip
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU (SMOKE: interpreter)'}, x bf16, weight fp32, "
           f"µs; documents of {mean_document} tokens on average\n")  # fmt: skip
     print("| B | n | C | W | documents | unit | fwd floor | fwd triton | fwd compiled | fwd eager | "
