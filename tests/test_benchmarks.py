@@ -465,14 +465,16 @@ def test_linear_groups_check_fails_when_the_grouped_products_differ():
 
 def test_gemm_autotune_counts_every_product_of_a_step_and_times_both_ways(tmp_path):
     """Each Linear's weight takes three products a step (forward and both gradients; the LM head once per chunk of
-    its loss, one chunk here), and FAC's branch products split the batch's tokens between them."""
-    from flowhn_hf.modeling_flowhn import FlowHNForCausalLM
+    its loss, one chunk here; DeltaNet's three input linears one product between them, `joint_linear`), and FAC's
+    branch products split the batch's tokens between them."""
+    from flowhn_hf.modeling_flowhn import FlowHNDeltaNet, FlowHNForCausalLM
     from training.benchmarks import gemm_autotune
 
     model = FlowHNForCausalLM(flowhn_hf.preset_config("tiny", split_mode="flop_aware_circulating"))
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    deltanets = sum(isinstance(m, FlowHNDeltaNet) for m in model.modules())
     fac = gemm_autotune.step_products("tiny", "flop_aware_circulating", 2, 64)
-    assert sum(fac.values()) == 3 * linears
+    assert sum(fac.values()) == 3 * (linears - 2 * deltanets)
     forward_rows = {a[0] for a, a_stride, _, b_stride in fac if a_stride[1] == 1 and b_stride[0] == 1}  # x · Wᵀ
     assert any(n + m == 2 * 64 for n in forward_rows for m in forward_rows if max(n, m) < 2 * 64), forward_rows
     gemm_autotune.main(["--smoke", "--out", str(tmp_path / "table.md")])
