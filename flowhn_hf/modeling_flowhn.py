@@ -189,19 +189,16 @@ def joint_linear(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ..
     at the 135M size). From ALIGNED_MIN_ROWS rows the product is widened to a multiple of 8 features: rows that are
     not 16-byte aligned push cuBLAS off its Hopper kernels onto generic ones (`align1`), in the forward and both
     gradients; below (decoding steps) the product is small whichever kernel runs it, and the pad one more launch. A
-    wrapped linear (an adapter, a quantised layer) has each linear called as it is."""
+    wrapped linear (an adapter, a quantised layer) or one with a bias (none in this model) has each linear called as
+    it is."""
     sizes = [linear.out_features for linear in linears]
     pad = -sum(sizes) % 8 if x.shape[:-1].numel() >= ALIGNED_MIN_ROWS else 0
-    if (len(linears) == 1 and pad == 0) or any(type(linear) is not nn.Linear for linear in linears):
+    plain = all(type(linear) is nn.Linear and linear.bias is None for linear in linears)
+    if not plain or (len(linears) == 1 and pad == 0):
         return tuple(linear(x) for linear in linears)
     weight = torch.cat([linear.weight for linear in linears]) if len(linears) > 1 else linears[0].weight
-    bias = None
-    if any(linear.bias is not None for linear in linears):
-        bias = torch.cat([linear.weight.new_zeros(n) if linear.bias is None else linear.bias
-                          for linear, n in zip(linears, sizes)])  # fmt: skip
-    if pad:
-        weight, bias = F.pad(weight, (0, 0, 0, pad)), None if bias is None else F.pad(bias, (0, pad))
-    return F.linear(x, weight, bias).split(sizes + [pad], dim=-1)[: len(linears)]
+    weight = F.pad(weight, (0, 0, 0, pad)) if pad else weight
+    return F.linear(x, weight).split(sizes + [pad], dim=-1)[: len(linears)]
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -165,7 +165,7 @@ def _conv(x: Tensor, taps: Tensor, documents: Optional[Tensor], ahead=False, epi
     (B, n, C), W = x.shape, taps.shape[0]
     BT, BC, warps, per_program = WEIGHT_GRAD_TILE if weight_grad else TILE
     BC = max(BC, unit_size)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = x.new_empty(x.shape)  # contiguous, whatever x's strides
     programs, WP = cdiv(n, BT * per_program), pow2(W, 1)
     gw = x.new_empty(B * programs, WP, C, dtype=torch.float32) if weight_grad else None  # rows past W never written
     if y.numel():

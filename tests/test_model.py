@@ -338,8 +338,8 @@ def test_logits_to_keep_and_gradient_checkpointing():
 def test_joint_linear_is_each_linear_with_its_gradients(monkeypatch):
     """Three linears (24 + 5 + 9 = 38 features) from one product widened to 40 and cut back, or a lone 9-feature one
     widened to 16, give each linear's output and the same gradients; a few rows (a decoding step) take no pad; a
-    linear that is not a plain nn.Linear (an adapter, a quantised layer) has each called as it is; biases where some
-    linears have none."""
+    linear that is not a plain nn.Linear (an adapter, a quantised layer), or one with a bias, has each called as it
+    is."""
     products = []
     linear_fn = torch.nn.functional.linear
     counted = lambda x, w, b=None: products.append(w.shape) or linear_fn(x, w, b)  # noqa: E731
