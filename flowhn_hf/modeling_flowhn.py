@@ -542,17 +542,16 @@ class FlowHNDeltaNet(nn.Module):
         conv_window, state = (None, None) if layer is None else _linear_states(layer)
 
         x, gate, beta = joint_linear(hidden_states, self.qkv_proj, self.g_proj, self.b_proj)
-        if layer is None:  # q, k and v leave the conv's kernel apart (their gradients come back so), q and the keys
-            # at unit length
+        if layer is None:  # q and the keys leave the conv's kernel at unit length
             unit = (self.split_sizes[0] + self.split_sizes[1], self.key_dim)
-            q, k, v = short_conv_silu(x, self.conv1d.weight, tokens.documents, unit_groups=unit,
-                                      sections=self.split_sizes)
+            qkv = short_conv_silu(x, self.conv1d.weight, tokens.documents, unit_groups=unit)
         else:  # decoding: the cached inputs before the first token lead (the cache keeps time on its last axis)
             if conv_window is None:
                 conv_window = x.new_zeros(batch, x.shape[2], self.conv_size - 1)
             x = torch.cat([conv_window.to(x.dtype), x.transpose(1, 2)], dim=2)
-            q, k, v = F.silu(causal_conv(x.transpose(1, 2), self.conv1d.weight)).split(self.split_sizes, dim=-1)
+            qkv = F.silu(causal_conv(x.transpose(1, 2), self.conv1d.weight))
             layer.update_conv_state(self._last_inputs(x, tokens.valid))
+        q, k, v = qkv.split(self.split_sizes, dim=-1)
         # while decoding, q and k are L2-normalised by the kernel call (normalize_qk): in the decoding kernel itself,
         # saving the launches that F.normalize would take at every token; the kernel takes q, k and v in one dtype
         q = q.view(batch, length, self.num_heads, self.key_dim)

@@ -14,7 +14,7 @@ warps: 326 µs for its first pass; the forward takes 52.)
 """
 
 import re
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -86,36 +86,20 @@ def _group_norms(t, BT: tl.constexpr, BC: tl.constexpr, K: tl.constexpr):
     return tl.sqrt(_group_sums(t * t, BT, BC, K))
 
 
-@device_function
-def _section_rows(s0, s1, s2, b, n, cols, C, e0, e1):
-    """Per column, as [1, len(cols)]: where sequence b's first row lies, and the row stride, in the section of a
-    tensor split along the channels that holds the column: [0, e0) in s0 (B, n, e0), [e0, e1) in s1, [e1, C) in s2."""
-    first, second = cols < e0, cols < e1
-    width = tl.where(first, e0, tl.where(second, e1 - e0, C - e1))
-    start = tl.where(first, 0, tl.where(second, e0, e1))
-    zero = cols * 0
-    base = tl.where(first, s0 + zero, tl.where(second, s1 + zero, s2 + zero))
-    return (base + b * n * width + cols - start)[None, :], width[None, :]
-
-
 @kernel
-def conv_kernel(x, taps, documents, y, y1, y2, gy, gy1, gy2, gw, n, C, XB, XC, e0, e1, W: tl.constexpr,
-                WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_DOCS: tl.constexpr, AHEAD: tl.constexpr,
-                EPILOGUE: tl.constexpr, WEIGHT_GRAD: tl.constexpr, TILES: tl.constexpr, UNIT_C: tl.constexpr,
-                UNIT_K: tl.constexpr):
+def conv_kernel(x, taps, documents, y, gy, gw, n, C, XB, XC, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr,
+                BC: tl.constexpr, HAS_DOCS: tl.constexpr, AHEAD: tl.constexpr, EPILOGUE: tl.constexpr,
+                WEIGHT_GRAD: tl.constexpr, TILES: tl.constexpr, UNIT_C: tl.constexpr, UNIT_K: tl.constexpr):
     """One tile of BT tokens × BC channels of one sequence: acc[t] = Σ_back taps[W − 1 − back] · x[t − back], or
     with AHEAD x[t + back]; terms outside the sequence or t's document are zero; fp32 sums. y = acc (EPILOGUE 0),
     silu(acc) (1: the forward) or gy · silu'(acc) (2: the pre-activation's gradient, acc recomputed); with UNIT_C > 0
     the SiLU's first UNIT_C channels are scaled to unit length in groups of UNIT_K (a power of two dividing BC), and
-    epilogue 2 takes gy as the gradient of the scaled output. In epilogues 0 and 1 y is written in up to three sections
-    along the channels (_section_rows: y, y1, y2 at ends e0, e1; e0 = e1 = C for one), in epilogue 2 gy is read in
-    them (gy, gy1, gy2) and y is whole: the model's q, k and v leave the forward as tensors of their own, and their
-    gradients come back so, with no copy to join them. x's sequences lie XB apart and its rows XC apart (x may be C
-    channels of a wider projection's output). A program takes TILES tiles one after the other. With WEIGHT_GRAD
-    (EPILOGUE 2) also its weight-gradient partial sums into row `run` of gw (programs, WP, C): tap W − 1 − back sums
-    gpre[t] · x[t − back] over its tokens t. The shifted inputs are loaded a second time for it, from the cache the
-    first loads have just filled, since gpre exists only once all W of them are summed (holding the W tiles in
-    registers instead is untried)."""
+    epilogue 2 takes gy as the gradient of the scaled output. x's sequences lie XB apart and its rows XC apart (x
+    may be C channels of a wider projection's output), y, gy and gw are contiguous. A program takes
+    TILES tiles one after the other. With WEIGHT_GRAD (EPILOGUE 2) also its weight-gradient partial sums into row
+    `run` of gw (programs, WP, C): tap W − 1 − back sums gpre[t] · x[t − back] over its tokens t. The shifted
+    inputs are loaded a second time for it, from the cache the first loads have just filled, since gpre exists only
+    once all W of them are summed (holding the W tiles in registers instead is untried)."""
     b = tl.program_id(2).to(tl.int64)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = cols < C
@@ -123,11 +107,6 @@ def conv_kernel(x, taps, documents, y, y1, y2, gy, gy1, gy2, gw, n, C, XB, XC, e
     x_at = b * XB + cols[None, :]  # the same in x
     tap_at = taps + (W - 1) * C + cols  # taps (W, C): the tap `back` tokens back at tap_at - back * C
     documents += b * n
-    if EPILOGUE == 2:
-        y_at, y_stride = y + at, C
-        gy_at, gy_stride = _section_rows(gy, gy1, gy2, b, n, cols, C, e0, e1)
-    else:
-        y_at, y_stride = _section_rows(y, y1, y2, b, n, cols, C, e0, e1)
     j = tl.arange(0, WP)
     gw_acc = tl.zeros([WP, BC], dtype=tl.float32)
     for i in tl.range(TILES):
@@ -148,7 +127,7 @@ def conv_kernel(x, taps, documents, y, y1, y2, gy, gy1, gy2, gw, n, C, XB, XC, e
                 acc = tl.where(unit, acc / tl.maximum(_group_norms(acc, BT, BC, UNIT_K), UNIT_EPS), acc)
         if EPILOGUE == 2:
             sig = tl.sigmoid(acc)
-            dy = tl.load(gy_at + rows[:, None] * gy_stride, mask=tile_ok, other=0.0).to(tl.float32)
+            dy = tl.load(gy + at + rows[:, None] * C, mask=tile_ok, other=0.0).to(tl.float32)
             if UNIT_C > 0:  # gy is the unit vector u = s / max(‖s‖, eps)'s: gs = (gy − u (u · gy)) / ‖s‖
                 s = acc * sig
                 norm = _group_norms(s, BT, BC, UNIT_K)
@@ -156,7 +135,7 @@ def conv_kernel(x, taps, documents, y, y1, y2, gy, gy1, gy2, gw, n, C, XB, XC, e
                 along = tl.where(norm > UNIT_EPS, u * _group_sums(u * dy, BT, BC, UNIT_K), 0.0)  # eps: a constant
                 dy = tl.where(unit, (dy - along) / tl.maximum(norm, UNIT_EPS), dy)
             acc = dy * sig * (1 + acc * (1 - sig))
-        tl.store(y_at + rows[:, None] * y_stride, acc.to(y.dtype.element_ty), mask=tile_ok)
+        tl.store(y + at + rows[:, None] * C, acc.to(y.dtype.element_ty), mask=tile_ok)
         if WEIGHT_GRAD:
             for back in tl.static_range(W):
                 xs = _shifted_rows(x, x_at, rows, back, n, c_ok, row_ok, documents, doc, XC, HAS_DOCS, AHEAD)
@@ -178,65 +157,52 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.stride(2) == 1 else x.contiguous()
 
 
-def _section_ends(widths, C):
-    """(e0, e1) of conv_kernel for up to three section widths summing to C."""
-    return widths[0], C - (widths[2] if len(widths) == 3 else 0)
-
-
 def _conv(x: Tensor, taps: Tensor, documents: Optional[Tensor], ahead=False, epilogue=0, gy=None, weight_grad=False,
-          unit_channels=0, unit_size=1, sections=None):
-    """conv_kernel over all of x (B, n, C), as `_rows` leaves it: y as a list of its sections along C (`sections`, up
-    to three widths; one whole tensor by default), and with `weight_grad` (epilogue 2) the weight gradient too, gy
-    then a list of the gradients of the output's sections. The first `unit_channels` of the SiLU in unit groups of
-    `unit_size` (0: none; see conv_kernel)."""
+          unit_channels=0, unit_size=1):
+    """conv_kernel over all of x (B, n, C), as `_rows` leaves it: y, contiguous, and with `weight_grad` (epilogue 2)
+    the weight gradient too. The first `unit_channels` of the SiLU in unit groups of `unit_size` (0: none; see
+    conv_kernel)."""
     (B, n, C), W = x.shape, taps.shape[0]
     BT, BC, warps, per_program = WEIGHT_GRAD_TILE if weight_grad else TILE
     BC = max(BC, unit_size)
-    y = [x.new_empty(B, n, width) for width in sections or [C]]
+    y = x.new_empty(x.shape)  # contiguous, whatever x's strides
     programs, WP = cdiv(n, BT * per_program), pow2(W, 1)
     gw = x.new_empty(B * programs, WP, C, dtype=torch.float32) if weight_grad else None  # rows past W never written
-    if x.numel():
+    if y.numel():
         docs = x if documents is None else documents  # placeholder pointers where a flag leaves an argument unused
-        gw_arg = x if gw is None else gw
-        split = [g.shape[-1] for g in gy] if epilogue == 2 else sections or [C]
-        ys, gys = ([*t, *[t[0]] * (3 - len(t))] for t in (y, gy or [x]))
-        conv_kernel[(programs, cdiv(C, BC), B)](x, taps, docs, *ys, *gys, gw_arg, n, C, x.stride(0), x.stride(1),
-                                                *_section_ends(split, C), W, WP, BT, BC, documents is not None, ahead,
-                                                epilogue, weight_grad, per_program, unit_channels, unit_size,
-                                                num_warps=warps)  # fmt: skip
+        gy_arg, gw_arg = (x if t is None else t for t in (gy, gw))
+        conv_kernel[(programs, cdiv(C, BC), B)](x, taps, docs, y, gy_arg, gw_arg, n, C, x.stride(0), x.stride(1), W,
+                                                WP, BT, BC, documents is not None, ahead, epilogue, weight_grad,
+                                                per_program, unit_channels, unit_size, num_warps=warps)  # fmt: skip
     if not weight_grad:
         return y
     return y, gw[:, :W].sum(0) if gw.numel() else x.new_zeros(W, C, dtype=torch.float32)
 
 
-def _forward(x: Tensor, weight: Tensor, documents: Optional[Tensor], unit_channels: int, unit_size: int,
-             sections: List[int]) -> List[Tensor]:  # fmt: skip
-    """silu(conv) (B, n, C) in x's dtype, its first `unit_channels` scaled to unit length in groups of `unit_size`, as
-    its `sections` along C."""
+def _forward(x: Tensor, weight: Tensor, documents: Optional[Tensor], unit_channels: int, unit_size: int) -> Tensor:
+    """silu(conv) (B, n, C) in x's dtype, its first `unit_channels` scaled to unit length in groups of `unit_size`."""
     docs = None if documents is None else documents.contiguous()
-    return _conv(_rows(x), _taps(weight), docs, epilogue=1, unit_channels=unit_channels, unit_size=unit_size,
-                 sections=sections)  # fmt: skip
+    return _conv(_rows(x), _taps(weight), docs, epilogue=1, unit_channels=unit_channels, unit_size=unit_size)
 
 
 conv_silu_forward = torch.library.custom_op(f"{NAMESPACE}::conv_silu_forward", _forward, mutates_args=())
 
 
 @conv_silu_forward.register_fake
-def _(x, weight, documents, unit_channels, unit_size, sections):
-    return [x.new_empty(*x.shape[:2], width) for width in sections]
+def _(x, weight, documents, unit_channels, unit_size):
+    return x.new_empty(x.shape)
 
 
 def _backward(x: Tensor, weight: Tensor, documents: Optional[Tensor], unit_channels: int, unit_size: int,
-              gy: List[Tensor]) -> Tuple[Tensor, Tensor]:  # fmt: skip
-    """(gx in x's dtype, gw in weight's shape and dtype) from the gradients gy of the output's sections: the
-    pre-activation's gradient (the forward recomputed) with the weight gradient from the same tiles, then the input
-    gradient as a convolution of it looking ahead."""
-    x, gy = _rows(x), [g.contiguous() for g in gy]
+              gy: Tensor) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """(gx in x's dtype, gw in weight's shape and dtype): the pre-activation's gradient (the forward recomputed) with
+    the weight gradient from the same tiles, then the input gradient as a convolution of it looking ahead."""
+    x, gy = _rows(x), gy.contiguous()
     docs = None if documents is None else documents.contiguous()
     taps = _taps(weight)
-    (gpre,), gw = _conv(x, taps, docs, epilogue=2, gy=gy, weight_grad=True, unit_channels=unit_channels,
-                        unit_size=unit_size)  # fmt: skip
-    (gx,) = _conv(gpre, taps, docs, ahead=True)
+    gpre, gw = _conv(x, taps, docs, epilogue=2, gy=gy, weight_grad=True, unit_channels=unit_channels,
+                     unit_size=unit_size)  # fmt: skip
+    gx = _conv(gpre, taps, docs, ahead=True)
     return gx, gw.T.contiguous().view(weight.shape).to(weight.dtype)
 
 
@@ -251,16 +217,15 @@ def _(x, weight, documents, unit_channels, unit_size, gy):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:3])
-    ctx.unit = inputs[3:5]
+    ctx.unit = inputs[3:]
 
 
 def _backward_by(backward_fn):
     """The autograd backward, computed by the op (traced) or by its plain function (eager)."""
 
-    def autograd_backward(ctx, *gy):
+    def autograd_backward(ctx, gy):
         x, weight, documents = ctx.saved_tensors
-        gy = gy[0] if len(gy) == 1 and isinstance(gy[0], (list, tuple)) else gy  # the op hands a list
-        return (*backward_fn(x, weight, documents, *ctx.unit, list(gy)), None, None, None, None)
+        return (*backward_fn(x, weight, documents, *ctx.unit, gy), None, None, None)
 
     return autograd_backward
 
@@ -274,7 +239,7 @@ class _EagerConvSilu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         _setup_context(ctx, inputs, None)
-        return tuple(_forward(*inputs))
+        return _forward(*inputs)
 
     backward = staticmethod(_backward_by(_backward))
 
@@ -301,7 +266,7 @@ def _describe(t) -> str:
     return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _check(x, weight, documents, unit_groups, sections):
+def _check(x, weight, documents, unit_groups):
     """ValueError naming the first argument the kernels cannot take."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in FLOAT_DTYPES or x.shape[1] < 1:
         raise ValueError(f"x must be a 3-D floating tensor (B, n, C) with n ≥ 1 (float16, bfloat16, float32 or "
@@ -318,11 +283,6 @@ def _check(x, weight, documents, unit_groups, sections):
         if not (ok and unit_groups[1] >= 1 and 0 <= unit_groups[0] <= C and unit_groups[0] % unit_groups[1] == 0):
             raise ValueError(f"unit_groups must be None or (channels, size): integers with size ≥ 1 dividing channels "
                              f"and 0 ≤ channels ≤ C={C}, got {unit_groups!r}")  # fmt: skip
-    if sections is not None:
-        ok = isinstance(sections, (tuple, list)) and all(type(i) is int for i in sections)
-        if not (ok and 1 <= len(sections) <= 3 and min(sections) >= 1 and sum(sections) == C):
-            raise ValueError(f"sections must be None or one to three positive integers summing to C={C}, "
-                             f"got {sections!r}")  # fmt: skip
     if documents is None:
         return
     if (not isinstance(documents, torch.Tensor) or documents.shape != (B, n) or documents.dtype.is_floating_point
@@ -334,29 +294,21 @@ def _check(x, weight, documents, unit_groups, sections):
 
 
 def short_conv_silu(x: Tensor, weight: Tensor, documents: Optional[Tensor] = None,
-                    unit_groups: Optional[Tuple[int, int]] = None,
-                    sections: Optional[Tuple[int, ...]] = None) -> Tensor | Tuple[Tensor, ...]:  # fmt: skip
+                    unit_groups: Optional[Tuple[int, int]] = None) -> Tensor:  # fmt: skip
     """silu of the causal depthwise convolution of x (B, n, C) with taps `weight` (C, 1, W), zero inputs before the
     first token and, with `documents` (B, n), none from an earlier packed document: (B, n, C) in x's dtype.
     `unit_groups` (channels, size): the output's first `channels` scaled to unit length in groups of `size` (DeltaNet's
-    q and keys), in the kernels' epilogues where `size` is a power of two up to 256. `sections` (up to three channel
-    counts summing to C): the output as that many contiguous tensors (B, n, count), what `y.split(sections, -1)`
-    gives, but written apart by the kernels, so that their gradients reach the backward without a copy joining them
-    (DeltaNet's q, k and v).
+    q and keys), in the kernels' epilogues where `size` is a power of two up to 256.
 
     Differentiable in x and weight. The Triton kernels run for float16, bfloat16 and float32 x on a GPU, or anywhere
     under TRITON_INTERPRET=1 (fp32 sums, SiLU on the fp32 pre-activation); otherwise, and for float64, the PyTorch
     reference. Under torch.compile the kernels are custom ops: one opaque node each for the forward and backward.
     """
-    _check(x, weight, documents, unit_groups, sections)
+    _check(x, weight, documents, unit_groups)
     channels, size = unit_groups or (0, 1)
-    widths = list(sections or [x.shape[-1]])
     if x.dtype == torch.float64 or not (x.is_cuda or interpreting()):
-        ys = short_conv_silu_reference(x, weight, documents, unit_groups).split(widths, -1)
-    else:
-        fused = size == pow2(size, 1) and size <= MAX_UNIT_GROUP
-        inputs = (_rows(x), weight, documents, channels if fused else 0, size if fused else 1, widths)
-        ys = conv_silu_forward(*inputs) if torch.compiler.is_compiling() else _EagerConvSilu.apply(*inputs)
-        if not fused:  # group sizes the kernels do not take
-            ys = to_unit_groups(torch.cat(ys, -1) if len(ys) > 1 else ys[0], channels, size).split(widths, -1)
-    return ys[0] if sections is None else tuple(ys)
+        return short_conv_silu_reference(x, weight, documents, unit_groups)
+    fused = size == pow2(size, 1) and size <= MAX_UNIT_GROUP
+    inputs = (_rows(x), weight, documents, channels if fused else 0, size if fused else 1)
+    y = conv_silu_forward(*inputs) if torch.compiler.is_compiling() else _EagerConvSilu.apply(*inputs)
+    return y if fused else to_unit_groups(y, channels, size)

@@ -81,33 +81,6 @@ def test_unit_groups_against_float64_reference(triton_env, dtype):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sections_are_the_whole_output_split(triton_env, dtype):
-    """`sections`: the output as separate tensors, bit for bit the whole output's split along C, and the gradients
-    from them bit for bit those from the whole (float32 on a GPU: within its rounding): sections across a channel
-    block's edge and inside one, with unit groups (the model's q | k | v) and packed documents."""
-    torch.manual_seed(6)
-    exact = triton_env == "cpu" or dtype != torch.float32  # compiled fp32 variants may contract multiply-adds apart
-    for (n, C, W), sections, unit in [((17, 200, 4), (64, 64, 72), (128, 32)), ((130, 37, 2), (5, 32), None),
-                                      ((3, 300, 3), (300,), (256, 256))]:  # fmt: skip
-        x, weight = make_inputs(2, n, C, W, dtype, triton_env)
-        documents = documents_for(2, n, triton_env)
-        gy = torch.randn(x.shape, device=triton_env).to(dtype)
-        whole = run(short_conv_silu, x, weight, documents, gy, unit)
-
-        def apart(x, weight, documents, unit_groups):
-            return torch.cat(short_conv_silu(x, weight, documents, unit_groups, sections), -1)
-
-        parts = short_conv_silu(x, weight, documents, unit, sections)
-        assert [t.shape[-1] for t in parts] == list(sections) and all(t.is_contiguous() for t in parts)
-        for name, got, want in zip(("y", "grad x", "grad weight"), run(apart, x, weight, documents, gy, unit), whole):
-            if exact:
-                assert torch.equal(got, want), name
-            else:
-                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_widths_weight_dtype_and_layout(triton_env):
     """W = 1 and 8, an fp32 weight on bf16 x (autocast's), non-contiguous x, int32 documents."""
     torch.manual_seed(1)
@@ -168,10 +141,6 @@ BAD = [
     (dict(unit_groups=(30, 4)), r"unit_groups must be .* dividing channels"),
     (dict(unit_groups=(40, 8)), r"unit_groups must be .* ≤ C=37"),
     (dict(unit_groups=[32, 16]), r"unit_groups must be None or \(channels, size\)"),
-    (dict(sections=(20, 10)), r"sections must be .* summing to C=37"),
-    (dict(sections=(10, 10, 10, 7)), r"sections must be None or one to three"),
-    (dict(sections=(37, 0)), r"sections must be .* positive"),
-    (dict(sections=(30.0, 7)), r"sections must be .* integers"),
 ]
 
 
@@ -179,8 +148,7 @@ BAD = [
 @pytest.mark.parametrize("bad,message", BAD, ids=[m.split()[0] + str(i) for i, (_, m) in enumerate(BAD)])
 def test_bad_inputs_raise_value_errors_naming_the_argument(monkeypatch, interpret, bad, message):
     monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
-    args = dict(x=torch.randn(2, 5, 37), weight=torch.randn(37, 1, 4), documents=None, unit_groups=None,
-                sections=None) | bad
+    args = dict(x=torch.randn(2, 5, 37), weight=torch.randn(37, 1, 4), documents=None, unit_groups=None) | bad
     with pytest.raises(ValueError, match=message):
         short_conv_silu(**args)
 
@@ -191,12 +159,11 @@ def test_custom_ops_pass_torch_library_opcheck(triton_env):
     torch.manual_seed(3)
     x, weight = make_inputs(2, 6, 20, 3)
     documents = documents_for(2, 6, "cpu")
-    for docs, unit, sections in ((None, (0, 1), [20]), (documents, (16, 8), [8, 8, 4])):
-        args = (x.requires_grad_(), weight.requires_grad_(), docs, *unit, sections)
-        torch.library.opcheck(short_conv.conv_silu_forward, args)
+    for docs, unit in ((None, (0, 1)), (documents, (16, 8))):
+        torch.library.opcheck(short_conv.conv_silu_forward, (x.requires_grad_(), weight.requires_grad_(), docs, *unit))
     # the backward as Inductor may call it: a saved input in another memory layout, outputs contiguous all the same
     permuted = x.detach().transpose(1, 2).contiguous().transpose(1, 2)
-    backward_args = (permuted, weight.detach(), documents, 16, 8, list(torch.randn_like(x).split([8, 8, 4], -1)))
+    backward_args = (permuted, weight.detach(), documents, 16, 8, torch.randn_like(x))
     torch.library.opcheck(short_conv.conv_silu_backward, backward_args)
 
 
@@ -209,14 +176,8 @@ def test_compiles_without_graph_breaks(triton_env):
     gy = torch.randn_like(x)
     torch._dynamo.reset()
     compiled = torch.compile(short_conv_silu, fullgraph=True, backend="aot_eager")
-
-    def in_sections(fn):  # the model's call: q | k | v apart
-        return lambda x, weight, documents, unit: torch.cat(fn(x, weight, documents, unit, (8, 8, 4)), -1)
-
     for unit in (None, (16, 8)):
         got, want = (run(fn, x, weight, documents, gy, unit) for fn in (compiled, short_conv_silu))
-        assert all(torch.equal(g, w) for g, w in zip(got, want))
-        got = run(in_sections(compiled), x, weight, documents, gy, unit)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 

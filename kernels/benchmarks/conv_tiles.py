@@ -38,16 +38,16 @@ def main(argv=None):
         weight = (torch.randn(C, 1, W, generator=g) / W**0.5).cuda()
         gy = torch.randn(B, n, C, generator=g).cuda().bfloat16()
         taps = short_conv._taps(weight)
-        gx0, gw0 = short_conv._backward(x, weight, None, 0, 1, [gy])
+        gx0, gw0 = short_conv._backward(x, weight, None, 0, 1, gy)
         print(f"\n{torch.cuda.get_device_name()}, (B, n, C, W) = {(B, n, C, W)}, bf16, µs; committed {committed}\n")
         print("| setting | pass with the weight gradient | backward | max abs Δgx | max rel Δgw |")
         print("|---|---|---|---|---|")
         for setting in settings:
             short_conv.WEIGHT_GRAD_TILE = setting
             try:
-                gx, gw = short_conv._backward(x, weight, None, 0, 1, [gy])
-                one = microseconds(lambda: short_conv._conv(x, taps, None, epilogue=2, gy=[gy], weight_grad=True))
-                whole = microseconds(lambda: short_conv._backward(x, weight, None, 0, 1, [gy]))
+                gx, gw = short_conv._backward(x, weight, None, 0, 1, gy)
+                one = microseconds(lambda: short_conv._conv(x, taps, None, epilogue=2, gy=gy, weight_grad=True))
+                whole = microseconds(lambda: short_conv._backward(x, weight, None, 0, 1, gy))
                 dgx = (gx.float() - gx0.float()).abs().max().item()
                 dgw = ((gw - gw0).abs().max() / gw0.abs().max()).item()
                 print(f"| {setting} | {one:.1f} | {whole:.1f} | {dgx:.1e} | {dgw:.1e} |", flush=True)
