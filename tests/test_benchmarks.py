@@ -489,3 +489,20 @@ def test_head_weight_gradient_script_runs(capsys):
 
     head_weight_gradient.main(["--rows", "64", "--vocab", "256", "--hidden", "32"])
     assert capsys.readouterr().out.count("| ") >= 6
+
+
+def test_joint_projection_refuses_bad_arguments_before_any_work(capsys):
+    from training.benchmarks import joint_projection
+
+    for bad, named in ((["--rows", "64,x"], "--rows"), (["--rows", "0"], "--rows"), (["--preset", "2b"], "--preset")):
+        with pytest.raises(SystemExit):
+            joint_projection.main(bad)
+        assert named in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_joint_projection_script_runs(capsys):
+    from training.benchmarks import joint_projection
+
+    joint_projection.main(["--rows", "64,200"])
+    assert capsys.readouterr().out.count(" µs fwd+bwd") == 12  # three groupings twice, at each row count

@@ -20,19 +20,26 @@ import torch
 from triton.testing import do_bench
 
 from flowhn_hf import preset_config
+from flowhn_hf.presets import PRESETS
 from flowhn_hf.modeling_flowhn import FlowHNDeltaNet, joint_linear
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="135m", help="the preset whose DeltaNet widths are timed (default 135m)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="135m", help="whose DeltaNet widths (default 135m)")
     p.add_argument("--rows", default="15616,32768", help="row counts, comma-separated (FAC's and none's at 16 × 2048)")
-    args = p.parse_args()
-    for rows in (int(r) for r in args.rows.split(",")):
+    args = p.parse_args(argv)
+    counts = args.rows.split(",")
+    if not all(c.strip().isdigit() and int(c) > 0 for c in counts):
+        p.error(f"--rows: expected positive whole numbers, comma-separated, got {args.rows!r}")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (it times cuBLAS's products)")
+    for rows in map(int, counts):
         time_groupings(args.preset, rows)
 
 
 def time_groupings(preset, rows):
+    """Print each grouping's fwd+bwd time at `rows` rows, twice in turn."""
     torch.manual_seed(0)
     mixer = FlowHNDeltaNet(preset_config(preset), 0).cuda()
     qkv, g, b = mixer.qkv_proj, mixer.g_proj, mixer.b_proj
