@@ -9,7 +9,7 @@ grouping twice in turn. Every grouping runs through the model's `joint_linear` o
 - joint2: q | k | v and the gate joint (2,304), β apart.
 
     python -m training.benchmarks.joint_projection [--preset 350m] [--rows 15616,32768]
-                                                        # CUDA only; the NOTES log of session 42 has its output
+                                                        # CUDA only; the NOTES log of session 44 has its output
 
 The model's own A/B (the whole step) is queue 0p in NOTES.md.
 """
