@@ -183,22 +183,17 @@ def residual_stream(inputs_embeds: torch.Tensor, autocast_residual: bool) -> tor
 ALIGNED_MIN_ROWS = 128
 
 
-def joint_linear(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
-    """Each of `linears` on x, from one product over their stacked weights, its output cut back into theirs (views).
-    One wide product tiles better than several narrow ones (DeltaNet's q, k, v, gate and β: 1,728 + 576 + 9 features
-    at the 135M size). From ALIGNED_MIN_ROWS rows the product is widened to a multiple of 8 features: rows that are
-    not 16-byte aligned push cuBLAS off its Hopper kernels onto generic ones (`align1`), in the forward and both
-    gradients; below (decoding steps) the product is small whichever kernel runs it, and the pad one more launch. A
-    wrapped linear (an adapter, a quantised layer) or one with a bias (none in this model) has each linear called as
-    it is."""
-    sizes = [linear.out_features for linear in linears]
-    pad = -sum(sizes) % 8 if x.shape[:-1].numel() >= ALIGNED_MIN_ROWS else 0
-    plain = all(type(linear) is nn.Linear and linear.bias is None for linear in linears)
-    if not plain or (len(linears) == 1 and pad == 0):
-        return tuple(linear(x) for linear in linears)
-    weight = torch.cat([linear.weight for linear in linears]) if len(linears) > 1 else linears[0].weight
-    weight = F.pad(weight, (0, 0, 0, pad)) if pad else weight
-    return F.linear(x, weight).split(sizes + [pad], dim=-1)[: len(linears)]
+def aligned_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x), its product widened to a multiple of 8 output features and cut back: rows that are not 16-byte
+    aligned push cuBLAS off its Hopper kernels onto generic ones (sm75 `align1`), in the forward and both gradients
+    (β's h·r = 9 features at the 135M size). Below ALIGNED_MIN_ROWS rows (decoding steps) the product is small
+    whichever kernel runs it, and the pad would be one more launch a step. A wrapped linear (an adapter, a quantised
+    layer) is called as it is."""
+    pad = -linear.out_features % 8
+    if pad == 0 or type(linear) is not nn.Linear or x.shape[:-1].numel() < ALIGNED_MIN_ROWS:
+        return linear(x)
+    bias = None if linear.bias is None else F.pad(linear.bias, (0, pad))
+    return F.linear(x, F.pad(linear.weight, (0, 0, 0, pad)), bias)[..., : linear.out_features]
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -541,7 +536,7 @@ class FlowHNDeltaNet(nn.Module):
         layer = None if cache is None else cache.layers[self.layer_idx]
         conv_window, state = (None, None) if layer is None else _linear_states(layer)
 
-        x, gate, beta = joint_linear(hidden_states, self.qkv_proj, self.g_proj, self.b_proj)
+        x = self.qkv_proj(hidden_states)
         if layer is None:  # q and the keys leave the conv's kernel at unit length
             unit = (self.split_sizes[0] + self.split_sizes[1], self.key_dim)
             qkv = short_conv_silu(x, self.conv1d.weight, tokens.documents, unit_groups=unit)
@@ -557,7 +552,7 @@ class FlowHNDeltaNet(nn.Module):
         q = q.view(batch, length, self.num_heads, self.key_dim)
         k = k.view(batch, length, self.num_heads, self.rank, self.key_dim)
         v = v.reshape(batch, length, self.num_heads, self.rank, self.value_dim)
-        beta = beta.sigmoid().view(batch, length, self.num_heads, self.rank)
+        beta = aligned_linear(self.b_proj, hidden_states).sigmoid().view(batch, length, self.num_heads, self.rank)
         beta = beta * (self.beta_max / self.rank)
         if tokens.valid is not None:
             beta = beta * tokens.valid[..., None, None].to(beta.dtype)
@@ -571,7 +566,7 @@ class FlowHNDeltaNet(nn.Module):
         if layer is not None:
             layer.update_recurrent_state(final_state)
 
-        gate = F.silu(gate).view(batch, length, self.num_heads, self.value_dim)
+        gate = F.silu(self.g_proj(hidden_states)).view(batch, length, self.num_heads, self.value_dim)
         o = self.o_norm(o) * gate
         return self.o_proj(o.reshape(batch, length, -1))
 

@@ -62,15 +62,15 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, documents: torch.Tensor |
 
 
 @device_function
-def _shifted_rows(x, at, rows, back, n, c_ok, row_ok, documents, doc, XC, HAS_DOCS: tl.constexpr,
+def _shifted_rows(x, at, rows, back, n, c_ok, row_ok, documents, doc, C, HAS_DOCS: tl.constexpr,
                   AHEAD: tl.constexpr):
-    """The tile's inputs `back` tokens before its rows (after them with AHEAD), fp32, x's rows XC apart; zero outside
-    the sequence or the row's document."""
+    """The tile's inputs `back` tokens before its rows (after them with AHEAD), fp32; zero outside the sequence or
+    the row's document."""
     src = rows + back if AHEAD else rows - back
     ok = row_ok & (src < n) & (src >= 0)
     if HAS_DOCS:
         ok = ok & (tl.load(documents + src, mask=ok) == doc)
-    return tl.load(x + at + src[:, None] * XC, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    return tl.load(x + at + src[:, None] * C, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
 
 
 @device_function
@@ -87,15 +87,14 @@ def _group_norms(t, BT: tl.constexpr, BC: tl.constexpr, K: tl.constexpr):
 
 
 @kernel
-def conv_kernel(x, taps, documents, y, gy, gw, n, C, XB, XC, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr,
+def conv_kernel(x, taps, documents, y, gy, gw, n, C, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr,
                 BC: tl.constexpr, HAS_DOCS: tl.constexpr, AHEAD: tl.constexpr, EPILOGUE: tl.constexpr,
                 WEIGHT_GRAD: tl.constexpr, TILES: tl.constexpr, UNIT_C: tl.constexpr, UNIT_K: tl.constexpr):
     """One tile of BT tokens × BC channels of one sequence: acc[t] = Σ_back taps[W − 1 − back] · x[t − back], or
     with AHEAD x[t + back]; terms outside the sequence or t's document are zero; fp32 sums. y = acc (EPILOGUE 0),
     silu(acc) (1: the forward) or gy · silu'(acc) (2: the pre-activation's gradient, acc recomputed); with UNIT_C > 0
     the SiLU's first UNIT_C channels are scaled to unit length in groups of UNIT_K (a power of two dividing BC), and
-    epilogue 2 takes gy as the gradient of the scaled output. x's sequences lie XB apart and its rows XC apart (x
-    may be C channels of a wider projection's output), y, gy and gw are contiguous. A program takes
+    epilogue 2 takes gy as the gradient of the scaled output. A program takes
     TILES tiles one after the other. With WEIGHT_GRAD (EPILOGUE 2) also its weight-gradient partial sums into row
     `run` of gw (programs, WP, C): tap W − 1 − back sums gpre[t] · x[t − back] over its tokens t. The shifted
     inputs are loaded a second time for it, from the cache the first loads have just filled, since gpre exists only
@@ -103,8 +102,7 @@ def conv_kernel(x, taps, documents, y, gy, gw, n, C, XB, XC, W: tl.constexpr, WP
     b = tl.program_id(2).to(tl.int64)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = cols < C
-    at = b * n * C + cols[None, :]  # row 0 of this sequence at this tile's channels, in y and gy
-    x_at = b * XB + cols[None, :]  # the same in x
+    at = b * n * C + cols[None, :]  # row 0 of this sequence at this tile's channels
     tap_at = taps + (W - 1) * C + cols  # taps (W, C): the tap `back` tokens back at tap_at - back * C
     documents += b * n
     j = tl.arange(0, WP)
@@ -118,7 +116,7 @@ def conv_kernel(x, taps, documents, y, gy, gw, n, C, XB, XC, W: tl.constexpr, WP
             doc = tl.load(documents + rows, mask=row_ok)
         acc = tl.zeros([BT, BC], dtype=tl.float32)
         for back in tl.static_range(W):
-            xs = _shifted_rows(x, x_at, rows, back, n, c_ok, row_ok, documents, doc, XC, HAS_DOCS, AHEAD)
+            xs = _shifted_rows(x, at, rows, back, n, c_ok, row_ok, documents, doc, C, HAS_DOCS, AHEAD)
             acc += xs * tl.load(tap_at - back * C, mask=c_ok)[None, :]
         unit = (cols < UNIT_C)[None, :]
         if EPILOGUE == 1:
@@ -138,7 +136,7 @@ def conv_kernel(x, taps, documents, y, gy, gw, n, C, XB, XC, W: tl.constexpr, WP
         tl.store(y + at + rows[:, None] * C, acc.to(y.dtype.element_ty), mask=tile_ok)
         if WEIGHT_GRAD:
             for back in tl.static_range(W):
-                xs = _shifted_rows(x, x_at, rows, back, n, c_ok, row_ok, documents, doc, XC, HAS_DOCS, AHEAD)
+                xs = _shifted_rows(x, at, rows, back, n, c_ok, row_ok, documents, doc, C, HAS_DOCS, AHEAD)
                 gw_acc += tl.where(j[:, None] == W - 1 - back, tl.sum(acc * xs, axis=0)[None, :], 0.0)
     if WEIGHT_GRAD:
         run = b * tl.num_programs(0) + tl.program_id(0)
@@ -151,29 +149,22 @@ def _taps(weight):
     return weight[:, 0].T.float().contiguous()
 
 
-def _rows(x: Tensor) -> Tensor:
-    """x (B, n, C) as the kernels read it, its channels contiguous: in place where they are (the leading columns of a
-    wider projection's output are), else a contiguous copy."""
-    return x if x.stride(2) == 1 else x.contiguous()
-
-
 def _conv(x: Tensor, taps: Tensor, documents: Optional[Tensor], ahead=False, epilogue=0, gy=None, weight_grad=False,
           unit_channels=0, unit_size=1):
-    """conv_kernel over all of x (B, n, C), as `_rows` leaves it: y, contiguous, and with `weight_grad` (epilogue 2)
-    the weight gradient too. The first `unit_channels` of the SiLU in unit groups of `unit_size` (0: none; see
-    conv_kernel)."""
+    """conv_kernel over all of x (B, n, C), contiguous: y, and with `weight_grad` (epilogue 2) the weight gradient
+    too. The first `unit_channels` of the SiLU in unit groups of `unit_size` (0: none; see conv_kernel)."""
     (B, n, C), W = x.shape, taps.shape[0]
     BT, BC, warps, per_program = WEIGHT_GRAD_TILE if weight_grad else TILE
     BC = max(BC, unit_size)
-    y = x.new_empty(x.shape)  # contiguous, whatever x's strides
+    y = torch.empty_like(x)
     programs, WP = cdiv(n, BT * per_program), pow2(W, 1)
     gw = x.new_empty(B * programs, WP, C, dtype=torch.float32) if weight_grad else None  # rows past W never written
     if y.numel():
         docs = x if documents is None else documents  # placeholder pointers where a flag leaves an argument unused
         gy_arg, gw_arg = (x if t is None else t for t in (gy, gw))
-        conv_kernel[(programs, cdiv(C, BC), B)](x, taps, docs, y, gy_arg, gw_arg, n, C, x.stride(0), x.stride(1), W,
-                                                WP, BT, BC, documents is not None, ahead, epilogue, weight_grad,
-                                                per_program, unit_channels, unit_size, num_warps=warps)  # fmt: skip
+        conv_kernel[(programs, cdiv(C, BC), B)](x, taps, docs, y, gy_arg, gw_arg, n, C, W, WP, BT, BC,
+                                                documents is not None, ahead, epilogue, weight_grad, per_program,
+                                                unit_channels, unit_size, num_warps=warps)  # fmt: skip
     if not weight_grad:
         return y
     return y, gw[:, :W].sum(0) if gw.numel() else x.new_zeros(W, C, dtype=torch.float32)
@@ -182,7 +173,7 @@ def _conv(x: Tensor, taps: Tensor, documents: Optional[Tensor], ahead=False, epi
 def _forward(x: Tensor, weight: Tensor, documents: Optional[Tensor], unit_channels: int, unit_size: int) -> Tensor:
     """silu(conv) (B, n, C) in x's dtype, its first `unit_channels` scaled to unit length in groups of `unit_size`."""
     docs = None if documents is None else documents.contiguous()
-    return _conv(_rows(x), _taps(weight), docs, epilogue=1, unit_channels=unit_channels, unit_size=unit_size)
+    return _conv(x.contiguous(), _taps(weight), docs, epilogue=1, unit_channels=unit_channels, unit_size=unit_size)
 
 
 conv_silu_forward = torch.library.custom_op(f"{NAMESPACE}::conv_silu_forward", _forward, mutates_args=())
@@ -197,7 +188,7 @@ def _backward(x: Tensor, weight: Tensor, documents: Optional[Tensor], unit_chann
               gy: Tensor) -> Tuple[Tensor, Tensor]:  # fmt: skip
     """(gx in x's dtype, gw in weight's shape and dtype): the pre-activation's gradient (the forward recomputed) with
     the weight gradient from the same tiles, then the input gradient as a convolution of it looking ahead."""
-    x, gy = _rows(x), gy.contiguous()
+    x, gy = x.contiguous(), gy.contiguous()
     docs = None if documents is None else documents.contiguous()
     taps = _taps(weight)
     gpre, gw = _conv(x, taps, docs, epilogue=2, gy=gy, weight_grad=True, unit_channels=unit_channels,
@@ -309,6 +300,6 @@ def short_conv_silu(x: Tensor, weight: Tensor, documents: Optional[Tensor] = Non
     if x.dtype == torch.float64 or not (x.is_cuda or interpreting()):
         return short_conv_silu_reference(x, weight, documents, unit_groups)
     fused = size == pow2(size, 1) and size <= MAX_UNIT_GROUP
-    inputs = (_rows(x), weight, documents, channels if fused else 0, size if fused else 1)
+    inputs = (x.contiguous(), weight, documents, channels if fused else 0, size if fused else 1)
     y = conv_silu_forward(*inputs) if torch.compiler.is_compiling() else _EagerConvSilu.apply(*inputs)
     return y if fused else to_unit_groups(y, channels, size)

@@ -465,16 +465,14 @@ def test_linear_groups_check_fails_when_the_grouped_products_differ():
 
 def test_gemm_autotune_counts_every_product_of_a_step_and_times_both_ways(tmp_path):
     """Each Linear's weight takes three products a step (forward and both gradients; the LM head once per chunk of
-    its loss, one chunk here; DeltaNet's three input linears one product between them, `joint_linear`), and FAC's
-    branch products split the batch's tokens between them."""
-    from flowhn_hf.modeling_flowhn import FlowHNDeltaNet, FlowHNForCausalLM
+    its loss, one chunk here), and FAC's branch products split the batch's tokens between them."""
+    from flowhn_hf.modeling_flowhn import FlowHNForCausalLM
     from training.benchmarks import gemm_autotune
 
     model = FlowHNForCausalLM(flowhn_hf.preset_config("tiny", split_mode="flop_aware_circulating"))
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    deltanets = sum(isinstance(m, FlowHNDeltaNet) for m in model.modules())
     fac = gemm_autotune.step_products("tiny", "flop_aware_circulating", 2, 64)
-    assert sum(fac.values()) == 3 * (linears - 2 * deltanets)
+    assert sum(fac.values()) == 3 * linears
     forward_rows = {a[0] for a, a_stride, _, b_stride in fac if a_stride[1] == 1 and b_stride[0] == 1}  # x · Wᵀ
     assert any(n + m == 2 * 64 for n in forward_rows for m in forward_rows if max(n, m) < 2 * 64), forward_rows
     gemm_autotune.main(["--smoke", "--out", str(tmp_path / "table.md")])
@@ -489,20 +487,3 @@ def test_head_weight_gradient_script_runs(capsys):
 
     head_weight_gradient.main(["--rows", "64", "--vocab", "256", "--hidden", "32"])
     assert capsys.readouterr().out.count("| ") >= 6
-
-
-def test_joint_projection_refuses_bad_arguments_before_any_work(capsys):
-    from training.benchmarks import joint_projection
-
-    for bad, named in ((["--rows", "64,x"], "--rows"), (["--rows", "0"], "--rows"), (["--preset", "2b"], "--preset")):
-        with pytest.raises(SystemExit):
-            joint_projection.main(bad)
-        assert named in capsys.readouterr().err
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_joint_projection_script_runs(capsys):
-    from training.benchmarks import joint_projection
-
-    joint_projection.main(["--rows", "64,200"])
-    assert capsys.readouterr().out.count(" µs fwd+bwd") == 12  # three groupings twice, at each row count

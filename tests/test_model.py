@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import DEVICES, rel
 from flowhn_hf import FlowHNConfig, FlowHNForCausalLM, count_parameters, preset_config
-from flowhn_hf.modeling_flowhn import CACHE_NAME, LinearCrossEntropy, attention_window, joint_linear, plan_route
+from flowhn_hf.modeling_flowhn import CACHE_NAME, LinearCrossEntropy, aligned_linear, attention_window, plan_route
 from transformers import DynamicCache
 
 MODES = ["none", "alternating", "flop_aware", "flop_aware_circulating"]
@@ -335,50 +335,34 @@ def test_logits_to_keep_and_gradient_checkpointing():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_joint_linear_is_each_linear_with_its_gradients(monkeypatch):
-    """Three linears (24 + 5 + 9 = 38 features) from one product widened to 40 and cut back, or a lone 9-feature one
-    widened to 16, give each linear's output and the same gradients; a few rows (a decoding step) take no pad; a
-    linear that is not a plain nn.Linear (an adapter, a quantised layer), or one with a bias, has each called as it
-    is."""
-    products = []
-    linear_fn = torch.nn.functional.linear
-    counted = lambda x, w, b=None: products.append(w.shape) or linear_fn(x, w, b)  # noqa: E731
-    monkeypatch.setattr(torch.nn.functional, "linear", counted)
+def test_aligned_linear_is_the_linear_with_its_gradients(monkeypatch):
+    """β's product widened to 16 features and cut back gives the 9-feature product and the same gradients; a linear
+    that is not a plain nn.Linear (an adapter, a quantised layer), or a few rows (a decoding step), take the linear
+    itself."""
+    pads = []
+    pad = torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **k: pads.append(1) or pad(*a, **k))
     torch.manual_seed(0)
-    linears = [torch.nn.Linear(24, n, bias=False) for n in (24, 5, 9)]
-    weights = [linear.weight for linear in linears]
-    for group, width in ((linears, 40), (linears[2:], 16)):
-        x = torch.randn(3, 50, 24, requires_grad=True)
-        products.clear()
-        got = joint_linear(x, *group)
-        assert products == [(width, 24)]
-        want = [linear(x) for linear in group]
-        assert [g.shape for g in got] == [w.shape for w in want]
-        assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
-        seeds = [torch.randn(w.shape) for w in want]
-        loss_got, loss_want = (sum((o * s).sum() for o, s in zip(outs, seeds)) for outs in (got, want))
-        inputs = [x] + [linear.weight for linear in group]
-        for g, w in zip(torch.autograd.grad(loss_got, inputs), torch.autograd.grad(loss_want, inputs)):
-            assert torch.allclose(g, w, atol=1e-5)
-    products.clear()
-    step = torch.randn(3, 1, 24)
-    assert [o.shape[-1] for o in joint_linear(step, *linears)] == [24, 5, 9] and products == [(38, 24)]
-    products.clear()
-    joint_linear(step, linears[2])
-    assert products == [(9, 24)]
+    linear = torch.nn.Linear(24, 9, bias=False)
+    aligned_linear(linear, torch.randn(3, 1, 24))
+    assert not pads
+    x = torch.randn(3, 50, 24, requires_grad=True)
+    got = aligned_linear(linear, x)
+    gw_got, gx_got = torch.autograd.grad((got * torch.arange(9.0)).sum(), (linear.weight, x))
+    assert len(pads) == 1
+    want = linear(x)
+    gw, gx = torch.autograd.grad((want * torch.arange(9.0)).sum(), (linear.weight, x))
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(gw_got, gw, atol=1e-5) and torch.allclose(gx_got, gx, atol=1e-5)
 
     class Wrapped(torch.nn.Linear):
         def forward(self, x):
             return super().forward(x) + 1
 
     wrapped = Wrapped(24, 9, bias=False)
-    got = joint_linear(x, linears[0], wrapped)
-    assert torch.equal(got[0], linears[0](x)) and torch.equal(got[1], wrapped(x))
-    biased = torch.nn.Linear(24, 5)
-    got = joint_linear(x, linears[0], biased, linears[2])
-    want = (linears[0](x), biased(x), linears[2](x))
-    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
-    assert weights == [linear.weight for linear in linears]
+    assert torch.equal(aligned_linear(wrapped, x), wrapped(x))
+    biased = torch.nn.Linear(24, 9)
+    assert torch.allclose(aligned_linear(biased, x), biased(x), atol=1e-6)
 
 
 def test_eager_attention_matches_sdpa():

@@ -93,27 +93,6 @@ def test_widths_weight_dtype_and_layout(triton_env):
     check(x, weight, None, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
-def test_columns_of_a_wider_tensor_read_in_place(triton_env):
-    """x as some columns of a wider tensor (the model's q, k and v beside its gate and β in one projection's output):
-    read in place, with the results of a contiguous copy bit for bit, its gradient in those columns alone."""
-    torch.manual_seed(6)
-    wide = torch.randn(2, 130, 50, dtype=torch.float64).to(triton_env, torch.bfloat16)
-    weight = torch.randn(37, 1, 4, dtype=torch.float64).to(triton_env, torch.float32)
-    documents = documents_for(2, 130, triton_env)
-    gy = torch.randn(2, 130, 37, device=triton_env).to(torch.bfloat16)
-    for start in (0, 13):
-        leaf, taps = wide.clone().requires_grad_(), weight.clone().requires_grad_()
-        x = leaf[..., start : start + 37]
-        assert short_conv._rows(x) is x
-        y = short_conv_silu(x, taps, documents, (32, 16))
-        y.backward(gy)
-        want = run(short_conv_silu, x.detach().contiguous(), weight, documents, gy, (32, 16))
-        got = (y, leaf.grad[..., start : start + 37], taps.grad)
-        assert all(torch.equal(g, w) for g, w in zip(got, want))
-        assert not leaf.grad[..., :start].any() and not leaf.grad[..., start + 37 :].any()
-
-
 def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     torch.manual_seed(2)

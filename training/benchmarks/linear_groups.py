@@ -7,8 +7,7 @@ rate. Each row sets one way of issuing the products against another, with the sa
 
 - attention's q, k, v: three products, or one of the three widths together (the model's `qkv_proj`);
 - the MLP's gate and up: two, or one (`gate_up_proj`);
-- β: its h·r = 9 features, or padded to 16 (what `aligned_linear` did before session 42, padding the weight at each
-  call: here padded once; the model now takes β inside DeltaNet's one input product, `joint_linear`);
+- β: its h·r = 9 features, or padded to 16 (`aligned_linear`, which pads the weight at each call: here padded once);
 - a d × d weight's gradient alone (attention's o_proj, DeltaNet's g_proj and o_proj, the fusion's two): one product,
   or its rows in slices as one batched product, then summed (the weight gradients at FAC's rows ran at ~239 TFLOP/s
   in session 25's profile, cuBLAS's `64x128 splitK` kernel, against ~419 at `none`'s rows);
