@@ -5,14 +5,16 @@ if __name__ == "kernels":
     # This folder is imported as `kernels` only where the repository root is on sys.path (python -m or pytest run
     # from the root). There it would shadow Hugging Face's `kernels` package, which transformers imports whenever it
     # is installed (transformers requires it from 5.25): load that package in its place where there is one; where
-    # there is none this module stays empty, which transformers reads as the package not installed.
+    # there is none this module stays empty, which transformers reads as the package not installed. Every checkout
+    # of this repository on the path is passed over, not only this one: two of them (an A/B's trees) would
+    # otherwise hand over to each other without end.
     import importlib.machinery
     import importlib.util
     import os
     import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _path = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _root]
+    _path = [entry for entry in sys.path
+             if not os.path.isfile(os.path.join(entry or os.curdir, "kernels", "delta_rule.py"))]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
     if _spec is not None:
         sys.modules["kernels"] = importlib.util.module_from_spec(_spec)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -30,7 +31,8 @@ def test_auto_classes():
 def test_the_kernels_folder_does_not_shadow_hugging_faces_kernels(tmp_path):
     """Run from the repository root, `import kernels` (which transformers does whenever Hugging Face's `kernels` is
     installed, and 5.25 requires it) finds this repository's kernels/ folder first on sys.path: the folder hands over
-    to the installed package (a stand-in here), or stays empty where there is none; transformers' models import."""
+    to the installed package (a stand-in here), past any other checkout's kernels/ on the path, or stays empty where
+    there is none; transformers' models import."""
 
     def run_from_root(script, **env):
         run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, **env}, capture_output=True,
@@ -42,6 +44,12 @@ def test_the_kernels_folder_does_not_shadow_hugging_faces_kernels(tmp_path):
     (tmp_path / "kernels" / "__init__.py").write_text("STAND_IN = True\n")
     script = "import kernels, flowhn_kernels; print(getattr(kernels, 'STAND_IN', False), flowhn_kernels.delta_rule)"
     assert run_from_root(script, PYTHONPATH=str(tmp_path))[:2] == ["True", "<function"]  # behind the root's entry
+    other = tmp_path / "other" / "kernels"  # a second checkout between them, as an A/B's two trees
+    other.mkdir(parents=True)
+    for name in ("__init__.py", "delta_rule.py"):
+        shutil.copyfile(REPO / "kernels" / name, other / name)
+    paths = os.pathsep.join([str(other.parent), str(tmp_path)])
+    assert run_from_root(script, PYTHONPATH=paths)[:2] == ["True", "<function"]
     script = "import transformers.modeling_utils, flowhn_hf, kernels; print(hasattr(kernels, 'delta_rule'))"
     assert run_from_root(script) == ["False"]  # this environment's own `kernels`, or none
 
