@@ -55,6 +55,11 @@ LAUNCH = {
     # 0.843 against 1.002 ms at B = 1, state_passes.py --rank 2 --variants 32:8:4,32:4:4)
     ("state_fwd_narrow", 128): dict(num_warps=4, num_stages=4),
     ("state_bwd_narrow", 128): dict(num_warps=4, num_stages=4),
+    # the same where their programs take more than half the SMs (_pass_launch): the forward pass at 3 stages, 0.217
+    # → 0.171 ms at (2, 8192, 16, 128) (128 programs), where at B = 1 (64) 3 stages lose, 0.234 → 0.262; the reverse
+    # pass keeps 4 (0.209 against 0.213 at 3) (H100, 2026-12-07, state_passes.py --shapes 3,4)
+    ("state_fwd_narrow_full", 128): dict(num_warps=4, num_stages=3),
+    ("state_bwd_narrow_full", 128): dict(num_warps=4, num_stages=4),
     # the reverse pass at V blocks of 16 (Plan.pass_block_v, alone): 4 / 3 took 0.441 ms at B = 1, 4 / 4 0.461, 8 / 4
     # 0.515, 2 / 4 0.786 (H100, 2026-12-06, state_passes.py --variants 16:4:3,16:4:4,16:8:4,16:2:4)
     ("state_bwd_narrow16", 128): dict(num_warps=4, num_stages=3),
@@ -773,10 +778,13 @@ def _prep(k, v, beta, plan):
 def _pass_launch(name, k, va, aug, plan, alone=False):
     """(BK, BV, launch keywords) of state pass `name` over va columns. The launch-table name carries "_aug" for the
     scan's flows and "_narrow" ("_narrow16" at 16) where Plan.pass_block_v narrowed the V blocks below _blocks' (at
-    K = 256 both are 32, and the plain entries hold)."""
+    K = 256 both are 32, and the plain entries hold), "_narrow_full" at 32 where the programs take more than half
+    the SMs."""
     _, H, R, K = k.shape
     bv = plan.pass_block_v(H, K, va, aug, alone)
     suffix = "_aug" if aug else "" if bv == _blocks(K, va)[1] else "_narrow16" if bv == 16 else "_narrow"
+    if suffix == "_narrow" and 2 * plan.n * H * cdiv(va, bv) > sm_count(plan.device):
+        suffix = "_narrow_full"
     return pow2(K), bv, launch(name + suffix, K, k.dtype, R)
 
 

@@ -260,7 +260,8 @@ def test_fp32_inputs_launch_unpipelined_and_uncapped():
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
     """The state passes at V blocks of 32 (Plan.pass_block_v, chosen where the GPU has SMs to spare, at K blocks of
-    128 only), and the reverse pass at 16 where it runs alone at rank 1, against float64, at ranks 1 (the reverse
+    128 only; their own launch entries where they take more than half the SMs), and the reverse pass at 16 where it
+    runs alone at rank 1, against float64, at ranks 1 (the reverse
     pass at 16) and 2 (at 32), a batch and packed documents."""
     monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
     plan = fk.chunk.make_plan(2, 70, 1, torch.device(triton_env))
@@ -274,6 +275,11 @@ def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
     assert narrow == (128, 32, fk.chunk.LAUNCH["state_bwd_narrow", 128])
     alone = fk.chunk._pass_launch("state_bwd", k[..., :100], 48, False, plan, alone=True)
     assert alone == (128, 16, fk.chunk.LAUNCH["state_bwd_narrow16", 128])
+    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 6)  # 2 sequences × 2 V blocks of 32: 4 of 6 SMs
+    for name in ("state_fwd", "state_bwd"):
+        full = fk.chunk._pass_launch(name, k[..., :100], 48, False, plan)
+        assert full == (128, 32, fk.chunk.LAUNCH[name + "_narrow_full", 128])
+    monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
     for R in (1, 2):
         xs = make_inputs(2, 70, 1, R, 100, 48, dtype=torch.bfloat16, device=triton_env)
         check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16])
