@@ -48,7 +48,11 @@ LAUNCH = {
     ("prep", 128): dict(num_warps=4, num_stages=3, maxnreg=168),
     ("output", 64): dict(num_warps=8, num_stages=1),
     ("state_fwd", 64): dict(num_warps=4, num_stages=3),
-    ("state_fwd", 128): dict(num_warps=4, num_stages=4),
+    # the forward pass at 3 stages (4 until session 45, chosen at B = 1 before the passes narrowed there): the plain
+    # entry runs only where 32-wide blocks would not fit one wave, and at (4, 4096, 16, 128), 128 programs, 4 → 3
+    # took the pass alone 0.166 → 0.148 ms and the fwd+bwd 1.31 → 1.28 (R = 2 2.46 → 2.42); at (8, 2048, 16, 128)
+    # 1.40 → 1.39 (H100, 2026-12-07, state_passes.py, compare_versions.py --shapes 2,1,2)
+    ("state_fwd", 128): dict(num_warps=4, num_stages=3),
     ("state_bwd", 64): dict(num_warps=4, num_stages=3),
     ("state_bwd", 128): dict(num_warps=4, num_stages=3),
     # the passes at V blocks of 32 (Plan.pass_block_v), at R = 1 and 2 alike: 4 warps beat 8 at R = 2 (reverse
@@ -56,8 +60,9 @@ LAUNCH = {
     ("state_fwd_narrow", 128): dict(num_warps=4, num_stages=4),
     ("state_bwd_narrow", 128): dict(num_warps=4, num_stages=4),
     # the same where their programs take more than half the SMs (_pass_launch): the forward pass at 3 stages, 0.217
-    # → 0.171 ms at (2, 8192, 16, 128) (128 programs), where at B = 1 (64) 3 stages lose, 0.234 → 0.262; the reverse
-    # pass keeps 4 (0.209 against 0.213 at 3) (H100, 2026-12-07, state_passes.py --shapes 3,4)
+    # → 0.171 ms at (2, 8192, 16, 128) (128 programs), fwd+bwd 1.43 → 1.39 (R = 2 2.61 → 2.51), where at B = 1 (64)
+    # 3 stages lose, 0.234 → 0.262; the reverse pass keeps 4 (0.209 against 0.213 at 3) (H100, 2026-12-07,
+    # state_passes.py --shapes 3,4, compare_versions.py --shapes 3,4,3)
     ("state_fwd_narrow_full", 128): dict(num_warps=4, num_stages=3),
     ("state_bwd_narrow_full", 128): dict(num_warps=4, num_stages=4),
     # the reverse pass at V blocks of 16 (Plan.pass_block_v, alone): 4 / 3 took 0.441 ms at B = 1, 4 / 4 0.461, 8 / 4
