@@ -705,6 +705,24 @@ def test_host_time_on_the_gpu_times_real_calls(benchmark_script, capsys):
     assert "on the calling thread" in printed and "(chunk_bwd)" in printed
 
 
+@pytest.mark.parametrize("script", ["bench_delta_rule", "compare_versions", "state_passes", "host_time"])
+def test_kernel_benchmarks_refuse_bad_shapes_before_any_work(script, benchmark_script, capsys):
+    """--shapes (host_time: --gpu-shapes, --gpu-profile, --gpu-windows) outside the anchor shapes' indices, not
+    numbers, or empty is refused by argparse, naming the option, before anything is timed."""
+    main = benchmark_script(script).main
+    options = ["--gpu-shapes", "--gpu-profile"] if script == "host_time" else ["--shapes"]
+    for option in options:
+        for bad in ("5", "1,x", "-1", ","):
+            with pytest.raises(SystemExit):
+                main([option, bad])
+            assert option in capsys.readouterr().err
+    if script == "host_time":
+        for bad in ("0", "2,y"):
+            with pytest.raises(SystemExit):
+                main(["--gpu-windows", bad])
+            assert "--gpu-windows" in capsys.readouterr().err
+
+
 def test_compare_versions_script_prints_every_version_and_its_ratios(monkeypatch, capsys, benchmark_script):
     """kernels/benchmarks/compare_versions.py (each version's measures stubbed): every version's row per shape, then
     the baseline over each other version, a dash and no ratio where a graph could not be captured; a --versions that

@@ -38,6 +38,18 @@ except ImportError:
 SHAPES = [(8, 2048, 12, 64), (8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (1, 16384, 16, 128)]
 
 
+def shape_indices(text):
+    """argparse type of the kernel benchmarks' --shapes: comma-separated indices into SHAPES, at least one."""
+    try:
+        indices = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        indices = []
+    if not indices or not all(0 <= i < len(SHAPES) for i in indices):
+        raise argparse.ArgumentTypeError(f"expected comma-separated indices 0-{len(SHAPES) - 1} into {SHAPES}, "
+                                         f"got {text!r}")
+    return indices
+
+
 def inputs(B, T, H, D, R, layout="ours", dev="cuda"):
     """bf16 inputs as in ANCHORS.md: q, v normal; k L2-normalised; beta = sigmoid(uniform)."""
     shape = (B, T, H, R) if layout == "ours" else (B, T * R, H)
@@ -206,14 +218,14 @@ def fmt(x):
     return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))))
+    ap.add_argument("--shapes", type=shape_indices, default=list(range(len(SHAPES))))
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     ap.add_argument("--profile", action="store_true", help="print per-kernel GPU times of one fwd+bwd")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = []
-    for i in (int(s) for s in args.shapes.split(",")):
+    for i in args.shapes:
         B, T, H, D = SHAPES[i]
         r = {"shape": f"{B}, {T}, {H}, {D}"}
         x1 = inputs(B, T, H, D, 1, layout="fla")  # R = 1 without the rank axis: fla's layout too

@@ -43,16 +43,17 @@ def run_version(folder, shape_index):
 
 
 def main(argv=None):
+    from bench_delta_rule import SHAPES, shape_indices
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--versions", help="label=folder,label=folder[,...]: the first is the baseline")
-    ap.add_argument("--shapes", default="4,3,1,2,0")
+    ap.add_argument("--shapes", type=shape_indices, default=[4, 3, 1, 2, 0])
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(measure(args.worker)))
         return
     import torch
-    from bench_delta_rule import SHAPES
 
     versions = [v.split("=", 1) for v in args.versions.split(",")]
     labels = [v[0] for v in versions]
@@ -61,7 +62,7 @@ def main(argv=None):
     base = labels[0]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms, MiB; ratio = {base} / version\n")
     print("| shape | version | " + " | ".join(MEASURES) + " |\n|---|---|" + "---|" * len(MEASURES), flush=True)
-    for i in (int(s) for s in args.shapes.split(",")):
+    for i in args.shapes:
         rows = {label: run_version(folder, i) for label, folder in versions}
         for label, row in rows.items():  # None: a graph that could not be captured
             print(f"| {SHAPES[i]} | {label} | " + " | ".join("–" if row[m] is None else f"{row[m]:.3g}"

@@ -26,7 +26,7 @@ from flowhn_kernels.delta_rule import chunk_delta_rule
 from flowhn_kernels.ops import pack
 from flowhn_kernels.utils import cdiv, pow2
 
-from bench_delta_rule import SHAPES, inputs
+from bench_delta_rule import SHAPES, inputs, shape_indices
 
 
 def kernel_times(B, T, H, D):
@@ -128,16 +128,16 @@ def child(variant, shapes, R=1, dev="cuda"):
                               diff=diff)), flush=True)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="4,3,1")
+    ap.add_argument("--shapes", type=shape_indices, default=[4, 3, 1])
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--rank", type=int, default=1, help="R of the passes alone (the profile runs R = 1)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--scan-heads", default="", help="e.g. 16,8,4,2,1: fwd+bwd with the scan off and on at T = 16384")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    shapes = [int(s) for s in args.shapes.split(",")]
+    args = ap.parse_args(argv)
+    shapes = args.shapes
     if args.child:
         return child(args.child, shapes, args.rank)
     for i in shapes if not args.no_profile else ():
@@ -152,7 +152,7 @@ def main():
     # each variant in a process of its own: a miscompiled one (an illegal address) poisons its CUDA context
     rows = defaultdict(list)
     for variant in filter(None, args.variants.split(",")):
-        proc = subprocess.run([sys.executable, __file__, "--child", variant, "--shapes", args.shapes,
+        proc = subprocess.run([sys.executable, __file__, "--child", variant, "--shapes", ",".join(map(str, shapes)),
                                "--rank", str(args.rank)],
                               capture_output=True, text=True)
         done = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
