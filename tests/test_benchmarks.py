@@ -426,6 +426,21 @@ def test_build_corpus_reads_html_as_text_and_expands_alternatives(tmp_path):
     assert expand("a/{b,c}/**/*.{rst,txt}") == ["a/b/**/*.rst", "a/b/**/*.txt", "a/c/**/*.rst", "a/c/**/*.txt"]
 
 
+def test_batch_size_lists_are_refused_by_name_before_any_work(capsys):
+    """throughput.py's --decode-batch-sizes and decode_host.py's --batch-sizes: whole numbers ≥ 1, comma-separated;
+    anything else stops argparse with the option's name."""
+    from training.benchmarks import decode_host
+
+    assert tb.parse_args(["--smoke", "--decode-batch-sizes", "4, 1,"]).decode_batch_sizes == [4, 1]
+    assert tb.parse_args(["--smoke", "--decode-batch-sizes", ""]).decode_batch_sizes == []
+    assert tb.parse_args(["--smoke"]).decode_batch_sizes == [1, 2]
+    for parse, option in ((tb.parse_args, "--decode-batch-sizes"), (decode_host.main, "--batch-sizes")):
+        for bad in ("0", "1,x", "-2", "1.5"):
+            with pytest.raises(SystemExit):
+                parse([option, bad])
+            assert option in capsys.readouterr().err
+
+
 def test_decode_host_prints_every_model_with_its_operation_count(capsys):
     from flowhn_hf import modeling_flowhn
     from training.benchmarks import decode_host

@@ -25,6 +25,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 import flowhn_hf.modeling_flowhn as modeling
 from flowhn_kernels import ops as kernel_ops
 from flowhn_hf.presets import preset_config
+from training.benchmarks.throughput import batch_sizes
 
 MODES = ["flop_aware_circulating", "flop_aware", "alternating", "none"]
 # STEPS: one split period of the tiny preset, so every round decodes the same mix of routes
@@ -84,11 +85,11 @@ class Decoder:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--batch-sizes", type=batch_sizes, default=[1, 8])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: host cost, not arithmetic)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds of each model, taking turns")
     args = parser.parse_args(argv)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    sizes = args.batch_sizes
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

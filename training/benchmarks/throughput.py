@@ -742,6 +742,17 @@ def plot(rows, path, env, args):
 # -------------------------------------------------------------------------------------------------------------- main
 
 
+def batch_sizes(text):
+    """argparse type of a comma-separated list of batch sizes, each a whole number ≥ 1; empty: none."""
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = [0]
+    if not all(size >= 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, each a whole number ≥ 1, got {text!r}")
+    return sizes
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -755,7 +766,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 10; 2 smoke)")
     p.add_argument("--prompt-len", type=int, default=None, help="decode prompt tokens (default 2048; 8 smoke)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode new tokens (default 256; 3 smoke)")
-    p.add_argument("--decode-batch-sizes", default=None,
+    p.add_argument("--decode-batch-sizes", type=batch_sizes, default=None,
                    help="comma-separated, empty for none (default 1,32; 1,2 smoke)")
     p.add_argument("--precision", choices=("autocast", "bf16", "fp32"), default=None,
                    help="training precision: bf16 autocast over fp32 weights, bf16 weights, or fp32 (default: "
@@ -791,11 +802,10 @@ def parse_args(argv=None):
     smoke = args.smoke
     defaults = dict(preset="tiny" if smoke else "135m", batch_size=2 if smoke else 16, seq_len=64 if smoke else 2048,
                     warmup=1 if smoke else 3, steps=2 if smoke else 10, prompt_len=8 if smoke else 2048,
-                    new_tokens=3 if smoke else 256, decode_batch_sizes="1,2" if smoke else "1,32")  # fmt: skip
+                    new_tokens=3 if smoke else 256, decode_batch_sizes=[1, 2] if smoke else [1, 32])  # fmt: skip
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.decode_batch_sizes = [int(x) for x in str(args.decode_batch_sizes).split(",") if x.strip()]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     for name in args.models:
         if name not in DEFAULT_MODELS:
