@@ -38,16 +38,22 @@ except ImportError:
 SHAPES = [(8, 2048, 12, 64), (8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (1, 16384, 16, 128)]
 
 
-def shape_indices(text):
-    """argparse type of the kernel benchmarks' --shapes: comma-separated indices into SHAPES, at least one."""
-    try:
-        indices = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        indices = []
-    if not indices or not all(0 <= i < len(SHAPES) for i in indices):
-        raise argparse.ArgumentTypeError(f"expected comma-separated indices 0-{len(SHAPES) - 1} into {SHAPES}, "
-                                         f"got {text!r}")
-    return indices
+def whole_numbers(what, least, below=None):
+    """argparse type of a comma-separated list of at least one whole number in [least, below): `what` they are."""
+
+    def parse(text):
+        try:
+            numbers = [int(s) for s in text.split(",") if s.strip()]
+        except ValueError:
+            numbers = []
+        if not numbers or not all(least <= n and (below is None or n < below) for n in numbers):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        return numbers
+
+    return parse
+
+
+shape_indices = whole_numbers(f"indices 0-{len(SHAPES) - 1} into {SHAPES}", 0, len(SHAPES))
 
 
 def inputs(B, T, H, D, R, layout="ours", dev="cuda"):

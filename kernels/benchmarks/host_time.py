@@ -45,7 +45,7 @@ from triton.runtime.driver import driver
 from flowhn_kernels import chunk, delta_rule
 from flowhn_kernels.utils import COMPILE_OPTIONS, kernel
 
-from bench_delta_rule import SHAPES, inputs, shape_indices, time_fwd_bwd
+from bench_delta_rule import SHAPES, inputs, shape_indices, time_fwd_bwd, whole_numbers
 
 SHAPE = (2, 128, 2, 64)  # B, T, H, D: the host work does not depend on them
 WINDOWS_SHAPE = (1, 512, 2, 64)  # one sequence of 8 chunks: 4 windows each way
@@ -237,26 +237,15 @@ def gpu_host_profile(shape, calls=20, top=25):
     stats.sort_stats("cumulative").print_stats(r"(flowhn_kernels|kernels)/\w+\.py", top)  # ours, with their callees
 
 
-def window_counts(text):
-    """argparse type of --gpu-windows: comma-separated window counts, each at least 1."""
-    try:
-        counts = [int(n) for n in text.split(",") if n.strip()]
-    except ValueError:
-        counts = [0]
-    if not all(n >= 1 for n in counts):
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers of windows, each ≥ 1, got {text!r}")
-    return counts
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=300)
-    ap.add_argument("--gpu-shapes", type=shape_indices, default=[], help="anchor shape indices: real calls on the GPU "
-                                                                          "as well")
-    ap.add_argument("--gpu-windows", type=window_counts, default=[], help="window counts of those calls, e.g. 1,2,3,4 "
-                                                                          "(default: chunk.OVERLAP_WINDOWS and 1)")
-    ap.add_argument("--gpu-profile", type=shape_indices, default=[], help="anchor shape indices: Python's profile of "
-                                                                           "real calls")
+    ap.add_argument("--gpu-shapes", type=shape_indices, default=[],
+                    help="anchor shape indices: real calls on the GPU as well")
+    ap.add_argument("--gpu-windows", type=whole_numbers("window counts, each ≥ 1", 1), default=[],
+                    help="window counts of those calls, e.g. 1,2,3,4 (default: chunk.OVERLAP_WINDOWS and 1)")
+    ap.add_argument("--gpu-profile", type=shape_indices, default=[],
+                    help="anchor shape indices: Python's profile of real calls")
     args = ap.parse_args(argv)
     results = {}
     for level in LEVELS:
