@@ -39,7 +39,8 @@ from flowhn_kernels.utils import COMPILE_OPTIONS, pow2
 STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
 INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
 KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "state_fwd_narrow", "state_bwd_narrow",
-           "state_bwd_narrow16", "state_fwd_aug", "state_bwd_aug", "combine", "recurrent")
+           "state_fwd_narrow_full", "state_bwd_narrow_full", "state_bwd_narrow16", "state_fwd_aug", "state_bwd_aug",
+           "combine", "recurrent")
 DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -74,7 +75,7 @@ def constexprs(name, D, dtype, R):
         "recurrent": dict(common, BK=rk, BV=rv, HAS_INIT=True, STORE_FINAL=True, NORMALIZE=True),  # as decoding runs
         "grad_wy": dict(common, BK=g, BV=g, LOW=DTYPES[dtype] if chunk.WY_TRANSPOSE_16BIT else tl.float32,
                         CD=DTYPES[dtype] if chunk.WY_CANCELLING_16BIT else tl.float32),
-    }[name]
+    }[name.removesuffix("_full")]  # the narrow passes where they fill the GPU: the same kernels, launched otherwise
 
 
 def blocks_per_sm(regs, warps, smem_bytes):
