@@ -260,9 +260,9 @@ def test_fp32_inputs_launch_unpipelined_and_uncapped():
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
     """The state passes at V blocks of 32 (Plan.pass_block_v, chosen where the GPU has SMs to spare, at K blocks of
-    128 only), under their own launch entries and under those where they take more than half the SMs, and the
-    reverse pass at 16 where it runs alone at rank 1, against float64, at ranks 1 (the reverse pass at 16) and 2 (at
-    32), a batch and packed documents."""
+    128 only) under their own launch entries and under those where they take more than half the SMs, at 64 wide,
+    and the reverse pass at 16 where it runs alone at rank 1, against float64, at ranks 1 (the reverse pass at 16)
+    and 2 (at 32), a batch and packed documents."""
     monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 10**6)
     plan = fk.chunk.make_plan(2, 70, 1, torch.device(triton_env))
     assert plan.pass_block_v(1, 100, 48, False) == 32 and plan.pass_block_v(1, 64, 64, False) == 64
@@ -279,7 +279,7 @@ def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
     for name in ("state_fwd", "state_bwd"):
         full = fk.chunk._pass_launch(name, k[..., :100], 48, False, plan)
         assert full == (128, 32, fk.chunk.LAUNCH[name + "_narrow_full", 128])
-    for sms in (10**6, 6):
+    for sms in (10**6, 6, 1):  # narrow; narrow taking more than half the SMs; not narrowed (64 wide)
         monkeypatch.setattr(fk.chunk, "sm_count", lambda device: sms)
         for R in (1, 2):
             xs = make_inputs(2, 70, 1, R, 100, 48, dtype=torch.bfloat16, device=triton_env)
