@@ -706,22 +706,39 @@ def test_host_time_on_the_gpu_times_real_calls(benchmark_script, capsys):
     assert "on the calling thread" in printed and "(chunk_bwd)" in printed
 
 
-@pytest.mark.parametrize("script", ["bench_delta_rule", "compare_versions", "state_passes", "host_time"])
-def test_kernel_benchmarks_refuse_bad_shapes_before_any_work(script, benchmark_script, capsys):
-    """--shapes (host_time: --gpu-shapes, --gpu-profile, --gpu-windows) outside the anchor shapes' indices, not
-    numbers, or empty is refused by argparse, naming the option, before anything is timed."""
+SHAPE_INDICES = ("5", "1,x", "-1", ",")
+BAD_BENCHMARK_OPTIONS = [
+    ("bench_delta_rule", "--shapes", SHAPE_INDICES),
+    ("compare_versions", "--shapes", SHAPE_INDICES),
+    ("state_passes", "--shapes", SHAPE_INDICES),
+    ("state_passes", "--variants", ("32:4", "32:4:x", "0:4:3")),
+    ("state_passes", "--scan-heads", ("0", "a")),
+    ("host_time", "--gpu-shapes", SHAPE_INDICES),
+    ("host_time", "--gpu-profile", SHAPE_INDICES),
+    ("host_time", "--gpu-windows", ("0", "2,y")),
+    ("tune_launch", "--shapes", ("9", "1x2x3", "ax1x1x1", "0x8x1x1")),
+    ("tune_launch", "--kernels", ("prep,nope", "")),
+    ("resources", "--dims", ("0", "300", "x")),
+    ("resources", "--kernels", ("nope",)),
+    ("resources", "--maxnreg", ("256", "0")),
+    ("window_model", "--windows", ("0", "x")),
+    ("window_model", "--growth", ("0.5", "x")),
+    ("conv_tiles", "--settings", ("8x512x2", "8x512x2xq", "8x0x2x16")),
+    ("bench_cross_entropy", "--settings", ("2048", "0x8")),
+    ("transition_pass", "--variants", ("32:4:3", "32:4:3:-1")),
+    ("transition_pass", "--shape", ("2,64,1,16", "1,100,1,16", "1,64,1")),
+]
+
+
+@pytest.mark.parametrize("script, option, bad", BAD_BENCHMARK_OPTIONS)
+def test_kernel_benchmarks_refuse_bad_options_before_any_work(script, option, bad, benchmark_script, capsys):
+    """Every list option of the kernel benchmarks is checked while the arguments are parsed (bench_args): a value out
+    of range, not a number, of the wrong arity or empty stops the script, naming the option, before anything runs."""
     main = benchmark_script(script).main
-    options = ["--gpu-shapes", "--gpu-profile"] if script == "host_time" else ["--shapes"]
-    for option in options:
-        for bad in ("5", "1,x", "-1", ","):
-            with pytest.raises(SystemExit):
-                main([option, bad])
-            assert option in capsys.readouterr().err
-    if script == "host_time":
-        for bad in ("0", "2,y"):
-            with pytest.raises(SystemExit):
-                main(["--gpu-windows", bad])
-            assert "--gpu-windows" in capsys.readouterr().err
+    for value in bad:
+        with pytest.raises(SystemExit):
+            main([option, value])
+        assert option in capsys.readouterr().err
 
 
 def test_compare_versions_script_prints_every_version_and_its_ratios(monkeypatch, capsys, benchmark_script):

@@ -19,6 +19,8 @@ from triton.testing import do_bench
 
 from flowhn_kernels import cross_entropy, softmax_cross_entropy, softmax_cross_entropy_reference
 
+from bench_args import settings
+
 SETTINGS = "2048x8,4096x16,4096x32,8192x16,8192x32,16384x16,16384x32"
 
 
@@ -34,12 +36,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=49152)
-    p.add_argument("--settings", default=SETTINGS, help="comma-separated BLOCKxWARPS launches to time")
+    p.add_argument("--settings", type=settings("BLOCKxWARPS launches, each ≥ 1", 2, "x"), default=SETTINGS,
+                   help="comma-separated BLOCKxWARPS launches to time")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU in Triton's interpreter")
     args = p.parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
-        args.rows, args.vocab, args.settings = 4, 300, "64x1"
+        args.rows, args.vocab, args.settings = 4, 300, [(64, 1)]
     device = "cpu" if args.smoke else "cuda"
     torch.manual_seed(0)
     logits = (4 * torch.randn(args.rows, args.vocab, device=device)).to(torch.bfloat16)
@@ -66,16 +69,16 @@ def main(argv=None):
     committed = cross_entropy.LAUNCH
     print(f"\n| launch (block x warps; committed {'x'.join(str(int(v)) for v in committed)}) | ms | "
           f"max abs Δgrad | max abs Δloss |\n|---|---|---|---|")  # fmt: skip
-    for setting in args.settings.split(","):
-        cross_entropy.LAUNCH = cross_entropy.Launch(*(int(v) for v in setting.split("x")))
+    for setting in args.settings:
+        cross_entropy.LAUNCH, name = cross_entropy.Launch(*setting), "x".join(map(str, setting))
         try:
             got_grad, got_loss = softmax_cross_entropy(logits, labels)
             ms = do_bench(lambda: softmax_cross_entropy(logits, labels), warmup=10, rep=50, return_mode="median") \
                 if not args.smoke else float("nan")
             d_grad = (got_grad.float() - grad.float()).abs().max().item()
-            print(f"| {setting} | {ms:.3f} | {d_grad:.1e} | {(got_loss - loss).abs().max().item():.1e} |", flush=True)
+            print(f"| {name} | {ms:.3f} | {d_grad:.1e} | {(got_loss - loss).abs().max().item():.1e} |", flush=True)
         except Exception as failure:  # a setting that does not compile or launch is a row, not the end of the run
-            print(f"| {setting} | failed: {type(failure).__name__}: {str(failure)[:80]} | | |", flush=True)
+            print(f"| {name} | failed: {type(failure).__name__}: {str(failure)[:80]} | | |", flush=True)
         finally:
             cross_entropy.LAUNCH = committed
     return error

@@ -28,6 +28,8 @@ from flowhn_kernels.delta_rule import chunk_delta_rule
 from flowhn_kernels.reference import chunk_masks, reference_chunked
 from flowhn_kernels.signature import ut_transform_signature
 
+from bench_args import numbers
+
 try:
     import fla
     from fla.ops.delta_rule import chunk_delta_rule as fla_chunk, fused_recurrent_delta_rule as fla_recurrent
@@ -36,24 +38,7 @@ except ImportError:
     fla = None
 
 SHAPES = [(8, 2048, 12, 64), (8, 2048, 16, 128), (4, 4096, 16, 128), (2, 8192, 16, 128), (1, 16384, 16, 128)]
-
-
-def whole_numbers(what, least, below=None):
-    """argparse type of a comma-separated list of at least one whole number in [least, below): `what` they are."""
-
-    def parse(text):
-        try:
-            numbers = [int(s) for s in text.split(",") if s.strip()]
-        except ValueError:
-            numbers = []
-        if not numbers or not all(least <= n and (below is None or n < below) for n in numbers):
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
-        return numbers
-
-    return parse
-
-
-shape_indices = whole_numbers(f"indices 0-{len(SHAPES) - 1} into {SHAPES}", 0, len(SHAPES))
+shape_indices = numbers(f"indices 0-{len(SHAPES) - 1} into {SHAPES}", 0, len(SHAPES))  # the type of --shapes
 
 
 def inputs(B, T, H, D, R, layout="ours", dev="cuda"):

@@ -16,6 +16,8 @@ from triton.testing import do_bench
 
 from flowhn_kernels import short_conv
 
+from bench_args import settings
+
 SHAPES = [(16, 973, 1728, 4), (16, 2048, 1728, 4)]  # (B, n, C, W): FAC's DeltaNet rows; `none`'s and the hybrid's
 SETTINGS = "128x64x4x1,32x64x4x4,16x128x4x8,4x512x2x16,4x1024x4x16,8x256x1x16,8x512x2x8"
 
@@ -26,12 +28,12 @@ def microseconds(fn):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default=SETTINGS, help="comma-separated BTxBCxWARPSxTILES")
+    parser.add_argument("--settings", type=settings("BTxBCxWARPSxTILES settings, each ≥ 1", 4, "x"), default=SETTINGS,
+                        help="comma-separated BTxBCxWARPSxTILES")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     committed = short_conv.WEIGHT_GRAD_TILE
-    settings = [tuple(int(v) for v in s.split("x")) for s in args.settings.split(",")]
     for B, n, C, W in SHAPES:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(B, n, C, generator=g).cuda().bfloat16()
@@ -42,7 +44,7 @@ def main(argv=None):
         print(f"\n{torch.cuda.get_device_name()}, (B, n, C, W) = {(B, n, C, W)}, bf16, µs; committed {committed}\n")
         print("| setting | pass with the weight gradient | backward | max abs Δgx | max rel Δgw |")
         print("|---|---|---|---|---|")
-        for setting in settings:
+        for setting in args.settings:
             short_conv.WEIGHT_GRAD_TILE = setting
             try:
                 gx, gw = short_conv._backward(x, weight, None, 0, 1, gy)

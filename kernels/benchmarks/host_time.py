@@ -45,7 +45,8 @@ from triton.runtime.driver import driver
 from flowhn_kernels import chunk, delta_rule
 from flowhn_kernels.utils import COMPILE_OPTIONS, kernel
 
-from bench_delta_rule import SHAPES, inputs, shape_indices, time_fwd_bwd, whole_numbers
+from bench_args import numbers
+from bench_delta_rule import SHAPES, inputs, shape_indices, time_fwd_bwd
 
 SHAPE = (2, 128, 2, 64)  # B, T, H, D: the host work does not depend on them
 WINDOWS_SHAPE = (1, 512, 2, 64)  # one sequence of 8 chunks: 4 windows each way
@@ -242,7 +243,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--gpu-shapes", type=shape_indices, default=[],
                     help="anchor shape indices: real calls on the GPU as well")
-    ap.add_argument("--gpu-windows", type=whole_numbers("window counts, each ≥ 1", 1), default=[],
+    ap.add_argument("--gpu-windows", type=numbers("window counts, each ≥ 1", 1), default=[],
                     help="window counts of those calls, e.g. 1,2,3,4 (default: chunk.OVERLAP_WINDOWS and 1)")
     ap.add_argument("--gpu-profile", type=shape_indices, default=[],
                     help="anchor shape indices: Python's profile of real calls")

@@ -36,6 +36,8 @@ from triton.compiler import ASTSource
 from flowhn_kernels import chunk, recurrent
 from flowhn_kernels.utils import COMPILE_OPTIONS, pow2
 
+from bench_args import names, numbers
+
 STATE_F32 = {"tinv", "init", "final", "dinit", "dfinal", "flows", "x0", "xs", "xout"}
 INDEX_I32 = {"cu", "chunk_idx", "chunk_off", "seg_off"}
 KERNELS = ("prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "state_fwd_narrow", "state_bwd_narrow",
@@ -180,24 +182,25 @@ def main_loop(sass):
                                            for group, pattern in OPCODE_GROUPS})
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--dims", type=numbers("head widths 1-256", 1, 257), default=[64, 128])
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--rank", type=int, default=1)
-    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset")
-    parser.add_argument("--maxnreg", default="", help="register caps, e.g. 168,128: each kernel at its own settings "
-                                                      "capped at each")
+    parser.add_argument("--kernels", type=names("kernels", KERNELS), default=list(KERNELS),
+                        help="comma-separated subset")
+    parser.add_argument("--maxnreg", type=numbers("register caps 1-255", 1, 256), default=[],
+                        help="register caps, e.g. 168,128: each kernel at its own settings capped at each")
     parser.add_argument("--sass", type=Path, default=None, help="write each row's SASS listing to this folder")
-    args = parser.parse_args()
-    caps = [int(n) for n in args.maxnreg.split(",") if n]
+    args = parser.parse_args(argv)
+    caps = args.maxnreg
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = {args.rank}\n")
     print("| kernel | D | warps, stages, cap | registers | spill stores / loads (B/thread) | shared KB | blocks an SM "
           "| SASS instructions | main loop: instructions (integer / global / shared / local / HGMMA) |")
     print("|---|---|---|---|---|---|---|---|---|")
     dtype = TORCH_DTYPES[args.dtype]
-    for D in (int(d) for d in args.dims.split(",")):
-        for name in args.kernels.split(","):
+    for D in args.dims:
+        for name in args.kernels:
             own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(name, D, dtype, args.rank)
             tuned = {"num_warps": 4, "num_stages": 3, **own}
             launches = [tuned, dict(tuned, num_warps=8)] if tuned["num_warps"] != 8 else [tuned]

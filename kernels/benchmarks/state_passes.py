@@ -26,6 +26,7 @@ from flowhn_kernels.delta_rule import chunk_delta_rule
 from flowhn_kernels.ops import pack
 from flowhn_kernels.utils import cdiv, pow2
 
+from bench_args import numbers, settings
 from bench_delta_rule import SHAPES, inputs, shape_indices
 
 
@@ -131,10 +132,12 @@ def child(variant, shapes, R=1, dev="cuda"):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", type=shape_indices, default=[4, 3, 1])
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", type=settings("BV:warps:stages variants, each ≥ 1", 3, ":"),
+                    default=",".join(VARIANTS))
     ap.add_argument("--rank", type=int, default=1, help="R of the passes alone (the profile runs R = 1)")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--scan-heads", default="", help="e.g. 16,8,4,2,1: fwd+bwd with the scan off and on at T = 16384")
+    ap.add_argument("--scan-heads", type=numbers("head counts, each ≥ 1", 1), default=[],
+                    help="e.g. 16,8,4,2,1: fwd+bwd with the scan off and on at T = 16384")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     shapes = args.shapes
@@ -148,10 +151,10 @@ def main(argv=None):
             print(f"  {us:9.1f}  {name[:90]}")
         print(f"  {sum(us for _, us in times):9.1f}  total GPU time; wall time of a fwd+bwd {wall:.1f}", flush=True)
     if args.scan_heads:
-        scan_crossover([int(h) for h in args.scan_heads.split(",")])
+        scan_crossover(args.scan_heads)
     # each variant in a process of its own: a miscompiled one (an illegal address) poisons its CUDA context
     rows = defaultdict(list)
-    for variant in filter(None, args.variants.split(",")):
+    for variant in (":".join(map(str, v)) for v in args.variants):
         proc = subprocess.run([sys.executable, __file__, "--child", variant, "--shapes", ",".join(map(str, shapes)),
                                "--rank", str(args.rank)],
                               capture_output=True, text=True)

@@ -23,6 +23,8 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from flowhn_kernels.utils import dot_dtype
+
+from bench_args import numbers, settings
 from state_passes import pass_inputs, rel, run_passes
 
 VARIANTS = ",".join(f"{bv}:{w}:{s}:{f}" for f in (1, 0) for bv in (32, 64) for w, s in ((4, 2), (4, 3), (4, 4), (8, 3)))
@@ -83,13 +85,17 @@ def chain(m, j, nc, H, K, V, variant, reverse):
     return states.clone(), do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default=VARIANTS)
-    ap.add_argument("--shape", default="1,16384,16,128", help="B,T,H,D (B = 1, T a multiple of 64)")
+    ap.add_argument("--variants", type=settings("BV:warps:stages:first variants, each ≥ 0", 4, ":", least=0),
+                    default=VARIANTS)
+    ap.add_argument("--shape", type=numbers("B, T, H and D, each ≥ 1", 1), default="1,16384,16,128",
+                    help="B,T,H,D (B = 1, T a multiple of 64)")
     ap.add_argument("--device", default="cuda")
-    args = ap.parse_args()
-    B, T, H, D = (int(x) for x in args.shape.split(","))
+    args = ap.parse_args(argv)
+    if len(args.shape) != 4 or args.shape[0] != 1 or args.shape[1] % 64:
+        ap.error(f"--shape: expected B,T,H,D with B = 1 and T a multiple of 64, got {args.shape}")
+    B, T, H, D = args.shape
     q, k, w, ut, do, qk, plan = pass_inputs(B, T, H, D, dev=args.device)
     (u, hs, du, dhs), fwd0, bwd0 = run_passes(q, k, w, ut, do, qk, plan)
     nc = w.shape[0]
@@ -100,7 +106,7 @@ def main():
           f"({1e3 * fwd0 / nc:.2f} µs/step), bwd {bwd0:.3f} ({1e3 * bwd0 / nc:.2f})\n")
     print("| variant BV:warps:stages:first | fwd ms | µs/step | rel diff hs | bwd ms | µs/step | rel diff dhs |")
     print("|---|---|---|---|---|---|---|")
-    for variant in filter(None, args.variants.split(",")):
+    for variant in (":".join(map(str, v)) for v in args.variants):
         first = variant.endswith(":1")
         try:
             if first:  # Sᵀ ← Sᵀ + Sᵀ (−KᵀW)ᵀ + (KᵀŨ)ᵀ

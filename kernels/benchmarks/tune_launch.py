@@ -25,6 +25,7 @@ import time
 from flowhn_kernels import chunk
 from flowhn_kernels.delta_rule import chunk_delta_rule
 
+from bench_args import names
 from bench_delta_rule import SHAPES, accuracy, inputs, time_fwd_bwd
 
 KERNELS = ["prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "combine", "state_fwd_aug",
@@ -47,29 +48,43 @@ def fwd_bwd_ms(xs):
     return ms
 
 
-def main():
+def shapes(text):
+    """argparse type of --shapes: anchor shape indices or BxTxHxD shapes, comma-separated, in order."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        parsed = [SHAPES[int(s)] if s.isdigit() else tuple(int(v) for v in s.split("x")) for s in items]
+    except (ValueError, IndexError):
+        parsed = []
+    if not parsed or any(len(shape) != 4 or min(shape) < 1 for shape in parsed):
+        raise argparse.ArgumentTypeError(f"expected comma-separated indices 0-{len(SHAPES) - 1} into {SHAPES} or "
+                                         f"BxTxHxD shapes, got {text!r}")
+    return parsed
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="0,1", help="anchor shape indices, or BxTxHxD")
-    ap.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset, tuned in this order")
+    ap.add_argument("--shapes", type=shapes, default="0,1", help="anchor shape indices, or BxTxHxD")
+    ap.add_argument("--kernels", type=names("kernels", KERNELS), default=",".join(KERNELS),
+                    help="comma-separated subset, tuned in this order")
     ap.add_argument("--max-minutes", type=float, default=4.0)
     ap.add_argument("--rank", type=int, default=1)
     ap.add_argument("--windows", type=int, default=chunk.OVERLAP_WINDOWS,
                     help="windows of the passes at one long sequence (chunk.OVERLAP_WINDOWS)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.windows < 1:
         ap.error(f"--windows must be at least 1, got {args.windows}")
     chunk.OVERLAP_WINDOWS = args.windows
     ranks = (1, 2) if args.rank == 1 else (args.rank,)  # checked for accuracy
     table = chunk.LAUNCH if args.rank == 1 else chunk.LAUNCH_RANKS
     stop = time.time() + 60 * args.max_minutes
-    for shape in (SHAPES[int(s)] if s.isdigit() else tuple(map(int, s.split("x"))) for s in args.shapes.split(",")):
+    for shape in args.shapes:
         B, T, H, D = shape
         width = max(chunk.pow2(D), 64)
         xs = inputs(B, T, H, D, args.rank, layout="fla" if args.rank == 1 else "ours")
         scan = chunk.make_plan(B, T, args.rank, xs[0].device).use_scan(H, D, D, None)  # as delta_rule will choose
         best = fwd_bwd_ms(xs)
         print(f"shape {shape}: {best:.3f} ms with the current settings", flush=True)
-        for name in args.kernels.split(","):
+        for name in args.kernels:
             if name in SCAN_ONLY and not scan:
                 continue
             key = (name, width) if args.rank == 1 else (name, width, args.rank)

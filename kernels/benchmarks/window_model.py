@@ -14,6 +14,8 @@ passes 64 programs narrow (V blocks of 32) or 32 wide (64), of 132 SMs.
 
 import argparse
 
+from bench_args import numbers
+
 CASES = {  # direction, pass width: (pass µs, per-chunk µs, idle share of the SMs during passes)
     "backward, narrow pass": (544, 626, 68 / 132),
     "backward, wide pass": (616, 626, 100 / 132),
@@ -47,11 +49,11 @@ def duration(passes, work, idle, shares, step=0.05):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--windows", default="4,8", help="window counts")
-    ap.add_argument("--growth", default="1,1.15,1.3,1.5", help="each window this many times the one before")
+    ap.add_argument("--windows", type=numbers("window counts, each ≥ 1", 1), default=[4, 8], help="window counts")
+    ap.add_argument("--growth", type=numbers("growth factors, each ≥ 1", 1, kind=float), default=[1, 1.15, 1.3, 1.5],
+                    help="each window this many times the one before")
     args = ap.parse_args(argv)
-    counts = [int(n) for n in args.windows.split(",")]
-    growths = [float(g) for g in args.growth.split(",")]
+    counts, growths = args.windows, args.growth
     columns = [(n, g) for n in counts for g in growths]
     print("µs until the direction's per-chunk work is done\n")
     print("| case | one window | " + " | ".join(f"{n} windows, ×{g:g}" for n, g in columns) + " |")
