@@ -4,7 +4,8 @@ that a bad value stops a script before any work with the option's name and what 
 import argparse
 
 
-def _items(text):
+def items(text):
+    """The non-empty comma-separated items of text, stripped."""
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
@@ -17,7 +18,7 @@ def numbers(what, least, below=None, kind=int):
 
     def parse(text):
         try:
-            values = [kind(item) for item in _items(text)]
+            values = [kind(item) for item in items(text)]
         except ValueError:
             values = []
         if not values or not all(least <= v and (below is None or v < below) for v in values):
@@ -32,7 +33,7 @@ def settings(what, size, sep, least=1):
 
     def parse(text):
         try:
-            values = [tuple(int(v) for v in item.split(sep)) for item in _items(text)]
+            values = [tuple(int(v) for v in item.split(sep)) for item in items(text)]
         except ValueError:
             values = []
         if not values or any(len(v) != size or min(v) < least for v in values):
@@ -46,7 +47,7 @@ def names(what, allowed):
     """At least one of `allowed`, in the order given."""
 
     def parse(text):
-        values = _items(text)
+        values = items(text)
         if not values or any(v not in allowed for v in values):
             raise _refuse(f"{what} of {', '.join(allowed)}", text)
         return values

@@ -196,12 +196,12 @@ def gpu_host_and_wall(call, calls=10):
     return 1e6 * (issued - start) / calls, 1e6 * (time.perf_counter() - start) / calls
 
 
-def gpu_table(shape_indices, window_counts=None):
+def gpu_table(indices, window_counts=None):
     """Real eager fwd+bwd calls at rank 1 with each count of windows (default: chunk.OVERLAP_WINDOWS, and one): the
     host's and the wall's µs a call, and the issue's measure, do_bench's median ms of one call (bench_delta_rule's
     eager column), which reads the host's time where that exceeds the GPU's."""
     print("\n| shape | windows | host µs | wall µs | do_bench ms |\n|---|---|---|---|---|")
-    for i in shape_indices:
+    for i in indices:
         B, T, H, D = SHAPES[i]
         call, xs = fwd_bwd(SHAPES[i], 1, dev="cuda"), inputs(B, T, H, D, 1, layout="fla")  # windows chosen per call
         for count in window_counts or (chunk.OVERLAP_WINDOWS, 1):

@@ -87,8 +87,8 @@ def set_variant(variant):
     """Run chunk's two passes at "BV:warps:stages" (V block width, num_warps, num_stages)."""
     bv, warps, stages = (int(x) for x in variant.split(":"))
     chunk.Plan.pass_block_v = lambda plan, heads, K, va, aug, alone=False: min(pow2(va), bv)
-    for name in ("state_fwd", "state_bwd", "state_fwd_narrow", "state_bwd_narrow", "state_fwd_narrow_full",
-                 "state_bwd_narrow_full", "state_bwd_narrow16"):
+    passes = {name for name, _ in chunk.LAUNCH if name.startswith(("state_fwd", "state_bwd")) and "_aug" not in name}
+    for name in passes:  # every launch entry of the two passes but the scan's
         for width in (64, 128, 256):
             chunk.LAUNCH[(name, width)] = dict(num_warps=warps, num_stages=stages)
             for rank in (2, 3, 4):

@@ -25,7 +25,7 @@ import time
 from flowhn_kernels import chunk
 from flowhn_kernels.delta_rule import chunk_delta_rule
 
-from bench_args import names
+from bench_args import items, names
 from bench_delta_rule import SHAPES, accuracy, inputs, time_fwd_bwd
 
 KERNELS = ["prep", "state_fwd", "output", "state_bwd", "grad_state", "grad_wy", "combine", "state_fwd_aug",
@@ -50,9 +50,8 @@ def fwd_bwd_ms(xs):
 
 def shapes(text):
     """argparse type of --shapes: anchor shape indices or BxTxHxD shapes, comma-separated, in order."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
     try:
-        parsed = [SHAPES[int(s)] if s.isdigit() else tuple(int(v) for v in s.split("x")) for s in items]
+        parsed = [SHAPES[int(s)] if s.isdigit() else tuple(int(v) for v in s.split("x")) for s in items(text)]
     except (ValueError, IndexError):
         parsed = []
     if not parsed or any(len(shape) != 4 or min(shape) < 1 for shape in parsed):
