@@ -119,7 +119,9 @@ WY_CANCELLING_16BIT = False
 # Eager calls at rank 1 keep one window: there the host's launches take longer than the windows' GPU work, and the
 # GPU waits on them (H100, 2026-12-05, one sequence of 16384 tokens, fwd+bwd: 1.87 → 2.57 ms eager with 4 windows,
 # 1.84 → 1.68 ms replayed from a CUDA graph; at R = 2, with twice the work a launch, 3.32 → 2.98 ms eager). Calls
-# captured into a graph take the windows at every rank.
+# captured into a graph take the windows at every rank. Since the one-window reverse pass narrowed to 16 (v24) and its
+# scores came off its chain (v25), rank 1 gains ≤ 1% from them in graphs and nothing from the forward's in eager calls
+# (H100, 2026-12-07, compare_versions.py --shapes 4 over four gate variants, kernels/benchmarks/NOTES.md session 46).
 OVERLAP_WINDOWS = 4
 OVERLAP_MIN_CHUNKS = 64
 OVERLAP_GROWTH = 1.3
