@@ -309,11 +309,13 @@ def test_inductor_config_reaches_the_rows_child_process(tmp_path, monkeypatch, o
             tb.parse_args(["--smoke", "--inductor-config", bad])
     seen = {}
     monkeypatch.setattr(tb, "run_model", lambda *a, **kw: seen.update(combo=config.combo_kernels) or {})
-    monkeypatch.setattr(config, "combo_kernels", False)
     args = tb.parse_args(["--smoke", "--models", "flowhn-FAC", "--inductor-config", "combo_kernels=True",
                           "--child-json", str(tmp_path / "row.json")])  # fmt: skip
-    tb.run_child(args, torch.device("cpu"))
-    assert seen == {"combo": True}
+    # Inductor's own patch, which puts the setting back: pytest 9.2's monkeypatch deletes on undo an attribute that
+    # was not in the module's __dict__, and a deleted Inductor setting stays hidden for every later compilation
+    with config.patch(combo_kernels=False):
+        tb.run_child(args, torch.device("cpu"))
+    assert seen == {"combo": True} and config.combo_kernels is False
     tb.main(["--smoke", "--models", "flowhn-FAC", "--decode-batch-sizes", "", "--steps", "1",
              "--inductor-config", "combo_kernels=False", "--out-dir", str(tmp_path / "out")])  # fmt: skip
     assert "combo_kernels=False" in (tmp_path / "out" / "RESULTS.md").read_text()
@@ -464,7 +466,10 @@ def test_linear_groups_checks_each_grouping_against_the_products_apart(capsys, t
 
     linear_groups.main(["--smoke", "--out", str(tmp_path / "table.md")])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "µs" not in line]
-    assert len(rows) == 16 and all(float(row.split(" | ")[-1].rstrip(" |")) > 0 for row in rows)
+    assert len(rows) == 16
+    for row in rows:  # (a timing hiccup on a busy machine may round a ratio to 0.00: read the times it comes from)
+        apart, together, ratio = (float(x) for x in row.rstrip(" |").split(" | ")[-3:])
+        assert apart > 0 and together > 0 and ratio == pytest.approx(together / apart, rel=0.01, abs=0.01), row
     assert sum("slices" in row for row in rows) == 5  # every slice count that divides the smoke's row counts
     assert (tmp_path / "table.md").read_text().count("\n| ") == 17
 
