@@ -5,7 +5,7 @@ two; the extra components are masked to β = 0, k = 0 and drop out). Sequences a
 described by cu_seqlens (a batch of B equal sequences is B packed documents), so one set of
 kernels covers both layouts. Per chunk g and head h the kernels keep:
 
-  tinv [NC,H,ROWS,ROWS] fp32   T = (I + strict ⊙ diag(β) K Kᵀ)⁻¹ (saved for backward)
+  tinv [NC,H,ROWS,ROWS]        T = (I + strict ⊙ diag(β) K Kᵀ)⁻¹ (saved for backward)
   w [NC,H,ROWS,K]              W = T diag(β) K (saved for backward)
   ut [NC,H,ROWS,V]             Ũ = T diag(β) V, overwritten by the forward pass with
                                U = Ũ − W S_start (saved for backward)
@@ -245,7 +245,7 @@ def prep_kernel(k, v, v_stride, beta, tinv, w, ut, cu, chunk_idx, length, UNIFOR
         below = ((r // size) % 2 == 1)[:, None] & ((r // size)[:, None] == (r // size)[None, :] + 1)
         e = tl.where(below, a, 0.0)
         b_t = b_t - tl.dot(tl.dot(b_t, e, input_precision=PREC), b_t, input_precision=PREC)
-    tl.store(tinv + tile, b_t)
+    tl.store(tinv + tile, b_t.to(tinv.dtype.element_ty))
     b_tl = b_t.to(DT)
     base = (g * H + h) * ROWS + r
     b_w = tl.dot(b_tl, (b_k * b_beta[:, None]).to(DT), input_precision=PREC)
@@ -774,7 +774,7 @@ def _prep(k, v, beta, plan):
     _, H, R, K = k.shape
     V = v.shape[-1]
     bk, bv = _chunk_blocks(K, V)
-    tinv = k.new_empty(plan.nc, H, ROWS, ROWS, dtype=torch.float32)
+    tinv = k.new_empty(plan.nc, H, ROWS, ROWS)
     w = k.new_empty(plan.nc, H, ROWS, K)
     ut = v.new_empty(plan.nc, H, ROWS, V)
     prep_kernel[(plan.nc, H)](k, v, v.stride(0), beta, tinv, w, ut, *plan.chunks, H, heads_apart(k), R, K, V, plan.rp,

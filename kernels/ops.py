@@ -79,7 +79,7 @@ def _(q, k, v, beta, initial_state, scale, offsets, output_final_state, scan):
     state_shape = _state_shape(k, v, offsets)
     final = q.new_empty(state_shape if output_final_state else (0,), dtype=torch.float32)
     scores = saves_scores(state_shape[0], H, K, V, q.device)  # state_shape[0]: the sequences
-    return (q.new_empty(*q.shape[:3], V), final, q.new_empty(nc, H, ROWS, ROWS, dtype=torch.float32),
+    return (q.new_empty(*q.shape[:3], V), final, k.new_empty(nc, H, ROWS, ROWS),
             k.new_empty(nc, H, ROWS, K), v.new_empty(nc, H, ROWS, V), k.new_empty(nc, H, K, V),
             k.new_empty((nc, H, tokens_per_chunk(R), ROWS) if scores else (0,)))  # fmt: skip
 
