@@ -5,7 +5,7 @@ two; the extra components are masked to β = 0, k = 0 and drop out). Sequences a
 described by cu_seqlens (a batch of B equal sequences is B packed documents), so one set of
 kernels covers both layouts. Per chunk g and head h the kernels keep:
 
-  tinv [NC,H,ROWS,ROWS]        T = (I + strict ⊙ diag(β) K Kᵀ)⁻¹ (saved for backward)
+  tinv [NC,H,ROWS,ROWS]        T = (I + strict ⊙ diag(β) K Kᵀ)⁻¹ (saved for backward, in the input dtype)
   w [NC,H,ROWS,K]              W = T diag(β) K (saved for backward)
   ut [NC,H,ROWS,V]             Ũ = T diag(β) V, overwritten by the forward pass with
                                U = Ũ − W S_start (saved for backward)
@@ -245,6 +245,8 @@ def prep_kernel(k, v, v_stride, beta, tinv, w, ut, cu, chunk_idx, length, UNIFOR
         below = ((r // size) % 2 == 1)[:, None] & ((r // size)[:, None] == (r // size)[None, :] + 1)
         e = tl.where(below, a, 0.0)
         b_t = b_t - tl.dot(tl.dot(b_t, e, input_precision=PREC), b_t, input_precision=PREC)
+    # T saved in the input dtype, the precision W and Ũ are formed from it in: half of fp32's bytes for prep and
+    # grad_wy, fwd+bwd at (1, 16384, 16, 128) 1.51 → 1.48 ms (H100, 2026-12-07, kernels/benchmarks/NOTES.md v29)
     tl.store(tinv + tile, b_t.to(tinv.dtype.element_ty))
     b_tl = b_t.to(DT)
     base = (g * H + h) * ROWS + r
