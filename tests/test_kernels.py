@@ -711,6 +711,8 @@ SHAPE_INDICES = ("5", "1,x", "-1", ",")
 BAD_BENCHMARK_OPTIONS = [
     ("bench_delta_rule", "--shapes", SHAPE_INDICES),
     ("compare_versions", "--shapes", SHAPE_INDICES),
+    ("profile_kernels", "--shapes", SHAPE_INDICES),
+    ("profile_kernels", "--rank", ("0", "5", "x")),
     ("state_passes", "--shapes", SHAPE_INDICES),
     ("state_passes", "--variants", ("32:4", "32:4:x", "0:4:3")),
     ("state_passes", "--scan-heads", ("0", "a")),

@@ -16,11 +16,11 @@ import torch
 from bench_delta_rule import SHAPES, inputs, ours, shape_indices
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", type=shape_indices, default=[4], help="anchor shape indices (bench_delta_rule.SHAPES)")
-    ap.add_argument("--rank", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--rank", type=int, choices=range(1, 5), default=1)
+    args = ap.parse_args(argv)
     for index in args.shapes:
         B, T, H, D = SHAPES[index]
         xs = inputs(B, T, H, D, args.rank, layout="fla" if args.rank == 1 else "ours")
