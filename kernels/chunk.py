@@ -100,10 +100,10 @@ LAUNCH = {
 LAUNCH_RANKS = {("state_bwd", 128, 2): dict(num_warps=8, num_stages=4)}
 
 
-# operands of grad_wy's products for 16-bit inputs (fp32 inputs always take fp32, tf32x3): the input dtype (faster)
-# or fp32 with one tf32 pass. Tᵀ dU and Tᵀ dW, and the two products of dT = dU (βV)ᵀ − dW (βK)ᵀ, which cancel; dA K is
-# always 16-bit. dT in 16 bits costs dβ with alike keys (2.3e-2 in bf16, tolerance 2e-2); NOTES.md v6 has all four.
-WY_TRANSPOSE_16BIT = True
+# operands of grad_wy's two products of dT = dU (βV)ᵀ − dW (βK)ᵀ, which cancel, for 16-bit inputs (fp32 inputs always
+# take fp32, tf32x3): the input dtype (faster) or fp32 with one tf32 pass. In 16 bits dT costs dβ with alike keys
+# (2.3e-2 in bf16, tolerance 2e-2; NOTES.md v6). Tᵀ dU, Tᵀ dW and dA K take the input dtype, the one T, dU and dW are
+# saved in (since v29 fp32 operands there would multiply the same values, only slower).
 WY_CANCELLING_16BIT = False
 
 
@@ -246,7 +246,8 @@ def prep_kernel(k, v, v_stride, beta, tinv, w, ut, cu, chunk_idx, length, UNIFOR
         e = tl.where(below, a, 0.0)
         b_t = b_t - tl.dot(tl.dot(b_t, e, input_precision=PREC), b_t, input_precision=PREC)
     # T saved in the input dtype, the precision W and Ũ are formed from it in: half of fp32's bytes for prep and
-    # grad_wy, fwd+bwd at (1, 16384, 16, 128) 1.51 → 1.48 ms (H100, 2026-12-07, kernels/benchmarks/NOTES.md v29)
+    # grad_wy, fwd+bwd at (1, 16384, 16, 128) 1.51 → 1.48 ms (H100, 2026-12-07, kernels/benchmarks/NOTES.md v29).
+    # Cast here, not stored from b_tl below: that order spilled 32 B a thread at prep's register cap (12 this way)
     tl.store(tinv + tile, b_t.to(tinv.dtype.element_ty))
     b_tl = b_t.to(DT)
     base = (g * H + h) * ROWS + r
@@ -546,7 +547,7 @@ def grad_wy_kernel(k, v, v_stride, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu
                    UNIFORM: tl.constexpr,
                    H: tl.constexpr, K_HEADS: tl.constexpr, R: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, LOW: tl.constexpr, CD: tl.constexpr):
+                   BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, CD: tl.constexpr):
     """Back through one chunk's UT transform W = T diag(β) K, Ũ = T diag(β) V, T = (I + A)⁻¹ (chunk chunk0 + the
     program's first index): dv and dβ, and dk = (grad_state_kernel's part) + the parts through W and A."""
     g = tl.program_id(0).to(tl.int64) + chunk0
@@ -558,8 +559,8 @@ def grad_wy_kernel(k, v, v_stride, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu
     base = (g * H + h) * ROWS + r
     b_beta = tl.load(beta + sub, mask=row_ok, other=0.0).to(tl.float32)
     b_tt = tl.trans(tl.load(tinv + (g * H + h) * ROWS * ROWS + r[:, None] * ROWS + r[None, :]))
-    b_tl = b_tt.to(LOW)
-    # Operands: LOW for Tᵀ dU and Tᵀ dW, CD for the products of dT, the input dtype for dA K (see WY_TRANSPOSE_16BIT)
+    b_tl = b_tt.to(DT)
+    # Operands: CD for the products of dT, the input dtype for the others (see WY_CANCELLING_16BIT)
     b_dbeta = tl.full([ROWS], 0.0, tl.float32)
     b_dtv = tl.full([ROWS, ROWS], 0.0, tl.float32)
     b_kk = tl.full([ROWS, ROWS], 0.0, tl.float32)
@@ -570,7 +571,7 @@ def grad_wy_kernel(k, v, v_stride, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu
         v_ok = vv < V
         b_du = tl.load(du + base[:, None] * V + vv[None, :], mask=v_ok[None, :], other=0.0)
         b_v = tl.load(v + vrow[:, None] + vv[None, :], mask=row_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-        b_dvt = tl.dot(b_tl, b_du.to(LOW), input_precision=PREC)
+        b_dvt = tl.dot(b_tl, b_du.to(DT), input_precision=PREC)
         tl.store(dv + sub[:, None] * V + vv[None, :], (b_dvt * b_beta[:, None]).to(dv.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
         b_dbeta += tl.sum(b_dvt * b_v, axis=1)
@@ -597,7 +598,7 @@ def grad_wy_kernel(k, v, v_stride, beta, tinv, du, dw, dk, dv, dbeta, chunk0, cu
         b_dw = tl.load(dw + base[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
         b_dk = tl.load(dk + sub[:, None] * K + kk[None, :], mask=k_mask, other=0.0).to(tl.float32)
         # W = T diag(β) K with dW = −dU S_startᵀ
-        b_tdw = tl.dot(b_tl, b_dw.to(LOW), input_precision=PREC)
+        b_tdw = tl.dot(b_tl, b_dw.to(DT), input_precision=PREC)
         b_dbeta -= tl.sum(b_tdw * b_k.to(tl.float32), axis=1)
         b_dk += tl.dot(b_da, b_k.to(DT), input_precision=PREC) - b_tdw * b_beta[:, None]
         tl.store(dk + sub[:, None] * K + kk[None, :], b_dk.to(dk.dtype.element_ty), mask=k_mask)
@@ -929,7 +930,6 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
     dbeta = torch.empty_like(beta)
     gk, gv = min(pow2(K), 64), min(pow2(V), 64)
     dt, prec = dot_dtype(k.dtype), dot_precision(k.dtype)
-    low = dt if WY_TRANSPOSE_16BIT else tl.float32
     cd = dt if WY_CANCELLING_16BIT else tl.float32
     state_launch, wy_launch = launch("grad_state", K, k.dtype), launch("grad_wy", K, k.dtype)
     state_repeats, wy_repeats = Repeats(grad_state_kernel), Repeats(grad_wy_kernel)
@@ -939,7 +939,7 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
         state_repeats(((hi - lo) * cdiv(K, gk), H), q, k, u, hs, du, dhs, do, dq, dk, dw, scale, lo, *plan.chunks, H,
                       *strides, R, K, V, plan.rp, plan.bt, gk, gv, dt, prec, **state_launch)
         wy_repeats((hi - lo, H), k, v, v.stride(0), beta, tinv, du, dw, dk, dv, dbeta, lo, *plan.chunks, H, strides[1],
-                   R, K, V, plan.rp, plan.bt, gk, gv, dt, prec, low, cd, **wy_launch)
+                   R, K, V, plan.rp, plan.bt, gk, gv, dt, prec, cd, **wy_launch)
 
     if plan.use_scan(H, K, V, scan):
         seg, seg_off = plan.segments()

@@ -18,6 +18,7 @@ from flowhn_kernels.delta_rule import chunk_delta_rule, recurrent_delta_rule
 
 # relative error vs float64 on the same (rounded) inputs; fp32 inputs run tf32x3 (near fp32) products on the GPU
 TOL = {torch.float32: 3e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+ALIKE_KEYS_BF16_TOL = 4e-2  # bf16 with alike keys and β near 1: test_chunked_with_alike_keys says why
 
 
 def dims(device):
@@ -165,7 +166,7 @@ def test_chunked_with_alike_keys(triton_env, R, dtype):
     2.8e-2, over 2e-2 in 12.6% of them (2.4e-2 in the one H100 run that failed at 2e-2; kernels/benchmarks/NOTES.md
     v18). With T saved for the backward in bf16 (v29), 40 draws gave median 1.9e-2 and max 2.9e-2; the same 40 draws
     with T in fp32, 1.8e-2 and 2.4e-2."""
-    tol = 4e-2 if dtype == torch.bfloat16 else TOL[dtype]
+    tol = ALIKE_KEYS_BF16_TOL if dtype == torch.bfloat16 else TOL[dtype]
     check_against_naive(chunk_delta_rule, alike_keys_inputs(R, dtype, triton_env), tol)
 
 

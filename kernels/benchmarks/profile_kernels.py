@@ -14,12 +14,13 @@ import argparse
 import torch
 
 from bench_delta_rule import SHAPES, inputs, ours, shape_indices
+from flowhn_kernels.delta_rule import MAX_RANK
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", type=shape_indices, default=[4], help="anchor shape indices (bench_delta_rule.SHAPES)")
-    ap.add_argument("--rank", type=int, choices=range(1, 5), default=1)
+    ap.add_argument("--rank", type=int, choices=range(1, MAX_RANK + 1), default=1)
     args = ap.parse_args(argv)
     for index in args.shapes:
         B, T, H, D = SHAPES[index]

@@ -75,8 +75,7 @@ def constexprs(name, D, dtype, R):
                               SAVED_SCORES=True),
         "combine": dict(H=16, K=D, V=D, BK=bk, BV=bv, KB=min(bk, 32), HAS_X0=True, STORE_OUT=True, REVERSE=False),
         "recurrent": dict(common, BK=rk, BV=rv, HAS_INIT=True, STORE_FINAL=True, NORMALIZE=True),  # as decoding runs
-        "grad_wy": dict(common, BK=g, BV=g, LOW=DTYPES[dtype] if chunk.WY_TRANSPOSE_16BIT else tl.float32,
-                        CD=DTYPES[dtype] if chunk.WY_CANCELLING_16BIT else tl.float32),
+        "grad_wy": dict(common, BK=g, BV=g, CD=DTYPES[dtype] if chunk.WY_CANCELLING_16BIT else tl.float32),
     }[name.removesuffix("_full")]  # the narrow passes where they fill the GPU: the same kernels, launched otherwise
 
 
