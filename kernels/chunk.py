@@ -27,6 +27,9 @@ import triton.language as tl
 from .utils import Repeats, cdiv, device_function, dot_dtype, dot_precision, kernel, pow2
 
 ROWS = 64
+# the sequential passes load and store their tiles by TMA where the layout and the launches allow (_uses_tma,
+# _pass_descriptors); off, they take the pointer loads the other kernels take (benchmarks time both)
+TMA_PASSES = True
 # launch settings (num_warps, num_stages) per kernel and key width pow2(K): 64, 128 or 256.
 # kernels/benchmarks/tune_launch.py times the alternatives on a GPU and prints this table.
 # Measured on an H200 (2026-11-22): fwd+bwd at (8, 2048, 16, 128) 1.975 → 1.869 ms, at (8, 2048, 12, 64) 0.913 → 0.836;
@@ -274,11 +277,12 @@ def fwd_tiles(k, w, ut, g, c, bos, eos, h, r, kk, col, H: tl.constexpr, K_HEADS:
 
 
 @windowed
-def state_fwd_kernel(k, w, ut, hs, init, final, c_lo, c_hi, cu, chunk_off, length, UNIFORM: tl.constexpr,
+def state_fwd_kernel(k, w, ut, hs, k_d, w_d, u_d, s_d, init, final, c_lo, c_hi, cu, chunk_off, length,
+                     UNIFORM: tl.constexpr,
                      H: tl.constexpr, K_HEADS: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DT: tl.constexpr,
-                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr):
+                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr, TMA: tl.constexpr):
     """Sequential pass over one sequence's chunks: S_end = S_start + Kᵀ U with U = Ũ − W S_start, written over Ũ.
 
     A for loop, so that Triton's pipeliner loads the tiles of the next chunks (num_stages − 1 ahead) while this one
@@ -306,13 +310,22 @@ def state_fwd_kernel(k, w, ut, hs, init, final, c_lo, c_hi, cu, chunk_off, lengt
         S = tl.full([BK, BV], 0.0, tl.float32)
     nc = (eos - bos + BT - 1) // BT
     for c in range(c_lo, tl.minimum(nc, c_hi)):
-        base, b_w, b_ut, b_kt = fwd_tiles(k, w, ut, g0 + c, c, bos, eos, h, r, kk, col, H, K_HEADS, R, K, V, RP,
-                                          BT)
-        if not AUG:
-            tl.store(hs + ((g0 + c) * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=kv_mask)
-        b_u = b_ut.to(tl.float32) - tl.dot(b_w.to(DT), S.to(DT), input_precision=PREC)
-        if not AUG:
-            tl.store(ut + base[:, None] * V + vv[None, :], b_u.to(ut.dtype.element_ty), mask=vv[None, :] < V)
+        if TMA:  # rows past the sequence's end: U's rows there are 0, so k's (any finite values) drop out of Kᵀ U
+            row = (((g0 + c) * H + h) * (BT * RP)).to(tl.int32)  # descriptor coordinates are 32-bit
+            b_w = w_d.load([row, 0])
+            b_ut = u_d.load([row, iv * BV])
+            b_kt = tl.trans(tl.reshape(k_d.load([(bos + c * BT).to(tl.int32), h * R, 0]), [BT * RP, BK]))
+            s_d.store([(((g0 + c) * H + h) * K).to(tl.int32), iv * BV], S.to(s_d.dtype))
+            b_u = b_ut.to(tl.float32) - tl.dot(b_w.to(DT), S.to(DT), input_precision=PREC)
+            u_d.store([row, iv * BV], b_u.to(u_d.dtype))
+        else:
+            base, b_w, b_ut, b_kt = fwd_tiles(k, w, ut, g0 + c, c, bos, eos, h, r, kk, col, H, K_HEADS, R, K, V, RP,
+                                              BT)
+            if not AUG:
+                tl.store(hs + ((g0 + c) * H + h) * K * V + kv, S.to(hs.dtype.element_ty), mask=kv_mask)
+            b_u = b_ut.to(tl.float32) - tl.dot(b_w.to(DT), S.to(DT), input_precision=PREC)
+            if not AUG:
+                tl.store(ut + base[:, None] * V + vv[None, :], b_u.to(ut.dtype.element_ty), mask=vv[None, :] < V)
         S += tl.dot(b_kt.to(DT), b_u.to(DT), input_precision=PREC)
     if STORE_FINAL:
         tl.store(final + state + kv, S, mask=kv_mask)
@@ -388,12 +401,13 @@ def bwd_tiles(q, k, w, do, qk, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.co
 
 
 @windowed
-def state_bwd_kernel(q, k, w, do, qk, du, dhs, dfinal, dinit, scale, c_lo, c_hi, cu, chunk_off, length,
-                     UNIFORM: tl.constexpr,
+def state_bwd_kernel(q, k, w, do, qk, du, dhs, q_d, k_d, w_d, do_d, qk_d, du_d, ds_d, dfinal, dinit, scale, c_lo,
+                     c_hi, cu, chunk_off, length, UNIFORM: tl.constexpr,
                      H: tl.constexpr, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, R: tl.constexpr,
                      K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, HAS_DFINAL: tl.constexpr, STORE_DINIT: tl.constexpr, DT: tl.constexpr,
-                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr, SAVED_SCORES: tl.constexpr):
+                     PREC: tl.constexpr, AUG: tl.constexpr, VA: tl.constexpr, SAVED_SCORES: tl.constexpr,
+                     TMA: tl.constexpr):
     """Reverse pass: dU = scale (QKᵀ⊙causal)ᵀ dO + K dS_end, dS_start = dS_end + scale Qᵀ dO − Wᵀ dU.
 
     It carries the transposed state, dUᵀ = dOᵀ Aᵀ + dSᵀ Kᵀ and dSᵀ ← dSᵀ + dOᵀ Q − dUᵀ W, so that the chain's
@@ -425,14 +439,31 @@ def state_bwd_kernel(q, k, w, do, qk, du, dhs, dfinal, dinit, scale, c_lo, c_hi,
     c_end = tl.minimum((eos - bos + BT - 1) // BT, c_hi)
     for i in range(c_end - c_lo):
         c = c_end - 1 - i
-        base, b_q, b_kt, b_dot, b_w, b_a = bwd_tiles(q, k, w, do, qk, scale, g0 + c, c, bos, eos, h, r, t, kk, col,
-                                                     H, Q_HEADS, K_HEADS, R, K, V, RP, BT, DT, PREC,
-                                                     SAVED_SCORES)
-        if not AUG:
-            tl.store(dhs + ((g0 + c) * H + h) * K * V + vk, dSt.to(dhs.dtype.element_ty), mask=vk_mask)
-        b_dut = tl.dot(b_dot, b_a, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
-        if not AUG:
-            tl.store(du + base[None, :] * V + vv[:, None], b_dut.to(du.dtype.element_ty), mask=vv[:, None] < V)
+        if TMA:  # whole chunks only (Plan.full_chunks): no rows past a sequence's end to mask
+            tok = (bos + c * BT).to(tl.int32)
+            row = (((g0 + c) * H + h) * (BT * RP)).to(tl.int32)
+            b_q = q_d.load([tok, h * K]).to(DT)
+            b_kt = tl.trans(tl.reshape(k_d.load([tok, h * R, 0]), [BT * RP, BK])).to(DT)
+            b_dot = tl.trans(do_d.load([tok, h * V + iv * BV])).to(DT)
+            b_w = w_d.load([row, 0]).to(DT)
+            if SAVED_SCORES:
+                b_a = qk_d.load([(((g0 + c) * H + h) * BT).to(tl.int32), 0]).to(DT)
+            else:
+                b_q = (b_q.to(tl.float32) * scale).to(DT)
+                b_a = tl.dot(b_q, b_kt, input_precision=PREC)
+                b_a = tl.where(t[:, None] >= (r // RP)[None, :], b_a, 0.0).to(DT)
+            ds_d.store([(((g0 + c) * H + h) * K).to(tl.int32), iv * BV], tl.trans(dSt).to(ds_d.dtype))
+            b_dut = tl.dot(b_dot, b_a, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
+            du_d.store([row, iv * BV], tl.trans(b_dut).to(du_d.dtype))
+        else:
+            base, b_q, b_kt, b_dot, b_w, b_a = bwd_tiles(q, k, w, do, qk, scale, g0 + c, c, bos, eos, h, r, t, kk,
+                                                         col, H, Q_HEADS, K_HEADS, R, K, V, RP, BT, DT, PREC,
+                                                         SAVED_SCORES)
+            if not AUG:
+                tl.store(dhs + ((g0 + c) * H + h) * K * V + vk, dSt.to(dhs.dtype.element_ty), mask=vk_mask)
+            b_dut = tl.dot(b_dot, b_a, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
+            if not AUG:
+                tl.store(du + base[None, :] * V + vv[:, None], b_dut.to(du.dtype.element_ty), mask=vv[:, None] < V)
         dot_q = tl.dot(b_dot, b_q, input_precision=PREC)
         if SAVED_SCORES:  # Q as it lies: scaled after the product (v25)
             dot_q = scale * dot_q
@@ -798,18 +829,47 @@ def _pass_launch(name, k, va, aug, plan, alone=False):
     return pow2(K), bv, launch(name + suffix, K, k.dtype, R)
 
 
-def _state_pass(k, w, ut, init, plan, final, aug, hs=None, window=None, repeats=None):
+def _state_pass(k, w, ut, init, plan, final, aug, hs=None, window=None, repeats=None, tma=True):
     """The forward pass over chunks, or over the window of them [lo, hi) of every sequence: U over Ũ in ut, the chunk
-    states into hs (none in the scan's flow pass, aug). `repeats`: the call's earlier windows' launches."""
+    states into hs (none in the scan's flow pass, aug). `repeats`: the call's earlier windows' launches; `tma`: the
+    tiles by TMA where the layout allows (_uses_tma)."""
     _, H, R, K = k.shape
     V = ut.shape[-1]
     va = K + V if aug else V
     lo, hi = window or (0, plan.nc)
     bk, bv, pass_launch = _pass_launch("state_fwd", k, va, aug, plan)
+    descs = _pass_descriptors(k, w, ut, hs, plan, bk, bv) if tma and TMA_PASSES and not aug else None
     (repeats or Repeats(state_fwd_kernel))(
-        (plan.n, H, cdiv(va, bv)), k, w, ut, hs, init, final, lo, hi, *plan.sequences, H, heads_apart(k), R, K, V,
-        plan.rp, plan.bt, bk, bv, init is not None, final is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug,
-        va, key=(id(init), id(final)), **pass_launch)
+        (plan.n, H, cdiv(va, bv)), k, w, ut, hs, *(descs or (None,) * 4), init, final, lo, hi, *plan.sequences, H,
+        heads_apart(k), R, K, V, plan.rp, plan.bt, bk, bv, init is not None, final is not None, dot_dtype(k.dtype),
+        dot_precision(k.dtype), aug, va, descs is not None, key=(id(init), id(final)), **pass_launch)
+
+
+def _pass_descriptors(k, w, ut, hs, plan, bk, bv):
+    """TMA descriptors of the forward pass's tiles (k [BT, RP, K], W [ROWS, K], Ũ and U [ROWS, BV], the state
+    [K, BV]), or None where TMA can't take them: K below its block, padded components (R < RP), rows not 16-byte
+    aligned."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, H, R, K = k.shape
+    V = ut.shape[-1]
+    rows = plan.bt * plan.rp
+    if bk != K or plan.rp != R or any(x % 16 for x in (K * k.element_size(), V * ut.element_size(),
+                                                        k.stride(0) * k.element_size(), k.data_ptr())):
+        return None
+    k3 = k.as_strided((n, H * R, K), (k.stride(0), K, 1))
+    return (TensorDescriptor(k3, k3.shape, k3.stride(), [plan.bt, plan.rp, K]),
+            TensorDescriptor.from_tensor(w.view(-1, K), [rows, K]),
+            TensorDescriptor.from_tensor(ut.view(-1, V), [rows, bv]),
+            TensorDescriptor.from_tensor(hs.view(-1, V), [K, bv]))
+
+
+def _uses_tma(windows, device):
+    """Whether the passes over these windows take their tiles by TMA. Its descriptors are host work at every launch
+    (Triton encodes each one), which an eager call over several windows has no time for: at R = 2, B = 1 (4 windows)
+    fwd+bwd went from 2.54 to 2.98 ms eager on an H200 while each pass alone ran 7-8% faster. One launch a pass, or
+    a CUDA graph's replay, leaves the host that time."""
+    return len(windows) == 1 or capturing(device)
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
@@ -864,12 +924,13 @@ def _states(k, w, ut, hs, initial_state, plan, output_final_state, scan, then):
         then(0, plan.nc)
         return final
 
-    repeats = Repeats(state_fwd_kernel)
+    repeats, windows = Repeats(state_fwd_kernel), plan.windows(H, K, V)
+    tma = _uses_tma(windows, k.device)
 
     def one_pass(init, out, window):
-        _state_pass(k, w, ut, init, plan, out, False, hs, window, repeats)
+        _state_pass(k, w, ut, init, plan, out, False, hs, window, repeats, tma)
 
-    _overlapped(plan.windows(H, K, V), one_pass, then, initial_state, final, (plan.n, H, K, V), k.device)
+    _overlapped(windows, one_pass, then, initial_state, final, (plan.n, H, K, V), k.device)
     return final
 
 
@@ -900,18 +961,45 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
 
 
 def _reverse_pass(q, k, w, do, qk, scale, dfinal, plan, dinit, aug, du=None, dhs=None, window=None, repeats=None,
-                  alone=False):
+                  alone=False, tma=True):
     """The reverse pass over chunks, or over the window of them [lo, hi) of every sequence. `repeats`: the call's
-    earlier windows' launches; `alone`: no gradient kernels run beside it (Plan.pass_block_v)."""
+    earlier windows' launches; `alone`: no gradient kernels run beside it (Plan.pass_block_v); `tma` as in
+    _state_pass."""
     _, H, R, K = k.shape
     V = do.shape[-1]
     va = K + V if aug else V
     lo, hi = window or (0, plan.nc)
     bk, bv, pass_launch = _pass_launch("state_bwd", k, va, aug, plan, alone)
+    descs = _reverse_descriptors(q, k, w, do, qk, du, dhs, plan, bk, bv) if tma and TMA_PASSES and not aug else None
     (repeats or Repeats(state_bwd_kernel))(
-        (plan.n, H, cdiv(va, bv)), q, k, w, do, qk, du, dhs, dfinal, dinit, scale, lo, hi, *plan.sequences, H,
-        heads_apart(q), heads_apart(k), R, K, V, plan.rp, plan.bt, bk, bv, dfinal is not None, dinit is not None,
-        dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, qk.numel() > 0, key=(id(dfinal), id(dinit)), **pass_launch)
+        (plan.n, H, cdiv(va, bv)), q, k, w, do, qk, du, dhs, *(descs or (None,) * 7), dfinal, dinit, scale, lo, hi,
+        *plan.sequences, H, heads_apart(q), heads_apart(k), R, K, V, plan.rp, plan.bt, bk, bv, dfinal is not None,
+        dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, qk.numel() > 0, descs is not None,
+        key=(id(dfinal), id(dinit)), **pass_launch)
+
+
+def _reverse_descriptors(q, k, w, do, qk, du, dhs, plan, bk, bv):
+    """TMA descriptors of the reverse pass's tiles, or None where TMA can't take them: as _pass_descriptors, and
+    sequences that end inside a chunk (the pass would read the next one's rows unmasked)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, H, R, K = k.shape
+    V = do.shape[-1]
+    rows = plan.bt * plan.rp
+    lengths_whole = all((b - a) % plan.bt == 0 for a, b in zip(plan.offsets, plan.offsets[1:]))
+    if not lengths_whole or bk != K or plan.rp != R or V % bv or any(
+            x % 16 for x in (K * k.element_size(), V * do.element_size(), k.stride(0) * k.element_size(),
+                             q.stride(0) * q.element_size(), k.data_ptr(), q.data_ptr())):
+        return None
+    k3 = k.as_strided((n, H * R, K), (k.stride(0), K, 1))
+    q2 = q.as_strided((n, H * K), (q.stride(0), 1))
+    return (TensorDescriptor(q2, q2.shape, q2.stride(), [plan.bt, K]),
+            TensorDescriptor(k3, k3.shape, k3.stride(), [plan.bt, plan.rp, K]),
+            TensorDescriptor.from_tensor(w.view(-1, K), [rows, K]),
+            TensorDescriptor.from_tensor(do.view(n, -1), [plan.bt, bv]),
+            TensorDescriptor.from_tensor(qk.view(-1, rows), [plan.bt, rows]) if qk.numel() else None,
+            TensorDescriptor.from_tensor(du.view(-1, V), [rows, bv]),
+            TensorDescriptor.from_tensor(dhs.view(-1, V), [K, bv]))
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):
@@ -953,10 +1041,11 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
 
     repeats = Repeats(state_bwd_kernel)
     windows = plan.windows(H, K, V, reverse=True)
+    tma = _uses_tma(windows, q.device)
 
     def one_pass(dend, dstart, window):
         _reverse_pass(q, k, w, do, qk, scale, dend, plan, dstart, False, du, dhs, window, repeats,
-                      len(windows) == 1)
+                      len(windows) == 1, tma)
 
     _overlapped(windows, one_pass, grads, dfinal, dinit, (plan.n, H, K, V), q.device)
     return dq, dk, dv, dbeta, dinit

@@ -295,6 +295,40 @@ def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
+def test_passes_take_their_tiles_by_tma_where_they_can(triton_env, monkeypatch, request):
+    """The passes' TMA descriptors (chunk._pass_descriptors, _reverse_descriptors) where K fills its block, R = RP
+    and, for the reverse pass, every sequence is whole chunks; none over several windows of an eager call
+    (chunk._uses_tma); each case against float64."""
+    taken = {}
+
+    def recorded(name, make):
+        def descriptors(*args):
+            taken[name] = make(*args)
+            return taken[name]
+
+        return descriptors
+
+    for name in ("_pass_descriptors", "_reverse_descriptors"):
+        monkeypatch.setattr(fk.chunk, name, recorded(name, getattr(fk.chunk, name)))
+    H, K, V = dims(triton_env)
+
+    def descriptors_taken(B, T, R, k_dim=K, **options):
+        taken.clear()
+        xs = make_inputs(B, T, H, R, k_dim, V, dtype=torch.bfloat16, device=triton_env)
+        check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16], **options)
+        return {name: made is not None for name, made in taken.items()}
+
+    both = {"_pass_descriptors": True, "_reverse_descriptors": True}
+    assert descriptors_taken(2, 128, 1) == both
+    assert descriptors_taken(1, 128, 2) == both
+    assert descriptors_taken(2, 130, 1) == {"_pass_descriptors": True, "_reverse_descriptors": False}
+    assert descriptors_taken(2, 64, 3) == {"_pass_descriptors": False, "_reverse_descriptors": False}  # RP = 4
+    assert descriptors_taken(2, 64, 1, k_dim=K - 4) == {"_pass_descriptors": False, "_reverse_descriptors": False}
+    request.getfixturevalue("three_windows")
+    assert descriptors_taken(1, 200, 1) == {}
+
+
+@pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
 @pytest.mark.parametrize("saved", [True, False])
 @pytest.mark.parametrize("R,dtype,scan", [(1, torch.float32, True), (3, torch.float32, False),
                                           (2, torch.bfloat16, False)])  # fmt: skip

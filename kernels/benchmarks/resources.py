@@ -55,7 +55,8 @@ def constexprs(name, D, dtype, R):
     g = min(pow2(D), 64)
     rk, rv = recurrent.blocks(R, D, D)
     common = dict(UNIFORM=True, H=16, Q_HEADS=16, K_HEADS=16, R=R, K=D, V=D, RP=pow2(R, 1),
-                  BT=chunk.tokens_per_chunk(R), DT=DTYPES[dtype], PREC="tf32x3" if dtype == "fp32" else "tf32")
+                  BT=chunk.tokens_per_chunk(R), DT=DTYPES[dtype], PREC="tf32x3" if dtype == "fp32" else "tf32",
+                  TMA=False)
     # UNIFORM: a batch, as training runs them; Q_HEADS, K_HEADS: q and k contiguous, as the benchmark's
     return {
         "prep": dict(common, BK=ck, BV=cv),
@@ -64,11 +65,12 @@ def constexprs(name, D, dtype, R):
         # the reverse pass reads the forward's scores where it runs narrowed (chunk.saves_scores), forms them at 64
         "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D,
                           SAVED_SCORES=False),
-        "state_fwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
+        "state_fwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D,
+                                 TMA=True),
         "state_bwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_DFINAL=False, STORE_DINIT=False, AUG=False,
-                                 VA=D, SAVED_SCORES=True),
+                                 VA=D, SAVED_SCORES=True, TMA=True),
         "state_bwd_narrow16": dict(common, BK=bk, BV=min(bv, 16), HAS_DFINAL=False, STORE_DINIT=False, AUG=False,
-                                   VA=D, SAVED_SCORES=True),
+                                   VA=D, SAVED_SCORES=True, TMA=True),
         "grad_state": dict(common, BK=g, BV=g),
         "state_fwd_aug": dict(common, BK=bka, BV=bva, HAS_INIT=False, STORE_FINAL=True, AUG=True, VA=2 * D),
         "state_bwd_aug": dict(common, BK=bka, BV=bva, HAS_DFINAL=False, STORE_DINIT=True, AUG=True, VA=2 * D,
@@ -102,6 +104,11 @@ def report(name, D, dtype, R, launch) -> dict:
     for arg in params:
         if arg in fixed:
             signature[arg] = "constexpr"
+        elif arg.endswith("_d"):
+            bt, bv = fixed["BT"], fixed["BV"]
+            tile = {"k_d": [bt, fixed["RP"], D], "w_d": [64, D], "u_d": [64, bv], "s_d": [D, bv], "q_d": [bt, D],
+                    "do_d": [bt, bv], "qk_d": [bt, 64], "du_d": [64, bv], "ds_d": [D, bv]}
+            signature[arg] = f"tensordesc<{dtype}{tile[arg]}>"
         elif arg == "scale":
             signature[arg] = "fp32"
         elif arg in ("length", "c_lo", "c_hi", "chunk0", "v_stride", "q_stride", "k_stride"):
