@@ -27,9 +27,16 @@ import triton.language as tl
 from .utils import Repeats, cdiv, device_function, dot_dtype, dot_precision, kernel, pow2
 
 ROWS = 64
-# the sequential passes load and store their tiles by TMA where the layout and the launches allow (_uses_tma,
-# _pass_descriptors); off, they take the pointer loads the other kernels take (benchmarks time both)
+# The sequential passes load and store their tiles by TMA (_pass_descriptors, _reverse_descriptors): one bulk copy a
+# tile instead of per-element addresses and predicates, which shortens each step of their chains (H200, 2026-12-07,
+# one sequence of 16384 tokens, D = 128: forward pass 0.233 → 0.216 ms, reverse 0.399 → 0.348; fwd+bwd 1.44 → 1.39
+# eager). The descriptors are host work at every launch (built here, encoded by Triton's launcher; +70 µs of host
+# time a fwd+bwd on the 2-core CPU box), so _uses_tma takes them only where the chains are long, TMA_MIN_CHUNKS chunks
+# a sequence or more (at 32, T = 2048, fwd+bwd from a graph gained nothing: 1.19 ms at (8, 2048, 16, 128), 0.466 at
+# D = 64), and where each pass is one launch or a CUDA graph replays it: over an eager call's windows the host fell
+# behind (R = 2 at B = 1, 4 windows: 2.54 → 2.98 ms). TMA_PASSES off takes the pointer loads everywhere (A/B timings).
 TMA_PASSES = True
+TMA_MIN_CHUNKS = 64
 # launch settings (num_warps, num_stages) per kernel and key width pow2(K): 64, 128 or 256.
 # kernels/benchmarks/tune_launch.py times the alternatives on a GPU and prints this table.
 # Measured on an H200 (2026-11-22): fwd+bwd at (8, 2048, 16, 128) 1.975 → 1.869 ms, at (8, 2048, 12, 64) 0.913 → 0.836;
@@ -864,12 +871,9 @@ def _pass_descriptors(k, w, ut, hs, plan, bk, bv):
             TensorDescriptor.from_tensor(hs.view(-1, V), [K, bv]))
 
 
-def _uses_tma(windows, device):
-    """Whether the passes over these windows take their tiles by TMA. Its descriptors are host work at every launch
-    (Triton encodes each one), which an eager call over several windows has no time for: at R = 2, B = 1 (4 windows)
-    fwd+bwd went from 2.54 to 2.98 ms eager on an H200 while each pass alone ran 7-8% faster. One launch a pass, or
-    a CUDA graph's replay, leaves the host that time."""
-    return len(windows) == 1 or capturing(device)
+def _uses_tma(plan, device, windows=1):
+    """Whether the plan's passes, over this many windows, take their tiles by TMA (TMA_PASSES, above)."""
+    return plan.max_chunks >= TMA_MIN_CHUNKS and (windows == 1 or capturing(device))
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
@@ -920,12 +924,12 @@ def _states(k, w, ut, hs, initial_state, plan, output_final_state, scan, then):
         _state_pass(k, w, ut, None, seg, flows, True)
         starts = k.new_empty(seg.n, H, K, V, dtype=torch.float32)
         _combine(flows, initial_state, starts, final, seg_off, plan.n, False)
-        _state_pass(k, w, ut, starts, seg, None, False, hs)
+        _state_pass(k, w, ut, starts, seg, None, False, hs, tma=_uses_tma(seg, k.device))
         then(0, plan.nc)
         return final
 
     repeats, windows = Repeats(state_fwd_kernel), plan.windows(H, K, V)
-    tma = _uses_tma(windows, k.device)
+    tma = _uses_tma(plan, k.device, len(windows))
 
     def one_pass(init, out, window):
         _state_pass(k, w, ut, init, plan, out, False, hs, window, repeats, tma)
@@ -1035,13 +1039,13 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
         _reverse_pass(q, k, w, do, qk, scale, None, seg, flows, True)
         ends = q.new_empty(seg.n, H, K, V, dtype=torch.float32)
         _combine(flows, dfinal, ends, dinit, seg_off, plan.n, True)
-        _reverse_pass(q, k, w, do, qk, scale, ends, seg, None, False, du, dhs)
+        _reverse_pass(q, k, w, do, qk, scale, ends, seg, None, False, du, dhs, tma=_uses_tma(seg, q.device))
         grads(0, plan.nc)
         return dq, dk, dv, dbeta, dinit
 
     repeats = Repeats(state_bwd_kernel)
     windows = plan.windows(H, K, V, reverse=True)
-    tma = _uses_tma(windows, q.device)
+    tma = _uses_tma(plan, q.device, len(windows))
 
     def one_pass(dend, dstart, window):
         _reverse_pass(q, k, w, do, qk, scale, dend, plan, dstart, False, du, dhs, window, repeats,

@@ -295,10 +295,12 @@ def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
 
 
 @pytest.mark.parametrize("triton_env", DEVICES, indirect=True)
-def test_passes_take_their_tiles_by_tma_where_they_can(triton_env, monkeypatch, request):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_passes_take_their_tiles_by_tma_where_they_can(triton_env, monkeypatch, request, dtype):
     """The passes' TMA descriptors (chunk._pass_descriptors, _reverse_descriptors) where K fills its block, R = RP
-    and, for the reverse pass, every sequence is whole chunks; none over several windows of an eager call
-    (chunk._uses_tma); each case against float64."""
+    and, for the reverse pass, every sequence is whole chunks; none where the sequences are shorter than
+    TMA_MIN_CHUNKS or over several windows of an eager call (chunk._uses_tma); each case against float64."""
+    monkeypatch.setattr(fk.chunk, "TMA_MIN_CHUNKS", 2)
     taken = {}
 
     def recorded(name, make):
@@ -314,8 +316,8 @@ def test_passes_take_their_tiles_by_tma_where_they_can(triton_env, monkeypatch, 
 
     def descriptors_taken(B, T, R, k_dim=K, **options):
         taken.clear()
-        xs = make_inputs(B, T, H, R, k_dim, V, dtype=torch.bfloat16, device=triton_env)
-        check_against_naive(chunk_delta_rule, xs, TOL[torch.bfloat16], **options)
+        xs = make_inputs(B, T, H, R, k_dim, V, dtype=dtype, device=triton_env)
+        check_against_naive(chunk_delta_rule, xs, TOL[dtype], **options)
         return {name: made is not None for name, made in taken.items()}
 
     both = {"_pass_descriptors": True, "_reverse_descriptors": True}
@@ -323,7 +325,8 @@ def test_passes_take_their_tiles_by_tma_where_they_can(triton_env, monkeypatch, 
     assert descriptors_taken(1, 128, 2) == both
     assert descriptors_taken(2, 130, 1) == {"_pass_descriptors": True, "_reverse_descriptors": False}
     assert descriptors_taken(2, 64, 3) == {"_pass_descriptors": False, "_reverse_descriptors": False}  # RP = 4
-    assert descriptors_taken(2, 64, 1, k_dim=K - 4) == {"_pass_descriptors": False, "_reverse_descriptors": False}
+    assert descriptors_taken(2, 128, 1, k_dim=K - 4) == {"_pass_descriptors": False, "_reverse_descriptors": False}
+    assert descriptors_taken(2, 64, 1) == {}  # one chunk a sequence
     request.getfixturevalue("three_windows")
     assert descriptors_taken(1, 200, 1) == {}
 
@@ -390,9 +393,10 @@ def test_passes_over_windows_of_chunks(triton_env, three_windows, dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_windows_replay_from_a_cuda_graph(three_windows):
+def test_windows_replay_from_a_cuda_graph(three_windows, monkeypatch):
     """The windows' two streams inside a CUDA graph (as torch.compile's reduce-overhead and the benchmark's graph
-    columns run them): replays give the eager outputs and gradients."""
+    columns run them): replays, whose passes take TMA (chunk._uses_tma), give the eager outputs and gradients."""
+    monkeypatch.setattr(fk.chunk, "TMA_MIN_CHUNKS", 1)
     xs = [x.requires_grad_() for x in make_inputs(1, 333, 4, 1, 128, 64, dtype=torch.bfloat16, device="cuda")[:4]]
     do = torch.randn(1, 333, 4, 64, device="cuda", dtype=torch.bfloat16)
 
