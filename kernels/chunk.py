@@ -297,6 +297,7 @@ def state_fwd_kernel(k, w, ut, hs, k_d, w_d, u_d, s_d, init, final, c_lo, c_hi, 
     AUG: run the flow of the sequence instead, on the K+V columns [P | J] from [I | 0] with
     Ũ read as [0 | Ũ], and store only the final [P | J] (VA = K + V, else VA = V).
     Only chunks c_lo ≤ c < c_hi of the sequence: a window of it (Plan.windows), from init to final.
+    TMA: the tiles through the descriptors k_d, w_d, u_d, s_d (_pass_descriptors) instead of pointers.
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -424,6 +425,7 @@ def state_bwd_kernel(q, k, w, do, qk, du, dhs, q_d, k_d, w_d, do_d, qk_d, du_d, 
     AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with dO
     read as [0 | dO]; only the result is stored (VA = K + V, else VA = V).
     Only chunks c_lo ≤ c < c_hi of the sequence, from the last: a window of it (Plan.windows), from dfinal to dinit.
+    TMA: the tiles through the descriptors q_d ... ds_d (_reverse_descriptors) instead of pointers.
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -446,7 +448,7 @@ def state_bwd_kernel(q, k, w, do, qk, du, dhs, q_d, k_d, w_d, do_d, qk_d, du_d, 
     c_end = tl.minimum((eos - bos + BT - 1) // BT, c_hi)
     for i in range(c_end - c_lo):
         c = c_end - 1 - i
-        if TMA:  # whole chunks only (Plan.full_chunks): no rows past a sequence's end to mask
+        if TMA:  # whole chunks only (_reverse_descriptors): no rows past a sequence's end to mask
             tok = (bos + c * BT).to(tl.int32)
             row = (((g0 + c) * H + h) * (BT * RP)).to(tl.int32)
             b_q = q_d.load([tok, h * K]).to(DT)
