@@ -14,6 +14,8 @@ different depth:
   launcher: reading the arguments, cuLaunchKernelEx), CUDA's allocator and the windows' stream switches.
 
 The windows row forces chunk.Plan.windows' overlapped windows at a small shape: what they add to a call's host time.
+The TMA row forces the passes' TMA descriptors (chunk._uses_tma takes them only at 64 chunks a sequence or more): what
+building and dispatching them adds (their encoding at each launch, in Triton's C launcher, is not in it).
 
     python kernels/benchmarks/host_time.py [--iters 300]
 
@@ -86,12 +88,18 @@ def forced_windows():
     return chunk_settings(OVERLAP_MIN_CHUNKS=1, sm_count=lambda device: 1 << 20, OVERLAP_EAGER_MIN_RANK=1)
 
 
+def forced_tma():
+    """The passes' tiles by TMA (chunk._uses_tma) at any sequence length: what their descriptors add to a call."""
+    return chunk_settings(TMA_MIN_CHUNKS=1)
+
+
 def measure(iters, launches):
     """{case: µs per call}: chunked fwd+bwd at R = 1 and 2 and with forced windows, chunked forward without gradients,
     one decode step; and {case: the kernel launches of one call} (`launches`, the stub's Launches, counts them)."""
     cases = {}
     for R in (1, 2):
         cases[f"chunked fwd+bwd, R = {R}"] = (fwd_bwd(SHAPE, R), contextlib.nullcontext)
+    cases["chunked fwd+bwd, R = 1, passes by TMA"] = (fwd_bwd(SHAPE, 1), forced_tma)
     cases[f"chunked fwd+bwd, R = 1, {chunk.OVERLAP_WINDOWS} windows"] = (fwd_bwd(WINDOWS_SHAPE, 1), forced_windows)
     xs = [x.detach() for x in inputs(*SHAPE, 1, layout="fla", dev="cpu")]
     step = [x[:, :1] for x in xs]
