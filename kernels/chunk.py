@@ -23,6 +23,7 @@ import math
 
 import torch
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .utils import Repeats, cdiv, device_function, dot_dtype, dot_precision, kernel, pow2
 
@@ -30,11 +31,12 @@ ROWS = 64
 # The sequential passes load and store their tiles by TMA (_pass_descriptors, _reverse_descriptors): one bulk copy a
 # tile instead of per-element addresses and predicates, which shortens each step of their chains (H200, 2026-12-07,
 # one sequence of 16384 tokens, D = 128: forward pass 0.233 → 0.216 ms, reverse 0.399 → 0.348; fwd+bwd 1.44 → 1.39
-# eager). The descriptors are host work at every launch (built here, encoded by Triton's launcher; +70 µs of host
-# time a fwd+bwd on the 2-core CPU box), so _uses_tma takes them only where the chains are long, TMA_MIN_CHUNKS chunks
-# a sequence or more (at 32, T = 2048, fwd+bwd from a graph gained nothing: 1.19 ms at (8, 2048, 16, 128), 0.466 at
-# D = 64), and where each pass is one launch or a CUDA graph replays it: over an eager call's windows the host fell
-# behind (R = 2 at B = 1, 4 windows: 2.54 → 2.98 ms). TMA_PASSES off takes the pointer loads everywhere (A/B timings).
+# eager). The descriptors are host work at every launch (built here, encoded by Triton's launcher; a fwd+bwd's host
+# time +45-65 µs at our wrapper, +75-135 through Triton's dispatch on the 2-core CPU box: host_time.py's TMA row), so
+# _uses_tma takes them only where the chains are long, TMA_MIN_CHUNKS chunks a sequence or more (at 32, T = 2048,
+# fwd+bwd from a graph gained nothing: 1.19 ms at (8, 2048, 16, 128), 0.466 at D = 64), and where each pass is one
+# launch or a CUDA graph replays it: over an eager call's windows the host fell behind (R = 2 at B = 1, 4 windows:
+# 2.54 → 2.98 ms). TMA_PASSES off takes the pointer loads everywhere (A/B timings).
 TMA_PASSES = True
 TMA_MIN_CHUNKS = 64
 # launch settings (num_warps, num_stages) per kernel and key width pow2(K): 64, 128 or 256.
@@ -838,44 +840,49 @@ def _pass_launch(name, k, va, aug, plan, alone=False):
     return pow2(K), bv, launch(name + suffix, K, k.dtype, R)
 
 
-def _state_pass(k, w, ut, init, plan, final, aug, hs=None, window=None, repeats=None, tma=True):
+def _state_pass(k, w, ut, init, plan, final, aug, hs=None, window=None, repeats=None, windows=1):
     """The forward pass over chunks, or over the window of them [lo, hi) of every sequence: U over Ũ in ut, the chunk
-    states into hs (none in the scan's flow pass, aug). `repeats`: the call's earlier windows' launches; `tma`: the
-    tiles by TMA where the layout allows (_uses_tma)."""
+    states into hs (none in the scan's flow pass, aug). `repeats`: the call's earlier windows' launches; `windows`:
+    how many the call takes (_uses_tma)."""
     _, H, R, K = k.shape
     V = ut.shape[-1]
     va = K + V if aug else V
     lo, hi = window or (0, plan.nc)
     bk, bv, pass_launch = _pass_launch("state_fwd", k, va, aug, plan)
-    descs = _pass_descriptors(k, w, ut, hs, plan, bk, bv) if tma and TMA_PASSES and not aug else None
+    tma = not aug and _uses_tma(plan, k.device, windows)
+    descs = _pass_descriptors(k, w, ut, hs, plan, bk, bv) if tma else None
     (repeats or Repeats(state_fwd_kernel))(
         (plan.n, H, cdiv(va, bv)), k, w, ut, hs, *(descs or (None,) * 4), init, final, lo, hi, *plan.sequences, H,
         heads_apart(k), R, K, V, plan.rp, plan.bt, bk, bv, init is not None, final is not None, dot_dtype(k.dtype),
         dot_precision(k.dtype), aug, va, descs is not None, key=(id(init), id(final)), **pass_launch)
 
 
-def _pass_descriptors(k, w, ut, hs, plan, bk, bv):
-    """TMA descriptors of the forward pass's tiles (k [BT, RP, K], W [ROWS, K], Ũ and U [ROWS, BV], the state
-    [K, BV]), or None where TMA can't take them: K below its block, padded components (R < RP), rows not 16-byte
-    aligned."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+def _key_tiles(k, plan, bk, value_rows):
+    """TMA descriptor of the passes' k tiles [BT, RP, K], or None where TMA can't take the passes' tiles: K below its
+    block, padded components (R < RP), k's or the value rows (`value_rows` bytes) not 16-byte aligned."""
     n, H, R, K = k.shape
-    V = ut.shape[-1]
-    rows = plan.bt * plan.rp
-    if bk != K or plan.rp != R or any(x % 16 for x in (K * k.element_size(), V * ut.element_size(),
-                                                        k.stride(0) * k.element_size(), k.data_ptr())):
+    if bk != K or plan.rp != R or any(x % 16 for x in (K * k.element_size(), k.stride(0) * k.element_size(),
+                                                        k.data_ptr(), value_rows)):
         return None
     k3 = k.as_strided((n, H * R, K), (k.stride(0), K, 1))
-    return (TensorDescriptor(k3, k3.shape, k3.stride(), [plan.bt, plan.rp, K]),
-            TensorDescriptor.from_tensor(w.view(-1, K), [rows, K]),
-            TensorDescriptor.from_tensor(ut.view(-1, V), [rows, bv]),
+    return TensorDescriptor(k3, k3.shape, k3.stride(), [plan.bt, plan.rp, K])
+
+
+def _pass_descriptors(k, w, ut, hs, plan, bk, bv):
+    """TMA descriptors of the forward pass's tiles (k, W [ROWS, K], Ũ and U [ROWS, BV], the state [K, BV]), or None
+    where TMA can't take them (_key_tiles)."""
+    K, V = k.shape[-1], ut.shape[-1]
+    k_d = _key_tiles(k, plan, bk, V * ut.element_size())
+    if k_d is None:
+        return None
+    return (k_d, TensorDescriptor.from_tensor(w.view(-1, K), [ROWS, K]),
+            TensorDescriptor.from_tensor(ut.view(-1, V), [ROWS, bv]),
             TensorDescriptor.from_tensor(hs.view(-1, V), [K, bv]))
 
 
-def _uses_tma(plan, device, windows=1):
+def _uses_tma(plan, device, windows):
     """Whether the plan's passes, over this many windows, take their tiles by TMA (TMA_PASSES, above)."""
-    return plan.max_chunks >= TMA_MIN_CHUNKS and (windows == 1 or capturing(device))
+    return TMA_PASSES and plan.max_chunks >= TMA_MIN_CHUNKS and (windows == 1 or capturing(device))
 
 
 def _combine(flows, x0, xs, xout, seg_off, n, reverse):
@@ -926,15 +933,14 @@ def _states(k, w, ut, hs, initial_state, plan, output_final_state, scan, then):
         _state_pass(k, w, ut, None, seg, flows, True)
         starts = k.new_empty(seg.n, H, K, V, dtype=torch.float32)
         _combine(flows, initial_state, starts, final, seg_off, plan.n, False)
-        _state_pass(k, w, ut, starts, seg, None, False, hs, tma=_uses_tma(seg, k.device))
+        _state_pass(k, w, ut, starts, seg, None, False, hs)
         then(0, plan.nc)
         return final
 
     repeats, windows = Repeats(state_fwd_kernel), plan.windows(H, K, V)
-    tma = _uses_tma(plan, k.device, len(windows))
 
     def one_pass(init, out, window):
-        _state_pass(k, w, ut, init, plan, out, False, hs, window, repeats, tma)
+        _state_pass(k, w, ut, init, plan, out, False, hs, window, repeats, len(windows))
 
     _overlapped(windows, one_pass, then, initial_state, final, (plan.n, H, K, V), k.device)
     return final
@@ -967,16 +973,17 @@ def chunk_fwd(q, k, v, beta, scale, initial_state, plan, output_final_state, sca
 
 
 def _reverse_pass(q, k, w, do, qk, scale, dfinal, plan, dinit, aug, du=None, dhs=None, window=None, repeats=None,
-                  alone=False, tma=True):
+                  alone=False, windows=1):
     """The reverse pass over chunks, or over the window of them [lo, hi) of every sequence. `repeats`: the call's
-    earlier windows' launches; `alone`: no gradient kernels run beside it (Plan.pass_block_v); `tma` as in
+    earlier windows' launches; `alone`: no gradient kernels run beside it (Plan.pass_block_v); `windows` as in
     _state_pass."""
     _, H, R, K = k.shape
     V = do.shape[-1]
     va = K + V if aug else V
     lo, hi = window or (0, plan.nc)
     bk, bv, pass_launch = _pass_launch("state_bwd", k, va, aug, plan, alone)
-    descs = _reverse_descriptors(q, k, w, do, qk, du, dhs, plan, bk, bv) if tma and TMA_PASSES and not aug else None
+    tma = not aug and _uses_tma(plan, k.device, windows)
+    descs = _reverse_descriptors(q, k, w, do, qk, du, dhs, plan, bk, bv) if tma else None
     (repeats or Repeats(state_bwd_kernel))(
         (plan.n, H, cdiv(va, bv)), q, k, w, do, qk, du, dhs, *(descs or (None,) * 7), dfinal, dinit, scale, lo, hi,
         *plan.sequences, H, heads_apart(q), heads_apart(k), R, K, V, plan.rp, plan.bt, bk, bv, dfinal is not None,
@@ -987,24 +994,20 @@ def _reverse_pass(q, k, w, do, qk, scale, dfinal, plan, dinit, aug, du=None, dhs
 def _reverse_descriptors(q, k, w, do, qk, du, dhs, plan, bk, bv):
     """TMA descriptors of the reverse pass's tiles, or None where TMA can't take them: as _pass_descriptors, and
     sequences that end inside a chunk (the pass would read the next one's rows unmasked)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    n, H, R, K = k.shape
+    n, H, _, K = k.shape
     V = do.shape[-1]
-    rows = plan.bt * plan.rp
     lengths_whole = all((b - a) % plan.bt == 0 for a, b in zip(plan.offsets, plan.offsets[1:]))
-    if not lengths_whole or bk != K or plan.rp != R or V % bv or any(
-            x % 16 for x in (K * k.element_size(), V * do.element_size(), k.stride(0) * k.element_size(),
-                             q.stride(0) * q.element_size(), k.data_ptr(), q.data_ptr())):
+    if not lengths_whole or V % bv or any(x % 16 for x in (q.stride(0) * q.element_size(), q.data_ptr())):
         return None
-    k3 = k.as_strided((n, H * R, K), (k.stride(0), K, 1))
+    k_d = _key_tiles(k, plan, bk, V * do.element_size())
+    if k_d is None:
+        return None
     q2 = q.as_strided((n, H * K), (q.stride(0), 1))
-    return (TensorDescriptor(q2, q2.shape, q2.stride(), [plan.bt, K]),
-            TensorDescriptor(k3, k3.shape, k3.stride(), [plan.bt, plan.rp, K]),
-            TensorDescriptor.from_tensor(w.view(-1, K), [rows, K]),
+    return (TensorDescriptor(q2, q2.shape, q2.stride(), [plan.bt, K]), k_d,
+            TensorDescriptor.from_tensor(w.view(-1, K), [ROWS, K]),
             TensorDescriptor.from_tensor(do.view(n, -1), [plan.bt, bv]),
-            TensorDescriptor.from_tensor(qk.view(-1, rows), [plan.bt, rows]) if qk.numel() else None,
-            TensorDescriptor.from_tensor(du.view(-1, V), [rows, bv]),
+            TensorDescriptor.from_tensor(qk.view(-1, ROWS), [plan.bt, ROWS]) if qk.numel() else None,
+            TensorDescriptor.from_tensor(du.view(-1, V), [ROWS, bv]),
             TensorDescriptor.from_tensor(dhs.view(-1, V), [K, bv]))
 
 
@@ -1041,17 +1044,16 @@ def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=No
         _reverse_pass(q, k, w, do, qk, scale, None, seg, flows, True)
         ends = q.new_empty(seg.n, H, K, V, dtype=torch.float32)
         _combine(flows, dfinal, ends, dinit, seg_off, plan.n, True)
-        _reverse_pass(q, k, w, do, qk, scale, ends, seg, None, False, du, dhs, tma=_uses_tma(seg, q.device))
+        _reverse_pass(q, k, w, do, qk, scale, ends, seg, None, False, du, dhs)
         grads(0, plan.nc)
         return dq, dk, dv, dbeta, dinit
 
     repeats = Repeats(state_bwd_kernel)
     windows = plan.windows(H, K, V, reverse=True)
-    tma = _uses_tma(plan, q.device, len(windows))
 
     def one_pass(dend, dstart, window):
         _reverse_pass(q, k, w, do, qk, scale, dend, plan, dstart, False, du, dhs, window, repeats,
-                      len(windows) == 1, tma)
+                      len(windows) == 1, len(windows))
 
     _overlapped(windows, one_pass, grads, dfinal, dinit, (plan.n, H, K, V), q.device)
     return dq, dk, dv, dbeta, dinit
