@@ -695,6 +695,7 @@ class Plan:
         lens = [b - a for a, b in zip(offsets, offsets[1:])]
         ncs = chunk_counts(lens, rank)
         self.n, self.nc, self.max_chunks = len(lens), sum(ncs), max(ncs)
+        self.whole_chunks = all(n % self.bt == 0 for n in lens)  # every sequence ends on a chunk boundary
         uniform = len(set(lens)) == 1
         cu = chunk_off = chunk_idx = None
         if not uniform:
@@ -996,8 +997,7 @@ def _reverse_descriptors(q, k, w, do, qk, du, dhs, plan, bk, bv):
     sequences that end inside a chunk (the pass would read the next one's rows unmasked)."""
     n, H, _, K = k.shape
     V = do.shape[-1]
-    lengths_whole = all((b - a) % plan.bt == 0 for a, b in zip(plan.offsets, plan.offsets[1:]))
-    if not lengths_whole or V % bv or any(x % 16 for x in (q.stride(0) * q.element_size(), q.data_ptr())):
+    if not plan.whole_chunks or V % bv or any(x % 16 for x in (q.stride(0) * q.element_size(), q.data_ptr())):
         return None
     k_d = _key_tiles(k, plan, bk, V * do.element_size())
     if k_d is None:
