@@ -883,6 +883,9 @@ def test_resource_report_compiles_for_hopper_without_a_gpu(benchmark_script):
     r = resources.report("state_fwd", 64, "bf16", 1, dict(num_warps=4, num_stages=2))
     assert 0 < r["regs"] <= 255 and r["smem_kb"] > 0 and r["spill_st"] >= 0 and 1 <= r["blocks"] <= 16
     assert 0 < r["loop"]["instructions"] < r["instructions"] and r["loop"]["HGMMA"] > 0  # the pass over chunks
+    assert r["loop"]["global"] > 0  # --tma below: the same pass in its TMA form loads no tile by address
+    r = resources.report("state_fwd", 64, "bf16", 1, dict(num_warps=4, num_stages=2), tma=True)
+    assert r["loop"]["global"] == 0
     # --sass: the instructions alone, one a line, none of the data sections' paths
     lines = resources.instruction_lines(r["sass"]).splitlines()
     assert len(lines) == r["instructions"] and all(line.startswith("/*") and "/tmp" not in line for line in lines)

@@ -7,10 +7,11 @@ instructions (SASS) of the kernel, and of its longest loop (a sequential pass's 
 measure of the work a step issues. Each kernel at key and
 value width D in {64, 128}, bf16, rank R (default 1), with its launch settings (chunk.LAUNCH, recurrent.LAUNCH) and
 with 8 warps, and with `--maxnreg` at those register caps (ptxas fits the kernel in fewer registers, spilling what
-does not fit, so that more blocks share an SM). Prints a markdown table; nothing runs, so it needs no device time.
+does not fit, so that more blocks share an SM). The narrow passes (B = 1) in their TMA form, the plain ones in their
+pointer form unless --tma. Prints a markdown table; nothing runs, so it needs no device time.
 
     python kernels/benchmarks/resources.py [--dims 64,128] [--dtype bf16] [--rank 1]
-                                            [--kernels grad_wy,prep] [--maxnreg 168,128] [--sass DIR]
+                                            [--kernels grad_wy,prep] [--maxnreg 168,128] [--sass DIR] [--tma]
 
 --sass DIR writes each row's SASS instructions there: two trees' listings compared with `diff -r` tell whether a
 change leaves a kernel's machine code as it was (and so its earlier GPU tests and timings standing). A kernel that
@@ -47,8 +48,9 @@ DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def constexprs(name, D, dtype, R):
-    """The compile-time arguments the launch code passes at width D and rank R, by kernel."""
+def constexprs(name, D, dtype, R, tma=False):
+    """The compile-time arguments the launch code passes at width D and rank R, by kernel. The narrow passes take
+    their tiles by TMA, as at B = 1; `tma`: the plain ones too, as in sequences of chunk.TMA_MIN_CHUNKS or more."""
     bk, bv = chunk._blocks(D, D)
     bka, bva = chunk._blocks(D, 2 * D)  # the scan's flow passes run on K + V columns
     ck, cv = chunk._chunk_blocks(D, D)
@@ -60,11 +62,11 @@ def constexprs(name, D, dtype, R):
     # UNIFORM: a batch, as training runs them; Q_HEADS, K_HEADS: q and k contiguous, as the benchmark's
     return {
         "prep": dict(common, BK=ck, BV=cv),
-        "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D),
+        "state_fwd": dict(common, BK=bk, BV=bv, HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D, TMA=tma),
         "output": dict(common, BK=ck, BV=cv, SAVE_SCORES=D == 128),  # as at B = 1 (chunk.saves_scores)
         # the reverse pass reads the forward's scores where it runs narrowed (chunk.saves_scores), forms them at 64
         "state_bwd": dict(common, BK=bk, BV=bv, HAS_DFINAL=False, STORE_DINIT=False, AUG=False, VA=D,
-                          SAVED_SCORES=False),
+                          SAVED_SCORES=False, TMA=tma),
         "state_fwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_INIT=False, STORE_FINAL=False, AUG=False, VA=D,
                                  TMA=True),
         "state_bwd_narrow": dict(common, BK=bk, BV=min(bv, 32), HAS_DFINAL=False, STORE_DINIT=False, AUG=False,
@@ -95,11 +97,11 @@ def kernel_name(name):
     return name.removesuffix("_aug").split("_narrow")[0]
 
 
-def report(name, D, dtype, R, launch) -> dict:
+def report(name, D, dtype, R, launch, tma=False) -> dict:
     module = recurrent if name == "recurrent" else chunk
     fn = triton.runtime.jit.JITFunction(getattr(module, f"{kernel_name(name)}_kernel").fn)
     params = inspect.signature(fn.fn).parameters
-    fixed = {a: v for a, v in constexprs(name, D, dtype, R).items() if a in params}  # the kernel's own of the set
+    fixed = {a: v for a, v in constexprs(name, D, dtype, R, tma).items() if a in params}  # the kernel's own of the set
     signature = {}
     for arg in params:
         if arg in fixed:
@@ -198,6 +200,7 @@ def main(argv=None):
     parser.add_argument("--maxnreg", type=numbers("register caps 1-255", 1, 256), default=[],
                         help="register caps, e.g. 168,128: each kernel at its own settings capped at each")
     parser.add_argument("--sass", type=Path, default=None, help="write each row's SASS listing to this folder")
+    parser.add_argument("--tma", action="store_true", help="the plain passes (state_fwd, state_bwd) in their TMA form")
     args = parser.parse_args(argv)
     caps = args.maxnreg
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, R = {args.rank}\n")
@@ -211,7 +214,7 @@ def main(argv=None):
             tuned = {"num_warps": 4, "num_stages": 3, **own}
             launches = [tuned, dict(tuned, num_warps=8)] if tuned["num_warps"] != 8 else [tuned]
             for launch in launches + [dict(tuned, maxnreg=cap) for cap in caps]:
-                r = report(name, D, args.dtype, args.rank, launch)
+                r = report(name, D, args.dtype, args.rank, launch, args.tma)
                 cap = f", {launch['maxnreg']}" if "maxnreg" in launch else ""
                 if args.sass is not None:
                     args.sass.mkdir(parents=True, exist_ok=True)
