@@ -77,6 +77,10 @@ LAUNCH = {
     # state_passes.py --shapes 3,4, compare_versions.py --shapes 3,4,3)
     ("state_fwd_narrow_full", 128): dict(num_warps=4, num_stages=3),
     ("state_bwd_narrow_full", 128): dict(num_warps=4, num_stages=4),
+    # the narrow reverse passes by TMA (v31: dS untransposed) need 244 KB of shared memory at 4 stages and R = 1
+    # (resources.py; a block may have 227), 184 at 3, the stages v31 was timed at
+    ("state_bwd_narrow_tma", 128): dict(num_warps=4, num_stages=3),
+    ("state_bwd_narrow_full_tma", 128): dict(num_warps=4, num_stages=3),
     # the reverse pass at V blocks of 16 (Plan.pass_block_v, alone): 4 / 3 took 0.441 ms at B = 1, 4 / 4 0.461, 8 / 4
     # 0.515, 2 / 4 0.786 (H100, 2026-12-06, state_passes.py --variants 16:4:3,16:4:4,16:8:4,16:2:4)
     ("state_bwd_narrow16", 128): dict(num_warps=4, num_stages=3),
@@ -140,15 +144,18 @@ OVERLAP_GROWTH = 1.3
 OVERLAP_EAGER_MIN_RANK = 2
 
 
-def launch(name, K, dtype, rank=1):
+def launch(name, K, dtype, rank=1, tma=False):
     """Launch keywords of kernel `name` at key dimension K and `rank` for inputs of `dtype` (Triton's defaults when
-    not tuned). A pass's name carries "_aug" for the scan's flows and "_narrow" at V blocks of 32.
+    not tuned). A pass's name carries "_aug" for the scan's flows and "_narrow" at V blocks of 32; `tma`: the pass
+    takes its tiles by TMA, and its "_tma" entry, where there is one, holds instead.
 
     The table is tuned for 16-bit inputs. fp32 inputs (tf32x3 products: accuracy, not speed) run unpipelined: their
     tiles take twice the shared memory, and the reverse pass needs 272 KB at two stages and D = 128 (the H200 has
     227; kernels/benchmarks/resources.py --dtype fp32).
     """
     key = (name, max(pow2(K), 64))
+    if tma and (name + "_tma", key[1]) in LAUNCH:
+        key = (name + "_tma", key[1])
     if dtype == torch.float32:  # twice the registers too: no cap
         return {**{k: v for k, v in LAUNCH.get(key, {}).items() if k != "maxnreg"}, "num_stages": 1}
     return dict(LAUNCH_RANKS.get((*key, rank), LAUNCH.get(key, {})))
@@ -427,7 +434,9 @@ def state_bwd_kernel(q, k, w, do, qk, du, dhs, q_d, k_d, w_d, do_d, qk_d, du_d, 
     AUG: the reverse flow [Pᵀ | c] (dS_start = Pᵀ dS_end + c) on K+V columns from [I | 0] with dO
     read as [0 | dO]; only the result is stored (VA = K + V, else VA = V).
     Only chunks c_lo ≤ c < c_hi of the sequence, from the last: a window of it (Plan.windows), from dfinal to dinit.
-    TMA: the tiles through the descriptors q_d ... ds_d (_reverse_descriptors) instead of pointers.
+    TMA: the tiles through the descriptors q_d ... ds_d (_reverse_descriptors) instead of pointers. Below V blocks
+    of 64 it then carries dS as it lies (v31): dSᵀ has too few rows there to be a wgmma's first operand (64), and the
+    transposed products ran as mma.sync; untransposed each product is a wgmma with a loaded tile first.
     """
     seq = tl.program_id(0)
     h = tl.program_id(1)
@@ -448,37 +457,63 @@ def state_bwd_kernel(q, k, w, do, qk, du, dhs, q_d, k_d, w_d, do_d, qk_d, du_d, 
     else:
         dSt = tl.full([BV, BK], 0.0, tl.float32)
     c_end = tl.minimum((eos - bos + BT - 1) // BT, c_hi)
-    for i in range(c_end - c_lo):
-        c = c_end - 1 - i
-        if TMA:  # whole chunks only (_reverse_descriptors): no rows past a sequence's end to mask
+    if TMA and BV < 64:  # whole chunks only (_reverse_descriptors): no rows past a sequence's end to mask
+        dS = tl.trans(dSt)
+        for i in range(c_end - c_lo):
+            c = c_end - 1 - i
             tok = (bos + c * BT).to(tl.int32)
             row = (((g0 + c) * H + h) * (BT * RP)).to(tl.int32)
             b_q = q_d.load([tok, h * K]).to(DT)
-            b_kt = tl.trans(tl.reshape(k_d.load([tok, h * R, 0]), [BT * RP, BK])).to(DT)
-            b_dot = tl.trans(do_d.load([tok, h * V + iv * BV])).to(DT)
+            b_k = tl.reshape(k_d.load([tok, h * R, 0]), [BT * RP, BK]).to(DT)
+            b_do = do_d.load([tok, h * V + iv * BV]).to(DT)
             b_w = w_d.load([row, 0]).to(DT)
             if SAVED_SCORES:
                 b_a = qk_d.load([(((g0 + c) * H + h) * BT).to(tl.int32), 0]).to(DT)
             else:
                 b_q = (b_q.to(tl.float32) * scale).to(DT)
-                b_a = tl.dot(b_q, b_kt, input_precision=PREC)
+                b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
                 b_a = tl.where(t[:, None] >= (r // RP)[None, :], b_a, 0.0).to(DT)
-            ds_d.store([(((g0 + c) * H + h) * K).to(tl.int32), iv * BV], tl.trans(dSt).to(ds_d.dtype))
-            b_dut = tl.dot(b_dot, b_a, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
-            du_d.store([row, iv * BV], tl.trans(b_dut).to(du_d.dtype))
-        else:
-            base, b_q, b_kt, b_dot, b_w, b_a = bwd_tiles(q, k, w, do, qk, scale, g0 + c, c, bos, eos, h, r, t, kk,
-                                                         col, H, Q_HEADS, K_HEADS, R, K, V, RP, BT, DT, PREC,
-                                                         SAVED_SCORES)
-            if not AUG:
-                tl.store(dhs + ((g0 + c) * H + h) * K * V + vk, dSt.to(dhs.dtype.element_ty), mask=vk_mask)
-            b_dut = tl.dot(b_dot, b_a, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
-            if not AUG:
-                tl.store(du + base[None, :] * V + vv[:, None], b_dut.to(du.dtype.element_ty), mask=vv[:, None] < V)
-        dot_q = tl.dot(b_dot, b_q, input_precision=PREC)
-        if SAVED_SCORES:  # Q as it lies: scaled after the product (v25)
-            dot_q = scale * dot_q
-        dSt += dot_q - tl.dot(b_dut.to(DT), b_w, input_precision=PREC)
+            ds_d.store([(((g0 + c) * H + h) * K).to(tl.int32), iv * BV], dS.to(ds_d.dtype))
+            b_du = tl.dot(b_k, dS.to(DT), tl.dot(tl.trans(b_a), b_do, input_precision=PREC), input_precision=PREC)
+            du_d.store([row, iv * BV], b_du.to(du_d.dtype))
+            dq = tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
+            if SAVED_SCORES:
+                dq = scale * dq
+            dS = tl.dot(tl.trans(b_w), (-b_du).to(DT), dS + dq, input_precision=PREC)
+        dSt = tl.trans(dS)
+    else:
+        for i in range(c_end - c_lo):
+            c = c_end - 1 - i
+            if TMA:  # as above, at V blocks of 64, where dSᵀ fills a wgmma
+                tok = (bos + c * BT).to(tl.int32)
+                row = (((g0 + c) * H + h) * (BT * RP)).to(tl.int32)
+                b_q = q_d.load([tok, h * K]).to(DT)
+                b_kt = tl.trans(tl.reshape(k_d.load([tok, h * R, 0]), [BT * RP, BK])).to(DT)
+                b_dot = tl.trans(do_d.load([tok, h * V + iv * BV])).to(DT)
+                b_w = w_d.load([row, 0]).to(DT)
+                if SAVED_SCORES:
+                    b_a = qk_d.load([(((g0 + c) * H + h) * BT).to(tl.int32), 0]).to(DT)
+                else:
+                    b_q = (b_q.to(tl.float32) * scale).to(DT)
+                    b_a = tl.dot(b_q, b_kt, input_precision=PREC)
+                    b_a = tl.where(t[:, None] >= (r // RP)[None, :], b_a, 0.0).to(DT)
+                ds_d.store([(((g0 + c) * H + h) * K).to(tl.int32), iv * BV], tl.trans(dSt).to(ds_d.dtype))
+                b_dut = tl.dot(b_dot, b_a, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
+                du_d.store([row, iv * BV], tl.trans(b_dut).to(du_d.dtype))
+            else:
+                base, b_q, b_kt, b_dot, b_w, b_a = bwd_tiles(q, k, w, do, qk, scale, g0 + c, c, bos, eos, h, r, t,
+                                                             kk, col, H, Q_HEADS, K_HEADS, R, K, V, RP, BT, DT,
+                                                             PREC, SAVED_SCORES)
+                if not AUG:
+                    tl.store(dhs + ((g0 + c) * H + h) * K * V + vk, dSt.to(dhs.dtype.element_ty), mask=vk_mask)
+                b_dut = tl.dot(b_dot, b_a, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
+                if not AUG:
+                    tl.store(du + base[None, :] * V + vv[:, None], b_dut.to(du.dtype.element_ty),
+                             mask=vv[:, None] < V)
+            dot_q = tl.dot(b_dot, b_q, input_precision=PREC)
+            if SAVED_SCORES:  # Q as it lies: scaled after the product (v25)
+                dot_q = scale * dot_q
+            dSt += dot_q - tl.dot(b_dut.to(DT), b_w, input_precision=PREC)
     if STORE_DINIT:
         tl.store(dinit + state + vk, dSt, mask=vk_mask)
 
@@ -829,7 +864,7 @@ def _prep(k, v, beta, plan):
 
 
 def _pass_launch(name, k, va, aug, plan, alone=False):
-    """(BK, BV, launch keywords) of state pass `name` over va columns. The launch-table name carries "_aug" for the
+    """(BK, BV, launch-table entry) of state pass `name` over va columns. The entry's name carries "_aug" for the
     scan's flows and "_narrow" ("_narrow16" at 16) where Plan.pass_block_v narrowed the V blocks below _blocks' (at
     K = 256 both are 32, and the plain entries hold), "_narrow_full" at 32 where the programs take more than half
     the SMs."""
@@ -838,7 +873,7 @@ def _pass_launch(name, k, va, aug, plan, alone=False):
     suffix = "_aug" if aug else "" if bv == _blocks(K, va)[1] else "_narrow16" if bv == 16 else "_narrow"
     if suffix == "_narrow" and 2 * plan.n * H * cdiv(va, bv) > sm_count(plan.device):
         suffix = "_narrow_full"
-    return pow2(K), bv, launch(name + suffix, K, k.dtype, R)
+    return pow2(K), bv, name + suffix
 
 
 def _state_pass(k, w, ut, init, plan, final, aug, hs=None, window=None, repeats=None, windows=1):
@@ -849,13 +884,14 @@ def _state_pass(k, w, ut, init, plan, final, aug, hs=None, window=None, repeats=
     V = ut.shape[-1]
     va = K + V if aug else V
     lo, hi = window or (0, plan.nc)
-    bk, bv, pass_launch = _pass_launch("state_fwd", k, va, aug, plan)
+    bk, bv, entry = _pass_launch("state_fwd", k, va, aug, plan)
     tma = not aug and _uses_tma(plan, k.device, windows)
     descs = _pass_descriptors(k, w, ut, hs, plan, bk, bv) if tma else None
     (repeats or Repeats(state_fwd_kernel))(
         (plan.n, H, cdiv(va, bv)), k, w, ut, hs, *(descs or (None,) * 4), init, final, lo, hi, *plan.sequences, H,
         heads_apart(k), R, K, V, plan.rp, plan.bt, bk, bv, init is not None, final is not None, dot_dtype(k.dtype),
-        dot_precision(k.dtype), aug, va, descs is not None, key=(id(init), id(final)), **pass_launch)
+        dot_precision(k.dtype), aug, va, descs is not None, key=(id(init), id(final)),
+        **launch(entry, K, k.dtype, R, descs is not None))
 
 
 def _key_tiles(k, plan, bk, value_rows):
@@ -982,14 +1018,14 @@ def _reverse_pass(q, k, w, do, qk, scale, dfinal, plan, dinit, aug, du=None, dhs
     V = do.shape[-1]
     va = K + V if aug else V
     lo, hi = window or (0, plan.nc)
-    bk, bv, pass_launch = _pass_launch("state_bwd", k, va, aug, plan, alone)
+    bk, bv, entry = _pass_launch("state_bwd", k, va, aug, plan, alone)
     tma = not aug and _uses_tma(plan, k.device, windows)
     descs = _reverse_descriptors(q, k, w, do, qk, du, dhs, plan, bk, bv) if tma else None
     (repeats or Repeats(state_bwd_kernel))(
         (plan.n, H, cdiv(va, bv)), q, k, w, do, qk, du, dhs, *(descs or (None,) * 7), dfinal, dinit, scale, lo, hi,
         *plan.sequences, H, heads_apart(q), heads_apart(k), R, K, V, plan.rp, plan.bt, bk, bv, dfinal is not None,
         dinit is not None, dot_dtype(k.dtype), dot_precision(k.dtype), aug, va, qk.numel() > 0, descs is not None,
-        key=(id(dfinal), id(dinit)), **pass_launch)
+        key=(id(dfinal), id(dinit)), **launch(entry, K, k.dtype, R, descs is not None))
 
 
 def _reverse_descriptors(q, k, w, do, qk, du, dhs, plan, bk, bv):

@@ -273,14 +273,16 @@ def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
     # K = 256 runs 32 anyway (_blocks): not narrowed, so the passes keep their D = 256 launch entries
     k = torch.empty(140, 1, 1, 256, dtype=torch.bfloat16)
     wide, narrow = (fk.chunk._pass_launch("state_bwd", k[..., :K], V, False, plan) for K, V in ((256, 96), (100, 48)))
-    assert wide == (256, 32, fk.chunk.launch("state_bwd", 256, k.dtype))
-    assert narrow == (128, 32, fk.chunk.LAUNCH["state_bwd_narrow", 128])
+    assert wide == (256, 32, "state_bwd") and narrow == (128, 32, "state_bwd_narrow")
     alone = fk.chunk._pass_launch("state_bwd", k[..., :100], 48, False, plan, alone=True)
-    assert alone == (128, 16, fk.chunk.LAUNCH["state_bwd_narrow16", 128])
+    assert alone == (128, 16, "state_bwd_narrow16")
+    # by TMA the narrow reverse pass has its own entry (fewer stages), the others keep theirs
+    assert fk.chunk.launch("state_bwd_narrow", 128, k.dtype, tma=True) == fk.chunk.LAUNCH["state_bwd_narrow_tma", 128]
+    assert fk.chunk.launch("state_fwd_narrow", 128, k.dtype, tma=True) == fk.chunk.LAUNCH["state_fwd_narrow", 128]
     monkeypatch.setattr(fk.chunk, "sm_count", lambda device: 6)  # 2 sequences × 2 V blocks of 32: 4 of 6 SMs
     for name in ("state_fwd", "state_bwd"):
         full = fk.chunk._pass_launch(name, k[..., :100], 48, False, plan)
-        assert full == (128, 32, fk.chunk.LAUNCH[name + "_narrow_full", 128])
+        assert full == (128, 32, name + "_narrow_full")
     for sms in (10**6, 6, 1):  # narrow; narrow taking more than half the SMs; not narrowed (64 wide)
         monkeypatch.setattr(fk.chunk, "sm_count", lambda device: sms)
         for R in (1, 2):
@@ -299,7 +301,8 @@ def test_state_passes_at_narrow_value_blocks(triton_env, monkeypatch):
 def test_passes_take_their_tiles_by_tma_where_they_can(triton_env, monkeypatch, request, dtype):
     """The passes' TMA descriptors (chunk._pass_descriptors, _reverse_descriptors) where K fills its block, R = RP
     and, for the reverse pass, every sequence is whole chunks; none where the sequences are shorter than
-    TMA_MIN_CHUNKS or over several windows of an eager call (chunk._uses_tma); each case against float64."""
+    TMA_MIN_CHUNKS or over several windows of an eager call (chunk._uses_tma); each case against float64. The
+    reverse pass by TMA carries dS below V blocks of 64 and dSᵀ at 64: both loops run."""
     monkeypatch.setattr(fk.chunk, "TMA_MIN_CHUNKS", 2)
     taken = {}
 
@@ -314,15 +317,16 @@ def test_passes_take_their_tiles_by_tma_where_they_can(triton_env, monkeypatch, 
         monkeypatch.setattr(fk.chunk, name, recorded(name, getattr(fk.chunk, name)))
     H, K, V = dims(triton_env)
 
-    def descriptors_taken(B, T, R, k_dim=K, **options):
+    def descriptors_taken(B, T, R, k_dim=K, v_dim=V, **options):
         taken.clear()
-        xs = make_inputs(B, T, H, R, k_dim, V, dtype=dtype, device=triton_env)
+        xs = make_inputs(B, T, H, R, k_dim, v_dim, dtype=dtype, device=triton_env)
         check_against_naive(chunk_delta_rule, xs, TOL[dtype], **options)
         return {name: made is not None for name, made in taken.items()}
 
     both = {"_pass_descriptors": True, "_reverse_descriptors": True}
     assert descriptors_taken(2, 128, 1) == both
     assert descriptors_taken(1, 128, 2) == both
+    assert descriptors_taken(2, 128, 1, v_dim=2 * V) == both  # V blocks of 64 in the interpreter: dSᵀ carried
     assert descriptors_taken(2, 130, 1) == {"_pass_descriptors": True, "_reverse_descriptors": False}
     assert descriptors_taken(2, 64, 3) == {"_pass_descriptors": False, "_reverse_descriptors": False}  # RP = 4
     assert descriptors_taken(2, 128, 1, k_dim=K - 4) == {"_pass_descriptors": False, "_reverse_descriptors": False}

@@ -210,7 +210,8 @@ def main(argv=None):
     dtype = TORCH_DTYPES[args.dtype]
     for D in args.dims:
         for name in args.kernels:
-            own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(name, D, dtype, args.rank)
+            tma = args.tma or "narrow" in name  # the form constexprs gives it
+            own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(name, D, dtype, args.rank, tma)
             tuned = {"num_warps": 4, "num_stages": 3, **own}
             launches = [tuned, dict(tuned, num_warps=8)] if tuned["num_warps"] != 8 else [tuned]
             for launch in launches + [dict(tuned, maxnreg=cap) for cap in caps]:
