@@ -417,6 +417,27 @@ def bwd_tiles(q, k, w, do, qk, scale, g, c, bos, eos, h, r, t, kk, col, H: tl.co
     return base, b_q, b_kt, b_dot, b_w, b_a
 
 
+@device_function
+def bwd_tma_tiles(q_d, k_d, w_d, do_d, qk_d, scale, g, c, bos, h, iv, r, t, H: tl.constexpr, R: tl.constexpr,
+                  K: tl.constexpr, V: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, SAVED_SCORES: tl.constexpr):
+    """bwd_tiles through the TMA descriptors (_reverse_descriptors), as they lie: the first row of global chunk g's
+    [ROWS, ·] tiles, Q, K, dO, W and A. Whole chunks only: no rows past a sequence's end to mask."""
+    tok = (bos + c * BT).to(tl.int32)  # descriptor coordinates are 32-bit
+    row = ((g * H + h) * (BT * RP)).to(tl.int32)
+    b_q = q_d.load([tok, h * K]).to(DT)
+    b_k = tl.reshape(k_d.load([tok, h * R, 0]), [BT * RP, BK]).to(DT)
+    b_do = do_d.load([tok, h * V + iv * BV]).to(DT)
+    b_w = w_d.load([row, 0]).to(DT)
+    if SAVED_SCORES:
+        b_a = qk_d.load([((g * H + h) * BT).to(tl.int32), 0]).to(DT)
+    else:
+        b_q = (b_q.to(tl.float32) * scale).to(DT)
+        b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        b_a = tl.where(t[:, None] >= (r // RP)[None, :], b_a, 0.0).to(DT)
+    return row, b_q, b_k, b_do, b_w, b_a
+
+
 @windowed
 def state_bwd_kernel(q, k, w, do, qk, du, dhs, q_d, k_d, w_d, do_d, qk_d, du_d, ds_d, dfinal, dinit, scale, c_lo,
                      c_hi, cu, chunk_off, length, UNIFORM: tl.constexpr,
@@ -457,22 +478,12 @@ def state_bwd_kernel(q, k, w, do, qk, du, dhs, q_d, k_d, w_d, do_d, qk_d, du_d, 
     else:
         dSt = tl.full([BV, BK], 0.0, tl.float32)
     c_end = tl.minimum((eos - bos + BT - 1) // BT, c_hi)
-    if TMA and BV < 64:  # whole chunks only (_reverse_descriptors): no rows past a sequence's end to mask
+    if TMA and BV < 64:
         dS = tl.trans(dSt)
         for i in range(c_end - c_lo):
             c = c_end - 1 - i
-            tok = (bos + c * BT).to(tl.int32)
-            row = (((g0 + c) * H + h) * (BT * RP)).to(tl.int32)
-            b_q = q_d.load([tok, h * K]).to(DT)
-            b_k = tl.reshape(k_d.load([tok, h * R, 0]), [BT * RP, BK]).to(DT)
-            b_do = do_d.load([tok, h * V + iv * BV]).to(DT)
-            b_w = w_d.load([row, 0]).to(DT)
-            if SAVED_SCORES:
-                b_a = qk_d.load([(((g0 + c) * H + h) * BT).to(tl.int32), 0]).to(DT)
-            else:
-                b_q = (b_q.to(tl.float32) * scale).to(DT)
-                b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-                b_a = tl.where(t[:, None] >= (r // RP)[None, :], b_a, 0.0).to(DT)
+            row, b_q, b_k, b_do, b_w, b_a = bwd_tma_tiles(q_d, k_d, w_d, do_d, qk_d, scale, g0 + c, c, bos, h, iv, r,
+                                                          t, H, R, K, V, RP, BT, BK, BV, DT, PREC, SAVED_SCORES)
             ds_d.store([(((g0 + c) * H + h) * K).to(tl.int32), iv * BV], dS.to(ds_d.dtype))
             b_du = tl.dot(b_k, dS.to(DT), tl.dot(tl.trans(b_a), b_do, input_precision=PREC), input_precision=PREC)
             du_d.store([row, iv * BV], b_du.to(du_d.dtype))
@@ -484,19 +495,11 @@ def state_bwd_kernel(q, k, w, do, qk, du, dhs, q_d, k_d, w_d, do_d, qk_d, du_d, 
     else:
         for i in range(c_end - c_lo):
             c = c_end - 1 - i
-            if TMA:  # as above, at V blocks of 64, where dSᵀ fills a wgmma
-                tok = (bos + c * BT).to(tl.int32)
-                row = (((g0 + c) * H + h) * (BT * RP)).to(tl.int32)
-                b_q = q_d.load([tok, h * K]).to(DT)
-                b_kt = tl.trans(tl.reshape(k_d.load([tok, h * R, 0]), [BT * RP, BK])).to(DT)
-                b_dot = tl.trans(do_d.load([tok, h * V + iv * BV])).to(DT)
-                b_w = w_d.load([row, 0]).to(DT)
-                if SAVED_SCORES:
-                    b_a = qk_d.load([(((g0 + c) * H + h) * BT).to(tl.int32), 0]).to(DT)
-                else:
-                    b_q = (b_q.to(tl.float32) * scale).to(DT)
-                    b_a = tl.dot(b_q, b_kt, input_precision=PREC)
-                    b_a = tl.where(t[:, None] >= (r // RP)[None, :], b_a, 0.0).to(DT)
+            if TMA:  # at V blocks of 64, where dSᵀ fills a wgmma
+                row, b_q, b_k, b_do, b_w, b_a = bwd_tma_tiles(q_d, k_d, w_d, do_d, qk_d, scale, g0 + c, c, bos, h, iv,
+                                                              r, t, H, R, K, V, RP, BT, BK, BV, DT, PREC,
+                                                              SAVED_SCORES)
+                b_kt, b_dot = tl.trans(b_k), tl.trans(b_do)
                 ds_d.store([(((g0 + c) * H + h) * K).to(tl.int32), iv * BV], tl.trans(dSt).to(ds_d.dtype))
                 b_dut = tl.dot(b_dot, b_a, input_precision=PREC) + tl.dot(dSt.to(DT), b_kt, input_precision=PREC)
                 du_d.store([row, iv * BV], tl.trans(b_dut).to(du_d.dtype))

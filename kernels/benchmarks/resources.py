@@ -210,7 +210,7 @@ def main(argv=None):
     dtype = TORCH_DTYPES[args.dtype]
     for D in args.dims:
         for name in args.kernels:
-            tma = args.tma or "narrow" in name  # the form constexprs gives it
+            tma = constexprs(name, D, args.dtype, args.rank, args.tma).get("TMA", False)
             own = recurrent.LAUNCH if name == "recurrent" else chunk.launch(name, D, dtype, args.rank, tma)
             tuned = {"num_warps": 4, "num_stages": 3, **own}
             launches = [tuned, dict(tuned, num_warps=8)] if tuned["num_warps"] != 8 else [tuned]
