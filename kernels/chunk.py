@@ -897,27 +897,35 @@ def _state_pass(k, w, ut, init, plan, final, aug, hs=None, window=None, repeats=
         **launch(entry, K, k.dtype, R, descs is not None))
 
 
-def _key_tiles(k, plan, bk, value_rows):
-    """TMA descriptor of the passes' k tiles [BT, RP, K], or None where TMA can't take the passes' tiles: K below its
-    block, padded components (R < RP), k's or the value rows (`value_rows` bytes) not 16-byte aligned."""
+def tma_blocks(bt, rp, K, bv):
+    """Block shape of each TMA descriptor the passes take, by kernel argument. The descriptors below are built with
+    them, and resources.py compiles the kernels with them."""
+    return {"k_d": [bt, rp, K], "w_d": [ROWS, K], "u_d": [ROWS, bv], "s_d": [K, bv], "q_d": [bt, K],
+            "do_d": [bt, bv], "qk_d": [bt, ROWS], "du_d": [ROWS, bv], "ds_d": [K, bv]}
+
+
+def _key_tiles(k, plan, bk, value_rows, block):
+    """TMA descriptor of the passes' k tiles (`block`: [BT, RP, K]), or None where TMA can't take the passes' tiles:
+    K below its block, padded components (R < RP), k's or the value rows (`value_rows` bytes) not 16-byte aligned."""
     n, H, R, K = k.shape
     if bk != K or plan.rp != R or any(x % 16 for x in (K * k.element_size(), k.stride(0) * k.element_size(),
                                                         k.data_ptr(), value_rows)):
         return None
     k3 = k.as_strided((n, H * R, K), (k.stride(0), K, 1))
-    return TensorDescriptor(k3, k3.shape, k3.stride(), [plan.bt, plan.rp, K])
+    return TensorDescriptor(k3, k3.shape, k3.stride(), block)
 
 
 def _pass_descriptors(k, w, ut, hs, plan, bk, bv):
     """TMA descriptors of the forward pass's tiles (k, W [ROWS, K], Ũ and U [ROWS, BV], the state [K, BV]), or None
     where TMA can't take them (_key_tiles)."""
     K, V = k.shape[-1], ut.shape[-1]
-    k_d = _key_tiles(k, plan, bk, V * ut.element_size())
+    blocks = tma_blocks(plan.bt, plan.rp, K, bv)
+    k_d = _key_tiles(k, plan, bk, V * ut.element_size(), blocks["k_d"])
     if k_d is None:
         return None
-    return (k_d, TensorDescriptor.from_tensor(w.view(-1, K), [ROWS, K]),
-            TensorDescriptor.from_tensor(ut.view(-1, V), [ROWS, bv]),
-            TensorDescriptor.from_tensor(hs.view(-1, V), [K, bv]))
+    return (k_d, TensorDescriptor.from_tensor(w.view(-1, K), blocks["w_d"]),
+            TensorDescriptor.from_tensor(ut.view(-1, V), blocks["u_d"]),
+            TensorDescriptor.from_tensor(hs.view(-1, V), blocks["s_d"]))
 
 
 def _uses_tma(plan, device, windows):
@@ -1038,16 +1046,17 @@ def _reverse_descriptors(q, k, w, do, qk, du, dhs, plan, bk, bv):
     V = do.shape[-1]
     if not plan.whole_chunks or V % bv or any(x % 16 for x in (q.stride(0) * q.element_size(), q.data_ptr())):
         return None
-    k_d = _key_tiles(k, plan, bk, V * do.element_size())
+    blocks = tma_blocks(plan.bt, plan.rp, K, bv)
+    k_d = _key_tiles(k, plan, bk, V * do.element_size(), blocks["k_d"])
     if k_d is None:
         return None
     q2 = q.as_strided((n, H * K), (q.stride(0), 1))
-    return (TensorDescriptor(q2, q2.shape, q2.stride(), [plan.bt, K]), k_d,
-            TensorDescriptor.from_tensor(w.view(-1, K), [ROWS, K]),
-            TensorDescriptor.from_tensor(do.view(n, -1), [plan.bt, bv]),
-            TensorDescriptor.from_tensor(qk.view(-1, ROWS), [plan.bt, ROWS]) if qk.numel() else None,
-            TensorDescriptor.from_tensor(du.view(-1, V), [ROWS, bv]),
-            TensorDescriptor.from_tensor(dhs.view(-1, V), [K, bv]))
+    return (TensorDescriptor(q2, q2.shape, q2.stride(), blocks["q_d"]), k_d,
+            TensorDescriptor.from_tensor(w.view(-1, K), blocks["w_d"]),
+            TensorDescriptor.from_tensor(do.view(n, -1), blocks["do_d"]),
+            TensorDescriptor.from_tensor(qk.view(-1, ROWS), blocks["qk_d"]) if qk.numel() else None,
+            TensorDescriptor.from_tensor(du.view(-1, V), blocks["du_d"]),
+            TensorDescriptor.from_tensor(dhs.view(-1, V), blocks["ds_d"]))
 
 
 def chunk_bwd(q, k, v, beta, scale, saved, do, dfinal, plan, need_dinit, scan=None):

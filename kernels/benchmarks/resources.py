@@ -107,10 +107,8 @@ def report(name, D, dtype, R, launch, tma=False) -> dict:
         if arg in fixed:
             signature[arg] = "constexpr"
         elif arg.endswith("_d"):
-            bt, bv = fixed["BT"], fixed["BV"]
-            tile = {"k_d": [bt, fixed["RP"], D], "w_d": [64, D], "u_d": [64, bv], "s_d": [D, bv], "q_d": [bt, D],
-                    "do_d": [bt, bv], "qk_d": [bt, 64], "du_d": [64, bv], "ds_d": [D, bv]}
-            signature[arg] = f"tensordesc<{dtype}{tile[arg]}>"
+            tile = chunk.tma_blocks(fixed["BT"], fixed["RP"], D, fixed["BV"])[arg]
+            signature[arg] = f"tensordesc<{dtype}{tile}>"
         elif arg == "scale":
             signature[arg] = "fp32"
         elif arg in ("length", "c_lo", "c_hi", "chunk0", "v_stride", "q_stride", "k_stride"):
